@@ -1,0 +1,1 @@
+"""Generated stubs of kvmha.v1; do not edit, run `make proto`."""
