@@ -1,0 +1,1 @@
+"""Deterministic simulator of a kvmha cluster driving the real decision core."""
