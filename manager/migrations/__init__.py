@@ -1,1 +1,1 @@
-"""kvmha."""
+"""Alembic migrations of the manager database."""

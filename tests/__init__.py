@@ -1,0 +1,1 @@
+"""kvmha test suite."""
