@@ -1,0 +1,361 @@
+"""Repositories and a unit of work over the SQLAlchemy session (cosmicpython's shape).
+
+The caller owns the transaction: ``with store.unit_of_work() as uow: ...; uow.commit()``; leaving the block without
+commit rolls back. Repositories translate between database rows and the core's records (kvmha.manager.core.model)
+so that nothing above this module sees SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self, TypeVar
+
+from kvmha.manager.adapters.db_models import (
+    Configuration,
+    Event,
+    HaWork,
+    Host,
+    ManagerInstance,
+    VmInstance,
+)
+from kvmha.manager.core.model import (
+    HaWorkRecord,
+    HostCapacity,
+    HostId,
+    HostRecord,
+    HostUuid,
+    VmId,
+    VmRecord,
+    VmUuid,
+    WorkId,
+    WorkStep,
+)
+from sqlalchemy import Engine, delete, func, or_, select, true, update
+from sqlalchemy.orm import Session, sessionmaker
+
+_Row = TypeVar("_Row", Host, VmInstance)
+ACTIVE_STEPS = [step for step in WorkStep if step.active]
+
+
+@dataclass(frozen=True, slots=True)
+class BmcCredentials:
+    address: str
+    port: int
+    user: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"BmcCredentials(address={self.address!r}, port={self.port}, user={self.user!r}, password='***')"
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    id: int
+    at: float
+    severity: str
+    subject: str
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRow:
+    name: str
+    value: str | None
+    default_value: str
+    description: str
+    scope: str
+
+    @property
+    def effective(self) -> str:
+        return self.default_value if self.value is None else self.value
+
+
+class HostRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def all(self) -> list[HostRecord]:
+        return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
+
+    def rows(self) -> Sequence[Host]:
+        return self._session.scalars(select(Host).order_by(Host.id)).all()
+
+    def get_row(self, host_id: int) -> Host | None:
+        return self._session.get(Host, host_id)
+
+    def by_uuid(self, uuid: str) -> Host | None:
+        return self._session.scalars(select(Host).where(Host.uuid == uuid)).one_or_none()
+
+    def find(self, ref: str) -> Host | None:
+        """A host by id, uuid or name."""
+        return _find(self._session, Host, ref)
+
+    def add(self, uuid: str, name: str, address: str, now: float) -> Host:
+        row = Host(uuid=uuid, name=name, address=address, created_at=now, updated_at=now)
+        self._session.add(row)
+        self._session.flush()
+        return row
+
+    def save(self, record: HostRecord, now: float) -> None:
+        row = self._session.get(Host, record.id)
+        if row is None:
+            raise LookupError(f"host {record.id} is not in the database")
+        row.name, row.address, row.status = record.name, record.address, record.status
+        row.resource_state, row.role = record.resource_state, record.role
+        row.cpus, row.memory_mib = record.capacity.cpus, record.capacity.memory_mib
+        row.last_ping_at, row.updated_at = record.last_ping_at, now
+
+    def bmc(self, host_id: int) -> BmcCredentials | None:
+        row = self._session.get(Host, host_id)
+        if row is None or not row.bmc_address:
+            return None
+        return BmcCredentials(row.bmc_address, row.bmc_port or 623, row.bmc_user or "", row.bmc_password or "")
+
+
+class VmRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def all(self) -> list[VmRecord]:
+        return [_vm_record(row) for row in self._session.scalars(select(VmInstance).order_by(VmInstance.id))]
+
+    def rows(self, host_id: int | None = None) -> Sequence[VmInstance]:
+        query = select(VmInstance).order_by(VmInstance.id)
+        if host_id is not None:
+            query = query.where(VmInstance.host_id == host_id)
+        return self._session.scalars(query).all()
+
+    def find(self, ref: str) -> VmInstance | None:
+        return _find(self._session, VmInstance, ref)
+
+    def by_uuid(self, uuid: str) -> VmInstance | None:
+        return self._session.scalars(select(VmInstance).where(VmInstance.uuid == uuid)).one_or_none()
+
+    def add(self, record: VmRecord, now: float) -> VmRecord:
+        """Insert a new VM; the database assigns its id (record.id is ignored)."""
+        row = VmInstance(uuid=record.uuid, name=record.name, created_at=now, updated_at=now)
+        _copy_vm(record, row, now)
+        self._session.add(row)
+        self._session.flush()
+        return _vm_record(row)
+
+    def save(self, record: VmRecord, now: float) -> None:
+        row = self._session.get(VmInstance, record.id)
+        if row is None:
+            raise LookupError(f"vm {record.id} is not in the database")
+        _copy_vm(record, row, now)
+
+    def delete(self, vm_id: int) -> None:
+        self._session.execute(delete(HaWork).where(HaWork.instance_id == vm_id))
+        self._session.execute(delete(VmInstance).where(VmInstance.id == vm_id))
+
+
+class WorkRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def all(self, active_only: bool = False) -> list[HaWorkRecord]:
+        query = select(HaWork).order_by(HaWork.id)
+        if active_only:
+            query = query.where(HaWork.step.in_(ACTIVE_STEPS))
+        return [_work_record(row) for row in self._session.scalars(query)]
+
+    def save(self, record: HaWorkRecord, manager_id: str, now: float) -> None:
+        """Insert or update (the core allocates work ids); the active marker follows type and step."""
+        row = self._session.get(HaWork, record.id)
+        if row is None:
+            row = HaWork(id=record.id, instance_id=record.vm_id, created_at=record.created_at or now)
+            self._session.add(row)
+        row.type, row.step, row.host_id = record.type, record.step, record.host_id
+        row.previous_state, row.vm_update_count = record.previous_state, record.vm_update_count
+        row.tried, row.time_to_try_at, row.reason = record.tried, record.time_to_try_at, record.reason[:4000]
+        row.updated_at = now
+        row.active_instance_id = HaWork.active_key(record.vm_id, record.type, record.step)
+        if record.step.active:
+            row.taken_by, row.taken_at = manager_id, record.taken_at or now
+        self._session.flush()
+
+    def max_id(self) -> int:
+        return int(self._session.scalar(select(func.coalesce(func.max(HaWork.id), 0))) or 0)
+
+    def claim_active(self, manager_id: str, now: float, live_managers: Iterable[str]) -> list[HaWorkRecord]:
+        """Take over the active items that no live manager holds, and return every item this manager holds.
+
+        Row locks with SKIP LOCKED (PostgreSQL, MariaDB) make two managers claiming at once take disjoint sets;
+        SQLite has one writer at a time, which gives the same guarantee.
+        """
+        others = [m for m in live_managers if m != manager_id]
+        free = (
+            select(HaWork)
+            .where(HaWork.step.in_(ACTIVE_STEPS))
+            .where(or_(HaWork.taken_by.is_(None), HaWork.taken_by.not_in(others) if others else true()))
+            .with_for_update(skip_locked=True)
+        )
+        claimed = list(self._session.scalars(free))
+        for row in claimed:
+            row.taken_by, row.taken_at = manager_id, now
+        self._session.flush()
+        mine = select(HaWork).where(HaWork.step.in_(ACTIVE_STEPS), HaWork.taken_by == manager_id)
+        return [_work_record(row) for row in self._session.scalars(mine.order_by(HaWork.id))]
+
+
+class EventRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def add(self, at: float, severity: str, subject: str, kind: str, message: str) -> int:
+        row = Event(at=at, severity=severity[:16], subject=subject[:64], kind=kind[:64], message=message)
+        self._session.add(row)
+        self._session.flush()
+        return row.id
+
+    def all(self, after_id: int = 0, limit: int = 200, subject: str = "") -> list[EventRow]:
+        query = select(Event).where(Event.id > after_id)
+        if subject:
+            query = query.where(Event.subject == subject)
+        rows = self._session.scalars(query.order_by(Event.id).limit(limit))
+        return [EventRow(r.id, r.at, r.severity, r.subject, r.kind, r.message) for r in rows]
+
+    def last_id(self) -> int:
+        return int(self._session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
+
+
+class ConfigRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def sync_defaults(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
+        """Make the table list every known setting with its current default; operators' values are kept."""
+        for name, default, description in specs:
+            row = self._session.get(Configuration, name)
+            if row is None:
+                self._session.add(Configuration(name=name, value=None, default_value=default,
+                                                description=description, updated_at=now))
+            else:
+                row.default_value, row.description = default, description
+        self._session.flush()
+
+    def all(self) -> list[ConfigRow]:
+        rows = self._session.scalars(select(Configuration).order_by(Configuration.name))
+        return [ConfigRow(r.name, r.value, r.default_value, r.description, r.scope) for r in rows]
+
+    def set(self, name: str, value: str | None, now: float) -> ConfigRow:
+        row = self._session.get(Configuration, name)
+        if row is None:
+            raise KeyError(name)
+        row.value, row.updated_at = value, now
+        self._session.flush()
+        return ConfigRow(row.name, row.value, row.default_value, row.description, row.scope)
+
+
+class ManagerRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def register(self, manager_id: str, address: str, version: str, now: float) -> None:
+        row = self._session.get(ManagerInstance, manager_id)
+        if row is None:
+            self._session.add(ManagerInstance(id=manager_id, address=address, version=version, started_at=now,
+                                              last_heartbeat_at=now))
+        else:
+            row.address, row.version, row.started_at, row.last_heartbeat_at = address, version, now, now
+        self._session.flush()
+
+    def heartbeat(self, manager_id: str, now: float) -> None:
+        self._session.execute(
+            update(ManagerInstance).where(ManagerInstance.id == manager_id).values(last_heartbeat_at=now)
+        )
+
+    def live(self, now: float, stale_after_s: float) -> list[str]:
+        query = select(ManagerInstance.id).where(ManagerInstance.last_heartbeat_at >= now - stale_after_s)
+        return list(self._session.scalars(query))
+
+
+class UnitOfWork:
+    """One transaction; repositories share its session."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._factory = session_factory
+
+    def __enter__(self) -> Self:
+        self.session = self._factory()
+        self.hosts = HostRepository(self.session)
+        self.vms = VmRepository(self.session)
+        self.works = WorkRepository(self.session)
+        self.events = EventRepository(self.session)
+        self.config = ConfigRepository(self.session)
+        self.managers = ManagerRepository(self.session)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.session.rollback()  # no-op after commit; undoes everything otherwise
+        self.session.close()
+
+    def commit(self) -> None:
+        self.session.commit()
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._factory = sessionmaker(engine, expire_on_commit=False)
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self._factory)
+
+
+def _find(session: Session, model: type[_Row], ref: str) -> _Row | None:
+    ref = ref.strip()
+    if ref.isdigit():
+        found = session.get(model, int(ref))
+        if found is not None:
+            return found
+    by_uuid = session.scalars(select(model).where(model.uuid == ref)).one_or_none()
+    if by_uuid is not None:
+        return by_uuid
+    return session.scalars(select(model).where(model.name == ref).order_by(model.id).limit(1)).one_or_none()
+
+
+def _host_record(row: Host) -> HostRecord:
+    return HostRecord(
+        id=HostId(row.id), uuid=HostUuid(row.uuid), name=row.name, address=row.address, status=row.status,
+        resource_state=row.resource_state, role=row.role,
+        capacity=HostCapacity(cpus=row.cpus, memory_mib=row.memory_mib), last_ping_at=row.last_ping_at,
+        has_bmc=bool(row.bmc_address),
+    )
+
+
+def _vm_record(row: VmInstance) -> VmRecord:
+    return VmRecord(
+        id=VmId(row.id), uuid=VmUuid(row.uuid), name=row.name, state=row.state, power_state=row.power_state,
+        power_state_updated_at=row.power_state_updated_at,
+        host_id=HostId(row.host_id) if row.host_id is not None else None,
+        last_host_id=HostId(row.last_host_id) if row.last_host_id is not None else None,
+        ha_enabled=row.ha_enabled, restart_priority=row.restart_priority,
+        anti_affinity_group=row.anti_affinity_group, memory_mib=row.memory_mib, vcpus=row.vcpus,
+        domain_xml=row.domain_xml, update_count=row.update_count,
+    )
+
+
+def _copy_vm(record: VmRecord, row: VmInstance, now: float) -> None:
+    row.name, row.state, row.power_state = record.name, record.state, record.power_state
+    row.power_state_updated_at, row.host_id, row.last_host_id = (
+        record.power_state_updated_at, record.host_id, record.last_host_id,
+    )
+    row.ha_enabled, row.restart_priority = record.ha_enabled, record.restart_priority
+    row.anti_affinity_group, row.domain_xml = record.anti_affinity_group, record.domain_xml
+    row.memory_mib, row.vcpus, row.update_count = record.memory_mib, record.vcpus, record.update_count
+    row.updated_at = now
+
+
+def _work_record(row: HaWork) -> HaWorkRecord:
+    return HaWorkRecord(
+        id=WorkId(row.id), vm_id=VmId(row.instance_id), type=row.type, step=row.step,
+        host_id=HostId(row.host_id) if row.host_id is not None else None, previous_state=row.previous_state,
+        vm_update_count=row.vm_update_count, tried=row.tried, time_to_try_at=row.time_to_try_at,
+        reason=row.reason, created_at=row.created_at, updated_at=row.updated_at, taken_by=row.taken_by,
+        taken_at=row.taken_at,
+    )
