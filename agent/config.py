@@ -1,0 +1,182 @@
+"""Agent configuration: TOML file, then environment (KVMHA_AGENT_*), then command-line flags, later wins.
+
+The file schema is a contract with the lab and the deploy docs (deploy/config/agent.toml is the example):
+
+    [agent]      host_uuid (required), hostname, management_address, managers, libvirt_uri, storage_paths,
+                 heartbeat_interval_s, resync_interval_s, neighbor_port, log_format
+    [isolation]  policy (none | destroy-vms | reboot-host), after_s
+
+Environment variables are the agent keys upper-cased (KVMHA_AGENT_HOST_UUID, KVMHA_AGENT_MANAGERS as a
+comma-separated list, ...) plus KVMHA_AGENT_ISOLATION_POLICY and KVMHA_AGENT_ISOLATION_AFTER_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import tomllib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/etc/kvmha/agent.toml"
+ISOLATION_POLICIES = ("none", "destroy-vms", "reboot-host")
+LOG_FORMATS = ("kv", "json")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host_uuid: str
+    hostname: str = field(default_factory=socket.gethostname)
+    management_address: str = ""
+    managers: tuple[str, ...] = ("127.0.0.1:50051",)
+    libvirt_uri: str = "qemu:///system"
+    storage_paths: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 2.0
+    resync_interval_s: float = 30.0
+    neighbor_port: int = 22
+    log_format: str = "kv"
+    isolation_policy: str = "none"
+    isolation_after_s: float = 30.0
+    # Not in the documented schema (optional, defaults are fine): the first ping interval before Welcome says
+    # otherwise, and the longest pause between two connection attempts.
+    ping_interval_s: float = 2.0
+    reconnect_max_s: float = 30.0
+
+
+_AGENT_KEYS = {
+    "host_uuid", "hostname", "management_address", "managers", "libvirt_uri", "storage_paths",
+    "heartbeat_interval_s", "resync_interval_s", "neighbor_port", "log_format", "ping_interval_s", "reconnect_max_s",
+}
+_ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
+_TYPES = {f.name: f.type for f in fields(AgentConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a TOML, environment or flag value into the field's type, with a message naming the key on failure."""
+    kind = _TYPES[key]
+    try:
+        if kind == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if kind == "float":
+            number = float(value)
+            if not math.isfinite(number) or number <= 0:
+                raise ValueError("must be a positive number")
+            return number
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("must be an integer")
+            return int(value)
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc} (got {value!r})") from exc
+
+
+def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    unknown_sections = set(data) - {"agent", "isolation"}
+    if unknown_sections:
+        raise ConfigError(f"unknown sections: {sorted(unknown_sections)}")
+    for key, value in dict(data.get("agent", {})).items():
+        if key not in _AGENT_KEYS:
+            raise ConfigError(f"[agent] unknown key {key!r}")
+        out[key] = _coerce(key, value)
+    for key, value in dict(data.get("isolation", {})).items():
+        if key not in _ISOLATION_KEYS:
+            raise ConfigError(f"[isolation] unknown key {key!r}")
+        out[_ISOLATION_KEYS[key]] = _coerce(_ISOLATION_KEYS[key], value)
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in _AGENT_KEYS:
+        value = environ.get(f"KVMHA_AGENT_{key.upper()}")
+        if value is not None:
+            out[key] = _coerce(key, value)
+    for short, key in _ISOLATION_KEYS.items():
+        value = environ.get(f"KVMHA_AGENT_ISOLATION_{short.upper()}")
+        if value is not None:
+            out[key] = _coerce(key, value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvmha-agent",
+        description="kvmha host agent: reports libvirt power states to the kvmha manager and runs its commands.",
+        epilog="Precedence: flags > KVMHA_AGENT_* environment > config file > defaults.",
+    )
+    p.add_argument("--config", default=None, help=f"TOML config file (default {DEFAULT_CONFIG_PATH} if it exists)")
+    p.add_argument("--host-uuid", dest="host_uuid", help="stable identity of this host")
+    p.add_argument("--hostname", help="name reported to the manager")
+    p.add_argument("--management-address", dest="management_address", help="address neighbours reach this host at")
+    p.add_argument("--manager", dest="managers", action="append", metavar="HOST:PORT",
+                   help="manager address; repeat for several (tried in order, rotating on failure)")
+    p.add_argument("--libvirt-uri", dest="libvirt_uri", help="libvirt connection URI (default qemu:///system)")
+    p.add_argument("--storage-path", dest="storage_paths", action="append", metavar="PATH",
+                   help="shared storage path for the heartbeat; repeat for several")
+    p.add_argument("--heartbeat-interval-s", dest="heartbeat_interval_s", type=float)
+    p.add_argument("--resync-interval-s", dest="resync_interval_s", type=float)
+    p.add_argument("--neighbor-port", dest="neighbor_port", type=int)
+    p.add_argument("--log-format", dest="log_format", choices=LOG_FORMATS)
+    p.add_argument("--isolation-policy", dest="isolation_policy", choices=ISOLATION_POLICIES)
+    p.add_argument("--isolation-after-s", dest="isolation_after_s", type=float)
+    return p
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Merge file, environment and flags into a validated AgentConfig; raises ConfigError with a clear message."""
+    args = build_parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    path = args.config or env.get("KVMHA_AGENT_CONFIG")
+    values: dict[str, Any] = {}
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                values.update(_from_toml(tomllib.load(fh)))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    values.update(_from_env(env))
+    for key, value in vars(args).items():
+        if key != "config" and value is not None:
+            values[key] = _coerce(key, value)
+    if not values.get("host_uuid"):
+        raise ConfigError("host_uuid is required ([agent] host_uuid, KVMHA_AGENT_HOST_UUID or --host-uuid)")
+    return validate(AgentConfig(**values))
+
+
+def validate(cfg: AgentConfig) -> AgentConfig:
+    try:
+        host_uuid = str(uuid.UUID(cfg.host_uuid))
+    except ValueError as exc:
+        raise ConfigError(f"host_uuid is not a UUID: {cfg.host_uuid!r}") from exc
+    if not cfg.managers:
+        raise ConfigError("at least one manager address is required")
+    for address in cfg.managers:
+        if ":" not in address:
+            raise ConfigError(f"manager address {address!r} needs a port (host:port)")
+    if cfg.isolation_policy not in ISOLATION_POLICIES:
+        raise ConfigError(f"isolation policy {cfg.isolation_policy!r} is not one of {ISOLATION_POLICIES}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format {cfg.log_format!r} is not one of {LOG_FORMATS}")
+    if not 0 < cfg.neighbor_port < 65536:
+        raise ConfigError(f"neighbor_port {cfg.neighbor_port} is not a TCP port")
+    for path in cfg.storage_paths:
+        if not os.path.isabs(path):
+            raise ConfigError(f"storage path {path!r} must be absolute")
+    return replace(cfg, host_uuid=host_uuid)

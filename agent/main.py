@@ -1,0 +1,132 @@
+"""`kvmha-agent`: the composition root. Wires config, libvirt, heartbeat, commands, link and isolation response.
+
+Exit codes: 0 after SIGTERM/SIGINT (Goodbye sent when a manager was connected), 2 on a configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from importlib import metadata
+
+from kvmha.agent.commands import CommandRunner
+from kvmha.agent.config import AgentConfig, ConfigError, load_config
+from kvmha.agent.heartbeat import HeartbeatWriter
+from kvmha.agent.isolation import IsolationMonitor
+from kvmha.agent.libvirt_adapter import LibvirtHypervisor
+from kvmha.agent.link import AgentLink, LinkSettings
+
+log = logging.getLogger("kvmha.agent")
+
+_KV = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""")
+
+
+class KvFormatter(logging.Formatter):
+    """One line per event: `ts=... level=... logger=... event=... key=value ...` (messages are already k=v)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += f" exc={self.formatException(record.exc_info)!r}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """The same events as one JSON object per line; k=v pairs of the message become fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        out: dict[str, object] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name}
+        message = record.getMessage()
+        pairs = _KV.findall(message)
+        if pairs:
+            for key, value in pairs:
+                out[key] = value[1:-1] if value[:1] in "'\"" and len(value) > 1 else value
+        else:
+            out["msg"] = message
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else KvFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("kvmha")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def run_agent(cfg: AgentConfig) -> None:
+    started_at = time.monotonic()
+    hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
+    heartbeat = HeartbeatWriter(cfg.storage_paths, cfg.host_uuid, cfg.heartbeat_interval_s)
+    runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port)
+    settings = LinkSettings(
+        managers=cfg.managers, host_uuid=cfg.host_uuid, hostname=cfg.hostname,
+        management_address=cfg.management_address, storage_paths=cfg.storage_paths,
+        agent_version=_agent_version(), boot_id=str(uuid.uuid4()), ping_interval_s=cfg.ping_interval_s,
+        resync_interval_s=cfg.resync_interval_s, reconnect_max_s=cfg.reconnect_max_s)
+    link = AgentLink(settings, hypervisor, runner, heartbeat)
+    isolation = IsolationMonitor(hypervisor, cfg.isolation_policy, cfg.isolation_after_s,
+                                 storage_configured=bool(cfg.storage_paths), started_at=started_at)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("event=agent_starting host_uuid=%s hostname=%s managers=%s libvirt_uri=%s storage_paths=%s "
+             "isolation_policy=%s isolation_after_s=%.1f version=%s", cfg.host_uuid, cfg.hostname,
+             ",".join(cfg.managers), cfg.libvirt_uri, ",".join(cfg.storage_paths) or "-", cfg.isolation_policy,
+             cfg.isolation_after_s, settings.agent_version)
+    hypervisor.subscribe(link)
+    hypervisor.open()
+    heartbeat.start()
+
+    async def watch_isolation() -> None:
+        while not stop.is_set():
+            # tick() may destroy domains (blocking libvirt calls): off the loop that sends pings.
+            await loop.run_in_executor(None, lambda: isolation.tick(
+                time.monotonic(), link.manager_seen_at, heartbeat.last_ok_at()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    watcher = asyncio.ensure_future(watch_isolation())
+    try:
+        await link.run(stop)
+    finally:
+        watcher.cancel()
+        heartbeat.stop()
+        hypervisor.close()
+        log.info("event=agent_stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        print(f"kvmha-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_format)
+    asyncio.run(run_agent(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
