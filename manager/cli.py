@@ -1,0 +1,355 @@
+"""`kvmha`: the operator CLI, a thin client of the manager's AdminService (proto/kvmha/v1/admin.proto).
+
+Every command opens one channel, makes one call with a deadline (``--timeout``, 5 s by default) and prints the
+answer: rich tables for people, ``--json`` for scripts (the proto field names as keys). The manager decides
+everything; the CLI only validates what it must read locally (files, the BMC password).
+
+Exit codes and the gRPC client are in cli_client.py, the tables and JSON in cli_render.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from google.protobuf.message import Message
+from kvmha.manager import cli_render as render
+from kvmha.manager.cli_client import Exit, Link, connect, fail
+from kvmha.proto.v1 import admin_pb2 as pb
+from rich.text import Text
+
+DEFAULT_MANAGER = "127.0.0.1:50052"
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_BMC_PORT = 623  # IPMI over LAN
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class Session:
+    """The global options, and the link opened on first use (``--help`` never connects)."""
+
+    manager: str
+    timeout_s: float
+    _link: Link | None = field(default=None, repr=False)
+
+    def link(self, ctx: typer.Context) -> Link:
+        if self._link is None:
+            self._link = connect(self.manager, self.timeout_s)
+            ctx.call_on_close(self._link.close)
+        return self._link
+
+
+def _link(ctx: typer.Context) -> Link:
+    session = ctx.find_object(Session)
+    assert session is not None, "the main callback stores the Session"
+    return session.link(ctx)
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+# show_locals is off: a traceback of `host bmc` would otherwise print the BMC password held in a local.
+app = typer.Typer(
+    name="kvmha",
+    help="Operate a kvmha cluster: hosts, VMs, HA work, events and configuration, through the manager.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
+vm_app = typer.Typer(help="Virtual machines registered with the manager.", no_args_is_help=True)
+ha_app = typer.Typer(help="HA work items (restarts in progress and done).", no_args_is_help=True)
+config_app = typer.Typer(help="Manager configuration.", no_args_is_help=True)
+app.add_typer(host_app, name="host")
+app.add_typer(vm_app, name="vm")
+app.add_typer(ha_app, name="ha")
+app.add_typer(config_app, name="config")
+
+
+class Switch(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON (proto field names as keys) instead of a table.")]
+HostRef = Annotated[str, typer.Argument(metavar="HOST", help="Host id, uuid or name.")]
+VmRef = Annotated[str, typer.Argument(metavar="VM", help="VM id, uuid or name.")]
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    manager: Annotated[
+        str, typer.Option("--manager", envvar="KVMHA_MANAGER", metavar="ADDR", help="The manager's admin address.")
+    ] = DEFAULT_MANAGER,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, metavar="SECONDS", help="Deadline of each call.")
+    ] = DEFAULT_TIMEOUT_S,
+) -> None:
+    ctx.obj = Session(manager=manager, timeout_s=timeout)
+
+
+def _vm_line(vm: pb.VmInfo, as_json: bool, verb: str = "") -> None:
+    if as_json:
+        render.print_json(vm)
+        return
+    where = f" on {vm.host}" if vm.host else ""
+    render.print_line(f"{verb}VM {vm.name} (id {vm.id}): ", render.styled(vm.state), where)
+
+
+def _host_line(host: pb.HostInfo, as_json: bool, extra: str = "") -> None:
+    if as_json:
+        render.print_json(host)
+        return
+    render.print_line(
+        f"Host {host.name} (id {host.id}): ", render.styled(host.status), ", ", render.styled(host.resource_state),
+        extra,
+    )  # fmt: skip
+
+
+def _show(reply: M, as_json: bool, human: Callable[[M], None]) -> None:
+    if as_json:
+        render.print_json(reply)
+    else:
+        human(reply)
+
+
+def _show_list(
+    reply: Message, items: Sequence[M], what: str, as_json: bool, human: Callable[[Sequence[M]], None]
+) -> None:
+    if as_json:
+        render.print_json(reply)  # the whole response message, so that fields added to it later reach scripts
+    elif items:
+        human(items)
+    else:
+        render.print_line(Text(f"No {what}.", style=render.DIM))
+
+
+# --- host -------------------------------------------------------------------------------------------------------
+
+
+@host_app.command("list")
+def host_list(ctx: typer.Context, as_json: Json = False) -> None:
+    """List hosts with their status, agent link and last ping."""
+    link = _link(ctx)
+    reply = link.call(link.stub.ListHosts, pb.ListHostsRequest())
+    _show_list(reply, reply.hosts, "hosts", as_json, render.print_hosts)
+
+
+@host_app.command("show")
+def host_show(ctx: typer.Context, host: HostRef, as_json: Json = False) -> None:
+    """Show one host."""
+    link = _link(ctx)
+    reply = link.call(link.stub.GetHost, pb.Ref(ref=host))
+    _show(reply, as_json, render.print_host)
+
+
+@host_app.command("maintenance")
+def host_maintenance(ctx: typer.Context, host: HostRef, state: Switch, as_json: Json = False) -> None:
+    """Put a host in maintenance (on) or give it back to the cluster (off)."""
+    request = pb.SetMaintenanceRequest(host=host, on=state is Switch.ON)
+    link = _link(ctx)
+    _host_line(link.call(link.stub.SetMaintenance, request), as_json)
+
+
+@host_app.command("bmc")
+def host_bmc(
+    ctx: typer.Context,
+    host: HostRef,
+    address: Annotated[str, typer.Option(help="BMC address (IPMI over LAN).")] = "",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="BMC port.")] = DEFAULT_BMC_PORT,
+    user: Annotated[str, typer.Option(help="BMC user.")] = "",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin instead of prompting.")
+    ] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the host's BMC (no fencing through it).")] = False,
+    as_json: Json = False,
+) -> None:
+    """Set (or --clear) the BMC the manager uses to fence a host. The password is never shown."""
+    if clear:
+        if address or user or password_stdin:
+            fail("host bmc: --clear takes no --address, --user or --password-stdin", Exit.REFUSED)
+        request = pb.SetHostBmcRequest(host=host, clear=True)
+    else:
+        if not address or not user:
+            fail("host bmc: --address and --user are required (or --clear)", Exit.REFUSED)
+        request = pb.SetHostBmcRequest(
+            host=host, address=address, port=port, user=user, password=_password(password_stdin)
+        )
+    link = _link(ctx)
+    reply = link.call(link.stub.SetHostBmc, request)
+    _host_line(reply, as_json, f", BMC {reply.bmc_address}" if reply.has_bmc else ", no BMC")
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _password(from_stdin: bool) -> str:
+    # Never an option: a password on the command line lands in the process list and the shell history.
+    if from_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif stdin_is_terminal():
+        password = typer.prompt("BMC password", hide_input=True, default="", show_default=False)
+    else:
+        # Without a terminal the "hidden" prompt cannot hide anything and only warns: ask for the explicit form.
+        fail("host bmc: no terminal to prompt for the password on; pipe it in with --password-stdin", Exit.REFUSED)
+    if not password:
+        fail("host bmc: empty BMC password", Exit.REFUSED)
+    return password
+
+
+# --- vm ---------------------------------------------------------------------------------------------------------
+
+
+@vm_app.command("list")
+def vm_list(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Only VMs on this host (id, uuid or name).")] = "",
+    as_json: Json = False,
+) -> None:
+    """List VMs, managed and unmanaged."""
+    link = _link(ctx)
+    reply = link.call(link.stub.ListVms, pb.ListVmsRequest(host=host))
+    _show_list(reply, reply.vms, "VMs", as_json, render.print_vms)
+
+
+@vm_app.command("show")
+def vm_show(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
+    """Show one VM."""
+    link = _link(ctx)
+    reply = link.call(link.stub.GetVm, pb.Ref(ref=vm))
+    _show(reply, as_json, render.print_vm)
+
+
+@vm_app.command("create")
+def vm_create(
+    ctx: typer.Context,
+    xml: Annotated[
+        Path, typer.Option("--xml", metavar="FILE", allow_dash=True, help="libvirt domain XML ('-' for stdin).")
+    ],
+    ha: Annotated[bool, typer.Option("--ha/--no-ha", help="Restart it elsewhere when its host fails.")] = False,
+    priority: Annotated[int, typer.Option(help="Restart priority; higher restarts first.")] = 0,
+    group: Annotated[str, typer.Option(help="Anti-affinity group: its members avoid sharing a host.")] = "",
+    start: Annotated[bool, typer.Option("--start", help="Start it at once.")] = False,
+    host: Annotated[str, typer.Option(help="Host to start it on (default: placement decides).")] = "",
+    name: Annotated[str, typer.Option(help="Name to register (default: the XML's <name>).")] = "",
+    as_json: Json = False,
+) -> None:
+    """Register a VM from its domain XML (and optionally start it)."""
+    request = pb.CreateVmRequest(
+        domain_xml=_read_xml(xml), ha_enabled=ha, restart_priority=priority, anti_affinity_group=group,
+        start=start, host=host, name=name,
+    )  # fmt: skip
+    link = _link(ctx)
+    _vm_line(link.call(link.stub.CreateVm, request), as_json, "Registered ")
+
+
+def _read_xml(path: Path) -> str:
+    try:
+        return sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"cannot read the domain XML {path}: {err}", Exit.REFUSED)
+
+
+@vm_app.command("start")
+def vm_start(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
+    """Start a VM (placement picks the host)."""
+    link = _link(ctx)
+    _vm_line(link.call(link.stub.StartVm, pb.Ref(ref=vm)), as_json)
+
+
+@vm_app.command("stop")
+def vm_stop(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
+    """Stop a VM; HA will not restart it."""
+    link = _link(ctx)
+    _vm_line(link.call(link.stub.StopVm, pb.Ref(ref=vm)), as_json)
+
+
+@vm_app.command("delete")
+def vm_delete(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
+    """Forget a VM (the manager refuses while it runs)."""
+    link = _link(ctx)
+    reply = link.call(link.stub.DeleteVm, pb.Ref(ref=vm))
+    _show(reply, as_json, lambda deleted: render.print_line(f"Deleted VM {vm} (id {deleted.id})."))
+
+
+@vm_app.command("ha")
+def vm_ha(ctx: typer.Context, vm: VmRef, state: Switch, as_json: Json = False) -> None:
+    """Turn HA on or off for a VM."""
+    link = _link(ctx)
+    reply = link.call(link.stub.SetVmHa, pb.SetVmHaRequest(vm=vm, enabled=state is Switch.ON))
+    _vm_line(reply, as_json, f"HA {'on' if reply.ha_enabled else 'off'}: ")
+
+
+# --- ha, events, config -----------------------------------------------------------------------------------------
+
+
+@ha_app.command("list")
+def ha_list(
+    ctx: typer.Context,
+    active: Annotated[bool, typer.Option("--active", help="Only work still in progress.")] = False,
+    as_json: Json = False,
+) -> None:
+    """List HA work items with their step and reason."""
+    link = _link(ctx)
+    reply = link.call(link.stub.ListHaWork, pb.ListHaWorkRequest(active_only=active))
+    _show_list(reply, reply.items, "HA work", as_json, render.print_work)
+
+
+@app.command("events")
+def events(
+    ctx: typer.Context,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until Ctrl-C.")] = False,
+    after: Annotated[int, typer.Option("--after", min=0, metavar="ID", help="Only events after this id.")] = 0,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many (0: the manager's default).")] = 0,
+    subject: Annotated[str, typer.Option(help="Only this subject, e.g. host:3, vm:7, work:12.")] = "",
+    as_json: Json = False,
+) -> None:
+    """Show the event log (with --json --follow: one JSON object per line)."""
+    request = pb.ListEventsRequest(after_id=after, limit=limit, subject=subject)
+    link = _link(ctx)
+    if follow:
+        _follow(link, request, as_json)
+        return
+    reply = link.call(link.stub.ListEvents, request)
+    _show_list(reply, reply.events, "events", as_json, render.print_events)
+
+
+def _follow(link: Link, request: pb.ListEventsRequest, as_json: bool) -> None:
+    try:
+        for event in link.stream(link.stub.FollowEvents, request):
+            if as_json:
+                render.print_json(event, compact=True)
+            else:
+                render.console().print(render.event_line(event), soft_wrap=True)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how an operator stops following: a clean exit, not an error
+
+
+@config_app.command("list")
+def config_list(ctx: typer.Context, as_json: Json = False) -> None:
+    """List configuration items with their values and defaults."""
+    link = _link(ctx)
+    reply = link.call(link.stub.ListConfig, pb.ListConfigRequest())
+    _show_list(reply, reply.items, "configuration items", as_json, render.print_config)
+
+
+@config_app.command("set")
+def config_set(ctx: typer.Context, name: str, value: str, as_json: Json = False) -> None:
+    """Change a configuration item (the manager validates the value)."""
+    link = _link(ctx)
+    reply = link.call(link.stub.SetConfig, pb.SetConfigRequest(name=name, value=value))
+    if as_json:
+        render.print_json(reply)
+    else:
+        render.print_line(f"{reply.name} = ", Text(reply.value, style="bold"), f" (default {reply.default_value})")
+
+
+def main() -> None:
+    app(prog_name="kvmha")

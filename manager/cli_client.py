@@ -1,0 +1,142 @@
+"""The operator CLI's gRPC client: one channel per command, a deadline on every call, gRPC errors as exit codes.
+
+Exit codes are part of the CLI's interface, so scripts can react without parsing messages:
+
+    0  done
+    1  any other error reported by the manager (INTERNAL, UNIMPLEMENTED, ...)
+    2  the manager cannot be reached (UNAVAILABLE, or no connection before the deadline); also typer's usage errors
+    3  no such host / VM / item (NOT_FOUND)
+    4  the manager (or the CLI) refused the request (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, ...)
+    5  connected, but no answer before the deadline: a change may or may not have been applied
+
+Every error is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import threading
+from collections.abc import Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+import typer
+from google.protobuf.message import Message
+from kvmha.proto.v1 import admin_pb2_grpc
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    UNREACHABLE = 2
+    NOT_FOUND = 3
+    REFUSED = 4
+    NO_ANSWER = 5
+
+
+REFUSED_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ABORTED,
+}
+
+
+def fail(message: str, code: Exit) -> NoReturn:
+    sys.stderr.write(f"kvmha: {message}\n")
+    raise typer.Exit(int(code))
+
+
+class Link:
+    """One channel to the manager for the life of one command."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address)
+        self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    def is_connected(self) -> bool:
+        """Asked only after a deadline, to tell an unreachable manager from a slow one.
+
+        Not a subscription kept for the whole command: watching connectivity costs every command 0.2 s at exit
+        (grpc joins its polling thread when the channel closes)."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=0.25)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
+    def call(self, rpc: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
+        try:
+            return rpc(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            self.fail(err)
+
+    def stream(self, rpc: grpc.UnaryStreamMultiCallable[Req, Resp], request: Req) -> Iterator[Resp]:
+        """The messages of a server stream. --timeout bounds connecting only: the stream lasts until cancelled."""
+        call = rpc(request)
+        try:
+            self._await_connection(call)
+            yield from call
+        except grpc.RpcError as err:
+            self.fail(err)
+        finally:
+            # Also reached on Ctrl-C: tell the manager at once instead of leaving it a dead stream to notice.
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel untyped
+
+    def _await_connection(self, call: grpc.CallIterator[Resp]) -> None:
+        settled = threading.Event()  # connected, or the call already ended (its error is raised by iterating)
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state is grpc.ChannelConnectivity.READY:
+                settled.set()
+
+        self.channel.subscribe(watch)
+        if not call.add_callback(settled.set):
+            settled.set()
+        try:
+            if not settled.wait(self.timeout_s):
+                self.unreachable(f"no connection within {self.timeout_s:g} s")
+        finally:
+            self.channel.unsubscribe(watch)
+
+    def fail(self, err: grpc.RpcError) -> NoReturn:
+        code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+        details = (err.details() if isinstance(err, grpc.Call) else None) or str(code.value[1])
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self.unreachable(details)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if not self.is_connected():
+                self.unreachable(f"no connection within {self.timeout_s:g} s")
+            fail(
+                f"the manager at {self.address} did not answer within {self.timeout_s:g} s (--timeout); "
+                "the request may or may not have been applied",
+                Exit.NO_ANSWER,
+            )
+        if code is grpc.StatusCode.NOT_FOUND:
+            fail(details, Exit.NOT_FOUND)
+        if code in REFUSED_CODES:
+            fail(details, Exit.REFUSED)
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            fail(f"the manager at {self.address} does not implement this request (older version?)", Exit.ERROR)
+        fail(f"the manager answered {code.name}: {details}", Exit.ERROR)
+
+    def unreachable(self, reason: str) -> NoReturn:
+        fail(
+            f"cannot reach the manager at {self.address}: {reason} (set the address with --manager or KVMHA_MANAGER)",
+            Exit.UNREACHABLE,
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(address: str, timeout_s: float) -> Link:
+    """The only place a channel is built; plaintext until the certificates issue adds TLS."""
+    return Link(address, timeout_s)

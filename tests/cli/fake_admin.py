@@ -1,0 +1,278 @@
+"""A fake AdminService for the CLI tests: in-memory hosts, VMs, HA work, events and configuration.
+
+It answers like the contract in admin.proto says the manager does (refs by id, uuid or name; NOT_FOUND,
+INVALID_ARGUMENT, FAILED_PRECONDITION with an operator-facing message) and records every request, so a test can
+assert what the CLI sent as well as what it printed. Runs a real gRPC server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from typing import Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from kvmha.proto.v1 import admin_pb2 as pb
+from kvmha.proto.v1 import admin_pb2_grpc
+
+NOW = time.time()
+INT_CONFIG = {"ping.interval_s", "ping.timeout_s"}
+
+
+class Named(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+
+N = TypeVar("N", bound=Named)
+
+
+def _hosts() -> list[pb.HostInfo]:
+    return [
+        pb.HostInfo(
+            id=1, uuid="11111111-aaaa-4000-8000-000000000001", name="h1", address="10.0.0.1", status="Up",
+            resource_state="Enabled", role="Routing", last_ping_at=NOW - 2, cpus=16, memory_mib=65536, vms_running=1,
+            connected=True, manager_id="m1", agent_version="0.1.0",
+        ),
+        pb.HostInfo(
+            id=2, uuid="11111111-aaaa-4000-8000-000000000002", name="h2", address="10.0.0.2", status="Down",
+            resource_state="Enabled", role="Routing", last_ping_at=NOW - 300, cpus=8, memory_mib=32768,
+            has_bmc=True, bmc_address="10.0.1.2:623",
+        ),
+        pb.HostInfo(
+            id=3, uuid="11111111-aaaa-4000-8000-000000000003", name="h3", address="10.0.0.3", status="Fencing",
+            resource_state="Enabled", role="Routing", cpus=8, memory_mib=32768,
+        ),
+    ]  # fmt: skip
+
+
+def _vms() -> list[pb.VmInfo]:
+    return [
+        pb.VmInfo(
+            id=7, uuid="22222222-bbbb-4000-8000-000000000007", name="web1", state="Running", power_state="PowerOn",
+            power_state_updated_at=NOW - 5, host="h1", last_host="h1", ha_enabled=True, restart_priority=10,
+            anti_affinity_group="web", memory_mib=1024, vcpus=2, update_count=3,
+        ),
+        pb.VmInfo(
+            id=8, uuid="22222222-bbbb-4000-8000-000000000008", name="db1", state="Stopped", power_state="PowerOff",
+            last_host="h2", memory_mib=4096, vcpus=4,
+        ),
+        pb.VmInfo(
+            id=9, uuid="22222222-bbbb-4000-8000-000000000009", name="stray", state="Unmanaged",
+            power_state="PowerOn", host="h1",
+        ),
+    ]  # fmt: skip
+
+
+def _work() -> list[pb.HaWorkInfo]:
+    return [
+        pb.HaWorkInfo(
+            id=12, vm="web2", vm_uuid="22222222-bbbb-4000-8000-000000000010", type="HA", step="Fencing", host="h3",
+            tried=1, time_to_try_at=NOW + 30, reason="host h3 stopped pinging", created_at=NOW - 40,
+            updated_at=NOW - 10, taken_by="m1",
+        ),
+        pb.HaWorkInfo(
+            id=11, vm="web1", type="HA", step="Done", host="h2", tried=1, reason="restarted on h1",
+            created_at=NOW - 3600, updated_at=NOW - 3500,
+        ),
+    ]  # fmt: skip
+
+
+def _events() -> list[pb.EventInfo]:
+    return [
+        pb.EventInfo(id=1, at=NOW - 60, severity="info", subject="host:1", kind="HostUp", message="h1 is Up"),
+        pb.EventInfo(id=2, at=NOW - 50, severity="alert", subject="host:2", kind="HostDown", message="h2 is Down"),
+        pb.EventInfo(id=3, at=NOW - 40, severity="warning", subject="vm:7", kind="HaScheduled", message="web1 HA"),
+    ]
+
+
+def _config() -> list[pb.ConfigItem]:
+    return [
+        pb.ConfigItem(
+            name="ping.interval_s", value="2", default_value="2", description="agent ping period", scope="global"
+        ),
+        pb.ConfigItem(
+            name="ping.timeout_s", value="10", default_value="6", description="host behind after", scope="global"
+        ),
+    ]
+
+
+class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Message]] = []
+        self.hosts, self.vms, self.work = _hosts(), _vms(), _work()
+        self.events, self.config = _events(), _config()
+        self.delay_s = 0.0  # > 0 makes every unary call slow, to test the CLI's deadline
+        self.changed = threading.Condition()
+        self.closed = False
+
+    # --- test controls ---
+
+    def sent(self, method: str) -> list[Message]:
+        return [request for name, request in self.requests if name == method]
+
+    def add_event(self, kind: str, message: str, subject: str = "manager", severity: str = "info") -> pb.EventInfo:
+        with self.changed:
+            event = pb.EventInfo(
+                id=self.events[-1].id + 1, at=time.time(), severity=severity, subject=subject, kind=kind,
+                message=message,
+            )  # fmt: skip
+            self.events.append(event)
+            self.changed.notify_all()
+        return event
+
+    def close_streams(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    # --- helpers ---
+
+    def _record(self, method: str, request: Message) -> None:
+        self.requests.append((method, request))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+
+    @staticmethod
+    def _find(items: Sequence[N], ref: str, what: str, context: grpc.ServicerContext) -> N:
+        for item in items:
+            if ref in (str(item.id), item.uuid, item.name):
+                return item
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no {what} '{ref}'")
+        raise AssertionError("abort raises")
+
+    # --- hosts ---
+
+    def ListHosts(self, request: pb.ListHostsRequest, context: grpc.ServicerContext) -> pb.ListHostsResponse:
+        self._record("ListHosts", request)
+        return pb.ListHostsResponse(hosts=self.hosts)
+
+    def GetHost(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("GetHost", request)
+        return self._find(self.hosts, request.ref, "host", context)
+
+    def SetMaintenance(self, request: pb.SetMaintenanceRequest, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("SetMaintenance", request)
+        host = self._find(self.hosts, request.host, "host", context)
+        host.resource_state = "PrepareForMaintenance" if request.on else "Enabled"
+        return host
+
+    def SetHostBmc(self, request: pb.SetHostBmcRequest, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("SetHostBmc", request)
+        host = self._find(self.hosts, request.host, "host", context)
+        host.has_bmc = not request.clear
+        host.bmc_address = "" if request.clear else f"{request.address}:{request.port}"
+        return host
+
+    # --- VMs ---
+
+    def ListVms(self, request: pb.ListVmsRequest, context: grpc.ServicerContext) -> pb.ListVmsResponse:
+        self._record("ListVms", request)
+        if not request.host:
+            return pb.ListVmsResponse(vms=self.vms)
+        host = self._find(self.hosts, request.host, "host", context)
+        return pb.ListVmsResponse(vms=[vm for vm in self.vms if vm.host == host.name])
+
+    def GetVm(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("GetVm", request)
+        return self._find(self.vms, request.ref, "VM", context)
+
+    def CreateVm(self, request: pb.CreateVmRequest, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("CreateVm", request)
+        if "<domain" not in request.domain_xml:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "domain XML: the root element is not <domain>")
+        name = request.name or request.domain_xml.split("<name>")[1].split("</name>")[0]
+        host = self._find(self.hosts, request.host, "host", context).name if request.host else ""
+        vm = pb.VmInfo(
+            id=self.vms[-1].id + 1, uuid=f"33333333-cccc-4000-8000-{len(self.vms):012d}", name=name,
+            state="Starting" if request.start else "Stopped", power_state="PowerUnknown",
+            host=host if request.start else "", ha_enabled=request.ha_enabled,
+            restart_priority=request.restart_priority, anti_affinity_group=request.anti_affinity_group,
+        )  # fmt: skip
+        self.vms.append(vm)
+        return vm
+
+    def StartVm(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("StartVm", request)
+        vm = self._find(self.vms, request.ref, "VM", context)
+        vm.state, vm.host = "Starting", vm.host or "h1"
+        return vm
+
+    def StopVm(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("StopVm", request)
+        vm = self._find(self.vms, request.ref, "VM", context)
+        vm.state = "Stopping"
+        return vm
+
+    def DeleteVm(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.DeleteVmResponse:
+        self._record("DeleteVm", request)
+        vm = self._find(self.vms, request.ref, "VM", context)
+        if vm.state != "Stopped":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"VM {vm.name} is {vm.state}; stop it first")
+        self.vms.remove(vm)
+        return pb.DeleteVmResponse(id=vm.id)
+
+    def SetVmHa(self, request: pb.SetVmHaRequest, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("SetVmHa", request)
+        vm = self._find(self.vms, request.vm, "VM", context)
+        vm.ha_enabled = request.enabled
+        return vm
+
+    # --- HA work, events, configuration ---
+
+    def ListHaWork(self, request: pb.ListHaWorkRequest, context: grpc.ServicerContext) -> pb.ListHaWorkResponse:
+        self._record("ListHaWork", request)
+        done = {"Done", "Error", "Cancelled"}
+        return pb.ListHaWorkResponse(items=[w for w in self.work if not (request.active_only and w.step in done)])
+
+    def _matching(self, request: pb.ListEventsRequest, after_id: int) -> list[pb.EventInfo]:
+        return [e for e in self.events if e.id > after_id and (not request.subject or e.subject == request.subject)]
+
+    def ListEvents(self, request: pb.ListEventsRequest, context: grpc.ServicerContext) -> pb.ListEventsResponse:
+        self._record("ListEvents", request)
+        return pb.ListEventsResponse(events=self._matching(request, request.after_id)[: request.limit or 100])
+
+    def FollowEvents(self, request: pb.ListEventsRequest, context: grpc.ServicerContext) -> Iterator[pb.EventInfo]:
+        self.requests.append(("FollowEvents", request))
+        last = request.after_id
+        while context.is_active():
+            with self.changed:
+                new = self._matching(request, last)
+                if not new and self.closed:  # closing drains what was recorded first
+                    return
+                if not new:
+                    self.changed.wait(0.05)  # short, so a cancelled stream is noticed quickly
+                    continue
+            for event in new:
+                yield event
+                last = event.id
+
+    def ListConfig(self, request: pb.ListConfigRequest, context: grpc.ServicerContext) -> pb.ListConfigResponse:
+        self._record("ListConfig", request)
+        return pb.ListConfigResponse(items=self.config)
+
+    def SetConfig(self, request: pb.SetConfigRequest, context: grpc.ServicerContext) -> pb.ConfigItem:
+        self._record("SetConfig", request)
+        item = next((c for c in self.config if c.name == request.name), None)
+        if item is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no configuration item '{request.name}'")
+            raise AssertionError("abort raises")
+        if request.name in INT_CONFIG and not request.value.isdigit():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.name}: '{request.value}' is not an integer")
+        item.value = request.value
+        return item
+
+
+def serve(fake: FakeAdmin) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
