@@ -1,0 +1,97 @@
+"""Shared state of one Core: the records, the timers, the commands in flight, and the batch of actions being built.
+
+The flows (hosts, power sync, HA work, operator) each own part of the behaviour and reach the records through
+this context; only the flows mutate records, and every mutation goes with a Save* action and, for a state change,
+a RecordEvent with its reason (the audit invariant).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from kvmha.manager.core.actions import (
+    Action,
+    AgentCommand,
+    RecordEvent,
+    SaveHost,
+    SaveVm,
+    SaveWork,
+    SendCommand,
+    Severity,
+)
+from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, RequestId, VmRecord, WorkId
+from kvmha.manager.core.timers import Timers
+from kvmha.manager.core.vmindex import VmIndex
+
+
+@dataclass(slots=True)
+class Pending:
+    """A command or fence in flight. `owner` routes its answer: "neighbor", "bmc", "fence", "start", "stop"."""
+
+    owner: str
+    host_id: HostId  # where it runs (the agent's host, or the host being fenced / queried)
+    subject: int  # investigated host id, work id or vm id, by owner
+    sent_at: float
+
+
+class Ctx:
+    def __init__(self, config: CoreConfig, now: float, request_prefix: str) -> None:
+        self.config = config
+        self.now = now
+        self.started_at = now
+        self.hosts: dict[HostId, HostRecord] = {}
+        self.vms = VmIndex()
+        self.works: dict[WorkId, HaWorkRecord] = {}
+        self.timers = Timers()
+        self.pending: dict[RequestId, Pending] = {}
+        self.connected: set[HostId] = set()  # hosts whose agent link is open
+        self.out: list[Action] = []
+        self._request_prefix = request_prefix
+        self._request_counter = 0
+        self.decisions = 0  # facts and timers handled, for the benchmark
+
+    # ------------------------------------------------------------ names for messages
+
+    def host_name(self, host_id: HostId | None) -> str:
+        if host_id is None:
+            return "-"
+        host = self.hosts.get(host_id)
+        return host.name if host else f"host#{host_id}"
+
+    # ------------------------------------------------------------ actions
+
+    def event(self, severity: Severity, subject: str, kind: str, message: str) -> None:
+        self.out.append(RecordEvent(self.now, severity, subject, kind, message))
+
+    def save_host(self, host: HostRecord) -> None:
+        self.out.append(SaveHost(copy.copy(host)))
+
+    def save_vm(self, vm: VmRecord) -> None:
+        self.out.append(SaveVm(copy.copy(vm)))
+
+    def save_work(self, work: HaWorkRecord) -> None:
+        work.updated_at = self.now
+        self.out.append(SaveWork(copy.copy(work)))
+
+    def new_request_id(self) -> RequestId:
+        self._request_counter += 1
+        return RequestId(f"{self._request_prefix}{self._request_counter}")
+
+    def send(self, owner: str, host_id: HostId, subject: int, command: AgentCommand, timeout_s: float) -> RequestId:
+        """Send a command and arm its deadline: a missing answer becomes a failure at `now + timeout_s`."""
+        request_id = self.track(owner, host_id, subject, timeout_s)
+        self.out.append(SendCommand(request_id, host_id, command, timeout_s))
+        return request_id
+
+    def track(self, owner: str, host_id: HostId, subject: int, timeout_s: float) -> RequestId:
+        request_id = self.new_request_id()
+        self.pending[request_id] = Pending(owner, host_id, subject, self.now)
+        self.timers.schedule(("cmd", request_id), self.now + timeout_s)
+        return request_id
+
+    def settle(self, request_id: RequestId) -> Pending | None:
+        """Forget a command that was answered (or timed out); None when it is unknown or already settled."""
+        self.timers.cancel(("cmd", request_id))
+        return self.pending.pop(request_id, None)

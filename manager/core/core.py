@@ -1,0 +1,211 @@
+"""The manager's decision core: facts and the time in, actions out. No I/O, no clock, no threads.
+
+Invariants (fencing safety above all):
+- A VM is started on a new host only after its old host is proven dead (BMC says off, or unreachable with a storage
+  heartbeat stale beyond the agent's self-fence time) or fenced (power off confirmed), or its Up host reported it
+  off. Never two running copies: a VM found running elsewhere is followed, a StartVm whose outcome is unknown keeps
+  the VM recorded on its target until that host says otherwise.
+- Every state change and every skipped action yields a RecordEvent with its reason.
+- Work is idempotent: every command and fence has a request id unique across manager restarts (request_prefix +
+  counter); answers to settled or unknown ids are ignored; every command times out inside the core at its deadline.
+- An impossible host transition raises TransitionError (hoststate.TRANSITIONS): loud, never a silent stall.
+
+Theory of operation: the driver calls `handle(fact, now)` for every fact and `tick(now)` whenever
+`next_deadline()` is reached, and carries out the returned actions (persisting SaveHost/SaveVm/SaveWork of one
+batch in one transaction before sending its commands). Rebuilding a Core from the persisted records is a manager
+restart: agents get a ping timeout to reconnect, interrupted investigations start over, and nothing is fenced during
+`startup.grace`.
+
+The composition: hostflow (ping map, monitor, host states, investigation, fencing), powersync (VM power states),
+scheduler (HA work and placement), operator (operator facts). They share one `Ctx`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.actions import Action
+from kvmha.manager.core.config import ConfigError, CoreConfig
+from kvmha.manager.core.context import Ctx, Pending
+from kvmha.manager.core.hostflow import HostFlow
+from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostStatus, RequestId, VmId, VmRecord, WorkId
+from kvmha.manager.core.operator import OperatorFlow
+from kvmha.manager.core.powersync import PowerSync
+from kvmha.manager.core.scheduler import Scheduler
+
+
+class Core:
+    def __init__(
+        self,
+        config: CoreConfig,
+        *,
+        now: float,
+        hosts: Iterable[HostRecord] = (),
+        vms: Iterable[VmRecord] = (),
+        works: Iterable[HaWorkRecord] = (),
+        request_prefix: str = "",
+    ) -> None:
+        self._ctx = ctx = Ctx(config, now, request_prefix)
+        for vm in vms:
+            ctx.vms.add(vm)
+        self._sched = Scheduler(ctx)
+        self._power = PowerSync(ctx, self._sched)
+        self._hosts = HostFlow(ctx, self._sched, self._power)
+        self._sched.hosts = self._hosts
+        self._operator = OperatorFlow(ctx, self._sched, self._hosts)
+        for host in sorted(hosts, key=lambda h: h.id):
+            self._hosts.restore(host)
+        for work in sorted(works, key=lambda w: w.id):
+            self._sched.restore(work)
+        self._startup_actions = ctx.out
+        ctx.out = []
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            f.AgentConnected: self._hosts.on_agent_connected,
+            f.HeartbeatReceived: self._hosts.on_heartbeat,
+            f.AgentDisconnected: self._hosts.on_agent_disconnected,
+            f.PowerStateReported: self._on_power_report,
+            f.CommandCompleted: self._on_command_completed,
+            f.FenceCompleted: self._on_fence_completed,
+            f.BmcPowerReported: self._on_bmc_reported,
+            f.HostRegistered: self._operator.host_registered,
+            f.HostRemoved: self._operator.host_removed,
+            f.HostMaintenanceChanged: self._operator.host_maintenance,
+            f.HostBmcChanged: self._operator.host_bmc,
+            f.VmRegistered: self._operator.vm_registered,
+            f.VmStartRequested: self._operator.vm_start,
+            f.VmStopRequested: self._operator.vm_stop,
+            f.VmDeleted: self._operator.vm_deleted,
+            f.VmHaChanged: self._operator.vm_ha,
+            f.ConfigChanged: self._on_config_changed,
+        }
+
+    # ------------------------------------------------------------ driver API
+
+    def handle(self, fact: f.Fact, now: float) -> list[Action]:
+        ctx = self._begin(now)
+        self._handlers[type(fact)](fact)
+        return self._end(ctx)
+
+    def tick(self, now: float) -> list[Action]:
+        """Run everything due at `now`: the monitor, command and investigation deadlines, retries, grace periods."""
+        ctx = self._begin(now)
+        self._hosts.monitor()
+        for key in ctx.timers.pop_due(now):
+            ctx.decisions += 1
+            self._on_timer(key)  # type: ignore[arg-type]
+        return self._end(ctx)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [at for at in (self._hosts.next_deadline(), self._ctx.timers.next_at()) if at is not None]
+        return min(deadlines, default=None)
+
+    # ------------------------------------------------------------ read-only views
+
+    @property
+    def config(self) -> CoreConfig:
+        return self._ctx.config
+
+    @property
+    def hosts(self) -> Mapping[HostId, HostRecord]:
+        return self._ctx.hosts
+
+    def vm(self, vm_id: VmId) -> VmRecord | None:
+        return self._ctx.vms.get(vm_id)
+
+    @property
+    def vms(self) -> list[VmRecord]:
+        return list(self._ctx.vms)
+
+    @property
+    def works(self) -> Mapping[WorkId, HaWorkRecord]:
+        return self._ctx.works
+
+    @property
+    def decisions(self) -> int:
+        return self._ctx.decisions
+
+    def host_status(self, host_id: HostId) -> HostStatus | None:
+        host = self._ctx.hosts.get(host_id)
+        return host.status if host else None
+
+    # ------------------------------------------------------------ internals
+
+    def _begin(self, now: float) -> Ctx:
+        ctx = self._ctx
+        ctx.now = max(ctx.now, now)  # time never runs backwards inside the core
+        # Actions decided while restoring (restarted investigations) go out with the first batch.
+        ctx.out, self._startup_actions = self._startup_actions, []
+        ctx.decisions += 1
+        return ctx
+
+    def _end(self, ctx: Ctx) -> list[Action]:
+        actions, ctx.out = ctx.out, []
+        return actions
+
+    def _on_timer(self, key: tuple[str, Any]) -> None:
+        kind, subject = key
+        if kind == "cmd":
+            pending = self._ctx.settle(subject)
+            if pending is not None:
+                seconds = self._ctx.now - pending.sent_at
+                self._route_answer(
+                    subject, pending, f.CommandCompleted(subject, False, f"timed out after {seconds:.1f} s")
+                )
+        elif kind in ("inv", "reinv", "waited"):
+            self._hosts.on_timer(kind, subject)
+        elif kind == "work":
+            work = self._ctx.works.get(subject)
+            if work is not None:
+                self._sched.evaluate(work)
+        elif kind == "confirm":
+            self._sched.on_confirm_timeout(subject)
+        elif kind == "missing":
+            self._power.missing_timeout(subject)
+
+    def _on_power_report(self, fact: f.PowerStateReported) -> None:
+        host = self._ctx.hosts.get(fact.host_id)
+        if host is None or host.id not in self._ctx.connected:
+            return  # a report from a link that is gone says nothing reliable
+        self._power.on_report(host, fact)
+        if fact.full and fact.hypervisor_connected:
+            self._hosts.on_ready(host)
+
+    def _on_command_completed(self, fact: f.CommandCompleted) -> None:
+        pending = self._ctx.settle(fact.request_id)
+        if pending is not None:
+            self._route_answer(fact.request_id, pending, fact)
+
+    def _route_answer(self, request_id: RequestId, pending: Pending, done: f.CommandCompleted) -> None:
+        if pending.owner == "neighbor":
+            self._hosts.on_neighbor_answer(request_id, pending, done)
+        elif pending.owner == "bmc":
+            self._hosts.on_bmc_answer(request_id, pending, "unknown")  # timed out
+        elif pending.owner == "fence":
+            host = self._ctx.hosts.get(HostId(pending.subject))
+            if host is not None and host.status is HostStatus.FENCING:
+                self._hosts.fence_failed(host, done.error)
+        elif pending.owner == "start":
+            self._sched.on_start_result(WorkId(pending.subject), done.ok, done.error)
+        elif pending.owner == "stop":
+            self._operator.stop_result(pending.subject, done.ok, done.error)
+
+    def _on_fence_completed(self, fact: f.FenceCompleted) -> None:
+        current = self._ctx.settle(fact.request_id) is not None
+        self._hosts.on_fence_completed(fact, current)
+
+    def _on_bmc_reported(self, fact: f.BmcPowerReported) -> None:
+        pending = self._ctx.settle(fact.request_id)
+        if pending is not None:
+            self._hosts.on_bmc_answer(fact.request_id, pending, fact.power)
+
+    def _on_config_changed(self, fact: f.ConfigChanged) -> None:
+        try:
+            config = CoreConfig.from_mapping({fact.name: fact.value}, base=self._ctx.config)
+        except ConfigError as error:
+            self._ctx.event("warning", "manager", "config.rejected", f"{error}; keeping the old value")
+            return
+        self._ctx.config = config
+        self._hosts.pingmap.timeout_s = config.ping_timeout_s
+        self._ctx.event("info", "manager", "config.changed", f"{fact.name} = {fact.value}")

@@ -1,0 +1,189 @@
+"""Facts: what happened, as the service (or the simulator) observed it. Past tense, frozen, no behaviour.
+
+The core is fed facts with the time they were observed (``Core.handle(fact, now)``) and answers with actions.
+An agent-reported PAUSED domain is a PowerOn (it holds its disk); CRASHED is a PowerOff with cause CRASHED: the
+adapter maps the wire enums onto `PowerState` and `StopCause` before building a `DomainReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kvmha.manager.core.model import (
+    HostCapacity,
+    HostId,
+    HostRecord,
+    PowerState,
+    RequestId,
+    StopCause,
+    VmId,
+    VmRecord,
+    VmUuid,
+)
+
+# ---------------------------------------------------------------- agent link
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConnected:
+    """An agent said Hello and was accepted; host_id is resolved by the service (new uuids get a fresh id)."""
+
+    host_id: HostId
+    uuid: str
+    name: str
+    address: str
+    capacity: HostCapacity
+    boot_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    host_id: HostId
+    sequence: int
+    hypervisor_connected: bool
+    storage_ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentDisconnected:
+    host_id: HostId
+    planned: bool  # the agent said Goodbye: the host is not failing
+
+
+@dataclass(frozen=True, slots=True)
+class DomainReport:
+    uuid: VmUuid
+    name: str
+    power: PowerState  # only POWER_ON or POWER_OFF come from agents
+    cause: StopCause = StopCause.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class PowerStateReported:
+    host_id: HostId
+    full: bool  # True: every domain of the host is listed; a registered VM that is absent is not running there
+    hypervisor_connected: bool  # False: `domains` says nothing, power states become unknown
+    domains: tuple[DomainReport, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborCheck:
+    """A neighbour's view of a silent host: can it reach it, and how old is its storage heartbeat."""
+
+    target_host_id: HostId
+    tcp_reachable: bool
+    icmp_reachable: bool | None  # None: ICMP could not be tried
+    heartbeat_age_s: float | None  # None: no heartbeat file found
+
+
+@dataclass(frozen=True, slots=True)
+class VmStartConfirmed:
+    vm_uuid: VmUuid
+    already_running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CommandCompleted:
+    request_id: RequestId
+    ok: bool
+    error: str = ""
+    payload: NeighborCheck | VmStartConfirmed | None = None
+
+
+# ---------------------------------------------------------------- out-of-band management
+
+
+@dataclass(frozen=True, slots=True)
+class FenceCompleted:
+    request_id: RequestId
+    host_id: HostId
+    ok: bool  # power off confirmed (already off counts)
+    already_off: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BmcPowerReported:
+    request_id: RequestId
+    host_id: HostId
+    power: Literal["on", "off", "unknown"]  # "unknown": the BMC did not answer
+    detail: str = ""
+
+
+# ---------------------------------------------------------------- operator
+
+
+@dataclass(frozen=True, slots=True)
+class HostRegistered:
+    host: HostRecord
+
+
+@dataclass(frozen=True, slots=True)
+class HostRemoved:
+    host_id: HostId
+
+
+@dataclass(frozen=True, slots=True)
+class HostMaintenanceChanged:
+    host_id: HostId
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostBmcChanged:
+    host_id: HostId
+    has_bmc: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VmRegistered:
+    vm: VmRecord
+
+
+@dataclass(frozen=True, slots=True)
+class VmStartRequested:
+    vm_id: VmId
+
+
+@dataclass(frozen=True, slots=True)
+class VmStopRequested:
+    vm_id: VmId
+
+
+@dataclass(frozen=True, slots=True)
+class VmDeleted:
+    vm_id: VmId
+
+
+@dataclass(frozen=True, slots=True)
+class VmHaChanged:
+    vm_id: VmId
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanged:
+    name: str
+    value: str
+
+
+Fact = (
+    AgentConnected
+    | HeartbeatReceived
+    | AgentDisconnected
+    | PowerStateReported
+    | CommandCompleted
+    | FenceCompleted
+    | BmcPowerReported
+    | HostRegistered
+    | HostRemoved
+    | HostMaintenanceChanged
+    | HostBmcChanged
+    | VmRegistered
+    | VmStartRequested
+    | VmStopRequested
+    | VmDeleted
+    | VmHaChanged
+    | ConfigChanged
+)

@@ -1,0 +1,345 @@
+"""Host HA: the ping map and monitor, the host status machine, investigations and fencing.
+
+A silent host goes Up → Investigating; its HA VMs get work items at once (they wait for the verdict). The verdict
+comes from `investigation.decide`: Down (proven dead) and Fenced (power off confirmed) release the work items;
+Alert (alive but unreachable, or fencing impossible/forbidden) keeps them waiting and re-investigates later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
+from kvmha.manager.core.context import Ctx, Pending
+from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
+from kvmha.manager.core.hoststate import DEAD, SILENT, HostEvent, next_status
+from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Verdict, classify_heartbeat, decide
+from kvmha.manager.core.model import HostId, HostRecord, HostRole, HostStatus, HostUuid, RequestId, ResourceState
+from kvmha.manager.core.pingmap import PingMap
+
+if TYPE_CHECKING:
+    from kvmha.manager.core.powersync import PowerSync
+    from kvmha.manager.core.scheduler import Scheduler
+
+S = HostStatus
+_NO_HA_RESOURCE = frozenset({ResourceState.DISABLED, ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
+
+
+class HostFlow:
+    def __init__(self, ctx: Ctx, sched: Scheduler, power: PowerSync) -> None:
+        self.ctx = ctx
+        self.sched = sched
+        self.power = power
+        self.pingmap = PingMap(ctx.config.ping_timeout_s)
+        self.investigations: dict[HostId, Investigation] = {}
+        self.fence_failures: dict[HostId, int] = {}
+        self.failures: dict[HostId, list[float]] = {}  # when each host went silent, for flap detection
+        self.held_until: dict[HostId, float] = {}
+        self.up_sorted: list[HostId] = []  # Up, connected routing hosts: neighbours and placement candidates
+
+    # ------------------------------------------------------------ status changes
+
+    def transition(self, host: HostRecord, event: HostEvent, reason: str, severity: Severity = "info") -> None:
+        old = host.status
+        host.status = next_status(old, event)
+        self._refresh_membership(host)
+        if host.status != old:
+            sev: Severity = "alert" if host.status in (S.DOWN, S.FENCED, S.FENCING, S.ALERT) else severity
+            self.ctx.event(sev, f"host:{host.id}", "host.status", f"{old.value} -> {host.status.value} ({reason})")
+        self.ctx.save_host(host)
+
+    def _refresh_membership(self, host: HostRecord) -> None:
+        eligible = host.status is S.UP and host.id in self.ctx.connected and host.role is HostRole.ROUTING
+        index = bisect.bisect_left(self.up_sorted, host.id)
+        present = index < len(self.up_sorted) and self.up_sorted[index] == host.id
+        if eligible and not present:
+            self.up_sorted.insert(index, host.id)
+        elif present and not eligible:
+            del self.up_sorted[index]
+
+    def held_out(self) -> frozenset[HostId]:
+        now = self.ctx.now
+        return frozenset(h for h, until in self.held_until.items() if until > now)
+
+    # ------------------------------------------------------------ restore (manager restart)
+
+    def restore(self, host: HostRecord) -> None:
+        self.ctx.hosts[host.id] = host
+        if host.status in (S.UP, S.CONNECTING):
+            # Every agent gets a full ping timeout to reconnect to the new manager before it is behind.
+            self.pingmap.ping(host.id, self.ctx.now)
+        elif host.status in SILENT:
+            self.transition(host, HostEvent.MANAGER_RESTARTED, "manager restarted mid-investigation: starting over")
+            self.ctx.timers.schedule(("reinv", host.id), self.ctx.now)
+        elif host.status is S.DISCONNECTED and self._wants_ha(host):
+            self.ctx.timers.schedule(("waited", host.id), self.ctx.now + self.ctx.config.planned_disconnect_wait_s)
+
+    # ------------------------------------------------------------ agent link facts
+
+    def on_agent_connected(self, fact: f.AgentConnected) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None:
+            host = HostRecord(fact.host_id, HostUuid(fact.uuid), fact.name, fact.address)
+            self.ctx.hosts[host.id] = host
+            self.ctx.event("info", f"host:{host.id}", "host.registered", f"new host {fact.name} ({fact.address})")
+        if host.status in (S.FENCING, S.REMOVED):
+            # A fence in flight is never undone by a reconnect: refuse the agent until the fence has answered.
+            why = "its host is being fenced" if host.status is S.FENCING else "the host was removed"
+            self.ctx.out.append(DisconnectAgent(host.id, f"refused: {why}"))
+            self.ctx.event("warning", f"host:{host.id}", "agent.refused", f"agent connected but {why}: refused")
+            return
+        host.name, host.address, host.capacity = fact.name, fact.address, fact.capacity
+        host.last_ping_at = self.ctx.now
+        self.ctx.connected.add(host.id)
+        self._forget_silence(host.id)
+        self.pingmap.ping(host.id, self.ctx.now)
+        self.transition(host, HostEvent.AGENT_CONNECTED, f"agent connected, boot {fact.boot_id}")
+
+    def _forget_silence(self, host_id: HostId) -> None:
+        self.investigations.pop(host_id, None)
+        for kind in ("inv", "reinv", "waited"):
+            self.ctx.timers.cancel((kind, host_id))
+
+    def on_heartbeat(self, fact: f.HeartbeatReceived) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None or host.id not in self.ctx.connected:
+            return  # a ping from a link that is already gone
+        host.last_ping_at = self.ctx.now
+        self.pingmap.ping(host.id, self.ctx.now)
+        if host.status in (S.INVESTIGATING, S.ALERT):
+            self._forget_silence(host.id)
+            self.transition(host, HostEvent.PING, "pinged again on its open link")
+            self.sched.host_resolved(host.id)
+        if not fact.hypervisor_connected:
+            self.power.hypervisor_lost(host)
+        self.power.storage_status(host, fact.storage_ok)
+
+    def on_agent_disconnected(self, fact: f.AgentDisconnected) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None or host.id not in self.ctx.connected:
+            return
+        self.ctx.connected.discard(host.id)
+        self._refresh_membership(host)
+        if not fact.planned:
+            # Stay in the ping map: a link that comes back within ping.timeout is not a failure.
+            self.ctx.event("info", f"host:{host.id}", "agent.link", "agent link lost; investigated if it stays silent")
+            return
+        self.pingmap.remove(host.id)
+        if host.status in (S.UP, S.CONNECTING):
+            self.transition(host, HostEvent.GOODBYE, "agent said goodbye (planned)")
+            if self._wants_ha(host):
+                wait_s = self.ctx.config.planned_disconnect_wait_s
+                self.ctx.timers.schedule(("waited", host.id), self.ctx.now + wait_s)
+
+    def on_ready(self, host: HostRecord) -> None:
+        """First full power report after connecting: the host is Up and its VMs' power states are fresh."""
+        if host.status is S.CONNECTING:
+            self.transition(host, HostEvent.READY, "first full power report received")
+            self.fence_failures.pop(host.id, None)
+            self.sched.host_resolved(host.id)
+
+    # ------------------------------------------------------------ monitor
+
+    def next_deadline(self) -> float | None:
+        return self.pingmap.next_behind_at()
+
+    def monitor(self) -> None:
+        for host_id, silent_s in self.pingmap.take_behind(self.ctx.now):
+            host = self.ctx.hosts.get(host_id)
+            if host is not None and host.status in (S.UP, S.CONNECTING):
+                self._behind(host, silent_s)
+
+    def _wants_ha(self, host: HostRecord) -> bool:
+        return host.role is HostRole.ROUTING and host.resource_state not in _NO_HA_RESOURCE
+
+    def _behind(self, host: HostRecord, silent_s: float) -> None:
+        missed = f"missed pings for {silent_s:.1f} s"
+        if not self._wants_ha(host):
+            why = f"role {host.role.value}" if host.role is not HostRole.ROUTING else host.resource_state.value
+            self.transition(host, HostEvent.NO_HA_TIMEOUT, f"{missed}; {why}: disconnected without investigation")
+            self.ctx.out.append(DisconnectAgent(host.id, f"behind while {why}"))
+            return
+        self.transition(host, HostEvent.PING_TIMEOUT, missed, "warning")
+        self._note_failure(host)
+        self.sched.schedule_for_host(host, f"{host.name} went silent")
+        self.start_investigation(host)
+
+    def _note_failure(self, host: HostRecord) -> None:
+        config, now = self.ctx.config, self.ctx.now
+        times = [t for t in self.failures.get(host.id, []) if t > now - config.flap_window_s] + [now]
+        self.failures[host.id] = times
+        if len(times) >= config.flap_max_failures:
+            self.held_until[host.id] = now + config.flap_holdout_s
+            self.ctx.event(
+                "warning",
+                f"host:{host.id}",
+                "host.flapping",
+                f"flapping ({len(times)} failures in {config.flap_window_s:.0f} s): held out of placement "
+                f"for {config.flap_holdout_s:.0f} s",
+            )
+
+    def on_timer(self, kind: str, host_id: HostId) -> None:
+        host = self.ctx.hosts.get(host_id)
+        if host is None:
+            return
+        if kind == "inv" and host_id in self.investigations:
+            self.conclude(self.investigations[host_id])
+        elif kind == "reinv" and host.status in (S.ALERT, S.INVESTIGATING):
+            if host.status is S.ALERT:
+                self.transition(host, HostEvent.REINVESTIGATE, "investigating again")
+            self.start_investigation(host)
+        elif kind == "waited" and host.status is S.DISCONNECTED and self._wants_ha(host):
+            wait_s = self.ctx.config.planned_disconnect_wait_s
+            self.transition(host, HostEvent.WAITED_TOO_LONG, f"did not come back within {wait_s:.0f} s of goodbye")
+            self.sched.schedule_for_host(host, f"{host.name} did not come back after a planned disconnect")
+            self.start_investigation(host)
+
+    # ------------------------------------------------------------ investigation
+
+    def _neighbors(self, host_id: HostId) -> list[HostId]:
+        ring = self.up_sorted
+        wanted = self.ctx.config.neighbors_per_investigation
+        start = bisect.bisect_right(ring, host_id)
+        picked: list[HostId] = []
+        for step in range(len(ring)):
+            candidate = ring[(start + step) % len(ring)]
+            if candidate != host_id:
+                picked.append(candidate)
+            if len(picked) >= wanted:
+                break
+        return picked
+
+    def start_investigation(self, host: HostRecord) -> None:
+        config, ctx = self.ctx.config, self.ctx
+        inv = Investigation(host.id, ctx.now, ctx.now + config.investigation_timeout_s)
+        self.investigations[host.id] = inv
+        check = CheckNeighbor(host.id, host.uuid, host.address, config.check_neighbor_timeout_s)
+        for neighbor in self._neighbors(host.id):
+            inv.pending.add(ctx.send("neighbor", neighbor, host.id, check, config.check_neighbor_timeout_s))
+            inv.neighbors_asked += 1
+        if host.has_bmc:
+            request_id = ctx.track("bmc", host.id, host.id, config.check_neighbor_timeout_s)
+            ctx.out.append(QueryBmc(request_id, host.id))
+            inv.pending.add(request_id)
+        if not inv.pending:
+            self.conclude(inv)
+        else:
+            ctx.timers.schedule(("inv", host.id), inv.deadline_at)
+
+    def on_neighbor_answer(self, request_id: RequestId, pending: Pending, done: f.CommandCompleted) -> None:
+        inv = self.investigations.get(HostId(pending.subject))
+        if inv is None or request_id not in inv.pending:
+            return
+        inv.pending.discard(request_id)
+        if done.ok and isinstance(done.payload, f.NeighborCheck):
+            check = done.payload
+            inv.add_neighbor(check.tcp_reachable, check.icmp_reachable, check.heartbeat_age_s, self.ctx.now)
+        if not inv.pending:
+            self.conclude(inv)
+
+    def on_bmc_answer(self, request_id: RequestId, pending: Pending, power: str) -> None:
+        inv = self.investigations.get(HostId(pending.subject))
+        if inv is None or request_id not in inv.pending:
+            return
+        inv.pending.discard(request_id)
+        inv.bmc = Bmc(power) if power in ("on", "off") else Bmc.UNKNOWN
+        if inv.bmc is Bmc.OFF or not inv.pending:
+            self.conclude(inv)  # power off is proof enough: no need to wait for the neighbours
+
+    def conclude(self, inv: Investigation) -> None:
+        self.investigations.pop(inv.host_id, None)
+        self.ctx.timers.cancel(("inv", inv.host_id))
+        for request_id in inv.pending:
+            self.ctx.settle(request_id)  # late answers are ignored
+        host = self.ctx.hosts[inv.host_id]
+        if host.status is not S.INVESTIGATING:
+            return
+        config = self.ctx.config
+        heartbeat = classify_heartbeat(inv.heartbeat_age_s, config.heartbeat_stale_after_s, config.self_fenced_after_s)
+        verdict, reason = decide(inv.bmc, heartbeat, inv.reach())
+        evidence = f"{reason}; {inv.summary(heartbeat)}"
+        if verdict is Verdict.DEAD:
+            self.transition(host, HostEvent.VERDICT_DOWN, evidence)
+            self._host_dead(host)
+        elif verdict is Verdict.ALIVE:
+            self.transition(host, HostEvent.VERDICT_ALIVE, f"{evidence}; its VMs are left running")
+            self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + config.investigate_retry_interval_s)
+        else:
+            self._fence_or_wait(host, inv, heartbeat, evidence)
+
+    def _fence_or_wait(self, host: HostRecord, inv: Investigation, heartbeat: Heartbeat, evidence: str) -> None:
+        config, ctx = self.ctx.config, self.ctx
+        silent, managed = silent_share(ctx.hosts.values())
+        blocked = fence_block_reason(
+            now=ctx.now,
+            started_at=ctx.started_at,
+            startup_grace_s=config.startup_grace_s,
+            silent=silent,
+            managed=managed,
+            max_silent_ratio=config.fence_max_silent_ratio,
+        )
+        if host.has_bmc and blocked is None:
+            self.transition(host, HostEvent.VERDICT_UNKNOWN, f"{evidence}; fencing")
+            request_id = ctx.track("fence", host.id, host.id, config.fence_timeout_s)
+            ctx.out.append(Fence(request_id, host.id))
+            return
+        delay_s = config.investigate_retry_interval_s
+        if blocked is None:
+            blocked = "no BMC to fence it"
+            if heartbeat is Heartbeat.STALE and inv.heartbeat_age_s is not None:
+                # Re-check just after the agent's self-fence time has surely passed.
+                delay_s = max(1.0, config.self_fenced_after_s - inv.heartbeat_age_s + 0.5)
+            blocked += f"; waiting for its heartbeat to stay stale {config.self_fenced_after_s:.0f} s (self-fence)"
+        self.ctx.event("alert", f"host:{host.id}", "fence.skipped", f"not fencing: {blocked}; its VMs stay put")
+        self.transition(host, HostEvent.FENCE_BLOCKED, f"{evidence}; re-investigating in {delay_s:.1f} s")
+        ctx.timers.schedule(("reinv", host.id), ctx.now + delay_s)
+
+    def _host_dead(self, host: HostRecord) -> None:
+        self.fence_failures.pop(host.id, None)
+        self.ctx.timers.cancel(("reinv", host.id))
+        self.power.host_dead(host)
+        self.sched.host_resolved(host.id)
+
+    # ------------------------------------------------------------ fencing
+
+    def on_fence_completed(self, fact: f.FenceCompleted, current: bool) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None:
+            return
+        if fact.ok and host.status in (S.FENCING, S.ALERT, S.INVESTIGATING):
+            self.investigations.pop(host.id, None)
+            self.ctx.timers.cancel(("inv", host.id))
+            off = "it was already off" if fact.already_off else "power off confirmed"
+            self.transition(host, HostEvent.FENCE_OK, f"{off}{'; ' + fact.detail if fact.detail else ''}")
+            self._host_dead(host)
+        elif not fact.ok and current and host.status is S.FENCING:
+            self.fence_failed(host, fact.detail or "fence failed")
+        elif not current or host.status in DEAD:
+            self.ctx.event("info", f"host:{host.id}", "fence.late", f"late fence result ignored (ok={fact.ok})")
+
+    def fence_failed(self, host: HostRecord, detail: str) -> None:
+        config = self.ctx.config
+        failures = self.fence_failures.get(host.id, 0) + 1
+        self.fence_failures[host.id] = failures
+        delay_s = fence_backoff_s(failures, config.fence_retry_interval_s, config.fence_retry_max_interval_s)
+        self.transition(
+            host,
+            HostEvent.FENCE_FAILED,
+            f"fence attempt {failures} failed: {detail}; its VMs stay put; re-investigating in {delay_s:.0f} s",
+        )
+        self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + delay_s)
+
+    # ------------------------------------------------------------ operator
+
+    def set_maintenance(self, host: HostRecord, on: bool) -> None:
+        host.resource_state = ResourceState.MAINTENANCE if on else ResourceState.ENABLED
+        self.ctx.event("info", f"host:{host.id}", "host.resource", f"resource state {host.resource_state.value}")
+        self.ctx.save_host(host)
+
+    def remove(self, host: HostRecord) -> None:
+        self.pingmap.remove(host.id)
+        self.ctx.connected.discard(host.id)
+        self._forget_silence(host.id)
+        self.transition(host, HostEvent.REMOVE, "removed by the operator")

@@ -1,0 +1,124 @@
+"""Operator facts: registering, starting, stopping, deleting VMs, switching HA, hosts in and out of maintenance."""
+
+from __future__ import annotations
+
+import copy
+
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.actions import DeleteVmRecord, DestroyVm, StopVm
+from kvmha.manager.core.context import Ctx
+from kvmha.manager.core.hostflow import HostFlow
+from kvmha.manager.core.model import HostStatus, PowerState, VmRecord, VmState
+from kvmha.manager.core.scheduler import Scheduler
+from kvmha.manager.core.vmindex import occupies
+
+
+class OperatorFlow:
+    def __init__(self, ctx: Ctx, sched: Scheduler, hosts: HostFlow) -> None:
+        self.ctx = ctx
+        self.sched = sched
+        self.hostflow = hosts
+
+    def _vm(self, vm_id: int, what: str) -> VmRecord | None:
+        vm = self.ctx.vms.get(vm_id)  # type: ignore[arg-type]
+        if vm is None:
+            self.ctx.event("warning", f"vm:{vm_id}", "operator.unknown", f"{what} ignored: no such VM")
+        return vm
+
+    def vm_registered(self, fact: f.VmRegistered) -> None:
+        vm = copy.copy(fact.vm)
+        self.ctx.vms.add(vm)
+        self.ctx.save_vm(vm)
+        self.ctx.event(
+            "info", f"vm:{vm.id}", "vm.registered", f"registered {vm.name} ({vm.state.value}, HA {vm.ha_enabled})"
+        )
+
+    def vm_start(self, fact: f.VmStartRequested) -> None:
+        vm = self._vm(fact.vm_id, "start")
+        if vm is None:
+            return
+        if vm.state not in (VmState.STOPPED, VmState.ERROR):
+            self.ctx.event("info", f"vm:{vm.id}", "operator.start", f"start ignored: already {vm.state.value}")
+            return
+        if vm.state is VmState.ERROR:
+            # An operator start is the manual clean-up of Error: the work needs the VM's last known power facts.
+            self.ctx.vms.update(vm, state=VmState.STOPPED)
+            self.ctx.save_vm(vm)
+        self.sched.schedule_restart(vm, "operator start", operator=True)
+
+    def vm_stop(self, fact: f.VmStopRequested) -> None:
+        vm = self._vm(fact.vm_id, "stop")
+        if vm is None:
+            return
+        self.sched.cancel_for_vm(vm, "operator stop")
+        host = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
+        if occupies(vm) and host is not None and host.id in self.ctx.connected:
+            timeout_s = self.ctx.config.stop_timeout_s
+            self.ctx.send("stop", host.id, vm.id, StopVm(vm.uuid, timeout_s), timeout_s + 30.0)
+            self.ctx.vms.update(vm, state=VmState.STOPPING)
+            self.ctx.event("info", f"vm:{vm.id}", "vm.stopping", f"stopping on {host.name}")
+        elif host is None or host.status in (HostStatus.DOWN, HostStatus.FENCED) or not occupies(vm):
+            self.ctx.vms.update(vm, state=VmState.STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
+            self.ctx.event("info", f"vm:{vm.id}", "vm.stopped", "stopped by the operator (not running anywhere)")
+        else:
+            # Its host is unreachable: mark it Stopping; the host's next report (or its death) settles it.
+            self.ctx.vms.update(vm, state=VmState.STOPPING)
+            self.ctx.event("warning", f"vm:{vm.id}", "vm.stopping", f"stop requested but {host.name} is unreachable")
+        self.ctx.save_vm(vm)
+
+    def stop_result(self, vm_id: int, ok: bool, error: str) -> None:
+        vm = self.ctx.vms.get(vm_id)  # type: ignore[arg-type]
+        if vm is None or vm.state is not VmState.STOPPING:
+            return
+        if ok:
+            self.ctx.vms.update(vm, state=VmState.STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
+            self.ctx.event("info", f"vm:{vm.id}", "vm.stopped", "stopped by the operator")
+        else:
+            self.ctx.event("warning", f"vm:{vm.id}", "vm.stop.failed", f"stop failed: {error}; still Stopping")
+        self.ctx.save_vm(vm)
+
+    def vm_deleted(self, fact: f.VmDeleted) -> None:
+        vm = self._vm(fact.vm_id, "delete")
+        if vm is None:
+            return
+        self.sched.cancel_for_vm(vm, "VM deleted")
+        if occupies(vm) and vm.host_id in self.ctx.connected:
+            assert vm.host_id is not None
+            self.ctx.send("destroy", vm.host_id, vm.id, DestroyVm(vm.uuid), self.ctx.config.start_timeout_s)
+        self.ctx.vms.remove(vm.id)
+        self.ctx.out.append(DeleteVmRecord(vm.id))
+        self.ctx.event("info", f"vm:{vm.id}", "vm.deleted", f"{vm.name} deleted")
+
+    def vm_ha(self, fact: f.VmHaChanged) -> None:
+        vm = self._vm(fact.vm_id, "HA change")
+        if vm is None:
+            return
+        vm.ha_enabled = fact.enabled
+        vm.update_count += 1
+        if not fact.enabled:
+            self.sched.cancel_for_vm(vm, "HA switched off")
+        self.ctx.save_vm(vm)
+        self.ctx.event("info", f"vm:{vm.id}", "vm.ha", f"HA {'enabled' if fact.enabled else 'disabled'}")
+
+    def host_registered(self, fact: f.HostRegistered) -> None:
+        host = copy.copy(fact.host)
+        self.ctx.hosts[host.id] = host
+        self.ctx.save_host(host)
+        self.ctx.event("info", f"host:{host.id}", "host.registered", f"registered {host.name} ({host.address})")
+
+    def host_removed(self, fact: f.HostRemoved) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is not None and host.status is not HostStatus.REMOVED:
+            self.hostflow.remove(host)
+
+    def host_maintenance(self, fact: f.HostMaintenanceChanged) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is not None:
+            self.hostflow.set_maintenance(host, fact.on)
+
+    def host_bmc(self, fact: f.HostBmcChanged) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is not None:
+            host.has_bmc = fact.has_bmc
+            self.ctx.save_host(host)
+            self.ctx.event("info", f"host:{host.id}", "host.bmc", f"BMC {'configured' if fact.has_bmc else 'removed'}")

@@ -1,0 +1,51 @@
+"""The ping map (CloudStack's `_pingMap`): host → time of its last ping, and the monitor's question "who is behind?".
+
+Pings arrive in time order, so re-inserting a host on every ping keeps the dict ordered by last ping: the oldest
+host is always first. Finding the hosts that are behind, and the time the next one will be, costs O(1) per host
+found; the driver sleeps until `next_behind_at()` instead of scanning every ping interval.
+"""
+
+from __future__ import annotations
+
+from kvmha.manager.core.model import HostId
+
+
+class PingMap:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._last: dict[HostId, float] = {}
+
+    def ping(self, host_id: HostId, at: float) -> None:
+        """Insert or refresh a host (agent connected, or pinged)."""
+        self._last.pop(host_id, None)
+        self._last[host_id] = at
+
+    def remove(self, host_id: HostId) -> None:
+        self._last.pop(host_id, None)
+
+    def last_ping_at(self, host_id: HostId) -> float | None:
+        return self._last.get(host_id)
+
+    def __contains__(self, host_id: object) -> bool:
+        return host_id in self._last
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def next_behind_at(self) -> float | None:
+        """When the least recently pinged host will be behind, or None for an empty map."""
+        for last in self._last.values():
+            return last + self.timeout_s
+        return None
+
+    def take_behind(self, now: float) -> list[tuple[HostId, float]]:
+        """Remove and return the hosts behind at `now` (last ping < now - timeout) with their silence in seconds."""
+        behind: list[tuple[HostId, float]] = []
+        cutoff = now - self.timeout_s
+        while self._last:
+            host_id, last = next(iter(self._last.items()))
+            if last > cutoff:
+                break
+            del self._last[host_id]
+            behind.append((host_id, now - last))
+        return behind

@@ -1,0 +1,369 @@
+"""HA work: scheduleRestart / scheduleRestartForVmsOnHost, and restart(work) in CloudStack's order.
+
+restart(work): (1) drop it if the VM is gone, its HA was switched off or it changed since (update_count);
+(2) check where it last ran: a Down/Fenced host, or an Up host that reports it off, is safe; a host still being
+investigated or fenced means wait (the host's verdict wakes the work); an Up host that reports it on means it
+runs: cancel; (3) pick a target (placement); (4) StartVm; (5) Done only when the target's power report shows it on.
+Failed starts retry after `restart.retry.interval` up to `max.retries`, then Error with an alert. A VM that does not
+fit anywhere waits (retried later, no attempt used) with an event that says why.
+
+At most one active item per VM (a duplicate report only adds an event), at most `ha.workers` items starting at once,
+higher `restart_priority` first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+from kvmha.manager.core.actions import Severity, StartVm
+from kvmha.manager.core.context import Ctx
+from kvmha.manager.core.hoststate import DEAD, SILENT
+from kvmha.manager.core.model import (
+    HaWorkRecord,
+    HostId,
+    HostRecord,
+    HostStatus,
+    PowerState,
+    VmRecord,
+    VmState,
+    WorkId,
+    WorkStep,
+    WorkType,
+)
+from kvmha.manager.core.placement import PlacementRequest, choose_host
+
+if TYPE_CHECKING:
+    from kvmha.manager.core.hostflow import HostFlow
+
+OPERATOR_START = "operator start"
+_RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
+_KNOWN_OFF = frozenset({PowerState.POWER_OFF, PowerState.POWER_REPORT_MISSING})
+
+
+class Scheduler:
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.hosts: HostFlow | None = None  # set by Core (placement needs the Up list and held-out hosts)
+        self.active_by_vm: dict[int, WorkId] = {}
+        self.ready: list[tuple[int, float, WorkId]] = []  # (-priority, created_at, id)
+        self.in_progress: set[WorkId] = set()
+        self.waiting_on_host: dict[HostId, set[WorkId]] = {}
+        self._waits_for: dict[WorkId, HostId] = {}
+        self.restarts: dict[int, list[float]] = {}  # vm id → times of completed HA restarts
+        self._next_work_id = 1
+        self._cursor = 0
+
+    # ------------------------------------------------------------ restore
+
+    def restore(self, work: HaWorkRecord) -> None:
+        self.ctx.works[work.id] = work
+        self._next_work_id = max(self._next_work_id, work.id + 1)
+        if work.step is WorkStep.DONE and work.type is WorkType.HA and work.reason != OPERATOR_START:
+            self.restarts.setdefault(work.vm_id, []).append(work.updated_at)
+        if not work.step.active:
+            return
+        self.active_by_vm[work.vm_id] = work.id
+        if work.step is WorkStep.RESTARTING:
+            # The StartVm answer died with the old manager: the VM may or may not run on its target. The target's
+            # next power report settles it; until then the work waits (the VM's power state is unknown).
+            vm = self.ctx.vms.get(work.vm_id)
+            if vm is not None:
+                self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
+            work.step = WorkStep.SCHEDULED
+        self.ctx.timers.schedule(("work", work.id), self.ctx.now)
+
+    # ------------------------------------------------------------ scheduling
+
+    def schedule_for_host(self, host: HostRecord, reason: str) -> None:
+        """scheduleRestartForVmsOnHost: one work item per HA VM that should be running there."""
+        for vm in self.ctx.vms.on_host(host.id):
+            if vm.ha_enabled and vm.state in _RESTARTABLE:
+                self.schedule_restart(vm, reason)
+
+    def schedule_restart(self, vm: VmRecord, reason: str, *, operator: bool = False) -> WorkId | None:
+        ctx = self.ctx
+        existing = self.active_by_vm.get(vm.id)
+        if existing is not None:
+            ctx.event(
+                "info",
+                f"vm:{vm.id}",
+                "work.duplicate",
+                f"restart already scheduled (work {existing}); ignoring: {reason}",
+            )
+            return None
+        if not operator and self._over_restart_limit(vm):
+            return None
+        work = HaWorkRecord(
+            id=WorkId(self._next_work_id),
+            vm_id=vm.id,
+            type=WorkType.HA,
+            step=WorkStep.SCHEDULED,
+            host_id=vm.host_id,
+            previous_state=vm.state,
+            vm_update_count=vm.update_count,
+            time_to_try_at=ctx.now,
+            reason=OPERATOR_START if operator else reason,
+            created_at=ctx.now,
+        )
+        self._next_work_id += 1
+        ctx.works[work.id] = work
+        self.active_by_vm[vm.id] = work.id
+        ctx.save_work(work)
+        ctx.event("info", f"work:{work.id}", "work.scheduled", f"restart of {vm.name} scheduled ({work.reason})")
+        self.evaluate(work)
+        return work.id
+
+    def _over_restart_limit(self, vm: VmRecord) -> bool:
+        config, now = self.ctx.config, self.ctx.now
+        recent = [t for t in self.restarts.get(vm.id, []) if t > now - config.restart_window_s]
+        self.restarts[vm.id] = recent
+        if len(recent) < config.restart_max_per_window:
+            return False
+        self.ctx.vms.update(vm, state=VmState.ERROR)
+        self.ctx.save_vm(vm)
+        self.ctx.event(
+            "alert",
+            f"vm:{vm.id}",
+            "vm.restart.limit",
+            f"restarted {len(recent)} times in {config.restart_window_s:.0f} s: not restarted again, state Error",
+        )
+        return True
+
+    # ------------------------------------------------------------ restart(work)
+
+    def evaluate(self, work: HaWorkRecord) -> None:
+        """Run the checks of restart(work) and move the item on: cancel, wait, or queue it for a worker."""
+        if not work.step.active or work.id in self.in_progress:
+            return
+        vm = self.ctx.vms.get(work.vm_id)
+        problem = self._stale(work, vm)
+        if problem is not None or vm is None:
+            self.finish(work, WorkStep.CANCELLED, problem or "VM deleted")
+            return
+        verdict, why = self._host_check(vm)
+        if verdict == "cancel":
+            self.finish(work, WorkStep.CANCELLED, why)
+        elif verdict == "wait_host":
+            assert vm.host_id is not None
+            self.waiting_on_host.setdefault(vm.host_id, set()).add(work.id)
+            self._waits_for[work.id] = vm.host_id
+            host = self.ctx.hosts[vm.host_id]
+            self._set_step(work, WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING)
+        elif verdict == "wait_power":
+            self._set_step(work, WorkStep.INVESTIGATING)
+            self.ctx.timers.schedule(("work", work.id), self.ctx.now + self.ctx.config.investigate_retry_interval_s)
+        elif work.time_to_try_at > self.ctx.now:
+            self.ctx.timers.schedule(("work", work.id), work.time_to_try_at)
+        else:
+            vm_priority = vm.restart_priority
+            heapq.heappush(self.ready, (-vm_priority, work.created_at, work.id))
+            self.pump()
+
+    def _stale(self, work: HaWorkRecord, vm: VmRecord | None) -> str | None:
+        if vm is None:
+            return "VM deleted"
+        if work.reason != OPERATOR_START and not vm.ha_enabled:
+            return "HA switched off for the VM"
+        if vm.update_count != work.vm_update_count:
+            return f"VM changed since scheduled (now {vm.state.value} on {self.ctx.host_name(vm.host_id)})"
+        return None
+
+    def _host_check(self, vm: VmRecord) -> tuple[str, str]:
+        """Where the VM last ran decides: safe to start elsewhere, wait, or it still runs (cancel)."""
+        if vm.host_id is None:
+            return "safe", "not on any host"
+        host = self.ctx.hosts.get(vm.host_id)
+        if host is None or host.status is HostStatus.REMOVED:
+            return "cancel", "its host was removed: not restarted without proof it is off"
+        if host.status in DEAD:
+            return "safe", f"{host.name} is {host.status.value}"
+        if host.status in SILENT:
+            return "wait_host", f"{host.name} is {host.status.value}"
+        if host.status is HostStatus.DISCONNECTED:
+            return "cancel", f"{host.name} is disconnected without investigation ({host.resource_state.value})"
+        if host.id not in self.ctx.connected or vm.power_state is PowerState.POWER_UNKNOWN:
+            return "wait_power", f"power state on {host.name} unknown"
+        if vm.power_state is PowerState.POWER_ON:
+            return "cancel", f"it runs on {host.name}"
+        return "safe", f"{host.name} reports it {vm.power_state.value}"
+
+    def pump(self) -> None:
+        while self.ready and len(self.in_progress) < self.ctx.config.ha_workers:
+            _, _, work_id = heapq.heappop(self.ready)
+            work = self.ctx.works.get(work_id)
+            if work is not None and work.step.active and work.id not in self.in_progress:
+                self._start(work)
+
+    def _start(self, work: HaWorkRecord) -> None:
+        ctx = self.ctx
+        vm = ctx.vms.get(work.vm_id)
+        verdict, why = self._host_check(vm) if vm is not None else ("cancel", "VM deleted")
+        if vm is None or verdict != "safe" or self._stale(work, vm):
+            self.evaluate(work)  # something changed while it queued
+            return
+        target, reason = self._place(vm)
+        if target is None:
+            work.time_to_try_at = ctx.now + ctx.config.restart_retry_interval_s
+            self._set_step(work, WorkStep.SCHEDULED, save=True)
+            ctx.timers.schedule(("work", work.id), work.time_to_try_at)
+            ctx.event(
+                "warning",
+                f"vm:{vm.id}",
+                "vm.no.capacity",
+                f"waits: {reason}; retry in {ctx.config.restart_retry_interval_s:.0f} s",
+            )
+            return
+        work.tried += 1
+        work.taken_by, work.taken_at = "core", ctx.now
+        self._own_update(work, vm, state=VmState.STARTING, host_id=target.id, power=PowerState.POWER_UNKNOWN)
+        ctx.save_vm(vm)
+        self._set_step(work, WorkStep.RESTARTING, save=True)
+        self.in_progress.add(work.id)
+        ctx.send("start", target.id, work.id, StartVm(vm.uuid, vm.domain_xml), ctx.config.start_timeout_s)
+        ctx.event(
+            "info",
+            f"vm:{vm.id}",
+            "vm.starting",
+            f"starting on {target.name} ({why}; attempt {work.tried}/{ctx.config.max_retries})",
+        )
+
+    def _place(self, vm: VmRecord) -> tuple[HostRecord | None, str]:
+        assert self.hosts is not None
+        exclude = set(self.hosts.held_out())
+        old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
+        if old is not None and old.status is not HostStatus.UP:
+            exclude.add(old.id)
+        group = vm.anti_affinity_group
+        request = PlacementRequest(
+            vm,
+            frozenset(exclude),
+            frozenset(self.ctx.vms.group_hosts(group, vm.id) if group else ()),
+        )
+        self._cursor += 1
+        return choose_host(
+            request,
+            self.hosts.up_sorted,
+            self.ctx.hosts,
+            self.ctx.vms,
+            start=self._cursor,
+            compare=self.ctx.config.placement_candidates,
+            cpu_ratio=self.ctx.config.cpu_overcommit_ratio,
+        )
+
+    # ------------------------------------------------------------ outcomes
+
+    def on_start_result(self, work_id: WorkId, ok: bool, error: str) -> None:
+        work = self.ctx.works.get(work_id)
+        if work is None or work.step is not WorkStep.RESTARTING:
+            return
+        if ok:
+            self.ctx.timers.schedule(("confirm", work.id), self.ctx.now + self.ctx.config.start_confirm_timeout_s)
+        else:
+            self._start_failed(work, error or "start failed", maybe_running=error.startswith("timed out"))
+
+    def on_confirm_timeout(self, work_id: WorkId) -> None:
+        work = self.ctx.works.get(work_id)
+        if work is not None and work.step is WorkStep.RESTARTING:
+            self._start_failed(work, "no power report showed it on", maybe_running=True)
+
+    def start_reported_off(self, vm: VmRecord) -> bool:
+        """The target reported the VM off while we were starting it there: the attempt failed."""
+        work = self._active(vm)
+        if work is None or work.step is not WorkStep.RESTARTING:
+            return False
+        self._start_failed(work, "target reports it off", maybe_running=False)
+        return True
+
+    def _start_failed(self, work: HaWorkRecord, reason: str, *, maybe_running: bool) -> None:
+        ctx = self.ctx
+        self.in_progress.discard(work.id)
+        ctx.timers.cancel(("confirm", work.id))
+        vm = ctx.vms.get(work.vm_id)
+        if vm is not None and not maybe_running:
+            self._own_update(work, vm, state=VmState.STOPPED, host_id=None, power=PowerState.POWER_OFF)
+        # maybe_running: the VM stays recorded on the target with an unknown power state, so the next attempt
+        # waits for that host to report it off (or to be proven dead) — a late start can never make a second copy.
+        if work.tried >= ctx.config.max_retries:
+            if vm is not None:
+                self._own_update(work, vm, state=VmState.ERROR)
+                ctx.save_vm(vm)
+            self.finish(work, WorkStep.ERROR, f"gave up after {work.tried} attempts: {reason}", "alert")
+        else:
+            work.time_to_try_at = ctx.now + ctx.config.restart_retry_interval_s
+            self._set_step(work, WorkStep.SCHEDULED, save=True)
+            if vm is not None:
+                ctx.save_vm(vm)
+            ctx.event(
+                "warning",
+                f"work:{work.id}",
+                "work.retry",
+                f"attempt {work.tried} failed: {reason}; retry in {ctx.config.restart_retry_interval_s:.0f} s",
+            )
+            self.evaluate(work)
+        self.pump()
+
+    def vm_confirmed(self, vm: VmRecord, host_id: HostId) -> bool:
+        """A power report from `host_id` shows the VM on: completes a restart that targeted that host."""
+        work = self._active(vm)
+        if work is None or work.step is not WorkStep.RESTARTING or vm.host_id != host_id:
+            return False
+        self._own_update(work, vm, state=VmState.RUNNING, power=PowerState.POWER_ON)
+        self.ctx.save_vm(vm)
+        if work.reason != OPERATOR_START:
+            self.restarts.setdefault(vm.id, []).append(self.ctx.now)
+        took_s = self.ctx.now - work.created_at
+        self.finish(
+            work, WorkStep.DONE, f"{vm.name} runs on {self.ctx.host_name(host_id)} ({took_s:.1f} s after scheduling)"
+        )
+        return True
+
+    def vm_changed(self, vm: VmRecord) -> None:
+        """Fresh power information about a VM: an item waiting to learn it can move on."""
+        work = self._active(vm)
+        if work is not None and work.step is WorkStep.INVESTIGATING and work.id not in self.in_progress:
+            self.ctx.timers.cancel(("work", work.id))
+            self.evaluate(work)
+
+    def cancel_for_vm(self, vm: VmRecord, reason: str) -> None:
+        work = self._active(vm)
+        if work is not None:
+            self.finish(work, WorkStep.CANCELLED, reason)
+
+    def host_resolved(self, host_id: HostId) -> None:
+        for work_id in sorted(self.waiting_on_host.pop(host_id, ())):
+            self._waits_for.pop(work_id, None)
+            work = self.ctx.works.get(work_id)
+            if work is not None:
+                self.evaluate(work)
+
+    def finish(self, work: HaWorkRecord, step: WorkStep, reason: str, severity: Severity = "info") -> None:
+        work.step = step
+        work.reason = f"{work.reason}; {step.value}: {reason}"
+        if self.active_by_vm.get(work.vm_id) == work.id:
+            del self.active_by_vm[work.vm_id]
+        self.in_progress.discard(work.id)
+        for kind in ("work", "confirm"):
+            self.ctx.timers.cancel((kind, work.id))
+        waited_host = self._waits_for.pop(work.id, None)
+        if waited_host is not None:
+            self.waiting_on_host.get(waited_host, set()).discard(work.id)
+        self.ctx.save_work(work)
+        self.ctx.event(severity, f"work:{work.id}", f"work.{step.value.lower()}", f"{step.value}: {reason}")
+        self.pump()
+
+    # ------------------------------------------------------------ helpers
+
+    def _active(self, vm: VmRecord) -> HaWorkRecord | None:
+        work_id = self.active_by_vm.get(vm.id)
+        return None if work_id is None else self.ctx.works.get(work_id)
+
+    def _set_step(self, work: HaWorkRecord, step: WorkStep, *, save: bool = False) -> None:
+        if work.step is not step or save:
+            work.step = step
+            self.ctx.save_work(work)
+
+    def _own_update(self, work: HaWorkRecord, vm: VmRecord, **changes: object) -> None:
+        """A change the work itself makes: the VM moves on, the work stays current with it."""
+        self.ctx.vms.update(vm, at=self.ctx.now, **changes)  # type: ignore[arg-type]
+        work.vm_update_count = vm.update_count

@@ -1,0 +1,127 @@
+"""The VM records and the indexes every decision needs: by uuid, by host, by anti-affinity group, and what each host
+has placed on it (memory, vCPUs). All changes of a VM's host or state go through `VmIndex.update`, so the indexes
+and the usage sums can never drift from the records.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+from kvmha.manager.core.model import HostId, PowerState, VmId, VmRecord, VmState, VmUuid
+
+# States in which a VM holds resources on its host (UNMANAGED domains do too: they are really there).
+_OCCUPYING = frozenset({VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.MIGRATING, VmState.UNMANAGED})
+
+_UNSET: object = object()
+
+
+def occupies(vm: VmRecord) -> bool:
+    return vm.host_id is not None and vm.state in _OCCUPYING
+
+
+class VmIndex:
+    def __init__(self) -> None:
+        self._vms: dict[VmId, VmRecord] = {}
+        self._by_uuid: dict[VmUuid, VmId] = {}
+        self._by_host: defaultdict[HostId, set[VmId]] = defaultdict(set)
+        self._by_group: defaultdict[str, set[VmId]] = defaultdict(set)
+        self.used_memory_mib: defaultdict[HostId, int] = defaultdict(int)
+        self.used_vcpus: defaultdict[HostId, int] = defaultdict(int)
+        self.placed_count: defaultdict[HostId, int] = defaultdict(int)
+
+    # ------------------------------------------------------------ queries
+
+    def get(self, vm_id: VmId) -> VmRecord | None:
+        return self._vms.get(vm_id)
+
+    def by_uuid(self, uuid: VmUuid) -> VmRecord | None:
+        vm_id = self._by_uuid.get(uuid)
+        return None if vm_id is None else self._vms[vm_id]
+
+    def on_host(self, host_id: HostId) -> list[VmRecord]:
+        """VMs recorded on a host, in id order (deterministic)."""
+        return [self._vms[vm_id] for vm_id in sorted(self._by_host.get(host_id, ()))]
+
+    def group_hosts(self, group: str, except_vm: VmId) -> set[HostId]:
+        """Hosts where other members of an anti-affinity group hold resources."""
+        hosts: set[HostId] = set()
+        for vm_id in self._by_group.get(group, ()):
+            member = self._vms[vm_id]
+            if vm_id != except_vm and occupies(member) and member.host_id is not None:
+                hosts.add(member.host_id)
+        return hosts
+
+    def __iter__(self) -> Iterator[VmRecord]:
+        return iter(self._vms.values())
+
+    def __len__(self) -> int:
+        return len(self._vms)
+
+    def max_id(self) -> int:
+        return max(self._vms, default=0)
+
+    # ------------------------------------------------------------ changes
+
+    def add(self, vm: VmRecord) -> None:
+        if vm.id in self._vms:
+            self.remove(vm.id)
+        self._vms[vm.id] = vm
+        self._by_uuid[vm.uuid] = vm.id
+        if vm.anti_affinity_group:
+            self._by_group[vm.anti_affinity_group].add(vm.id)
+        self._attach(vm)
+
+    def remove(self, vm_id: VmId) -> VmRecord | None:
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            return None
+        self._detach(vm)
+        self._by_uuid.pop(vm.uuid, None)
+        if vm.anti_affinity_group:
+            self._by_group[vm.anti_affinity_group].discard(vm.id)
+        return vm
+
+    def update(
+        self,
+        vm: VmRecord,
+        *,
+        state: VmState | None = None,
+        host_id: HostId | object | None = _UNSET,
+        power: PowerState | None = None,
+        at: float | None = None,
+        bump: bool = True,
+    ) -> None:
+        """Change a VM's state, host and/or power state; `bump` increments its update_count when state or host
+        change (an HA work item scheduled before then is stale)."""
+        self._detach(vm)
+        changed = False
+        if state is not None and state != vm.state:
+            vm.state, changed = state, True
+        if host_id is not _UNSET and host_id != vm.host_id:
+            if vm.host_id is not None:
+                vm.last_host_id = vm.host_id
+            vm.host_id = host_id  # type: ignore[assignment]
+            changed = True
+        if power is not None:
+            vm.power_state = power
+            vm.power_state_updated_at = at
+        if changed and bump:
+            vm.update_count += 1
+        self._attach(vm)
+
+    def _attach(self, vm: VmRecord) -> None:
+        if vm.host_id is not None:
+            self._by_host[vm.host_id].add(vm.id)
+        if occupies(vm) and vm.host_id is not None:
+            self.used_memory_mib[vm.host_id] += vm.memory_mib
+            self.used_vcpus[vm.host_id] += vm.vcpus
+            self.placed_count[vm.host_id] += 1
+
+    def _detach(self, vm: VmRecord) -> None:
+        if vm.host_id is not None:
+            self._by_host[vm.host_id].discard(vm.id)
+        if occupies(vm) and vm.host_id is not None:
+            self.used_memory_mib[vm.host_id] -= vm.memory_mib
+            self.used_vcpus[vm.host_id] -= vm.vcpus
+            self.placed_count[vm.host_id] -= 1
