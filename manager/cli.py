@@ -18,12 +18,13 @@ from typing import Annotated, TypeVar
 
 import typer
 from google.protobuf.message import Message
-from kvmha.manager import cli_render as render
-from kvmha.manager.cli_client import Exit, Link, connect, fail
-from kvmha.proto.v1 import admin_pb2 as pb
 from rich.text import Text
 
-DEFAULT_MANAGER = "127.0.0.1:50052"
+from kvmha.manager import cli_render as render
+from kvmha.manager.cli_client import DEFAULT_ADMIN_PORT, Exit, Link, connect, fail
+from kvmha.proto.v1 import admin_pb2 as pb
+
+DEFAULT_MANAGER = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_BMC_PORT = 623  # IPMI over LAN
 
@@ -85,7 +86,10 @@ VmRef = Annotated[str, typer.Argument(metavar="VM", help="VM id, uuid or name.")
 def _options(
     ctx: typer.Context,
     manager: Annotated[
-        str, typer.Option("--manager", envvar="KVMHA_MANAGER", metavar="ADDR", help="The manager's admin address.")
+        str,
+        typer.Option(
+            "--manager", envvar="KVMHA_MANAGER", metavar="ADDR", help="The manager's admin address (HOST[:PORT])."
+        ),
     ] = DEFAULT_MANAGER,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.001, metavar="SECONDS", help="Deadline of each call.")

@@ -23,7 +23,10 @@ from typing import NoReturn, TypeVar
 import grpc
 import typer
 from google.protobuf.message import Message
+
 from kvmha.proto.v1 import admin_pb2_grpc
+
+DEFAULT_ADMIN_PORT = 50052
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -60,16 +63,21 @@ class Link:
         self.timeout_s = timeout_s
         self.channel = grpc.insecure_channel(address)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self._watched = False  # whether grpc started its connectivity poller for this channel (see close)
 
     def is_connected(self) -> bool:
         """Asked only after a deadline, to tell an unreachable manager from a slow one.
 
-        Not a subscription kept for the whole command: watching connectivity costs every command 0.2 s at exit
-        (grpc joins its polling thread when the channel closes)."""
+        Not a subscription kept for the whole command: that made every command 0.2 s slower to finish (measured)
+        and exposes it to grpc's close race (see close)."""
+        self._watched = True
+        ready = grpc.channel_ready_future(self.channel)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=0.25)
+            ready.result(timeout=0.25)
         except grpc.FutureTimeoutError:
             return False
+        finally:
+            ready.cancel()
         return True
 
     def call(self, rpc: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
@@ -89,6 +97,9 @@ class Link:
         finally:
             # Also reached on Ctrl-C: tell the manager at once instead of leaving it a dead stream to notice.
             call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel untyped
+        # Only Ctrl-C is meant to stop following: a stream the manager ends (shutting down, restarting) must not
+        # look like success to a script that logs events.
+        fail(f"the manager at {self.address} ended the stream (restarting?)", Exit.UNREACHABLE)
 
     def _await_connection(self, call: grpc.CallIterator[Resp]) -> None:
         settled = threading.Event()  # connected, or the call already ended (its error is raised by iterating)
@@ -97,6 +108,7 @@ class Link:
             if state is grpc.ChannelConnectivity.READY:
                 settled.set()
 
+        self._watched = True
         self.channel.subscribe(watch)
         if not call.add_callback(settled.set):
             settled.set()
@@ -134,9 +146,17 @@ class Link:
         )
 
     def close(self) -> None:
-        self.channel.close()
+        # Closing a channel while grpc's connectivity poller is in its 0.2 s wait kills that thread with a traceback
+        # on stderr (a grpc race). Once unsubscribed the poller ends by itself, and the CLI process is exiting.
+        if not self._watched:
+            self.channel.close()
 
 
 def connect(address: str, timeout_s: float) -> Link:
     """The only place a channel is built; plaintext until the certificates issue adds TLS."""
-    return Link(address, timeout_s)
+    return Link(with_port(address), timeout_s)
+
+
+def with_port(address: str) -> str:
+    """'mgr1' means the admin port on mgr1; gRPC alone would try 443. Targets with a scheme are left alone."""
+    return address if ":" in address else f"{address}:{DEFAULT_ADMIN_PORT}"

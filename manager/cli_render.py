@@ -17,11 +17,12 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from kvmha.proto.v1 import admin_pb2 as pb
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from kvmha.proto.v1 import admin_pb2 as pb
 
 GREEN, YELLOW, RED, DIM = "green", "yellow", "red", "dim"
 PIPE_WIDTH = 250

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from kvmha.manager import cli
 from kvmha.manager.cli import app
+from kvmha.manager.cli_client import with_port
 from kvmha.proto.v1 import admin_pb2 as pb
 from typer.testing import CliRunner, Result
 
@@ -284,18 +285,26 @@ def test_events_follow_prints_the_backlog_then_new_events(fake: FakeAdmin, manag
     timer = threading.Timer(0.3, later)
     timer.start()
     try:
-        out = ok(kvmha(manager, "events", "--follow", "--json", "--after", "1"))
+        result = kvmha(manager, "events", "--follow", "--json", "--after", "1")
     finally:
         timer.cancel()
     assert fake.sent("FollowEvents") == [pb.ListEventsRequest(after_id=1)]
-    lines = [json.loads(line) for line in out.splitlines()]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["id"] for e in lines] == [2, 3, 4] and lines[-1]["message"] == "h2 is back"
 
 
 def test_events_follow_human(fake: FakeAdmin, manager: str) -> None:
     fake.close_streams()  # the backlog only
-    out = ok(kvmha(manager, "events", "-f", "--subject", "vm:7"))
-    assert out.count("\n") == 1 and "HaScheduled" in out and "web1 HA" in out
+    result = kvmha(manager, "events", "-f", "--subject", "vm:7")
+    assert result.stdout.count("\n") == 1 and "HaScheduled" in result.stdout and "web1 HA" in result.stdout
+
+
+def test_events_follow_ended_by_the_manager_is_not_success(fake: FakeAdmin, manager: str) -> None:
+    fake.close_streams()
+    result = kvmha(manager, "events", "--follow", "--json")
+    assert len(result.stdout.splitlines()) == 3  # the backlog still came
+    assert result.exit_code == 2
+    assert result.stderr == f"kvmha: the manager at {manager} ended the stream (restarting?)\n"
 
 
 def test_config_list(fake: FakeAdmin, manager: str) -> None:
@@ -348,6 +357,13 @@ def test_manager_address_from_the_environment(fake: FakeAdmin, manager: str, clo
     assert json.loads(ok(result))["hosts"][0]["name"] == "h1"
     result = CliRunner().invoke(app, ["host", "list"], env={"KVMHA_MANAGER": closed_port})
     assert result.exit_code == 2 and closed_port in result.stderr
+
+
+def test_an_address_without_port_gets_the_admin_port(fake: FakeAdmin, manager: str) -> None:
+    assert with_port("mgr1") == "mgr1:50052"
+    assert with_port("10.0.0.5:6000") == "10.0.0.5:6000"
+    assert with_port("dns:///mgr1:50052") == "dns:///mgr1:50052"
+    assert with_port("unix:/run/kvmha/admin.sock") == "unix:/run/kvmha/admin.sock"
 
 
 def test_no_connection_before_the_deadline_is_unreachable(silent_port: str) -> None:
