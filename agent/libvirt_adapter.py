@@ -57,7 +57,6 @@ EVENT_NAMES = ("DEFINED", "UNDEFINED", "STARTED", "SUSPENDED", "RESUMED", "STOPP
 _STARTED_DETAILS = ("BOOTED", "MIGRATED", "RESTORED", "FROM_SNAPSHOT", "WAKEUP")
 _STOPPED_DETAILS = ("SHUTDOWN", "DESTROYED", "CRASHED", "MIGRATED", "SAVED", "FAILED", "FROM_SNAPSHOT")
 _SHUTDOWN_DETAILS = ("FINISHED", "GUEST", "HOST")
-_STARTED_TO_RUNNING_REASON = (1, 2, 3, 4, 8)
 EVENT_DEFINED, EVENT_UNDEFINED = 0, 1
 
 
@@ -78,8 +77,10 @@ def decode_state(state: int, reason: int) -> tuple[Power, Cause, str]:
 
 
 def decode_event(event: int, detail: int) -> tuple[Power, Cause, int, int, str] | None:
-    """A lifecycle event -> (power, cause, implied state, implied reason or -1, text); None for DEFINED/UNDEFINED,
-    whose meaning depends on the domain's current state (undefining a running domain leaves it running)."""
+    """A lifecycle event -> (power, cause, implied state, reason (-1: not known from an event), text).
+
+    None for DEFINED/UNDEFINED, whose meaning depends on the domain's current state (undefining a running domain
+    leaves it running)."""
     if event in (EVENT_DEFINED, EVENT_UNDEFINED):
         return None
     name = EVENT_NAMES[event] if 0 <= event < len(EVENT_NAMES) else f"EVENT{event}"
@@ -88,11 +89,12 @@ def decode_event(event: int, detail: int) -> tuple[Power, Cause, int, int, str] 
         return f"{name}_{details[detail] if 0 <= detail < len(details) else detail}"
 
     if event == 2:  # STARTED
-        reason = _STARTED_TO_RUNNING_REASON[detail] if 0 <= detail < len(_STARTED_TO_RUNNING_REASON) else -1
-        return Power.ON, Cause.BOOTED, 1, reason, text(_STARTED_DETAILS)
-    if event == 5:  # STOPPED: detail d is shutoff reason d + 1 (both enums list the same causes in one order)
+        return Power.ON, Cause.BOOTED, 1, -1, text(_STARTED_DETAILS)
+    if event == 5:  # STOPPED: detail d names the same cause as shutoff reason d + 1
+        # The reason stays -1: libvirt does not always record the event's cause as the state reason (9.0 sends
+        # STOPPED_FAILED for a SIGKILLed QEMU but records SHUTOFF_CRASHED), and a delta must not invent numbers.
         cause = SHUTOFF_REASONS.get(detail + 1, (Cause.OTHER, ""))[0]
-        return Power.OFF, cause, 5, detail + 1, text(_STOPPED_DETAILS)
+        return Power.OFF, cause, 5, -1, text(_STOPPED_DETAILS)
     if event == 3:  # SUSPENDED
         return Power.PAUSED, Cause.PAUSED, 3, -1, f"{name}_{detail}"
     if event == 4:  # RESUMED
