@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import libvirt
+
 from kvmha.agent.hypervisor import (
     Cause,
     DomainPower,

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+
 from kvmha.agent.commands import CommandRunner
 from kvmha.agent.heartbeat import HeartbeatWriter
 from kvmha.agent.hypervisor import DomainPower, HostCapacity, Hypervisor, HypervisorError, Power, Versions
