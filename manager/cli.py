@@ -37,11 +37,12 @@ class Session:
 
     manager: str
     timeout_s: float
+    tls_ca: Path | None = None
     _link: Link | None = field(default=None, repr=False)
 
     def link(self, ctx: typer.Context) -> Link:
         if self._link is None:
-            self._link = connect(self.manager, self.timeout_s)
+            self._link = connect(self.manager, self.timeout_s, self.tls_ca)
             ctx.call_on_close(self._link.close)
         return self._link
 
@@ -94,8 +95,14 @@ def _options(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.001, metavar="SECONDS", help="Deadline of each call.")
     ] = DEFAULT_TIMEOUT_S,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca", envvar="KVMHA_TLS_CA", metavar="FILE", help="CA certificate of the manager's TLS (PEM)."
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = Session(manager=manager, timeout_s=timeout)
+    ctx.obj = Session(manager=manager, timeout_s=timeout, tls_ca=tls_ca)
 
 
 def _vm_line(vm: pb.VmInfo, as_json: bool, verb: str = "") -> None:

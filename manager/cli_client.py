@@ -18,6 +18,7 @@ import enum
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -58,10 +59,10 @@ def fail(message: str, code: Exit) -> NoReturn:
 class Link:
     """One channel to the manager for the life of one command."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, channel: grpc.Channel) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
+        self.channel = channel
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
         self._watched = False  # whether grpc started its connectivity poller for this channel (see close)
 
@@ -93,7 +94,9 @@ class Link:
             self._await_connection(call)
             yield from call
         except grpc.RpcError as err:
-            self.fail(err)
+            # We cancel only after the last read, so a CANCELLED seen here is the manager dropping the stream.
+            if not (isinstance(err, grpc.Call) and err.code() is grpc.StatusCode.CANCELLED):
+                self.fail(err)
         finally:
             # Also reached on Ctrl-C: tell the manager at once instead of leaving it a dead stream to notice.
             call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave RpcContext.cancel untyped
@@ -152,9 +155,20 @@ class Link:
             self.channel.close()
 
 
-def connect(address: str, timeout_s: float) -> Link:
-    """The only place a channel is built; plaintext until the certificates issue adds TLS."""
-    return Link(with_port(address), timeout_s)
+def connect(address: str, timeout_s: float, tls_ca: Path | None = None) -> Link:
+    """The only place a channel is built: TLS when given the CA that signed the manager's certificate.
+
+    Plaintext otherwise, which the manager only allows on loopback (or an isolated lab network).
+    """
+    address = with_port(address)
+    if tls_ca is None:
+        return Link(address, timeout_s, grpc.insecure_channel(address))
+    try:
+        root = tls_ca.read_bytes()
+    except OSError as err:
+        fail(f"cannot read the CA certificate {tls_ca}: {err.strerror}", Exit.REFUSED)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    return Link(address, timeout_s, grpc.secure_channel(address, credentials))
 
 
 def with_port(address: str) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+
 from kvmha.proto.v1 import admin_pb2 as pb
 from kvmha.proto.v1 import admin_pb2_grpc
 
@@ -112,6 +113,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.delay_s = 0.0  # > 0 makes every unary call slow, to test the CLI's deadline
         self.changed = threading.Condition()
         self.closed = False
+        self.close_status: grpc.StatusCode | None = None
 
     # --- test controls ---
 
@@ -128,9 +130,10 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
             self.changed.notify_all()
         return event
 
-    def close_streams(self) -> None:
+    def close_streams(self, status: grpc.StatusCode | None = None) -> None:
+        """End the follow streams once drained: normally, or with `status` (a manager going away)."""
         with self.changed:
-            self.closed = True
+            self.closed, self.close_status = True, status
             self.changed.notify_all()
 
     # --- helpers ---
@@ -246,6 +249,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
             with self.changed:
                 new = self._matching(request, last)
                 if not new and self.closed:  # closing drains what was recorded first
+                    if self.close_status is not None:
+                        context.abort(self.close_status, "manager shutting down")
                     return
                 if not new:
                     self.changed.wait(0.05)  # short, so a cancelled stream is noticed quickly
@@ -270,9 +275,12 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         return item
 
 
-def serve(fake: FakeAdmin) -> tuple[grpc.Server, str]:
+def serve(fake: FakeAdmin, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     admin_pb2_grpc.add_AdminServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     return server, f"127.0.0.1:{port}"

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from typer.testing import CliRunner, Result
+
 from kvmha.manager import cli
 from kvmha.manager.cli import app
 from kvmha.manager.cli_client import with_port
 from kvmha.proto.v1 import admin_pb2 as pb
-from typer.testing import CliRunner, Result
-
-from tests.cli.fake_admin import FakeAdmin
+from tests.cli.fake_admin import FakeAdmin, serve
+from tests.cli.tls import make_pki
 
 DOMAIN_XML = "<domain type='kvm'><name>web9</name><memory unit='MiB'>512</memory><vcpu>1</vcpu></domain>"
 
@@ -186,7 +189,7 @@ def test_unknown_vm_exits_3(manager: str) -> None:
     refused(kvmha(manager, "vm", "start", "ghost"), 3, "no VM 'ghost'")
 
 
-def test_vm_create_sends_the_xml_and_every_option(fake: FakeAdmin, manager: str, tmp_path: Any) -> None:
+def test_vm_create_sends_the_xml_and_every_option(fake: FakeAdmin, manager: str, tmp_path: Path) -> None:
     xml = tmp_path / "web9.xml"
     xml.write_text(DOMAIN_XML)
     args = ["--ha", "--priority", "5", "--group", "web", "--start", "--host", "h2", "--name", "web9b"]
@@ -206,13 +209,13 @@ def test_vm_create_from_stdin_defaults_to_no_ha_and_no_start(fake: FakeAdmin, ma
     assert (vm["name"], vm["state"], vm["ha_enabled"]) == ("web9", "Stopped", False)
 
 
-def test_vm_create_bad_xml_exits_4_with_the_managers_message(manager: str, tmp_path: Any) -> None:
+def test_vm_create_bad_xml_exits_4_with_the_managers_message(manager: str, tmp_path: Path) -> None:
     xml = tmp_path / "bad.xml"
     xml.write_text("<network/>")
     refused(kvmha(manager, "vm", "create", "--xml", str(xml)), 4, "domain XML: the root element is not <domain>")
 
 
-def test_vm_create_missing_file_is_refused_before_calling(fake: FakeAdmin, manager: str, tmp_path: Any) -> None:
+def test_vm_create_missing_file_is_refused_before_calling(fake: FakeAdmin, manager: str, tmp_path: Path) -> None:
     result = kvmha(manager, "vm", "create", "--xml", str(tmp_path / "none.xml"))
     assert result.exit_code == 4 and result.stderr.startswith("kvmha: cannot read the domain XML ")
     assert fake.requests == []
@@ -299,12 +302,23 @@ def test_events_follow_human(fake: FakeAdmin, manager: str) -> None:
     assert result.stdout.count("\n") == 1 and "HaScheduled" in result.stdout and "web1 HA" in result.stdout
 
 
-def test_events_follow_ended_by_the_manager_is_not_success(fake: FakeAdmin, manager: str) -> None:
-    fake.close_streams()
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (None, "the manager at {} ended the stream (restarting?)"),
+        (grpc.StatusCode.CANCELLED, "the manager at {} ended the stream (restarting?)"),
+        (grpc.StatusCode.UNAVAILABLE, "cannot reach the manager at {}: manager shutting down (set the address with "
+         "--manager or KVMHA_MANAGER)"),
+    ],
+)  # fmt: skip
+def test_events_follow_ended_by_the_manager_is_not_success(
+    fake: FakeAdmin, manager: str, status: grpc.StatusCode | None, message: str
+) -> None:
+    fake.close_streams(status)
     result = kvmha(manager, "events", "--follow", "--json")
     assert len(result.stdout.splitlines()) == 3  # the backlog still came
     assert result.exit_code == 2
-    assert result.stderr == f"kvmha: the manager at {manager} ended the stream (restarting?)\n"
+    assert result.stderr == f"kvmha: {message.format(manager)}\n"
 
 
 def test_config_list(fake: FakeAdmin, manager: str) -> None:
@@ -381,3 +395,34 @@ def test_connected_but_no_answer_exits_5(fake: FakeAdmin, manager: str) -> None:
     result = kvmha(manager, "--timeout", "0.3", "vm", "start", "db1")
     assert result.exit_code == 5, result.output
     assert "did not answer within 0.3 s" in result.stderr and "may or may not have been applied" in result.stderr
+
+
+# --- TLS ---
+
+
+def test_tls_with_the_managers_ca(fake: FakeAdmin, tmp_path: Path) -> None:
+    pki = make_pki()
+    server, address = serve(fake, grpc.ssl_server_credentials([(pki.key_pem, pki.cert_pem)]))
+    try:
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(pki.ca_pem)
+        assert as_json(kvmha(address, "--tls-ca", str(ca), "host", "show", "h1", "--json"))["name"] == "h1"
+        via_env = kvmha(address, "host", "show", "h1", env={"KVMHA_TLS_CA": str(ca)})
+        assert "Host h1" in ok(via_env)
+        plaintext = kvmha(address, "--timeout", "1", "host", "show", "h1")
+        assert plaintext.exit_code == 2 and "cannot reach the manager" in plaintext.stderr
+        other_ca = tmp_path / "other.pem"
+        other_ca.write_bytes(make_pki().ca_pem)
+        untrusted = kvmha(address, "--tls-ca", str(other_ca), "host", "show", "h1")
+        assert untrusted.exit_code == 2 and "cannot reach the manager" in untrusted.stderr
+    finally:
+        server.stop(grace=None)
+    assert len(fake.sent("GetHost")) == 2  # only over TLS with the right CA
+
+
+def test_unreadable_ca_file(manager: str, tmp_path: Path) -> None:
+    refused(
+        kvmha(manager, "--tls-ca", str(tmp_path / "none.pem"), "host", "list"),
+        4,
+        f"cannot read the CA certificate {tmp_path / 'none.pem'}: No such file or directory",
+    )

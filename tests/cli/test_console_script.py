@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kvmha.proto.v1 import admin_pb2 as pb
 
+from kvmha.proto.v1 import admin_pb2 as pb
 from tests.cli.fake_admin import FakeAdmin
 
 KVMHA = shutil.which("kvmha", path=str(Path(sys.executable).parent)) or "kvmha"

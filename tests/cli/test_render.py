@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
+
 from kvmha.manager import cli_render as render
 from kvmha.proto.v1 import admin_pb2 as pb
 
