@@ -172,9 +172,9 @@ def host_maintenance(ctx: typer.Context, host: HostRef, state: Switch, as_json: 
 def host_bmc(
     ctx: typer.Context,
     host: HostRef,
-    address: Annotated[str, typer.Option(help="BMC address (IPMI over LAN).")] = "",
+    address: Annotated[str, typer.Option(metavar="ADDR", help="BMC address (IPMI over LAN).")] = "",
     port: Annotated[int, typer.Option(min=1, max=65535, help="BMC port.")] = DEFAULT_BMC_PORT,
-    user: Annotated[str, typer.Option(help="BMC user.")] = "",
+    user: Annotated[str, typer.Option(metavar="USER", help="BMC user.")] = "",
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from stdin instead of prompting.")
     ] = False,
@@ -270,16 +270,16 @@ def _read_xml(path: Path) -> str:
 
 @vm_app.command("start")
 def vm_start(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
-    """Start a VM (placement picks the host)."""
+    """Start a VM (placement picks the host); the manager answers before it runs (watch `events -f`)."""
     link = _link(ctx)
-    _vm_line(link.call(link.stub.StartVm, pb.Ref(ref=vm)), as_json)
+    _vm_line(link.call(link.stub.StartVm, pb.Ref(ref=vm)), as_json, "Start requested. ")
 
 
 @vm_app.command("stop")
 def vm_stop(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
     """Stop a VM; HA will not restart it."""
     link = _link(ctx)
-    _vm_line(link.call(link.stub.StopVm, pb.Ref(ref=vm)), as_json)
+    _vm_line(link.call(link.stub.StopVm, pb.Ref(ref=vm)), as_json, "Stop requested. ")
 
 
 @vm_app.command("delete")
@@ -352,7 +352,12 @@ def config_list(ctx: typer.Context, as_json: Json = False) -> None:
 
 
 @config_app.command("set")
-def config_set(ctx: typer.Context, name: str, value: str, as_json: Json = False) -> None:
+def config_set(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="As `config list` shows it, e.g. ping.timeout.")],
+    value: Annotated[str, typer.Argument(metavar="VALUE")],
+    as_json: Json = False,
+) -> None:
     """Change a configuration item (the manager validates the value)."""
     link = _link(ctx)
     reply = link.call(link.stub.SetConfig, pb.SetConfigRequest(name=name, value=value))

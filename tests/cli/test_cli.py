@@ -5,46 +5,16 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from typer.testing import CliRunner, Result
 
 from kvmha.manager import cli
-from kvmha.manager.cli import app
-from kvmha.manager.cli_client import with_port
 from kvmha.proto.v1 import admin_pb2 as pb
-from tests.cli.fake_admin import FakeAdmin, serve
-from tests.cli.tls import make_pki
+from tests.cli.fake_admin import FakeAdmin
+from tests.cli.support import as_json, fields, kvmha, ok, refused
 
 DOMAIN_XML = "<domain type='kvm'><name>web9</name><memory unit='MiB'>512</memory><vcpu>1</vcpu></domain>"
-
-
-def kvmha(address: str, *args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
-    # Wide, so table cells are not folded and a test can look for whole values.
-    return CliRunner().invoke(app, ["--manager", address, *args], input=input, env={"COLUMNS": "250", **(env or {})})
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stderr == ""
-    return result.stdout
-
-
-def as_json(result: Result) -> Any:
-    return json.loads(ok(result))  # the whole of stdout must be the JSON: no colour, no extra lines
-
-
-def fields(message: type[pb.HostInfo] | type[pb.VmInfo] | type[pb.HaWorkInfo] | type[pb.EventInfo]) -> set[str]:
-    return {f.name for f in message.DESCRIPTOR.fields}
-
-
-def refused(result: Result, code: int, message: str) -> None:
-    """One line on stderr with the manager's message, the contracted exit code, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.stderr == f"kvmha: {message}\n"
-    assert result.stdout == ""
 
 
 # --- hosts ---
@@ -222,8 +192,8 @@ def test_vm_create_missing_file_is_refused_before_calling(fake: FakeAdmin, manag
 
 
 def test_vm_start_and_stop(fake: FakeAdmin, manager: str) -> None:
-    assert "VM db1 (id 8): Starting on h1" in ok(kvmha(manager, "vm", "start", "db1"))
-    assert "VM web1 (id 7): Stopping on h1" in ok(kvmha(manager, "vm", "stop", "web1"))
+    assert "Start requested. VM db1 (id 8): Starting on h1" in ok(kvmha(manager, "vm", "start", "db1"))
+    assert "Stop requested. VM web1 (id 7): Stopping on h1" in ok(kvmha(manager, "vm", "stop", "web1"))
     assert fake.sent("StartVm") == [pb.Ref(ref="db1")]
     assert fake.sent("StopVm") == [pb.Ref(ref="web1")]
 
@@ -352,77 +322,3 @@ def test_status_colours_on_a_terminal_and_none_in_json(manager: str) -> None:
     assert "\x1b[31mDown" in out  # red
     assert "\x1b[33mFencing" in out  # yellow
     assert "\x1b[" not in ok(kvmha(manager, "host", "list", "--json", env={"FORCE_COLOR": "1"}))
-
-
-# --- the manager cannot be reached, or is slow ---
-
-
-def test_unreachable_manager_exits_2_and_says_where_it_looked(fake: FakeAdmin, closed_port: str) -> None:
-    for args in (["host", "list"], ["events", "--follow"]):
-        result = kvmha(closed_port, *args)
-        assert result.exit_code == 2, result.output
-        assert result.stderr.startswith(f"kvmha: cannot reach the manager at {closed_port}: ")
-        assert "--manager or KVMHA_MANAGER" in result.stderr and result.stderr.count("\n") == 1
-        assert result.stdout == ""
-
-
-def test_manager_address_from_the_environment(fake: FakeAdmin, manager: str, closed_port: str) -> None:
-    result = CliRunner().invoke(app, ["host", "list", "--json"], env={"KVMHA_MANAGER": manager})
-    assert json.loads(ok(result))["hosts"][0]["name"] == "h1"
-    result = CliRunner().invoke(app, ["host", "list"], env={"KVMHA_MANAGER": closed_port})
-    assert result.exit_code == 2 and closed_port in result.stderr
-
-
-def test_an_address_without_port_gets_the_admin_port(fake: FakeAdmin, manager: str) -> None:
-    assert with_port("mgr1") == "mgr1:50052"
-    assert with_port("10.0.0.5:6000") == "10.0.0.5:6000"
-    assert with_port("dns:///mgr1:50052") == "dns:///mgr1:50052"
-    assert with_port("unix:/run/kvmha/admin.sock") == "unix:/run/kvmha/admin.sock"
-
-
-def test_no_connection_before_the_deadline_is_unreachable(silent_port: str) -> None:
-    for args in (["vm", "list"], ["events", "--follow"]):
-        result = kvmha(silent_port, "--timeout", "0.3", *args)
-        assert result.exit_code == 2, result.output
-        assert result.stderr == (
-            f"kvmha: cannot reach the manager at {silent_port}: no connection within 0.3 s "
-            "(set the address with --manager or KVMHA_MANAGER)\n"
-        )
-
-
-def test_connected_but_no_answer_exits_5(fake: FakeAdmin, manager: str) -> None:
-    fake.delay_s = 1.0
-    result = kvmha(manager, "--timeout", "0.3", "vm", "start", "db1")
-    assert result.exit_code == 5, result.output
-    assert "did not answer within 0.3 s" in result.stderr and "may or may not have been applied" in result.stderr
-
-
-# --- TLS ---
-
-
-def test_tls_with_the_managers_ca(fake: FakeAdmin, tmp_path: Path) -> None:
-    pki = make_pki()
-    server, address = serve(fake, grpc.ssl_server_credentials([(pki.key_pem, pki.cert_pem)]))
-    try:
-        ca = tmp_path / "ca.pem"
-        ca.write_bytes(pki.ca_pem)
-        assert as_json(kvmha(address, "--tls-ca", str(ca), "host", "show", "h1", "--json"))["name"] == "h1"
-        via_env = kvmha(address, "host", "show", "h1", env={"KVMHA_TLS_CA": str(ca)})
-        assert "Host h1" in ok(via_env)
-        plaintext = kvmha(address, "--timeout", "1", "host", "show", "h1")
-        assert plaintext.exit_code == 2 and "cannot reach the manager" in plaintext.stderr
-        other_ca = tmp_path / "other.pem"
-        other_ca.write_bytes(make_pki().ca_pem)
-        untrusted = kvmha(address, "--tls-ca", str(other_ca), "host", "show", "h1")
-        assert untrusted.exit_code == 2 and "cannot reach the manager" in untrusted.stderr
-    finally:
-        server.stop(grace=None)
-    assert len(fake.sent("GetHost")) == 2  # only over TLS with the right CA
-
-
-def test_unreadable_ca_file(manager: str, tmp_path: Path) -> None:
-    refused(
-        kvmha(manager, "--tls-ca", str(tmp_path / "none.pem"), "host", "list"),
-        4,
-        f"cannot read the CA certificate {tmp_path / 'none.pem'}: No such file or directory",
-    )

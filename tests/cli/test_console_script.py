@@ -23,7 +23,7 @@ from kvmha.proto.v1 import admin_pb2 as pb
 from tests.cli.fake_admin import FakeAdmin
 
 KVMHA = shutil.which("kvmha", path=str(Path(sys.executable).parent)) or "kvmha"
-ENV = {k: v for k, v in os.environ.items() if k not in ("KVMHA_MANAGER", "COLUMNS", "FORCE_COLOR")}
+ENV = {k: v for k, v in os.environ.items() if k not in ("KVMHA_MANAGER", "KVMHA_TLS_CA", "COLUMNS", "FORCE_COLOR")}
 
 
 def run(address: str, *args: str, input: str = "") -> subprocess.CompletedProcess[str]:
