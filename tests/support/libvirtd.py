@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from types import TracebackType
@@ -59,6 +60,29 @@ mount --bind "$1/cache" /var/cache/libvirt
 virtlogd -d -p /run/libvirt/virtlogd.pid
 touch "$1/ready"
 exec sleep infinity
+"""
+
+
+# libvirt reports a QEMU death (STOPPED event) only once the QEMU pid is gone, i.e. reaped. QEMU is daemonized, so
+# its parent is the nearest "child subreaper" above libvirtd, else PID 1. Some sandboxes' PID 1 reaps orphans only
+# every ~1-2 s (systemd reaps at once), which would add that much to every kill-to-event time measured here; so
+# libvirtd runs under this small reaper: it forwards signals to libvirtd, reaps every orphan at once, and exits
+# with libvirtd's status (QEMUs that outlive libvirtd then go back to PID 1, as on a host).
+_REAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child = os.fork()
+if child == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        sys.exit(0)
+    if pid == child:
+        sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 
 
@@ -173,9 +197,10 @@ class PrivateLibvirtd:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         stderr = open(self._stderr_path, "ab")  # noqa: SIM115 - handed to the child
-        # nsenter without --fork execs libvirtd itself: the Popen pid IS libvirtd's pid.
+        # nsenter without --fork execs the reaper, which runs libvirtd as its only direct child.
         self._libvirtd = subprocess.Popen(
-            ["nsenter", "-t", str(self._holder.pid), "-m", "--", "libvirtd", "-p", "/run/libvirt/libvirtd.pid"],
+            ["nsenter", "-t", str(self._holder.pid), "-m", "--", sys.executable, "-c", _REAPER,
+             "libvirtd", "-p", "/run/libvirt/libvirtd.pid"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         stderr.close()
         deadline = time.monotonic() + timeout_s
@@ -207,7 +232,7 @@ class PrivateLibvirtd:
 
     @property
     def libvirtd_pid(self) -> int | None:
-        return None if self._libvirtd is None else self._libvirtd.pid
+        return self._pid_file("libvirtd.pid")
 
     def qemu_pid(self, domain_name: str) -> int:
         """The QEMU process of a running domain, from the pid file libvirt keeps for it."""
