@@ -1,0 +1,252 @@
+"""`kvmha-lab`: several real libvirt/KVM hosts on one machine, with power through IPMI and fault injection.
+
+    kvmha-lab up --hosts 3 [--manager default|ADDR[:PORT]]   build it (a keeper process owns it until `down`)
+    kvmha-lab status [--json]                               hosts, addresses, BMC ports, power, faults, PIDs, VMs
+    kvmha-lab fail h2 --network                             --power --network --storage --agent --libvirtd
+    kvmha-lab heal h2                                       undo every fault of h2
+    kvmha-lab power h1 off                                  chassis power through the host's BMC (IPMI lanplus)
+    kvmha-lab vm-create vm1 --host h1                       define + start a small VM with virsh on h1
+    kvmha-lab vm-kill vm1 | guest-shutdown vm1              a QEMU crash | a power-off asked by the guest
+    kvmha-lab exec h1 -- virsh list --all                   any command inside h1's namespaces
+    kvmha-lab down                                          remove everything, leave the machine as it was
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmha.lab.fault import FAULTS, Fault
+from kvmha.lab.guest import DISK_FORMATS
+from kvmha.lab.lab import DEFAULT_PREFIX, DEFAULT_SUBNET, Lab
+from kvmha.lab.state import DEFAULT_STATE_DIR, STATE_FILE, LabError, LabSpec
+
+UP_TIMEOUT_S = 300.0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).absolute()
+
+
+def _keeper_log(state_dir: Path) -> Path:
+    """Next to the state dir, not in it: a lab that fails to come up removes its state dir, not the story why."""
+    return state_dir.parent / f"{state_dir.name}.keeper.log"
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE for the agents' TOML; numbers stay numbers ("isolation.after_s=10")."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    value: object = raw
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+            break
+        except ValueError:
+            continue
+    return key.strip(), value
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state_dir = _state_dir(args)
+    params = {
+        "hosts": args.hosts,
+        "subnet": args.subnet,
+        "manager": args.manager,
+        "state_dir": str(state_dir),
+        "prefix": args.prefix,
+        "agent_settings": dict(args.agent_setting or []),
+    }
+    if (state_dir / STATE_FILE).exists():
+        print(f"a lab is already up in {state_dir} (kvmha-lab down first)", file=sys.stderr)
+        return 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "kvmha.lab.keeper", json.dumps(params)]
+    if args.foreground:
+        os.execv(sys.executable, argv)  # the keeper itself, in this terminal: Ctrl-C tears the lab down
+    log_path = _keeper_log(state_dir)
+    with open(log_path, "ab") as log:
+        keeper = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if keeper.poll() is not None:
+            print(f"the lab did not come up; {log_path}:\n{log_path.read_text(errors='replace')[-3000:]}")
+            return 1
+        try:
+            if LabSpec.load(state_dir).ready:
+                _print_status(Lab.attach(state_dir).status())
+                print(f"\nkeeper pid {keeper.pid}, log {log_path}; tear down with: kvmha-lab down")
+                return 0
+        except (FileNotFoundError, ValueError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.3)
+    print(f"the lab did not come up within {UP_TIMEOUT_S:.0f} s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.attach(_state_dir(args))
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 0  # nothing to tear down is what was asked for
+    lab.down()
+    _keeper_log(Path(lab.spec.state_dir)).unlink(missing_ok=True)
+    print("lab down")
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"lab {status['state_dir']}  bridge {status['bridge']} {status['bridge_address']} ({status['subnet']})  "
+          f"manager {status['manager'] or '-'}  shared {status['shared_dir']}  domains {status['domain_type']}")
+    for host in status["hosts"]:
+        pids = " ".join(f"{k}={v}" for k, v in host["pids"].items() if v)
+        vms = ",".join(host["vms"]) or "-"
+        faults = ",".join(host["faults"]) or "-"
+        print(f"  {host['name']:<4} {host['address']:<15} bmc 127.0.0.1:{host['bmc']['port']:<5} "
+              f"power {host['power']:<4} faults {faults:<16} vms {vms:<12} {pids}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lab = Lab.attach(_state_dir(args))
+    status = lab.status()
+    if args.json:
+        # For scripts that register the hosts with a manager: they need the BMC credentials too.
+        status["bmc_password"] = lab.spec.bmc_password
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def cmd_fail(args: argparse.Namespace) -> int:
+    chosen: list[Fault] = [f for f in FAULTS if getattr(args, f)]
+    lab = Lab.attach(_state_dir(args))
+    for fault in chosen:
+        lab.fail(args.host, fault)
+    print(f"{args.host}: faults now {', '.join(lab.faults(args.host)) or 'none'}")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    healed = Lab.attach(_state_dir(args)).heal(args.host)
+    print(f"{args.host}: healed {', '.join(healed) or 'nothing (no fault)'}")
+    return 0
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    lab = Lab.attach(_state_dir(args))
+    if args.action == "status":
+        print(lab.power_state(args.host))
+    else:
+        lab.power(args.host, args.action)
+        print(f"{args.host}: power {lab.power_state(args.host)}")
+    return 0
+
+
+def cmd_vm_create(args: argparse.Namespace) -> int:
+    Lab.attach(_state_dir(args)).vm_create(args.name, args.host, args.memory_mib, not args.no_start, args.disk_format)
+    print(f"{args.name}: {'defined' if args.no_start else 'running'} on {args.host}")
+    return 0
+
+
+def cmd_vm_kill(args: argparse.Namespace) -> int:
+    print(f"{args.name}: QEMU killed on {Lab.attach(_state_dir(args)).vm_kill(args.name)}")
+    return 0
+
+
+def cmd_guest_shutdown(args: argparse.Namespace) -> int:
+    print(f"{args.name}: guest powered off on {Lab.attach(_state_dir(args)).guest_shutdown(args.name)}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("exec: a command is needed (kvmha-lab exec h1 -- virsh list --all)", file=sys.stderr)
+        return 2
+    done = Lab.attach(_state_dir(args)).exec(args.host, argv, check=False, timeout_s=3600)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmha-lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", default=os.environ.get("KVMHA_LAB_STATE_DIR", str(DEFAULT_STATE_DIR)),
+                        help="where the lab keeps its state (env KVMHA_LAB_STATE_DIR; default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="build a lab")
+    up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--subnet", default=DEFAULT_SUBNET)
+    up.add_argument("--manager", help="'default' (the bridge address) or ADDR[:PORT] (port 50051): start agents")
+    up.add_argument("--prefix", default=DEFAULT_PREFIX, help="names of bridge, namespaces, veths")
+    up.add_argument("--agent-setting", type=_setting, action="append", metavar="KEY=VALUE",
+                    help="agent.toml override, e.g. isolation.policy=destroy-vms (repeatable)")
+    up.add_argument("--foreground", action="store_true", help="stay in the foreground; Ctrl-C tears down")
+    up.set_defaults(func=cmd_up)
+
+    sub.add_parser("down", help="tear the lab down").set_defaults(func=cmd_down)
+    status = sub.add_parser("status", help="hosts, power, faults, PIDs")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    fail = sub.add_parser("fail", help="inject a fault into a host")
+    fail.add_argument("host")
+    kinds = fail.add_mutually_exclusive_group(required=True)
+    for fault in FAULTS:
+        kinds.add_argument(f"--{fault}", action="store_true")
+    fail.set_defaults(func=cmd_fail)
+
+    heal = sub.add_parser("heal", help="undo every fault of a host")
+    heal.add_argument("host")
+    heal.set_defaults(func=cmd_heal)
+
+    power = sub.add_parser("power", help="chassis power through the host's BMC")
+    power.add_argument("host")
+    power.add_argument("action", choices=["on", "off", "status"])
+    power.set_defaults(func=cmd_power)
+
+    vm_create = sub.add_parser("vm-create", help="define and start a lab VM on a host (virsh)")
+    vm_create.add_argument("name")
+    vm_create.add_argument("--host", required=True)
+    vm_create.add_argument("--memory-mib", type=int, default=32)
+    vm_create.add_argument("--disk-format", choices=DISK_FORMATS, default="raw")
+    vm_create.add_argument("--no-start", action="store_true", help="only define it")
+    vm_create.set_defaults(func=cmd_vm_create)
+
+    for name, func, text in (("vm-kill", cmd_vm_kill, "SIGKILL the VM's QEMU"),
+                             ("guest-shutdown", cmd_guest_shutdown, "ask the guest to power off (ACPI)")):  # fmt: skip
+        vm_parser = sub.add_parser(name, help=text)
+        vm_parser.add_argument("name")
+        vm_parser.set_defaults(func=func)
+
+    exec_parser = sub.add_parser("exec", help="run a command inside a host: exec h1 -- virsh list --all")
+    exec_parser.add_argument("host")
+    exec_parser.add_argument("argv", nargs=argparse.REMAINDER)
+    exec_parser.set_defaults(func=cmd_exec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (LabError, FileNotFoundError, KeyError) as exc:
+        print(f"kvmha-lab: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

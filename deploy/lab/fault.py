@@ -1,0 +1,115 @@
+"""Fault injection into one lab host, and healing. Each fault is what it would be on real hardware:
+
+- power:    chassis power off through the host's BMC (IPMI); the whole host dies at once, as if unplugged.
+- network:  the bridge side of the host's veth goes down: the manager and the neighbours lose the host, while
+            the host itself (libvirtd, its VMs, its storage) keeps running.
+- storage:  in the host's mount namespace only, a read-only empty tmpfs covers the shared storage: every new
+            open or write by path fails (heartbeats, leases, new VM starts). Files already open stay open (a
+            running QEMU keeps its disk), which a kernel-level fault cannot take from it without killing it.
+- agent:    SIGKILL to the kvmha agent alone (by PID); everything else keeps running.
+- libvirtd: SIGKILL to libvirtd alone (by PID); its VMs keep running (QEMU does not depend on libvirtd).
+
+`heal` undoes whichever of them are present; the state is read from the machine, not remembered.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from kvmha.lab import net, proc
+from kvmha.lab.state import AGENT, LabError
+
+if TYPE_CHECKING:
+    from kvmha.lab.lab import Lab
+
+Fault = Literal["power", "network", "storage", "agent", "libvirtd"]
+FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd")
+STORAGE_CUT_SOURCE = "kvmha-storage-cut"
+HEAL_TIMEOUT_S = 60.0
+
+
+def storage_cut(lab: Lab, name: str) -> bool:
+    """True when the host's view of the shared storage is covered by the lab's read-only tmpfs."""
+    init = lab.init(name)
+    if init is None:
+        return False
+    try:
+        lines = Path(f"/proc/{init.pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        # mountinfo: ... mount point is field 5; after the " - " separator come fs type and source.
+        after = line.split(" - ", 1)[1].split() if " - " in line else []
+        if fields[4] == lab.spec.shared_dir and len(after) > 1 and after[1] == STORAGE_CUT_SOURCE:
+            return True
+    return False
+
+
+def faults(lab: Lab, name: str) -> list[str]:
+    """The faults present on the host right now, read from the machine."""
+    host = lab.host(name)
+    found: list[str] = []
+    if lab.init(name) is None:
+        found.append("power")
+    if not net.link_is_up(host.veth):
+        found.append("network")
+    if "power" in found:
+        return found
+    if storage_cut(lab, name):
+        found.append("storage")
+    running = lab.services(name)
+    found += [f"{service}-down" for service in lab.expected_services() if service not in running]
+    return found
+
+
+def fail(lab: Lab, name: str, fault: Fault) -> None:
+    host = lab.host(name)
+    if fault == "power":
+        lab.power(name, "off")
+    elif fault == "network":
+        net.set_link(host.veth, up=False)
+    elif fault == "storage":
+        if not storage_cut(lab, name):
+            lab.exec(name, ["mount", "-t", "tmpfs", "-o", "ro,size=64k", STORAGE_CUT_SOURCE, lab.spec.shared_dir])
+    elif fault in ("agent", "libvirtd"):
+        comm = AGENT if fault == "agent" else "libvirtd"
+        if fault == "agent" and not lab.spec.manager:
+            raise LabError("this lab runs no agents (it was made without --manager)")
+        victims = [p for p in lab.processes(name) if p.comm == comm]
+        if not victims:
+            raise LabError(f"{name}: no {comm} running")
+        for victim in victims:
+            proc.kill(victim.pid, signal.SIGKILL)
+        if proc.wait_gone(victims, 10.0):
+            raise LabError(f"{name}: {comm} survived SIGKILL")
+    else:
+        raise LabError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
+
+
+def heal(lab: Lab, name: str) -> list[str]:
+    """Undo every fault present on the host; returns what was healed."""
+    host = lab.host(name)
+    present = faults(lab, name)
+    if not net.link_is_up(host.veth):
+        net.set_link(host.veth, up=True)
+    if "power" in present:
+        lab.power(name, "on")  # a fresh boot: no storage cut, every service started
+        return present
+    while storage_cut(lab, name):  # covered twice is still one fault
+        lab.exec(name, ["umount", lab.spec.shared_dir])
+    if any(f.endswith("-down") for f in present):
+        init = lab.init(name)
+        assert init is not None
+        proc.kill(init.pid, signal.SIGHUP)  # the host's init starts again the services that are not running
+        lab.wait_ready(name, HEAL_TIMEOUT_S)
+    deadline = time.monotonic() + HEAL_TIMEOUT_S
+    while faults(lab, name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = faults(lab, name)
+    if left:
+        raise LabError(f"{name}: still faulty after heal: {left}")
+    return present

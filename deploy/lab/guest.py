@@ -1,0 +1,150 @@
+"""A guest without an OS that can still shut itself down: a 512-byte boot sector, assembled here by hand.
+
+The lab needs VMs whose *guest* can ask for a power-off, so that libvirt records a guest-initiated shutdown
+(shut off, reason "shutdown") and the HA logic can tell it from a crash. The boot sector, in 16-bit real mode:
+
+    sti                 ; let SeaBIOS's 18.2 Hz timer tick wake the hlt below
+  poll:
+    hlt                 ; sleep until the next interrupt: an idle guest must not burn a shared CPU
+    mov dx, 0x3FD       ; COM1 line status register
+    in  al, dx
+    test al, 1          ; data ready?
+    jz  poll
+    mov dx, 0x3F8       ; COM1 receive buffer
+    in  al, dx
+    cmp al, 'S'
+    jne poll
+    mov dx, 0x604       ; PIIX4 PM1a control block, as SeaBIOS sets it up on QEMU's pc machine
+    mov ax, 0x2000      ; SLP_EN with SLP_TYP 0 = S5: QEMU reports a guest shutdown
+    out dx, ax
+    cli
+  halt:
+    hlt
+    jmp halt
+
+So `kvmha-lab guest-shutdown VM` writes "S" to the VM's serial port and the guest powers off through ACPI.
+
+Disk format. The lab's hosts share one kernel, so QEMU's own image locking (OFD locks on the image file) would
+refuse a second start of a disk before virtlockd is even asked (libvirt acquires leases when the CPUs start,
+after QEMU opened its disks). Between real hosts those locks are local to each kernel and virtlockd is the only
+cross-host guard; to reproduce that, lab disks are raw by default and the disk device gets share-rw=on (through
+<qemu:override>, not <shareable/>, which would make the lease shared too). qcow2 always takes QEMU's exclusive
+write lock whatever the device says, so with disk_format="qcow2" a second start is refused by QEMU instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+SHUTDOWN_CHAR = b"S"
+SECTOR_SIZE_BYTES = 512
+RAW_IMAGE_SIZE_BYTES = 1024 * 1024
+
+_CODE = bytes(
+    [
+        0xFB,  # 0: sti
+        0xF4,  # 1: poll: hlt
+        0xBA, 0xFD, 0x03,  # 2: mov dx, 0x3FD
+        0xEC,  # 5: in al, dx
+        0xA8, 0x01,  # 6: test al, 1
+        0x74, 0xF7,  # 8: jz poll (10 - 9 = 1)
+        0xBA, 0xF8, 0x03,  # 10: mov dx, 0x3F8
+        0xEC,  # 13: in al, dx
+        0x3C, SHUTDOWN_CHAR[0],  # 14: cmp al, 'S'
+        0x75, 0xEF,  # 16: jne poll (18 - 17 = 1)
+        0xBA, 0x04, 0x06,  # 18: mov dx, 0x604
+        0xB8, 0x00, 0x20,  # 21: mov ax, 0x2000
+        0xEF,  # 24: out dx, ax
+        0xFA,  # 25: cli
+        0xF4,  # 26: halt: hlt
+        0xEB, 0xFD,  # 27: jmp halt (29 - 3 = 26)
+    ]
+)  # fmt: skip
+
+
+def boot_sector() -> bytes:
+    """The 512-byte MBR: the code above, zero padding, and the 0x55 0xAA signature SeaBIOS looks for."""
+    padding = bytes(SECTOR_SIZE_BYTES - 2 - len(_CODE))
+    sector = _CODE + padding + b"\x55\xaa"
+    assert len(sector) == SECTOR_SIZE_BYTES
+    return sector
+
+
+DISK_FORMATS = ("raw", "qcow2")
+DISK_ALIAS = "ua-lab-disk"  # libvirt keeps user aliases ("ua-" prefix), so the override can name the device
+
+
+def make_disk(path: Path, disk_format: str = "raw") -> None:
+    """A disk that boots the sector above: raw, or qcow2 made from the raw image with `qemu-img convert`."""
+    if disk_format not in DISK_FORMATS:
+        raise ValueError(f"disk format {disk_format!r} is not one of {DISK_FORMATS}")
+    raw = path if disk_format == "raw" else path.with_suffix(".tmp-raw")
+    with open(raw, "wb") as out:
+        out.write(boot_sector())
+        out.truncate(RAW_IMAGE_SIZE_BYTES)
+    if disk_format == "raw":
+        return
+    try:
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        raw.unlink()
+
+
+def kvm_usable() -> bool:
+    """KVM only if /dev/kvm can really be opened read-write here (QEMU runs as root in the lab)."""
+    try:
+        with open("/dev/kvm", "rb+", buffering=0):
+            return True
+    except OSError:
+        return False
+
+
+def vm_uuid(name: str) -> str:
+    """The same VM name gives the same UUID on every host: it is one VM wherever it runs."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kvmha-lab:vm:{name}"))
+
+
+def domain_xml(name: str, disk: Path, memory_mib: int, domain_type: str, disk_format: str = "raw") -> str:
+    """A minimal pc guest: the boot disk on shared storage, COM1 on a pty, ACPI on (for the power-off)."""
+    share_rw = ""
+    if disk_format == "raw":
+        share_rw = f"""
+  <qemu:override>
+    <qemu:device alias='{DISK_ALIAS}'>
+      <qemu:frontend><qemu:property name='share-rw' type='bool' value='true'/></qemu:frontend>
+    </qemu:device>
+  </qemu:override>"""
+    return f"""<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{escape(name)}</name>
+  <uuid>{vm_uuid(name)}</uuid>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='{disk_format}'/>
+      <source file='{escape(str(disk))}'/>
+      <target dev='hda' bus='ide'/>
+      <alias name='{DISK_ALIAS}'/>
+    </disk>
+    <controller type='usb' model='none'/>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+  </devices>{share_rw}
+</domain>
+"""

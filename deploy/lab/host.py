@@ -1,0 +1,160 @@
+"""The files of one lab host (its "disk") and the command its BMC runs to boot it.
+
+Layout under <state-dir>/hosts/<name>/:
+  etc-libvirt/   mounted over /etc/libvirt      (qemu.conf, qemu-lockd.conf written here, domain definitions)
+  lib-libvirt/   mounted over /var/lib/libvirt  (survives power cycles, like a real host's disk)
+  log/           mounted over /var/log/libvirt  (virtlogd/virtlockd/libvirtd/agent logs, QEMU logs in qemu/)
+  bmc/           the ipmi_sim working dir (lan.conf, emulator file, ipmi_sim.log)
+  boot.json      what the init (kvmha.lab.boot) mounts and starts; boot.log its own log
+  agent.toml     the kvmha agent's configuration (only when the lab has a manager)
+<state-dir>/cache-libvirt/ is mounted over /var/cache/libvirt in every host: it only holds QEMU capability
+probes, and sharing it saves each host a probe of several seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from kvmha.lab.boot import BootConfig, Service
+from kvmha.lab.state import HostSpec, LabSpec
+
+RUN_LIBVIRT = "/run/libvirt"
+PRIVATE_MOUNTS = {  # host folder name -> where it is mounted inside the host
+    "etc-libvirt": "/etc/libvirt",
+    "lib-libvirt": "/var/lib/libvirt",
+    "log": "/var/log/libvirt",
+}
+CACHE_DIR_NAME = "cache-libvirt"
+LEASES_DIR_NAME = "leases"
+DISKS_DIR_NAME = "disks"
+
+# Each line says why: QEMU as the default libvirt-qemu user cannot open /dev/kvm here, and the machine's device
+# permissions are not the lab's to change; the hosts share one kernel, so cgroups and per-domain mount namespaces
+# would be shared state between "hosts" (and /sys/fs/cgroup is not even visible under `ip netns exec`).
+QEMU_CONF = """# Written by kvmha-lab for lab host {host}.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+# Disk leases through virtlockd: a second start of the same disk anywhere in the lab fails at the hypervisor.
+lock_manager = "lockd"
+"""
+
+# Leases are indirect files in one folder of the shared storage (named by the SHA-256 of the disk path), held
+# with fcntl locks by each host's virtlockd. The kernel drops a dead host's locks with its virtlockd, so a lease
+# never outlives a powered-off host.
+QEMU_LOCKD_CONF = """# Written by kvmha-lab for lab host {host}.
+auto_disk_leases = 1
+require_lease_for_disks = 1
+file_lockspace_dir = "{leases_dir}"
+"""
+
+LIBVIRTD_CONF = """# Written by kvmha-lab for lab host {host}: only the local unix socket, no TCP listener.
+listen_tls = 0
+listen_tcp = 0
+"""
+
+
+def agent_executable() -> Path:
+    """The kvmha-agent console script next to the Python running the lab (the project's venv)."""
+    return Path(sys.executable).parent / "kvmha-agent"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) -> str:
+    """The agent's configuration (schema: kvmha.agent.config). Keys "isolation.policy" / "isolation.after_s" go
+    to [isolation]; any other override replaces or adds an [agent] key."""
+    agent: dict[str, object] = {
+        "host_uuid": host.host_uuid,
+        "hostname": host.name,
+        "management_address": host.address,
+        "managers": [lab.manager],
+        "libvirt_uri": "qemu:///system",
+        "storage_paths": [lab.shared_dir],
+        "heartbeat_interval_s": 1.0,
+        "resync_interval_s": 30.0,
+        "log_format": "kv",
+    }
+    isolation: dict[str, object] = {"policy": "none", "after_s": 30.0}
+    for key, value in overrides.items():
+        if key.startswith("isolation."):
+            isolation[key.removeprefix("isolation.")] = value
+        else:
+            agent[key] = value
+    lines = [f"# Written by kvmha-lab for lab host {host.name}.", "[agent]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in agent.items()]
+    lines += ["", "[isolation]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in isolation.items()]
+    return "\n".join(lines) + "\n"
+
+
+def boot_config(lab: LabSpec, host: HostSpec) -> BootConfig:
+    host_dir = Path(host.dir)
+    binds = [(str(host_dir / name), target) for name, target in PRIVATE_MOUNTS.items()]
+    binds.append((str(Path(lab.state_dir) / CACHE_DIR_NAME), "/var/cache/libvirt"))
+    # The shared storage onto itself: the same path in every host, but a mount of this host's own that a storage
+    # fault can cover without touching the others.
+    binds.append((lab.shared_dir, lab.shared_dir))
+    services = [
+        Service("virtlogd", ["virtlogd", "-p", f"{RUN_LIBVIRT}/virtlogd.pid"], f"{RUN_LIBVIRT}/virtlogd-sock"),
+        Service("virtlockd", ["virtlockd", "-p", f"{RUN_LIBVIRT}/virtlockd.pid"], f"{RUN_LIBVIRT}/virtlockd-sock"),
+        Service("libvirtd", ["libvirtd", "-p", f"{RUN_LIBVIRT}/libvirtd.pid"], f"{RUN_LIBVIRT}/libvirt-sock"),
+    ]
+    if lab.manager:
+        agent_argv = [str(agent_executable()), "--config", str(host_dir / "agent.toml")]
+        services.append(Service("kvmha-agent", agent_argv, None))
+    return BootConfig(
+        host=host.name,
+        tmpfs=[RUN_LIBVIRT],
+        binds=binds,
+        log_dir="/var/log/libvirt",
+        boot_log=str(host_dir / "boot.log"),
+        services=services,
+    )
+
+
+def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object]) -> None:
+    """Write the host's disk: a private /etc/libvirt made from the machine's *.conf files plus the lab's own."""
+    host_dir = Path(host.dir)
+    etc = host_dir / "etc-libvirt"
+    for name in PRIVATE_MOUNTS:
+        (host_dir / name).mkdir(parents=True, exist_ok=True)
+    (host_dir / "bmc").mkdir(exist_ok=True)
+    # Only the top-level configuration files: the machine's own domain or network definitions stay out.
+    for conf in Path("/etc/libvirt").glob("*.conf"):
+        shutil.copyfile(conf, etc / conf.name)
+    leases_dir = Path(lab.shared_dir) / LEASES_DIR_NAME
+    (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name))
+    (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF.format(host=host.name, leases_dir=leases_dir))
+    (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host=host.name))
+    if lab.manager:
+        (host_dir / "agent.toml").write_text(agent_toml(lab, host, agent_overrides))
+    (host_dir / "boot.json").write_text(boot_config(lab, host).dump())
+
+
+def startcmd(host: HostSpec) -> str:
+    """The BMC's "power": PID 1 of a new PID namespace in the host's network namespace, in a private mount
+    namespace. --kill-child: when the BMC kills unshare (power off), the init and so the whole host die."""
+    argv = [
+        "ip", "netns", "exec", host.netns,
+        "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
+        sys.executable, "-m", "kvmha.lab.boot", str(Path(host.dir) / "boot.json"),
+    ]  # fmt: skip
+    return shlex.join(argv)

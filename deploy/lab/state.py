@@ -1,0 +1,85 @@
+"""What a lab is made of, saved as JSON in its state dir so that any process (`kvmha-lab status` in another shell,
+`down` after a crash) can find and undo it. Only facts that cannot be read back from the machine are stored: names,
+ports, and the PID + start time of the processes the lab itself started (so that a later process signals exactly
+those, never a reused PID). Everything else (power, faults, the PIDs inside a host) is read live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILE = "lab.json"
+DEFAULT_STATE_DIR = Path("/run/kvmha-lab")
+DAEMONS = ("virtlogd", "virtlockd", "libvirtd")  # as /proc/PID/comm names them
+AGENT = "kvmha-agent"
+QEMU_COMM = "qemu-system-x86"  # /proc comm is cut at 15 characters
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str  # h1, h2, ...
+    index: int
+    netns: str  # <prefix>-h1
+    veth: str  # bridge side of the host's cable, in the root namespace
+    address: str  # the host's address on the lab bridge
+    bmc_port: int  # 127.0.0.1 UDP port of the host's ipmi_sim
+    host_uuid: str
+    dir: str  # the host's own files: its /etc/libvirt, /var/lib/libvirt, logs, BMC workdir
+
+
+@dataclass(frozen=True)
+class PidRef:
+    pid: int
+    start_ticks: int
+
+
+@dataclass
+class LabSpec:
+    state_dir: str
+    prefix: str
+    subnet: str
+    bridge: str
+    bridge_address: str
+    shared_dir: str  # the shared storage, at this same path in every host
+    manager: str | None  # "ADDR:PORT" the agents report to; None: no agents
+    domain_type: str  # "kvm" when /dev/kvm is usable, else "qemu" (TCG)
+    bmc_user: str
+    bmc_password: str
+    hosts: list[HostSpec] = field(default_factory=list)
+    bmcs: dict[str, PidRef] = field(default_factory=dict)  # host name -> its ipmi_sim
+    keeper: PidRef | None = None  # the process owning the BMCs when the lab was made by `kvmha-lab up`
+    created_dirs: list[str] = field(default_factory=list)  # machine folders the lab made, removed by down
+    netns_mount_created: bool = False  # /run/netns became a mount point because of us
+    ready: bool = False
+
+    def host(self, name: str) -> HostSpec:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(f"no host {name!r} in this lab (hosts: {', '.join(h.name for h in self.hosts)})")
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.chmod(tmp, 0o600)  # it holds the BMC password
+        tmp.replace(path)
+
+    @staticmethod
+    def load(state_dir: Path) -> LabSpec:
+        path = state_dir / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no lab state in {state_dir} (is a lab up?)") from None
+        raw["hosts"] = [HostSpec(**h) for h in raw["hosts"]]
+        raw["bmcs"] = {name: PidRef(**ref) for name, ref in raw["bmcs"].items()}
+        raw["keeper"] = PidRef(**raw["keeper"]) if raw.get("keeper") else None
+        return LabSpec(**raw)

@@ -1,0 +1,141 @@
+"""Lab VMs: small guests with a qcow2 disk on the shared storage, driven with virsh on the host that runs them.
+
+A VM's definition is kept in <shared>/vms/<name>.xml so that any host can define and start the same VM (same
+name, UUID and disk) — which is what a failover does, and what virtlockd must refuse while another host runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmha.lab import proc
+from kvmha.lab.guest import DISK_FORMATS, SHUTDOWN_CHAR, domain_xml, make_disk
+from kvmha.lab.host import DISKS_DIR_NAME
+from kvmha.lab.state import QEMU_COMM, LabError
+
+if TYPE_CHECKING:
+    from kvmha.lab.lab import Lab
+
+
+def xml_path(lab: Lab, name: str) -> Path:
+    return Path(lab.spec.shared_dir) / "vms" / f"{name}.xml"
+
+
+def disk_path(lab: Lab, name: str, disk_format: str = "raw") -> Path:
+    return Path(lab.spec.shared_dir) / DISKS_DIR_NAME / f"{name}.{'img' if disk_format == 'raw' else disk_format}"
+
+
+def prepare(lab: Lab, name: str, memory_mib: int = 32, disk_format: str = "raw") -> Path:
+    """Write the VM's disk and definition on the shared storage (once); returns the definition's path."""
+    if not 16 <= memory_mib <= 1024:
+        raise LabError("memory between 16 and 1024 MiB")
+    if disk_format not in DISK_FORMATS:
+        raise LabError(f"disk format {disk_format!r} is not one of {DISK_FORMATS}")
+    disk = disk_path(lab, name, disk_format)
+    if not disk.exists():
+        make_disk(disk, disk_format)
+    xml = xml_path(lab, name)
+    xml.write_text(domain_xml(name, disk, memory_mib, lab.spec.domain_type, disk_format))
+    return xml
+
+
+def define(lab: Lab, name: str, host: str) -> None:
+    """Define the (already prepared) VM on a host, as a manager restarting it there would."""
+    xml = xml_path(lab, name)
+    if not xml.exists():
+        raise LabError(f"no VM {name!r} in this lab (no {xml})")
+    lab.virsh(host, "define", str(xml))
+
+
+def create(lab: Lab, name: str, host: str, memory_mib: int = 32, start: bool = True, disk_format: str = "raw") -> None:
+    """Prepare, define and (by default) start the VM on `host` directly with virsh."""
+    prepare(lab, name, memory_mib, disk_format)
+    define(lab, name, host)
+    if start:
+        lab.virsh(host, "start", name)
+
+
+def qemu_of(lab: Lab, name: str) -> list[tuple[str, proc.ProcInfo]]:
+    """(host, QEMU process) for every host running the VM — more than one would be a split brain."""
+    found = []
+    for host in lab.hosts:
+        for p in lab.processes(host.name):
+            if p.comm == QEMU_COMM and _guest_name(p.pid) == name:
+                found.append((host.name, p))
+    return found
+
+
+def _guest_name(pid: int) -> str | None:
+    argv = proc.cmdline(pid)
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-name":
+            # libvirt passes "-name guest=NAME,debug-threads=on"; a comma in NAME is doubled.
+            first = value.replace(",,", "\0").split(",")[0].replace("\0", ",")
+            return first.removeprefix("guest=")
+    return None
+
+
+def running_on(lab: Lab, host: str) -> dict[str, int]:
+    """VM name -> QEMU PID for the VMs whose QEMU runs in the host (from /proc, not from libvirt)."""
+    out: dict[str, int] = {}
+    for p in lab.processes(host):
+        if p.comm == QEMU_COMM:
+            guest = _guest_name(p.pid)
+            if guest:
+                out[guest] = p.pid
+    return out
+
+
+def where(lab: Lab, name: str) -> tuple[str, proc.ProcInfo]:
+    found = qemu_of(lab, name)
+    if not found:
+        raise LabError(f"VM {name!r} runs nowhere in the lab")
+    if len(found) > 1:
+        raise LabError(f"VM {name!r} runs on several hosts: {[h for h, _ in found]}")
+    return found[0]
+
+
+def kill(lab: Lab, name: str) -> str:
+    """SIGKILL the VM's QEMU by PID (a crash as libvirt sees it); returns the host it ran on."""
+    host, qemu = where(lab, name)
+    proc.kill(qemu.pid, signal.SIGKILL)
+    if proc.wait_gone([qemu], 10.0):
+        raise LabError(f"QEMU of {name} (pid {qemu.pid}) survived SIGKILL")
+    return host
+
+
+def guest_shutdown(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
+    """Ask the guest itself to power off: send 'S' to its COM1 (a pty) and wait until its QEMU has ended;
+    returns the host it ran on."""
+    host, qemu = where(lab, name)
+    pty = lab.virsh(host, "ttyconsole", name).strip()
+    if not pty.startswith("/dev/pts/"):
+        raise LabError(f"{name}: no pty serial console ({pty!r})")
+    init = lab.init(host)
+    assert init is not None
+    # Opened through the host's root, so the path is the one QEMU gave to that host's libvirtd. The pty is held
+    # open until QEMU is gone: QEMU reads a pty only once it has seen the other side opened (it checks about once
+    # a second), and a write followed at once by close() is lost. The character is repeated for the same reason.
+    fd = os.open(f"/proc/{init.pid}/root{pty}", os.O_WRONLY | os.O_NOCTTY)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while proc.alive(qemu.pid, qemu.start_ticks):
+            if time.monotonic() > deadline:
+                raise LabError(f"{name}: the guest did not power off within {timeout_s:.0f} s")
+            os.write(fd, SHUTDOWN_CHAR)
+            proc.wait_gone([qemu], 0.5)
+    finally:
+        os.close(fd)
+    return host
+
+
+def domstate(lab: Lab, host: str, name: str) -> tuple[str, str]:
+    """('running', 'booted'), ('shut off', 'crashed'), ... as `virsh domstate --reason` says on that host."""
+    text = lab.virsh(host, "domstate", name, "--reason").strip()
+    state, _, reason = text.partition(" (")
+    return state, reason.rstrip(")")
