@@ -110,12 +110,28 @@ def when(at: float, now: float | None = None) -> Text:
 
 def to_dict(message: Message) -> dict[str, Any]:
     """Proto field names as keys, every field present, ids as JSON numbers (they stay far below 2**53)."""
-    return json_format.MessageToDict(
+    data = json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
         unquote_int64_if_possible=True,
     )
+    return _in_field_order(message, data)
+
+
+def _in_field_order(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    # MessageToDict puts the fields that are set first; the .proto's order makes the output the same every time.
+    ordered: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue  # an unset sub-message
+        value = data[field.name]
+        if field.message_type is not None and field.is_repeated:
+            value = [_in_field_order(m, d) for m, d in zip(getattr(message, field.name), value, strict=True)]
+        elif field.message_type is not None:
+            value = _in_field_order(getattr(message, field.name), value)
+        ordered[field.name] = value
+    return ordered
 
 
 def print_json(message: Message, *, compact: bool = False) -> None:

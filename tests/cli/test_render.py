@@ -55,3 +55,11 @@ def test_json_keys_are_proto_field_names_with_every_field() -> None:
         "last_host": "", "ha_enabled": False, "restart_priority": 0, "anti_affinity_group": "", "memory_mib": 0,
         "vcpus": 0, "update_count": 0,
     }  # fmt: skip
+
+
+def test_json_keys_come_in_the_protos_order_whatever_is_set() -> None:
+    hosts = pb.ListHostsResponse(hosts=[pb.HostInfo(agent_version="1", id=2), pb.HostInfo(connected=True)])
+    data = render.to_dict(hosts)
+    order = [f.name for f in pb.HostInfo.DESCRIPTOR.fields]
+    assert [list(h) for h in data["hosts"]] == [order, order]
+    assert (data["hosts"][0]["id"], data["hosts"][0]["agent_version"], data["hosts"][1]["connected"]) == (2, "1", True)
