@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc as pb_grpc
+
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,9 @@ class FakeManager(pb_grpc.AgentLinkServicer):
         return f"127.0.0.1:{self.port}"
 
     # -- the servicer ---------------------------------------------------------------------------------------
-    async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+    async def Connect(self, request_iterator: object, context: Any) -> None:  # type: ignore[override]
         first = await context.read()
-        if first is grpc.aio.EOF:
+        if first is _EOF:
             return
         with self._cond:
             self._stream_count += 1
@@ -97,7 +100,7 @@ class FakeManager(pb_grpc.AgentLinkServicer):
 
         pumping = asyncio.ensure_future(pump())
         try:
-            while (msg := await context.read()) is not grpc.aio.EOF:
+            while (msg := await context.read()) is not _EOF:
                 self._record(stream, msg)
         finally:
             pumping.cancel()
@@ -141,10 +144,10 @@ class FakeManager(pb_grpc.AgentLinkServicer):
         item = self.wait_for(lambda r: r.kind == "result" and r.msg.result.request_id == request_id, timeout_s, since)
         return item.msg.result
 
-    def command(self, request_id: str, timeout_s: float = 10.0, **kind: object) -> pb.CommandResult:
+    def command(self, request_id: str, timeout_s: float = 10.0, **kind: Any) -> pb.CommandResult:
         """Send a command and wait for its result."""
         since = self.mark()
-        self.send(pb.Command(request_id=request_id, timeout_s=timeout_s, **kind))  # type: ignore[arg-type]
+        self.send(pb.Command(request_id=request_id, timeout_s=timeout_s, **kind))
         return self.result(request_id, timeout_s + 2.0, since)
 
     def messages(self, kind: str, since: int = 0) -> list[Received]:

@@ -6,10 +6,13 @@ Most tests use libvirt's in-process `test:///default` driver inside the agent (i
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import socket
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,7 @@ def test_hello_then_full_snapshot_then_pings_on_time(manager: FakeManager, agent
     assert [d.name for d in full.msg.power.domains] == ["test"] and full.msg.power.hypervisor_connected
     manager.wait_for(lambda r: r.kind == "ping" and r.msg.ping.sequence >= 16, timeout_s=10)
     pings = manager.messages("ping")
-    gaps_s = [b.at - a.at for a, b in zip(pings, pings[1:], strict=False)]
+    gaps_s = [b.at - a.at for a, b in itertools.pairwise(pings)]
     assert [p.msg.ping.sequence for p in pings] == list(range(1, len(pings) + 1))
     assert 0.17 < statistics.median(gaps_s) < 0.23, gaps_s  # Welcome said 0.2 s
     assert max(gaps_s) < 0.5, gaps_s
@@ -87,11 +90,11 @@ def test_replayed_request_id_returns_the_first_result_and_does_nothing(manager: 
                                                                        agent: AgentProcess) -> None:
     manager.wait_for(is_full)
     vm = new_uuid()
-    start = {"start_vm": pb.StartVm(vm_uuid=vm, domain_xml=domain_xml("replay-vm", vm))}
-    first = manager.command("once", **start)
+    start = pb.StartVm(vm_uuid=vm, domain_xml=domain_xml("replay-vm", vm))
+    first = manager.command("once", start_vm=start)
     assert manager.command("kill", destroy_vm=pb.DestroyVm(vm_uuid=vm)).ok
     mark = manager.mark()
-    replay = manager.command("once", **start)
+    replay = manager.command("once", start_vm=start)
     assert replay == first
     # No second start happened: a fresh full report (from a reconnect) still shows the VM off.
     manager.stop()
@@ -119,8 +122,11 @@ def test_reconnects_after_the_manager_restarts(manager: FakeManager, agent: Agen
 def test_reject_is_logged_and_retried_after_retry_after(manager: FakeManager, agent: AgentProcess) -> None:
     manager.reject = pb.Reject(code=pb.REJECT_UNKNOWN_HOST, reason="host not registered", retry_after_s=1.5)
     manager.wait_for(lambda r: r.kind == "hello")
-    hellos = [manager.wait_for(lambda r: r.kind == "hello" and r.stream == n, timeout_s=10) for n in (1, 2, 3)]
-    gaps_s = [b.at - a.at for a, b in zip(hellos, hellos[1:], strict=False)]
+    def hello_on(stream: int) -> Callable[[Received], bool]:
+        return lambda r: r.kind == "hello" and r.stream == stream
+
+    hellos = [manager.wait_for(hello_on(n), timeout_s=10) for n in (1, 2, 3)]
+    gaps_s = [b.at - a.at for a, b in itertools.pairwise(hellos)]
     assert all(gap >= 1.5 for gap in gaps_s), gaps_s
     assert agent.alive()
     assert "event=manager_rejected" in agent.log() and "REJECT_UNKNOWN_HOST" in agent.log()
@@ -195,10 +201,8 @@ def test_delta_on_qemu_kill_and_libvirtd_restart(private_libvirtd: PrivateLibvir
         assert lv.virsh("domstate", vm).stdout.strip() == "running"
         mark = manager.mark()
         killed_at = time.monotonic()
-        import os
-        import signal
         os.kill(lv.qemu_pid(name), signal.SIGKILL)
-        delta = manager.wait_for(lambda r: r.kind == "power" and r.msg.power.domains
+        delta = manager.wait_for(lambda r: r.kind == "power" and bool(r.msg.power.domains)
                                  and r.msg.power.domains[0].uuid == vm, since=mark, timeout_s=5)
         latency_s = delta.at - killed_at
         d = delta.msg.power.domains[0]
