@@ -1,8 +1,8 @@
 """How the operator CLI shows admin messages: rich tables for people, JSON for scripts.
 
 Everything here is a pure function of a protobuf message and the current time, so the CLI commands stay short and
-the formats are easy to test. Values coming from the manager are wrapped in ``Text`` objects, never interpolated
-into rich markup, so a VM named ``[red]x`` is shown as it is and cannot restyle the output.
+the formats are easy to test. The console reads no rich markup: a VM named ``[red]x`` or an event message quoting
+``[Errno 111]`` is shown as it is, styles come only from ``Text`` objects built here.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def console() -> Console:
     # Built per use, not at import: tests and pipes swap sys.stdout, and rich decides on colour from the stream.
     # Piped into grep or less, a table folded at rich's default 80 columns would split values across lines.
     wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(highlight=False, width=PIPE_WIDTH if wide else None)
+    # No markup, emoji codes or highlighting: names and messages come from the manager and are shown as they are.
+    return Console(markup=False, emoji=False, highlight=False, width=PIPE_WIDTH if wide else None)
 
 
 # --- time -------------------------------------------------------------------------------------------------------

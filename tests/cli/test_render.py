@@ -44,9 +44,12 @@ def test_status_colours(status: str, style: str) -> None:
     assert render.styled(status).style == style
 
 
-def test_values_from_the_manager_are_not_rich_markup() -> None:
-    line = render.event_line(pb.EventInfo(id=1, at=1.0, severity="info", subject="vm:1", kind="X", message="[red]x"))
-    assert "[red]x" in line.plain
+def test_values_from_the_manager_are_not_rich_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    message = "fence failed: [Errno 111] refused [/] [red]x :smile:"
+    render.print_events([pb.EventInfo(id=1, at=1.0, severity="info", subject="vm:1", kind="X", message=message)])
+    render.print_host(pb.HostInfo(name="[bold]h1", address="[/]"))
+    out = capsys.readouterr().out
+    assert message in out and "Host [bold]h1" in out and "[/]" in out
 
 
 def test_json_keys_are_proto_field_names_with_every_field() -> None:
