@@ -218,8 +218,11 @@ class FakeHypervisor:
         dom = self._find(vm_uuid)
         if not dom.running:
             return
-        # A guest that ignores ACPI is destroyed once the timeout has passed, as on libvirt.
-        self._stop(dom, Cause.DESTROYED if self.ignore_shutdown else Cause.GUEST_SHUTDOWN)
+        if self.ignore_shutdown:
+            time.sleep(timeout_s)  # a guest that ignores ACPI is destroyed once the timeout has passed
+            self._stop(dom, Cause.DESTROYED)
+        else:
+            self._stop(dom, Cause.GUEST_SHUTDOWN)
 
     def destroy_vm(self, vm_uuid: str) -> None:
         self._enter("destroy_vm")

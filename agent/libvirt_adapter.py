@@ -80,8 +80,8 @@ def decode_state(state: int, reason: int) -> tuple[Power, Cause, str]:
 def decode_event(event: int, detail: int) -> tuple[Power, Cause, int, int, str] | None:
     """A lifecycle event -> (power, cause, implied state, reason (-1: not known from an event), text).
 
-    None for DEFINED/UNDEFINED, whose meaning depends on the domain's current state (undefining a running domain
-    leaves it running)."""
+    None for DEFINED/UNDEFINED: they change the definition, not the power state (undefining a running domain
+    leaves it running), so they make no delta."""
     if event in (EVENT_DEFINED, EVENT_UNDEFINED):
         return None
     name = EVENT_NAMES[event] if 0 <= event < len(EVENT_NAMES) else f"EVENT{event}"
@@ -267,29 +267,16 @@ class LibvirtHypervisor:
     # -- events -------------------------------------------------------------------------------------------
     def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
         try:
-            uuid, name = dom.UUIDString(), dom.name()  # both cached client-side: no remote call here
             decoded = decode_event(event, detail)
             if decoded is None:
-                # Defined/undefined: what it means depends on the state now; look it up off the event loop.
-                threading.Thread(target=self._emit_current, args=(conn, uuid, name, event, detail),
-                                 name="libvirt-lookup", daemon=True).start()
+                # Defined/undefined say nothing safe about power on their own (undefining a running domain leaves
+                # it running; a lookup would race with later events). The periodic full report covers them.
                 return
             power, cause, state, reason, text = decoded
+            uuid, name = dom.UUIDString(), dom.name()  # both cached client-side: no remote call here
             self._emit(DomainPower(uuid, name, power, cause, state, reason, event, detail, text))
-        except Exception:
+        except Exception:  # noqa: BLE001 - never let an exception escape into libvirt's event loop
             log.exception("event=libvirt_event_decode_failed event=%s detail=%s", event, detail)
-
-    def _emit_current(self, conn: Any, uuid: str, name: str, event: int, detail: int) -> None:
-        try:
-            state, reason = conn.lookupByUUIDString(uuid).state()
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                return  # the connection is going away; the resync after the reconnect covers this domain
-            text = f"{EVENT_NAMES[event]}_{detail}"
-            self._emit(DomainPower(uuid, name, Power.OFF, Cause.UNDEFINED, -1, -1, event, detail, text))
-            return
-        power, cause, text = decode_state(state, reason)
-        self._emit(DomainPower(uuid, name, power, cause, state, reason, event, detail, text))
 
     def _emit(self, domain: DomainPower) -> None:
         for listener in list(self._listeners):
