@@ -275,7 +275,7 @@ class LibvirtHypervisor:
             power, cause, state, reason, text = decoded
             uuid, name = dom.UUIDString(), dom.name()  # both cached client-side: no remote call here
             self._emit(DomainPower(uuid, name, power, cause, state, reason, event, detail, text))
-        except Exception:  # noqa: BLE001 - never let an exception escape into libvirt's event loop
+        except Exception:
             log.exception("event=libvirt_event_decode_failed event=%s detail=%s", event, detail)
 
     def _emit(self, domain: DomainPower) -> None:
