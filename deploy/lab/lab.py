@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from kvmha.lab import fault, net, proc, vm
+from kvmha.lab import fault, net, proc, report, vm
 from kvmha.lab import host as hostfs
 from kvmha.lab.bmc import BmcConfig, BmcSimulator, find_free_port
 from kvmha.lab.fault import Fault
@@ -76,6 +76,7 @@ class Lab:
         _check_root()
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
+        net.host_address(subnet, hosts)  # the last host must fit in the subnet: fail before making anything
         state_dir = Path(state_dir).absolute()
         if (state_dir / STATE_FILE).exists():
             raise LabError(f"a lab is already up in {state_dir}: `kvmha-lab down --state-dir {state_dir}` first")
@@ -195,7 +196,9 @@ class Lab:
         net.undo_netns_dir(created_dir=str(net.NETNS_DIR) in self.spec.created_dirs)
         for created in self.spec.created_dirs:
             path = Path(created)
-            if path != net.NETNS_DIR and path.is_dir() and not any(path.iterdir()):
+            # Someone else's private libvirtd may use the folder we made as its mount point by now: keep it then.
+            unused = path.is_dir() and not any(path.iterdir()) and not proc.mounted_anywhere(created)
+            if path != net.NETNS_DIR and unused:
                 path.rmdir()
         state_dir = Path(self.spec.state_dir)
         if keep_state:
@@ -337,6 +340,11 @@ class Lab:
     def faults(self, name: str) -> list[str]:
         return fault.faults(self, name)
 
+    def vm_prepare(self, name: str, memory_mib: int = 32, disk_format: str = "raw") -> str:
+        """Write the VM's disk and definition on the shared storage without defining it anywhere; returns the
+        domain XML (what a manager would be given to place the VM)."""
+        return vm.prepare(self, name, memory_mib, disk_format).read_text()
+
     def vm_create(
         self, name: str, host: str, memory_mib: int = 32, start: bool = True, disk_format: str = "raw"
     ) -> None:
@@ -361,37 +369,11 @@ class Lab:
     # ----- summary ---------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        hosts = []
-        for host in self.spec.hosts:
-            init = self.init(host.name)
-            bmc_ref = self.spec.bmcs.get(host.name)
-            hosts.append(
-                {
-                    "name": host.name,
-                    "address": host.address,
-                    "netns": host.netns,
-                    "host_uuid": host.host_uuid,
-                    "bmc": {"address": "127.0.0.1", "port": host.bmc_port, "pid": bmc_ref.pid if bmc_ref else None},
-                    "power": self._power_or_error(host.name),
-                    "faults": fault.faults(self, host.name),
-                    "pids": {"init": init.pid if init else None, **self.services(host.name)},
-                    "vms": vm.running_on(self, host.name),
-                }
-            )
-        return {
-            "state_dir": self.spec.state_dir,
-            "subnet": self.spec.subnet,
-            "bridge": self.spec.bridge,
-            "bridge_address": self.spec.bridge_address,
-            "manager": self.spec.manager,
-            "shared_dir": self.spec.shared_dir,
-            "domain_type": self.spec.domain_type,
-            "bmc_user": self.spec.bmc_user,
-            "hosts": hosts,
-        }
+        """Hosts, addresses, BMC ports, power, faults, PIDs and running VMs, read live (see kvmha.lab.report)."""
+        return report.status(self)
 
-    def _power_or_error(self, name: str) -> str:
-        try:
-            return self.power_state(name)
-        except Exception as exc:  # a dead BMC is a state to show, not a reason to fail `status`
-            return f"unknown ({exc})"
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.down()

@@ -10,10 +10,12 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
+from kvmha.lab.state import LabError
+
 NETNS_DIR = Path("/run/netns")
 
 
-class LabNetError(RuntimeError):
+class LabNetError(LabError):
     pass
 
 

@@ -144,3 +144,15 @@ def wait_gone(procs: list[ProcInfo], timeout_s: float) -> list[ProcInfo]:
         time.sleep(0.05)
         left = [p for p in left if alive(p.pid, p.start_ticks)]
     return left
+
+
+def mounted_anywhere(path: str) -> bool:
+    """True if some process's mount namespace has a mount on `path` (removing the folder would detach it)."""
+    for pid in all_pids():
+        try:
+            with open(PROC / str(pid) / "mountinfo") as fh:
+                if any(line.split()[4] == path for line in fh):
+                    return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,49 @@
+"""`kvmha-lab status`: what the lab looks like right now, read from the machine (never from memory)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvmha.lab import fault, vm
+
+if TYPE_CHECKING:
+    from kvmha.lab.lab import Lab
+
+
+def _power_or_error(lab: Lab, name: str) -> str:
+    try:
+        return lab.power_state(name)
+    except Exception as exc:  # a dead BMC is a state to show, not a reason to fail `status`
+        return f"unknown ({exc})"
+
+
+def host_status(lab: Lab, name: str) -> dict[str, Any]:
+    host = lab.host(name)
+    init = lab.init(name)
+    bmc_ref = lab.spec.bmcs.get(name)
+    return {
+        "name": host.name,
+        "address": host.address,
+        "netns": host.netns,
+        "host_uuid": host.host_uuid,
+        "bmc": {"address": "127.0.0.1", "port": host.bmc_port, "pid": bmc_ref.pid if bmc_ref else None},
+        "power": _power_or_error(lab, name),
+        "faults": fault.faults(lab, name),
+        "pids": {"init": init.pid if init else None, **lab.services(name)},
+        "vms": vm.running_on(lab, name),
+    }
+
+
+def status(lab: Lab) -> dict[str, Any]:
+    spec = lab.spec
+    return {
+        "state_dir": spec.state_dir,
+        "subnet": spec.subnet,
+        "bridge": spec.bridge,
+        "bridge_address": spec.bridge_address,
+        "manager": spec.manager,
+        "shared_dir": spec.shared_dir,
+        "domain_type": spec.domain_type,
+        "bmc_user": spec.bmc_user,
+        "hosts": [host_status(lab, host.name) for host in spec.hosts],
+    }

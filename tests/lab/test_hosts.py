@@ -1,0 +1,142 @@
+"""One lab of three hosts, shared by the tests of this module: isolation of the hosts, their network, their BMCs,
+and the faults that a heal undoes (network, storage, libvirtd), plus the two ways a VM can stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvmha.lab import Lab, proc, vm
+from kvmha.lab.fault import STORAGE_CUT_SOURCE
+
+from .conftest import ping, wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def domains(lab: Lab, host: str) -> set[str]:
+    return set(lab.virsh(host, "list", "--all", "--name").split())
+
+
+def test_each_host_runs_its_own_libvirt_and_sees_only_its_own_domains(lab: Lab, vm_name: str) -> None:
+    lab.vm_create(vm_name, "h1")
+    assert vm_name in domains(lab, "h1")
+    assert vm_name not in domains(lab, "h2") | domains(lab, "h3")
+    assert lab.domstate("h1", vm_name) == ("running", "booted")
+    # One libvirtd per host, each in the host's own PID namespace (PID 1 there is the host's init).
+    daemons = {host.name: lab.services(host.name) for host in lab.hosts}
+    assert len({d["libvirtd"] for d in daemons.values()}) == 3
+    namespaces = {proc.pid_ns(d["libvirtd"]) for d in daemons.values()}
+    assert len(namespaces) == 3 and proc.pid_ns(os.getpid()) not in namespaces
+    # The VM's QEMU lives in h1's PID namespace and nowhere else.
+    assert lab.vm_hosts(vm_name) == ["h1"]
+
+
+def test_hosts_reach_each_other_and_the_manager_side_over_the_bridge(lab: Lab) -> None:
+    for source in lab.hosts:
+        for target in lab.hosts:
+            if source is not target:
+                assert ping(lab, source.name, target.address), f"{source.name} -> {target.name}"
+        assert ping(lab, source.name, lab.spec.bridge_address)
+        assert ping(lab, None, source.address)
+
+
+def test_hosts_use_only_loopback_and_the_lab_subnet(lab: Lab) -> None:
+    for host in lab.hosts:
+        lines = lab.exec(host.name, ["ip", "-o", "addr", "show"]).stdout.splitlines()
+        addresses = sorted(line.split()[3] for line in lines)
+        assert addresses == sorted(["127.0.0.1/8", f"{host.address}/26"]), addresses
+
+
+def test_every_bmc_reports_power_on_through_ipmi(lab: Lab) -> None:
+    for host in lab.hosts:
+        assert lab.power_state(host.name) == "on"
+        assert lab.init(host.name) is not None
+
+
+def test_network_cut_keeps_vms_running_but_the_host_unreachable(lab: Lab, vm_name: str) -> None:
+    lab.vm_create(vm_name, "h2")
+    qemu_before = lab.vm_hosts(vm_name)
+    lab.fail("h2", "network")
+    assert lab.faults("h2") == ["network"]
+    h2 = lab.host("h2").address
+    assert not ping(lab, None, h2)
+    assert not ping(lab, "h1", h2)
+    assert not ping(lab, "h2", lab.host("h3").address)
+    # Inside, the host goes on: its libvirtd answers and its VM runs.
+    assert lab.domstate("h2", vm_name) == ("running", "booted")
+    assert lab.vm_hosts(vm_name) == qemu_before == ["h2"]
+    assert lab.heal("h2") == ["network"]
+    assert wait_until(lambda: ping(lab, "h1", h2), timeout_s=10)
+    assert ping(lab, None, h2)
+
+
+def test_storage_cut_fails_writes_in_that_host_only(lab: Lab) -> None:
+    probe = os.path.join(lab.spec.shared_dir, "probe-storage-cut")
+    lab.fail("h3", "storage")
+    assert lab.faults("h3") == ["storage"]
+    denied = lab.exec("h3", ["touch", probe], check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    # The other hosts and the root namespace still see and write the shared storage.
+    lab.exec("h1", ["touch", probe])
+    assert os.path.exists(probe)
+    mounts = lab.exec("h3", ["cat", "/proc/self/mounts"]).stdout
+    assert STORAGE_CUT_SOURCE in mounts
+    lab.heal("h3")
+    lab.exec("h3", ["rm", probe])
+    assert not os.path.exists(probe)
+
+
+def test_libvirtd_killed_alone_leaves_vms_running_and_heal_restarts_it(lab: Lab, vm_name: str) -> None:
+    lab.vm_create(vm_name, "h3")
+    [(_, qemu)] = vm.qemu_of(lab, vm_name)
+    libvirtd = proc.info(lab.services("h3")["libvirtd"])
+    assert libvirtd is not None
+    lab.fail("h3", "libvirtd")
+    assert "libvirtd" not in lab.services("h3")
+    assert not proc.alive(libvirtd.pid, libvirtd.start_ticks)
+    assert proc.alive(qemu.pid, qemu.start_ticks), "QEMU must survive its libvirtd"
+    assert lab.exec("h3", ["virsh", "-c", "qemu:///system", "list"], check=False).returncode != 0
+    lab.heal("h3")
+    assert lab.services("h3")["libvirtd"] != libvirtd.pid
+    # The new libvirtd found the running domain again: same QEMU process, still running.
+    assert lab.domstate("h3", vm_name)[0] == "running"
+    assert proc.alive(qemu.pid, qemu.start_ticks)
+
+
+def test_vm_kill_is_a_crash_for_libvirt(lab: Lab, vm_name: str) -> None:
+    lab.vm_create(vm_name, "h1")
+    assert lab.vm_kill(vm_name) == "h1"
+    assert wait_until(lambda: lab.domstate("h1", vm_name)[0] == "shut off")
+    assert lab.domstate("h1", vm_name) == ("shut off", "crashed")
+    assert lab.vm_hosts(vm_name) == []
+
+
+def test_guest_shutdown_is_a_shutdown_asked_by_the_guest(lab: Lab, vm_name: str) -> None:
+    lab.vm_create(vm_name, "h2")
+    assert lab.guest_shutdown(vm_name) == "h2"
+    assert wait_until(lambda: lab.domstate("h2", vm_name)[0] == "shut off")
+    assert lab.domstate("h2", vm_name) == ("shut off", "shutdown")
+    # Second witness, the domain's log: libvirt ended it because QEMU reported a shutdown, not by a destroy.
+    with open(os.path.join(lab.host("h2").dir, "log", "qemu", f"{vm_name}.log")) as fh:
+        assert "shutting down, reason=shutdown" in fh.read()
+
+
+def test_cli_status_and_exec_from_another_process(lab: Lab) -> None:
+    env = {**os.environ, "KVMHA_LAB_STATE_DIR": lab.spec.state_dir}
+    cli = [sys.executable, "-m", "kvmha.lab.cli"]
+    done = subprocess.run([*cli, "status", "--json"], env=env, capture_output=True, text=True, check=True)
+    status = json.loads(done.stdout)
+    assert [h["name"] for h in status["hosts"]] == ["h1", "h2", "h3"]
+    for shown, host in zip(status["hosts"], lab.hosts, strict=True):
+        assert shown["address"] == host.address
+        assert shown["bmc"]["port"] == host.bmc_port
+        assert shown["power"] == "on"
+        assert shown["pids"]["libvirtd"] == lab.services(host.name)["libvirtd"]
+    listing = subprocess.run([*cli, "exec", "h1", "--", "virsh", "list", "--all"], env=env, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    assert "Name" in listing.stdout

@@ -1,0 +1,89 @@
+"""Power through the BMC (IPMI) and disk leases (virtlockd), on a lab of their own: these tests power hosts off."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmha.lab import Lab, proc
+
+from .conftest import heal_all, make_lab, wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def power_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with make_lab(tmp_path_factory, 2) as lab:
+        yield lab
+
+
+@pytest.fixture
+def lab(power_lab: Lab) -> Iterator[Lab]:
+    yield power_lab
+    heal_all(power_lab)
+
+
+def test_power_off_ends_every_process_of_the_host_and_power_on_resurrects_no_vm(lab: Lab) -> None:
+    lab.vm_create("vm-power", "h1")
+    before = lab.processes("h1")
+    comms = {p.comm for p in before}
+    assert {"virtlogd", "virtlockd", "libvirtd", "qemu-system-x86"} <= comms
+    h2_before = lab.processes("h2")
+
+    lab.power("h1", "off", wait=False)  # chassis power off through ipmitool, nothing else
+    assert wait_until(lambda: not any(proc.alive(p.pid, p.start_ticks) for p in before), timeout_s=10)
+    assert lab.power_state("h1") == "off"
+    assert lab.init("h1") is None
+    # The neighbour did not notice anything.
+    assert all(proc.alive(p.pid, p.start_ticks) for p in h2_before)
+
+    lab.power("h1", "on")
+    after = lab.processes("h1")
+    assert lab.power_state("h1") == "on"
+    assert "libvirtd" in lab.services("h1")
+    # The domain is still defined (the host's disk kept it) but nothing started it again.
+    assert lab.domstate("h1", "vm-power")[0] == "shut off"
+    assert lab.vm_hosts("vm-power") == []
+    assert "qemu-system-x86" not in {p.comm for p in after}
+
+
+def _lease_holders(lab: Lab) -> dict[str, str]:
+    """Lease file name -> host whose virtlockd holds a POSIX lock on it (read from /proc/locks)."""
+    leases = Path(lab.spec.shared_dir) / "leases"
+    by_inode = {f.stat().st_ino: f.name for f in leases.iterdir()}
+    virtlockd = {lab.services(h.name).get("virtlockd"): h.name for h in lab.hosts}
+    holders = {}
+    for line in Path("/proc/locks").read_text().splitlines():
+        match = re.search(r"POSIX\s+ADVISORY\s+WRITE\s+(\d+)\s+[0-9a-f]+:[0-9a-f]+:(\d+)", line)
+        if match and int(match.group(2)) in by_inode and int(match.group(1)) in virtlockd:
+            holders[by_inode[int(match.group(2))]] = virtlockd[int(match.group(1))]
+    return holders
+
+
+def test_virtlockd_refuses_a_second_start_and_a_dead_host_releases_the_lease(lab: Lab) -> None:
+    lab.vm_create("vm-lease", "h1")
+    lab.vm_define("vm-lease", "h2")  # the same VM (name, UUID, disk) as a manager would define it elsewhere
+    assert set(_lease_holders(lab).values()) == {"h1"}
+
+    refused = lab.exec("h2", ["virsh", "-c", "qemu:///system", "start", "vm-lease"], check=False)
+    assert refused.returncode != 0
+    # Refused by the lock manager (virtlockd), not by QEMU's own image locking.
+    assert "resource busy: Lockspace resource" in refused.stderr and "is locked" in refused.stderr, refused.stderr
+    assert lab.vm_hosts("vm-lease") == ["h1"]
+    assert lab.domstate("h2", "vm-lease")[0] == "shut off"
+
+    lab.power("h1", "off")  # the host dies with its virtlockd: the kernel drops its locks
+    lab.virsh("h2", "start", "vm-lease")
+    assert lab.domstate("h2", "vm-lease") == ("running", "booted")
+    assert lab.vm_hosts("vm-lease") == ["h2"]
+    assert set(_lease_holders(lab).values()) == {"h2"}
+
+    # And the lease now protects the VM from the host that comes back.
+    lab.power("h1", "on")
+    again = lab.exec("h1", ["virsh", "-c", "qemu:///system", "start", "vm-lease"], check=False)
+    assert again.returncode != 0 and "is locked" in again.stderr
+    assert lab.vm_hosts("vm-lease") == ["h2"]
