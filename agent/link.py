@@ -47,6 +47,10 @@ _GRPC_OPTIONS = [
 ]
 
 
+# A session that lasted this long resets the backoff; shorter ones count as failed attempts.
+STABLE_SESSION_S = 10.0
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     managers: tuple[str, ...]
@@ -195,6 +199,9 @@ class AgentLink:
             domains = await loop.run_in_executor(self._snap, self._hv.list_domains)
         except HypervisorError as exc:
             log.warning("event=snapshot_failed error=%r", exc.message)
+            # Held-back deltas are dropped, not sent later: after the outage they could be older than the next
+            # full report and undo it on the manager's side. That next full report is the truth.
+            session.pending.clear()
             session.send(self._report([], full=False, connected=False))
             session.first_report.set()
             return
@@ -217,16 +224,18 @@ class AgentLink:
         managers = self.settings.managers
         while not stop.is_set():
             address = managers[index % len(managers)]
+            began = time.monotonic()
             try:
                 welcomed, retry_after_s = await self._run_session(address, stop)
-            except Exception:
+            except Exception:  # a bug in one session must not end the agent: back off and retry
                 log.exception("event=link_session_error manager=%s", address)
                 welcomed, retry_after_s = False, 0.0
             if stop.is_set():
                 break
-            if welcomed:
-                attempt = 0  # a session that worked: try the same manager again, soon
+            if welcomed and time.monotonic() - began >= STABLE_SESSION_S:
+                attempt = 0  # a session that worked for a while: try the same manager again, soon
             else:
+                # Failed, or welcomed and dropped at once (a manager in a crash loop): back off, next address.
                 index, attempt = index + 1, attempt + 1
             delay_s = max(retry_after_s, backoff_s(attempt, self.settings.reconnect_base_s,
                                                    self.settings.reconnect_max_s))
