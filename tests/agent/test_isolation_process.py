@@ -41,7 +41,8 @@ def run_case(lv: PrivateLibvirtd, tmp_path: Path, managers: list[str], storage: 
     try:
         deadline = time.monotonic() + AFTER_S + 4.0
         state = lv.virsh("domstate", vm).stdout.strip()
-        while time.monotonic() < deadline and state == "running":
+        # "in shutdown" is a domain on its way out (destroy in progress): keep watching until it settles.
+        while time.monotonic() < deadline and state in ("running", "in shutdown"):
             time.sleep(0.2)
             state = lv.virsh("domstate", vm, check=False).stdout.strip() or "gone"
     finally:
