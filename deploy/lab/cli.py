@@ -2,7 +2,7 @@
 
     kvmha-lab up --hosts 3 [--manager default|ADDR[:PORT]]   build it (a keeper process owns it until `down`)
     kvmha-lab status [--json]                               hosts, addresses, BMC ports, power, faults, PIDs, VMs
-    kvmha-lab fail h2 --network                             --power --network --storage --agent --libvirtd
+    kvmha-lab fail h2 --network                             --power --network --storage --agent --libvirtd --bmc
     kvmha-lab heal h2                                       undo every fault of h2
     kvmha-lab power h1 off                                  chassis power through the host's BMC (IPMI lanplus)
     kvmha-lab vm-create vm1 --host h1                       define + start a small VM with virsh on h1

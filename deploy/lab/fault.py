@@ -8,6 +8,8 @@
             running QEMU keeps its disk), which a kernel-level fault cannot take from it without killing it.
 - agent:    SIGKILL to the kvmha agent alone (by PID); everything else keeps running.
 - libvirtd: SIGKILL to libvirtd alone (by PID); its VMs keep running (QEMU does not depend on libvirtd).
+- bmc:      the host's ipmi_sim is stopped (SIGSTOP): IPMI requests time out, the host runs on. After `power`,
+            it is a host that lost power together with its BMC: nobody can confirm it is off.
 
 `heal` undoes whichever of them are present; the state is read from the machine, not remembered.
 """
@@ -25,8 +27,8 @@ from kvmha.lab.state import AGENT, LabError
 if TYPE_CHECKING:
     from kvmha.lab.lab import Lab
 
-Fault = Literal["power", "network", "storage", "agent", "libvirtd"]
-FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd")
+Fault = Literal["power", "network", "storage", "agent", "libvirtd", "bmc"]
+FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd", "bmc")
 STORAGE_CUT_SOURCE = "kvmha-storage-cut"
 HEAL_TIMEOUT_S = 60.0
 
@@ -49,10 +51,26 @@ def storage_cut(lab: Lab, name: str) -> bool:
     return False
 
 
+def bmc_stopped(lab: Lab, name: str) -> bool:
+    ref = lab.spec.bmcs.get(name)
+    return ref is not None and proc.alive(ref.pid, ref.start_ticks) and proc.stopped(ref.pid)
+
+
+def set_bmc_running(lab: Lab, name: str, running: bool) -> None:
+    """SIGSTOP / SIGCONT the host's ipmi_sim (by PID): a BMC that hangs, and one that answers again."""
+    ref = lab.spec.bmcs.get(name)
+    if ref is None or not proc.alive(ref.pid, ref.start_ticks):
+        raise LabError(f"{name}: no BMC process")
+    proc.kill(ref.pid, signal.SIGCONT if running else signal.SIGSTOP)
+    deadline = time.monotonic() + 5.0
+    while proc.stopped(ref.pid) == running and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def faults(lab: Lab, name: str) -> list[str]:
     """The faults present on the host right now, read from the machine."""
     host = lab.host(name)
-    found: list[str] = []
+    found: list[str] = ["bmc"] if bmc_stopped(lab, name) else []
     if lab.init(name) is None:
         found.append("power")
     if not net.link_is_up(host.veth):
@@ -86,6 +104,8 @@ def fail(lab: Lab, name: str, fault: Fault) -> None:
             proc.kill(victim.pid, signal.SIGKILL)
         if proc.wait_gone(victims, 10.0):
             raise LabError(f"{name}: {comm} survived SIGKILL")
+    elif fault == "bmc":
+        set_bmc_running(lab, name, running=False)
     else:
         raise LabError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
 
@@ -94,6 +114,8 @@ def heal(lab: Lab, name: str) -> list[str]:
     """Undo every fault present on the host; returns what was healed."""
     host = lab.host(name)
     present = faults(lab, name)
+    if "bmc" in present:
+        set_bmc_running(lab, name, running=True)  # first: powering on needs the BMC
     if not net.link_is_up(host.veth):
         net.set_link(host.veth, up=True)
     if "power" in present:

@@ -182,6 +182,9 @@ class Lab:
             # The keeper owns (and so reaps) the BMC processes: let it tear down, then finish whatever is left.
             proc.kill(keeper.pid, signal.SIGTERM)
             proc.wait_gone([proc.ProcInfo(keeper.pid, 0, "", keeper.start_ticks, 0)], 60.0)
+        for ref in self.spec.bmcs.values():
+            if proc.alive(ref.pid, ref.start_ticks):
+                proc.kill(ref.pid, signal.SIGCONT)  # a BMC stopped by the "bmc" fault must hear its SIGTERM
         for host in self.spec.hosts:
             self._kill_host(host)
         for name, bmc in list(self._bmcs.items()):

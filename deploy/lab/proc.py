@@ -130,6 +130,14 @@ def alive(pid: int, ticks: int) -> bool:
         return False
 
 
+def stopped(pid: int) -> bool:
+    """True if the process is stopped by a signal (State T)."""
+    try:
+        return _read_status(pid).get("State", "").startswith("T")
+    except OSError:
+        return False
+
+
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal one process we started; a process that is already gone is fine."""
     with contextlib.suppress(ProcessLookupError):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab import Lab, proc
+from kvmha.lab.bmc import BmcError
 
 from .conftest import heal_all, make_lab, wait_until
 
@@ -87,3 +88,24 @@ def test_virtlockd_refuses_a_second_start_and_a_dead_host_releases_the_lease(lab
     again = lab.exec("h1", ["virsh", "-c", "qemu:///system", "start", "vm-lease"], check=False)
     assert again.returncode != 0 and "is locked" in again.stderr
     assert lab.vm_hosts("vm-lease") == ["h2"]
+
+
+def test_a_hung_bmc_leaves_the_host_running_and_unconfirmable(lab: Lab) -> None:
+    libvirtd = lab.services("h2")["libvirtd"]
+    lab.fail("h2", "bmc")
+    assert lab.faults("h2") == ["bmc"]
+    with pytest.raises(BmcError):
+        lab.power_state("h2")  # IPMI times out: nobody can say whether h2 is on
+    assert lab.services("h2")["libvirtd"] == libvirtd and lab.virsh("h2", "list") is not None
+    assert lab.heal("h2") == ["bmc"]
+    assert lab.power_state("h2") == "on"
+
+
+def test_power_lost_together_with_the_bmc(lab: Lab) -> None:
+    lab.fail("h2", "power")
+    lab.fail("h2", "bmc")
+    assert lab.faults("h2") == ["bmc", "power"]
+    with pytest.raises(BmcError):
+        lab.power_state("h2")
+    assert lab.heal("h2") == ["bmc", "power"]
+    assert lab.power_state("h2") == "on" and "libvirtd" in lab.services("h2")
