@@ -7,8 +7,8 @@ Layout under <state-dir>/hosts/<name>/:
   bmc/           the ipmi_sim working dir (lan.conf, emulator file, ipmi_sim.log)
   boot.json      what the init (kvmha.lab.boot) mounts and starts; boot.log its own log
   agent.toml     the kvmha agent's configuration (only when the lab has a manager)
-<state-dir>/cache-libvirt/ is mounted over /var/cache/libvirt in every host: it only holds QEMU capability
-probes, and sharing it saves each host a probe of several seconds of CPU.
+<state-dir>/cache-libvirt/ (or the lab's cache_dir) is mounted over /var/cache/libvirt in every host: it only holds
+QEMU capability probes, and sharing it saves each host a probe of a few seconds of CPU.
 """
 
 from __future__ import annotations
@@ -105,10 +105,14 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
     return "\n".join(lines) + "\n"
 
 
+def cache_dir(lab: LabSpec) -> str:
+    return lab.cache_dir or str(Path(lab.state_dir) / CACHE_DIR_NAME)
+
+
 def boot_config(lab: LabSpec, host: HostSpec) -> BootConfig:
     host_dir = Path(host.dir)
     binds = [(str(host_dir / name), target) for name, target in PRIVATE_MOUNTS.items()]
-    binds.append((str(Path(lab.state_dir) / CACHE_DIR_NAME), "/var/cache/libvirt"))
+    binds.append((cache_dir(lab), "/var/cache/libvirt"))
     # The shared storage onto itself: the same path in every host, but a mount of this host's own that a storage
     # fault can cover without touching the others.
     binds.append((lab.shared_dir, lab.shared_dir))

@@ -68,11 +68,14 @@ class Lab:
         prefix: str = DEFAULT_PREFIX,
         agent_settings: Mapping[str, object] | None = None,
         as_keeper: bool = False,
+        cache_dir: Path | None = None,
     ) -> Lab:
         """Build a lab of `hosts` hosts and wait until every host's libvirtd answers. On failure, undo it all.
 
         as_keeper: this process stays alive as the owner of the BMC processes (kvmha.lab.keeper); a `down` from
-        another process then asks it to tear the lab down, so the BMCs are ended by their own parent."""
+        another process then asks it to tear the lab down, so the BMCs are ended by their own parent.
+        cache_dir: a folder for libvirt's QEMU capability cache that outlives the lab (tests share one per session,
+        saving each lab a probe); by default the cache lives and dies with the state dir."""
         _check_root()
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
@@ -94,6 +97,7 @@ class Lab:
             domain_type="kvm" if kvm_usable() else "qemu",
             bmc_user="admin",
             bmc_password=uuid.uuid4().hex[:16],
+            cache_dir=str(Path(cache_dir).absolute()) if cache_dir else "",
         )
         if as_keeper:
             me = proc.info(os.getpid())
@@ -110,9 +114,9 @@ class Lab:
     def _build(self, count: int, agent_settings: Mapping[str, object]) -> None:
         spec = self.spec
         state_dir = Path(spec.state_dir)
-        for sub in ("shared/" + hostfs.DISKS_DIR_NAME, "shared/" + hostfs.LEASES_DIR_NAME, "shared/vms",
-                    hostfs.CACHE_DIR_NAME, "hosts"):  # fmt: skip
+        for sub in ("shared/" + hostfs.DISKS_DIR_NAME, "shared/" + hostfs.LEASES_DIR_NAME, "shared/vms", "hosts"):
             (state_dir / sub).mkdir(parents=True, exist_ok=True)
+        Path(hostfs.cache_dir(spec)).mkdir(parents=True, exist_ok=True)
         # Mount points the hosts need but that a machine without a running libvirtd may lack; removed by down.
         for needed in (Path(hostfs.RUN_LIBVIRT), net.NETNS_DIR):
             if not needed.exists():

@@ -7,6 +7,7 @@ hosts do not even send link-local router solicitations anywhere.
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,10 +51,14 @@ def netns_exists(name: str) -> bool:
 
 
 def _no_ipv6(interface: str, netns: str | None = None) -> None:
-    key = f"net.ipv6.conf.{interface}.disable_ipv6=1"
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    # A kernel without IPv6 has no such key: nothing to switch off then.
-    run([*prefix, "sysctl", "-q", "-w", key], check=False)
+    """Switch IPv6 off on an interface ("all"/"default" for the namespace). Written to /proc/sys directly, as the
+    procps `sysctl` is not on every minimal machine; /proc/sys/net shows the namespace of whoever opens it."""
+    key = f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6"
+    if netns is None:
+        if os.path.exists(key):  # a kernel without IPv6 has nothing to switch off
+            Path(key).write_text("1\n")
+        return
+    run(["ip", "netns", "exec", netns, "sh", "-c", f"[ ! -e {key} ] || echo 1 > {key}"])
 
 
 def create_bridge(bridge: str, subnet: str) -> None:

@@ -52,6 +52,7 @@ class LabSpec:
     domain_type: str  # "kvm" when /dev/kvm is usable, else "qemu" (TCG)
     bmc_user: str
     bmc_password: str
+    cache_dir: str = ""  # mounted over /var/cache/libvirt in every host (QEMU capability probes); "" = in state dir
     hosts: list[HostSpec] = field(default_factory=list)
     bmcs: dict[str, PidRef] = field(default_factory=dict)  # host name -> its ipmi_sim
     keeper: PidRef | None = None  # the process owning the BMCs when the lab was made by `kvmha-lab up`

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,9 +43,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def caps_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One libvirt QEMU capability cache for the whole session: only the first lab pays for the probe."""
+    return tmp_path_factory.getbasetemp() / "libvirt-cache"
+
+
 @contextmanager
 def make_lab(tmp_path_factory: pytest.TempPathFactory, hosts: int, **kwargs: Any) -> Iterator[Lab]:
     state_dir = tmp_path_factory.mktemp("lab") / "state"
+    kwargs.setdefault("cache_dir", caps_cache(tmp_path_factory))
     lab = Lab.up(hosts, state_dir=state_dir, prefix=TEST_PREFIX, subnet=TEST_SUBNET, **kwargs)
     try:
         yield lab

@@ -13,7 +13,7 @@ import pytest
 
 from kvmha.lab import Lab, LabError, proc
 
-from .conftest import TEST_PREFIX, TEST_SUBNET, wait_until
+from .conftest import TEST_PREFIX, TEST_SUBNET, caps_cache, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -70,10 +70,11 @@ def remember(lab: Lab, seen: set[tuple[int, int]]) -> None:
         seen.update((p.pid, p.start_ticks) for p in lab.processes(host.name))
 
 
-def test_down_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
+def test_down_leaves_the_machine_as_it_was(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     before = MachineState.now()
     seen: set[tuple[int, int]] = set()
-    lab = Lab.up(2, state_dir=tmp_path / "state", prefix=TEST_PREFIX, subnet=TEST_SUBNET)
+    lab = Lab.up(2, state_dir=tmp_path / "state", prefix=TEST_PREFIX, subnet=TEST_SUBNET,
+                 cache_dir=caps_cache(tmp_path_factory))
     try:
         # Leave it in the messiest state it can be in: VMs running, every kind of fault present.
         lab.vm_create("vm-a", "h1")
@@ -93,7 +94,9 @@ def test_down_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
-def test_failed_up_undoes_what_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_up_undoes_what_it_made(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = MachineState.now()
     seen: set[tuple[int, int]] = set()
     real_wait_ready = Lab.wait_ready
@@ -106,7 +109,8 @@ def test_failed_up_undoes_what_it_made(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(Lab, "wait_ready", h2_never_boots)
     with pytest.raises(LabError, match="simulated"):
-        Lab.up(3, state_dir=tmp_path / "state", prefix=TEST_PREFIX, subnet=TEST_SUBNET)
+        Lab.up(3, state_dir=tmp_path / "state", prefix=TEST_PREFIX, subnet=TEST_SUBNET,
+               cache_dir=caps_cache(tmp_path_factory))
     assert len(seen) >= 10
     assert lab_processes_alive(seen) == []
     assert processes_of(tmp_path) == []

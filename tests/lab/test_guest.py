@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def test_boot_sector_jumps_land_on_instructions() -> None:
     assert bytes([0x3C]) + guest.SHUTDOWN_CHAR in code
 
 
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (qemu-utils)")
 @pytest.mark.parametrize("disk_format", guest.DISK_FORMATS)
 def test_disk_images_hold_the_boot_sector(tmp_path: Path, disk_format: str) -> None:
     disk = tmp_path / f"d.{disk_format}"
