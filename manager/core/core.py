@@ -54,6 +54,7 @@ class Core:
         self._power = PowerSync(ctx, self._sched)
         self._hosts = HostFlow(ctx, self._sched, self._power)
         self._sched.hosts = self._hosts
+        self._sched.absence_pending = self._power.missing.__contains__
         self._operator = OperatorFlow(ctx, self._sched, self._hosts)
         for host in sorted(hosts, key=lambda h: h.id):
             self._hosts.restore(host)

@@ -18,6 +18,7 @@ from kvmha.manager.core.hoststate import DEAD, SILENT, HostEvent, next_status
 from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Verdict, classify_heartbeat, decide
 from kvmha.manager.core.model import HostId, HostRecord, HostRole, HostStatus, HostUuid, RequestId, ResourceState
 from kvmha.manager.core.pingmap import PingMap
+from kvmha.manager.core.vmindex import occupies
 
 if TYPE_CHECKING:
     from kvmha.manager.core.powersync import PowerSync
@@ -37,6 +38,9 @@ class HostFlow:
         self.fence_failures: dict[HostId, int] = {}
         self.failures: dict[HostId, list[float]] = {}  # when each host went silent, for flap detection
         self.held_until: dict[HostId, float] = {}
+        # host -> (freshest heartbeat age seen, when): a failed fence re-checks as soon as the host could be proven
+        # dead by silence, instead of only after the fence backoff.
+        self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
         self.up_sorted: list[HostId] = []  # Up, connected routing hosts: neighbours and placement candidates
 
     # ------------------------------------------------------------ status changes
@@ -159,6 +163,10 @@ class HostFlow:
         if not self._wants_ha(host):
             why = f"role {host.role.value}" if host.role is not HostRole.ROUTING else host.resource_state.value
             self.transition(host, HostEvent.NO_HA_TIMEOUT, f"{missed}; {why}: disconnected without investigation")
+            stranded = [vm.name for vm in self.ctx.vms.on_host(host.id) if vm.ha_enabled and occupies(vm)]
+            if stranded:
+                self.ctx.event("warning", f"host:{host.id}", "ha.skipped",
+                               f"{', '.join(stranded)} not restarted: no HA while the host is {why}")
             self.ctx.out.append(DisconnectAgent(host.id, f"behind while {why}"))
             return
         self.transition(host, HostEvent.PING_TIMEOUT, missed, "warning")
@@ -257,8 +265,15 @@ class HostFlow:
         if host.status is not S.INVESTIGATING:
             return
         config = self.ctx.config
-        heartbeat = classify_heartbeat(inv.heartbeat_age_s, config.heartbeat_stale_after_s, config.self_fenced_after_s)
+        silent_s = self._silent_s(host)
+        heartbeat = classify_heartbeat(
+            inv.heartbeat_age_s, silent_s, config.heartbeat_stale_after_s, config.self_fenced_after_s
+        )
         verdict, reason = decide(inv.bmc, heartbeat, inv.reach())
+        if inv.heartbeat_age_s is not None and not inv.reached:
+            self.heartbeat_seen[host.id] = (inv.heartbeat_age_s, self.ctx.now)
+        else:
+            self.heartbeat_seen.pop(host.id, None)
         evidence = f"{reason}; {inv.summary(heartbeat)}"
         if verdict is Verdict.DEAD:
             self.transition(host, HostEvent.VERDICT_DOWN, evidence)
@@ -267,9 +282,16 @@ class HostFlow:
             self.transition(host, HostEvent.VERDICT_ALIVE, f"{evidence}; its VMs are left running")
             self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + config.investigate_retry_interval_s)
         else:
-            self._fence_or_wait(host, inv, heartbeat, evidence)
+            self._fence_or_wait(host, inv, heartbeat, evidence, silent_s)
 
-    def _fence_or_wait(self, host: HostRecord, inv: Investigation, heartbeat: Heartbeat, evidence: str) -> None:
+    def _silent_s(self, host: HostRecord) -> float:
+        """Seconds since the manager last heard the host's agent (since this manager started, if never)."""
+        last = host.last_ping_at if host.last_ping_at is not None else self.ctx.started_at
+        return self.ctx.now - max(last, self.ctx.started_at)
+
+    def _fence_or_wait(
+        self, host: HostRecord, inv: Investigation, heartbeat: Heartbeat, evidence: str, silent_s: float
+    ) -> None:
         config, ctx = self.ctx.config, self.ctx
         silent, managed = silent_share(ctx.hosts.values())
         blocked = fence_block_reason(
@@ -290,7 +312,7 @@ class HostFlow:
             blocked = "no BMC to fence it"
             if heartbeat is Heartbeat.STALE and inv.heartbeat_age_s is not None:
                 # Re-check just after the agent's self-fence time has surely passed.
-                delay_s = max(1.0, config.self_fenced_after_s - inv.heartbeat_age_s + 0.5)
+                delay_s = max(1.0, config.self_fenced_after_s - min(inv.heartbeat_age_s, silent_s) + 0.5)
             blocked += f"; waiting for its heartbeat to stay stale {config.self_fenced_after_s:.0f} s (self-fence)"
         self.ctx.event("alert", f"host:{host.id}", "fence.skipped", f"not fencing: {blocked}; its VMs stay put")
         self.transition(host, HostEvent.FENCE_BLOCKED, f"{evidence}; re-investigating in {delay_s:.1f} s")
@@ -324,10 +346,14 @@ class HostFlow:
         failures = self.fence_failures.get(host.id, 0) + 1
         self.fence_failures[host.id] = failures
         delay_s = fence_backoff_s(failures, config.fence_retry_interval_s, config.fence_retry_max_interval_s)
+        seen = self.heartbeat_seen.get(host.id)
+        if seen is not None:
+            age_now = min(seen[0] + self.ctx.now - seen[1], self._silent_s(host))
+            delay_s = min(delay_s, max(1.0, config.self_fenced_after_s - age_now + 0.5))
         self.transition(
             host,
             HostEvent.FENCE_FAILED,
-            f"fence attempt {failures} failed: {detail}; its VMs stay put; re-investigating in {delay_s:.0f} s",
+            f"fence attempt {failures} failed: {detail}; its VMs stay put; re-investigating in {delay_s:.1f} s",
         )
         self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + delay_s)
 

@@ -72,12 +72,17 @@ def decide(bmc: Bmc, heartbeat: Heartbeat, reach: Reach) -> tuple[Verdict, str]:
     raise AssertionError("the last rule matches everything")  # pragma: no cover
 
 
-def classify_heartbeat(age_s: float | None, stale_after_s: float, self_fenced_after_s: float) -> Heartbeat:
+def classify_heartbeat(
+    age_s: float | None, silent_s: float, stale_after_s: float, self_fenced_after_s: float
+) -> Heartbeat:
+    """`silent_s`: how long the manager has not heard the agent. An agent self-fences `isolation.after` seconds after
+    it lost BOTH its storage heartbeat and the manager, so the heartbeat only counts as stale-long when it has been
+    stale, and the agent silent, for the whole self-fence time (plus margin)."""
     if age_s is None:
         return Heartbeat.UNKNOWN
     if age_s < stale_after_s:
         return Heartbeat.FRESH
-    return Heartbeat.STALE_LONG if age_s >= self_fenced_after_s else Heartbeat.STALE
+    return Heartbeat.STALE_LONG if min(age_s, silent_s) >= self_fenced_after_s else Heartbeat.STALE
 
 
 @dataclass(slots=True)

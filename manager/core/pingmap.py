@@ -41,10 +41,9 @@ class PingMap:
     def take_behind(self, now: float) -> list[tuple[HostId, float]]:
         """Remove and return the hosts behind at `now` (last ping < now - timeout) with their silence in seconds."""
         behind: list[tuple[HostId, float]] = []
-        cutoff = now - self.timeout_s
         while self._last:
             host_id, last = next(iter(self._last.items()))
-            if last > cutoff:
+            if last + self.timeout_s > now:  # the very expression next_behind_at() returns: no float mismatch
                 break
             del self._last[host_id]
             behind.append((host_id, now - last))

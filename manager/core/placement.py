@@ -23,6 +23,7 @@ class PlacementRequest:
     vm: VmRecord
     exclude: frozenset[HostId]  # the failed host, hosts held out
     group_hosts: frozenset[HostId]  # hosts where the VM's anti-affinity group already runs
+    own_host: HostId | None = None  # where the VM's own record still holds resources (they free up when it moves)
 
 
 def _misfit(host: HostRecord, req: PlacementRequest, usage: VmIndex, cpu_ratio: float) -> str | None:
@@ -33,10 +34,11 @@ def _misfit(host: HostRecord, req: PlacementRequest, usage: VmIndex, cpu_ratio: 
         return f"{host.resource_state.value}"
     if host.id in req.group_hosts:
         return "anti-affinity group already there"
-    free_memory = host.capacity.memory_mib - usage.used_memory_mib[host.id]
+    own_memory, own_vcpus = (req.vm.memory_mib, req.vm.vcpus) if host.id == req.own_host else (0, 0)
+    free_memory = host.capacity.memory_mib - usage.used_memory_mib[host.id] + own_memory
     if free_memory < req.vm.memory_mib:
         return "not enough free memory"
-    free_vcpus = int(host.capacity.cpus * cpu_ratio) - usage.used_vcpus[host.id]
+    free_vcpus = int(host.capacity.cpus * cpu_ratio) - usage.used_vcpus[host.id] + own_vcpus
     if free_vcpus < req.vm.vcpus:
         return "not enough free vCPUs"
     return None

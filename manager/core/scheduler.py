@@ -14,6 +14,7 @@ higher `restart_priority` first.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvmha.manager.core.actions import Severity, StartVm
@@ -25,6 +26,7 @@ from kvmha.manager.core.model import (
     HostRecord,
     HostStatus,
     PowerState,
+    VmId,
     VmRecord,
     VmState,
     WorkId,
@@ -32,6 +34,7 @@ from kvmha.manager.core.model import (
     WorkType,
 )
 from kvmha.manager.core.placement import PlacementRequest, choose_host
+from kvmha.manager.core.vmindex import occupies
 
 if TYPE_CHECKING:
     from kvmha.manager.core.hostflow import HostFlow
@@ -52,6 +55,9 @@ class Scheduler:
         self._waits_for: dict[WorkId, HostId] = {}
         self.restarts: dict[int, list[float]] = {}  # vm id → times of completed HA restarts
         self._next_work_id = 1
+        self._batching = False  # while a host's items are released together, so priorities order them
+        # Set by Core: is this VM absent from its host's last full report, inside the PowerReportMissing grace?
+        self.absence_pending: Callable[[VmId], bool] = lambda _vm_id: False
         self._cursor = 0
 
     # ------------------------------------------------------------ restore
@@ -77,9 +83,12 @@ class Scheduler:
 
     def schedule_for_host(self, host: HostRecord, reason: str) -> None:
         """scheduleRestartForVmsOnHost: one work item per HA VM that should be running there."""
+        self._batching = True
         for vm in self.ctx.vms.on_host(host.id):
             if vm.ha_enabled and vm.state in _RESTARTABLE:
                 self.schedule_restart(vm, reason)
+        self._batching = False
+        self.pump()
 
     def schedule_restart(self, vm: VmRecord, reason: str, *, operator: bool = False) -> WorkId | None:
         ctx = self.ctx
@@ -158,7 +167,8 @@ class Scheduler:
         else:
             vm_priority = vm.restart_priority
             heapq.heappush(self.ready, (-vm_priority, work.created_at, work.id))
-            self.pump()
+            if not self._batching:
+                self.pump()
 
     def _stale(self, work: HaWorkRecord, vm: VmRecord | None) -> str | None:
         if vm is None:
@@ -184,6 +194,8 @@ class Scheduler:
             return "cancel", f"{host.name} is disconnected without investigation ({host.resource_state.value})"
         if host.id not in self.ctx.connected or vm.power_state is PowerState.POWER_UNKNOWN:
             return "wait_power", f"power state on {host.name} unknown"
+        if self.absence_pending(vm.id):
+            return "wait_power", f"absent from {host.name}'s last full report, inside the grace"
         if vm.power_state is PowerState.POWER_ON:
             return "cancel", f"it runs on {host.name}"
         return "safe", f"{host.name} reports it {vm.power_state.value}"
@@ -239,6 +251,7 @@ class Scheduler:
             vm,
             frozenset(exclude),
             frozenset(self.ctx.vms.group_hosts(group, vm.id) if group else ()),
+            vm.host_id if occupies(vm) else None,
         )
         self._cursor += 1
         return choose_host(
@@ -331,11 +344,14 @@ class Scheduler:
             self.finish(work, WorkStep.CANCELLED, reason)
 
     def host_resolved(self, host_id: HostId) -> None:
+        self._batching = True
         for work_id in sorted(self.waiting_on_host.pop(host_id, ())):
             self._waits_for.pop(work_id, None)
             work = self.ctx.works.get(work_id)
             if work is not None:
                 self.evaluate(work)
+        self._batching = False
+        self.pump()
 
     def finish(self, work: HaWorkRecord, step: WorkStep, reason: str, severity: Severity = "info") -> None:
         work.step = step

@@ -54,7 +54,13 @@ def test_no_dead_verdict_without_positive_evidence() -> None:
     ],
 )
 def test_heartbeat_classes(age_s: float | None, expected: Heartbeat) -> None:
-    assert classify_heartbeat(age_s, stale_after_s=6.0, self_fenced_after_s=40.0) is expected
+    assert classify_heartbeat(age_s, 100.0, stale_after_s=6.0, self_fenced_after_s=40.0) is expected
+
+
+def test_stale_long_needs_the_agent_silent_that_long_too() -> None:
+    # The storage heartbeat died long ago but the agent spoke to the manager 10 s ago: its self-fence clock (which
+    # needs both lost) started only then, so its VMs may still run.
+    assert classify_heartbeat(300.0, 10.0, stale_after_s=6.0, self_fenced_after_s=40.0) is Heartbeat.STALE
 
 
 def test_evidence_collection_keeps_the_freshest_heartbeat_and_any_reach() -> None:

@@ -1,0 +1,266 @@
+"""Simulated agents, hypervisors and BMCs: they answer the core's commands and report facts, as the real ones would,
+but only through the simulated network. Ping rounds are bucketed by phase so the heap holds a handful of repeating
+events, not one per host.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmha.manager.core import actions as a
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.model import HostCapacity, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.sim.invariants import FENCED, HOST_LOST, VM_LEVEL
+from kvmha.manager.sim.world import SimHost
+
+if TYPE_CHECKING:
+    from kvmha.manager.sim.simulator import Simulator
+
+PING_BUCKETS = 4
+RECONNECT_S = 2.0
+BOOT_S = 20.0
+VM_BOOT_S = 1.0
+FULL_REPORT_EVERY = 15  # pings
+BMC_QUERY_S = 0.3
+BMC_FENCE_S = 1.5
+BMC_DEAD_S = 5.0  # an unanswering BMC fails after the fencer's own timeout
+
+
+class Agents:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.world = sim.world
+        self.buckets: list[list[SimHost]] = [[] for _ in range(PING_BUCKETS)]
+        self.last_delta: dict[int, f.PowerStateReported] = {}
+
+    def boot_all(self) -> None:
+        interval = self.sim.config.ping_interval_s
+        for index, host in enumerate(sorted(self.world.hosts.values(), key=lambda h: h.id)):
+            host.bucket = index % PING_BUCKETS
+            self.buckets[host.bucket].append(host)
+            self.schedule_connect(host, 0.1 + 0.01 * (index % 10))
+        for bucket in range(PING_BUCKETS):
+            self.sim.schedule(interval * (bucket + 1) / PING_BUCKETS, self._ping_round, bucket)
+
+    # ------------------------------------------------------------ the link
+
+    def schedule_connect(self, host: SimHost, delay_s: float) -> None:
+        if not host.connecting:
+            host.connecting = True
+            self.sim.schedule(self.sim.now + delay_s, self._connect, host)
+
+    def _connect(self, host: SimHost) -> None:
+        host.connecting = False
+        if not (host.powered and host.agent_running) or host.stream_open:
+            return
+        if not self.world.link_up(host):
+            self.schedule_connect(host, RECONNECT_S)
+            return
+        host.stream_open = True
+        capacity = HostCapacity(host.cpus, host.memory_mib)
+        self.sim.to_core(
+            f.AgentConnected(
+                host.id, f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, f"boot-{host.boot_no}"
+            )
+        )
+        self.sim.checker.host_booted(host.id)
+        self.full_report(host)
+
+    def _drop_stream(self, host: SimHost) -> None:
+        host.stream_open = False
+        if host.powered and host.agent_running:
+            self.schedule_connect(host, RECONNECT_S)
+
+    def send(self, host: SimHost, fact: f.Fact) -> None:
+        if host.stream_open and self.world.link_up(host):
+            self.sim.to_core(fact)
+
+    def full_report(self, host: SimHost) -> None:
+        domains = tuple(
+            f.DomainReport(uuid, self.world.vms[uuid].name, PowerState.POWER_ON) for uuid in sorted(host.running)
+        )
+        hv = host.hypervisor_ok
+        self.send(host, f.PowerStateReported(host.id, True, hv, domains if hv else ()))
+
+    def delta(self, host: SimHost, uuid: VmUuid, power: PowerState, cause: StopCause) -> None:
+        if not host.hypervisor_ok:
+            return
+        report = f.PowerStateReported(
+            host.id, False, True, (f.DomainReport(uuid, self.world.vms[uuid].name, power, cause),)
+        )
+        self.last_delta[host.id] = report
+        self.send(host, report)
+
+    def _ping_round(self, bucket: int) -> None:
+        interval = self.sim.config.ping_interval_s
+        self.sim.schedule(self.sim.now + interval, self._ping_round, bucket)
+        for host in self.buckets[bucket]:
+            if not (host.powered and host.agent_running):
+                continue
+            if host.stream_open and not self.world.link_up(host):
+                self._drop_stream(host)
+            elif not host.stream_open:
+                self.schedule_connect(host, RECONNECT_S)
+            self._isolation_check(host)
+            if host.stream_open:
+                host.ping_seq += 1
+                self.sim.to_core(f.HeartbeatReceived(host.id, host.ping_seq, host.hypervisor_ok, host.storage_ok))
+                if host.ping_seq % FULL_REPORT_EVERY == 0:
+                    self.full_report(host)
+
+    def _isolation_check(self, host: SimHost) -> None:
+        """The agent's isolation response (policy destroy-vms): lost the manager AND storage for isolation.after."""
+        if host.stream_open or host.storage_ok:
+            host.isolated_since = None
+            return
+        if host.isolated_since is None:
+            host.isolated_since = self.sim.now
+        elif self.sim.now - host.isolated_since >= self.sim.config.isolation_after_s and host.running:
+            count = len(host.running)
+            for uuid in sorted(host.running):
+                self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
+            host.running.clear()
+            self.sim.note(
+                f"sim: {host.name} agent isolated for {self.sim.now - host.isolated_since:.1f} s: "
+                f"self-fenced (destroyed {count} VMs)"
+            )
+
+    def manager_lost(self) -> None:
+        for host in self.world.hosts.values():
+            if host.stream_open:
+                self._drop_stream(host)
+
+    def manager_back(self) -> None:
+        pass  # agents find it on their next reconnect attempt
+
+    # ------------------------------------------------------------ commands from the core
+
+    def carry_out(self, action: a.Action, epoch: int) -> None:
+        if isinstance(action, a.SendCommand):
+            host = self.world.hosts[action.host_id]
+            if host.stream_open and self.world.link_up(host):
+                self.sim.schedule(self.sim.now + self.sim.latency(), self._execute, epoch, host, action)
+            else:
+                self.sim.to_core(f.CommandCompleted(action.request_id, False, "agent not connected"), 0.001)
+        elif isinstance(action, a.Fence):
+            self._fence(action)
+        elif isinstance(action, a.QueryBmc):
+            self._query_bmc(action)
+        elif isinstance(action, a.DisconnectAgent):
+            host = self.world.hosts[action.host_id]
+            if host.stream_open:
+                self._drop_stream(host)
+
+    def _reply(self, epoch: int, host: SimHost, fact: f.Fact) -> None:
+        if epoch == self.sim.epoch and host.stream_open and self.world.link_up(host):
+            self.sim.to_core(fact)
+
+    def _execute(self, epoch: int, host: SimHost, action: a.SendCommand) -> None:
+        if not (host.powered and host.agent_running):
+            return  # died with the command in flight: the core times it out
+        command, rid, now = action.command, action.request_id, self.sim.now
+        if isinstance(command, a.StartVm):
+            self._start_vm(epoch, host, rid, command.vm_uuid)
+        elif isinstance(command, (a.StopVm, a.DestroyVm)):
+            if command.vm_uuid in host.running:
+                self.stop_vm(host, command.vm_uuid, StopCause.DESTROYED)
+            self.sim.schedule(now + 0.2, self._reply, epoch, host, f.CommandCompleted(rid, True))
+        elif isinstance(command, a.CheckNeighbor):
+            target = self.world.hosts[command.target_host_id]
+            reached = self.world.reaches(host, target)
+            age = target.heartbeat_age_s(now) if host.storage_ok else None
+            answer = f.CommandCompleted(rid, True, "", f.NeighborCheck(target.id, reached, reached, age))
+            self.sim.schedule(now + (0.2 if reached else 1.0), self._reply, epoch, host, answer)
+        else:
+            self.sim.schedule(now + 0.05, self._reply, epoch, host, f.CommandCompleted(rid, True))
+
+    def _start_vm(self, epoch: int, host: SimHost, rid: str, uuid: VmUuid) -> None:
+        if not host.hypervisor_ok:
+            self.sim.schedule(
+                self.sim.now + 0.05,
+                self._reply,
+                epoch,
+                host,
+                f.CommandCompleted(RequestId(rid), False, "hypervisor unavailable"),
+            )
+            return
+        if uuid in host.running:
+            done = f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, True))
+            self.sim.schedule(self.sim.now + 0.05, self._reply, epoch, host, done)
+            return
+        self.sim.schedule(self.sim.now + VM_BOOT_S, self._vm_booted, epoch, host, rid, uuid)
+
+    def _vm_booted(self, epoch: int, host: SimHost, rid: str, uuid: VmUuid) -> None:
+        if not (host.powered and host.hypervisor_ok):
+            return
+        self.sim.checker.started(uuid, host.id, self.sim.now)
+        host.running.add(uuid)
+        self.sim.vm_started(uuid, host.id)
+        self._reply(epoch, host, f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, False)))
+        self.delta(host, uuid, PowerState.POWER_ON, StopCause.NONE)
+
+    def stop_vm(self, host: SimHost, uuid: VmUuid, cause: StopCause) -> None:
+        host.running.discard(uuid)
+        self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
+        self.delta(host, uuid, PowerState.POWER_OFF, cause)
+
+    # ------------------------------------------------------------ BMC
+
+    def _bmc_answers(self, host: SimHost) -> bool:
+        return host.has_bmc and host.bmc_alive and self.world.manager_net_up
+
+    def _query_bmc(self, action: a.QueryBmc) -> None:
+        host = self.world.hosts[action.host_id]
+        if self._bmc_answers(host):
+            fact = f.BmcPowerReported(action.request_id, host.id, "on" if host.powered else "off")
+            self.sim.to_core(fact, BMC_QUERY_S)
+        else:
+            self.sim.to_core(f.BmcPowerReported(action.request_id, host.id, "unknown", "no answer"), BMC_DEAD_S)
+
+    def _fence(self, action: a.Fence) -> None:
+        host = self.world.hosts[action.host_id]
+        if not self._bmc_answers(host):
+            self.sim.to_core(
+                f.FenceCompleted(action.request_id, host.id, False, False, "BMC does not answer"), BMC_DEAD_S
+            )
+            return
+        self.sim.schedule(self.sim.now + BMC_FENCE_S, self._fence_done, self.sim.epoch, host, action.request_id)
+
+    def _fence_done(self, epoch: int, host: SimHost, rid: str) -> None:
+        if host.bmc_fail_next > 0:
+            host.bmc_fail_next -= 1
+            fact = f.FenceCompleted(RequestId(rid), host.id, False, False, "BMC error: power off not confirmed")
+        else:
+            already_off = not host.powered
+            if host.powered:
+                self.power_off(host, FENCED)
+            fact = f.FenceCompleted(RequestId(rid), host.id, True, already_off, "")
+        if epoch == self.sim.epoch:
+            self.sim.to_core(fact, 0.0)
+
+    # ------------------------------------------------------------ power
+
+    def power_off(self, host: SimHost, how: str = HOST_LOST) -> None:
+        if not host.powered:
+            return
+        self.sim.host_failed(host)
+        for uuid in sorted(host.running):
+            self.sim.checker.stopped(uuid, host.id, how)
+        host.running.clear()
+        host.powered = host.agent_running = host.stream_open = False
+        host.isolated_since = None
+        host.update_heartbeat(self.sim.now)
+
+    def power_on(self, host: SimHost) -> None:
+        if host.powered:
+            return
+        host.powered, host.boot_no = True, host.boot_no + 1
+        self.sim.schedule(self.sim.now + BOOT_S, self._booted, host)
+
+    def _booted(self, host: SimHost) -> None:
+        if not host.powered:
+            return
+        host.booted_at = self.sim.now
+        host.agent_running = host.agent_enabled
+        host.update_heartbeat(self.sim.now)
+        self.schedule_connect(host, 0.1)

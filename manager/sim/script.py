@@ -1,0 +1,197 @@
+"""Scenario files: the initial setup and the timed fault script, and the commands they may use.
+
+setup.txt (one item per line, `#` comments):
+    hosts h1-h4 cpus=16 mem=65536 bmc=yes     (or: host h1 ...)
+    vm vm1 host=h1 mem=2048 cpus=2 ha=yes priority=0 group=web
+    config ping.timeout 7
+    seed 3
+
+script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
+    power h3 off|on            network h2 off|on (manager and neighbours)   link h2 off|on (manager only)
+    storage h1 off|on          hypervisor h1 off|on                          agent h1 stop|crash|start
+    bmc h2 dead|alive|fail N   kill-vm vm7   guest-shutdown vm2   repeat-report h1
+    maintenance h4 on|off      restart manager   network manager off|on
+    ha vm3 on|off              start vm3         stop vm3
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.model import HostId, StopCause, VmId, VmUuid
+from kvmha.manager.sim.simulator import Simulator
+from kvmha.manager.sim.world import SimHost, SimVm
+
+
+class ScriptError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class Scenario:
+    hosts: list[SimHost] = field(default_factory=list)
+    vms: list[SimVm] = field(default_factory=list)
+    config: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    commands: list[tuple[float, str]] = field(default_factory=list)
+    end_s: float = 0.0
+
+
+def _options(words: list[str]) -> dict[str, str]:
+    return dict(word.split("=", 1) for word in words)
+
+
+def _yes(value: str) -> bool:
+    return value.lower() in ("yes", "true", "on", "1")
+
+
+def _host(name: str, opts: dict[str, str]) -> SimHost:
+    number = int(name.lstrip("h"))
+    return SimHost(
+        HostId(number),
+        name,
+        cpus=int(opts.get("cpus", 16)),
+        memory_mib=int(opts.get("mem", 65536)),
+        has_bmc=_yes(opts.get("bmc", "yes")),
+    )
+
+
+def parse_setup(text: str, scenario: Scenario) -> None:
+    for line in _lines(text):
+        kind, *rest = line.split()
+        if kind == "host":
+            scenario.hosts.append(_host(rest[0], _options(rest[1:])))
+        elif kind == "hosts":
+            first, last = (int(n) for n in re.findall(r"\d+", rest[0]))
+            scenario.hosts.extend(_host(f"h{n}", _options(rest[1:])) for n in range(first, last + 1))
+        elif kind == "vm":
+            opts = _options(rest[1:])
+            scenario.vms.append(
+                SimVm(
+                    VmId(int(rest[0].lstrip("vm"))),
+                    rest[0],
+                    VmUuid(f"uuid-{rest[0]}"),
+                    int(opts.get("mem", 1024)),
+                    int(opts.get("cpus", 1)),
+                    _yes(opts.get("ha", "yes")),
+                    int(opts.get("priority", 0)),
+                    opts.get("group"),
+                    opts.get("host"),
+                )
+            )
+        elif kind == "config":
+            scenario.config[rest[0]] = rest[1]
+        elif kind == "seed":
+            scenario.seed = int(rest[0])
+        else:
+            raise ScriptError(f"unknown setup line: {line}")
+
+
+def parse_script(text: str, scenario: Scenario) -> None:
+    for line in _lines(text):
+        at_text, _, command = line.partition(" ")
+        at = float(at_text)
+        if command.strip() == "end":
+            scenario.end_s = at
+        else:
+            scenario.commands.append((at, command.strip()))
+    if not scenario.end_s:
+        raise ScriptError("the script must end with '<t> end'")
+
+
+def _lines(text: str) -> list[str]:
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def load(folder: Path) -> Scenario:
+    scenario = Scenario()
+    parse_setup((folder / "setup.txt").read_text(), scenario)
+    parse_script((folder / "script.txt").read_text(), scenario)
+    return scenario
+
+
+def run(scenario: Scenario) -> Simulator:
+    sim = Simulator(scenario.hosts, scenario.vms, seed=scenario.seed, config=CoreConfig.from_mapping(scenario.config))
+    for at, command in scenario.commands:
+        sim.schedule(at, apply, sim, command)
+    sim.run_until(scenario.end_s)
+    return sim
+
+
+def apply(sim: Simulator, command: str) -> None:
+    """Carry out one script command at the current simulated time."""
+    sim.note(command)
+    words = command.split()
+    verb, target, arg = words[0], words[1] if len(words) > 1 else "", words[2] if len(words) > 2 else ""
+    world, agents = sim.world, sim.agents
+    if verb == "restart" and target == "manager":
+        sim.restart_manager()
+    elif verb == "network" and target == "manager":
+        world.manager_net_up = arg == "on"
+    elif verb in ("kill-vm", "guest-shutdown"):
+        uuid = world.vms_by_name[target].uuid
+        cause = StopCause.CRASHED if verb == "kill-vm" else StopCause.GUEST_SHUTDOWN
+        for host_id in world.where(uuid):
+            agents.stop_vm(world.hosts[host_id], uuid, cause)
+    elif verb in ("ha", "start", "stop"):
+        _operator_vm(sim, verb, target, arg)
+    else:
+        _host_command(sim, verb, world.hosts_by_name[target], arg, words[3:])
+
+
+def _operator_vm(sim: Simulator, verb: str, name: str, arg: str) -> None:
+    vm_id = sim.world.vms_by_name[name].id
+    if verb == "ha":
+        sim.to_core(f.VmHaChanged(vm_id, arg == "on"), 0.0)
+    elif verb == "start":
+        sim.to_core(f.VmStartRequested(vm_id), 0.0)
+    else:
+        sim.to_core(f.VmStopRequested(vm_id), 0.0)
+
+
+def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list[str]) -> None:
+    agents, now = sim.agents, sim.now
+    if verb == "power":
+        agents.power_off(host) if arg == "off" else agents.power_on(host)
+    elif verb in ("network", "link"):
+        if verb == "network":
+            host.net_up = arg == "on"
+        else:
+            host.manager_link_up = arg == "on"
+        if arg == "off" and host.stream_open:
+            host.stream_open = False  # the agent notices at once and keeps trying to reconnect
+        agents.schedule_connect(host, 2.0)
+    elif verb == "storage":
+        host.storage_ok = arg == "on"
+        host.update_heartbeat(now)
+    elif verb == "hypervisor":
+        host.hypervisor_ok = arg == "on"
+        agents.full_report(host)
+    elif verb == "agent":
+        _agent_command(sim, host, arg)
+    elif verb == "bmc":
+        host.bmc_alive = arg != "dead"
+        host.bmc_fail_next = int(more[0]) if arg == "fail" else 0
+    elif verb == "repeat-report":
+        report = agents.last_delta.get(host.id)
+        if report is not None:
+            agents.send(host, report)
+    elif verb == "maintenance":
+        sim.to_core(f.HostMaintenanceChanged(host.id, arg == "on"), 0.0)
+    else:
+        raise ScriptError(f"unknown command: {verb}")
+
+
+def _agent_command(sim: Simulator, host: SimHost, arg: str) -> None:
+    if arg in ("stop", "crash"):
+        if host.stream_open:
+            sim.agents.send(host, f.AgentDisconnected(host.id, planned=arg == "stop"))
+        host.agent_enabled = host.agent_running = host.stream_open = False
+    else:
+        host.agent_enabled = host.agent_running = host.powered
+        sim.agents.schedule_connect(host, 0.1)
+    host.update_heartbeat(sim.now)

@@ -1,0 +1,92 @@
+"""The simulated hardware and ground truth: hosts (power, agent, network, storage, hypervisor, BMC) and where each VM
+really runs. The core never sees this directly — only through the facts the simulated agents and BMCs report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmha.manager.core.model import HostId, VmId, VmUuid
+
+HEARTBEAT_INTERVAL_S = 2.0  # the agent writes its storage heartbeat this often
+
+
+@dataclass(slots=True)
+class SimVm:
+    id: VmId
+    name: str
+    uuid: VmUuid
+    memory_mib: int = 1024
+    vcpus: int = 1
+    ha: bool = True
+    priority: int = 0
+    group: str | None = None
+    host: str | None = None  # where it runs at the start (None: registered Stopped)
+
+
+@dataclass(slots=True)
+class SimHost:
+    id: HostId
+    name: str
+    cpus: int = 16
+    memory_mib: int = 65536
+    has_bmc: bool = True
+    bmc_alive: bool = True
+    bmc_fail_next: int = 0  # the next N fence attempts fail although the BMC answers
+    powered: bool = True
+    agent_enabled: bool = True  # the agent service is installed and enabled (faults switch it off)
+    agent_running: bool = True  # the agent process runs now (not while the host boots)
+    net_up: bool = True  # the management network (manager and neighbours)
+    manager_link_up: bool = True  # only the manager <-> host path (neighbours may still reach the host)
+    storage_ok: bool = True
+    hypervisor_ok: bool = True
+    stream_open: bool = False  # the agent's link to the manager
+    connecting: bool = False  # a connection attempt is scheduled
+    boot_no: int = 1
+    bucket: int = 0  # ping phase
+    ping_seq: int = 0
+    running: set[VmUuid] = field(default_factory=set)
+    hb_stopped_at: float | None = None  # None: the heartbeat is being written
+    isolated_since: float | None = None  # lost the manager and its storage heartbeat since
+    booted_at: float = 0.0
+
+    def writes_heartbeat(self) -> bool:
+        return self.powered and self.agent_running and self.storage_ok
+
+    def update_heartbeat(self, now: float) -> None:
+        if self.writes_heartbeat():
+            self.hb_stopped_at = None
+        elif self.hb_stopped_at is None:
+            self.hb_stopped_at = now
+
+    def heartbeat_age_s(self, now: float) -> float:
+        if self.hb_stopped_at is not None:
+            return now - self.hb_stopped_at
+        return (now - self.booted_at) % HEARTBEAT_INTERVAL_S
+
+
+class World:
+    def __init__(self, hosts: list[SimHost], vms: list[SimVm]) -> None:
+        self.hosts = {host.id: host for host in hosts}
+        self.hosts_by_name = {host.name: host for host in hosts}
+        self.vms = {vm.uuid: vm for vm in vms}
+        self.vms_by_name = {vm.name: vm for vm in vms}
+        self.manager_net_up = True
+        self.manager_running = True
+        self.partitions: set[frozenset[HostId]] = set()  # host pairs that cannot reach each other
+
+    def link_up(self, host: SimHost) -> bool:
+        """Can the manager and this host's agent talk?"""
+        return host.powered and host.net_up and host.manager_link_up and self.manager_net_up and self.manager_running
+
+    def reaches(self, source: SimHost, target: SimHost) -> bool:
+        return (
+            source.powered
+            and target.powered
+            and source.net_up
+            and target.net_up
+            and frozenset((source.id, target.id)) not in self.partitions
+        )
+
+    def where(self, uuid: VmUuid) -> list[HostId]:
+        return sorted(host.id for host in self.hosts.values() if uuid in host.running)
