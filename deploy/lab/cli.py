@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmha.lab.bmc import BmcError
 from kvmha.lab.fault import FAULTS, Fault
 from kvmha.lab.guest import DISK_FORMATS
 from kvmha.lab.lab import DEFAULT_PREFIX, DEFAULT_SUBNET, Lab
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (LabError, FileNotFoundError, KeyError) as exc:
+    except (LabError, BmcError, FileNotFoundError, KeyError) as exc:
         print(f"kvmha-lab: {exc}", file=sys.stderr)
         return 1
     return code

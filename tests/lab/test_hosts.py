@@ -126,17 +126,28 @@ def test_guest_shutdown_is_a_shutdown_asked_by_the_guest(lab: Lab, vm_name: str)
         assert "shutting down, reason=shutdown" in fh.read()
 
 
-def test_cli_status_and_exec_from_another_process(lab: Lab) -> None:
+def test_cli_drives_the_lab_from_another_process(lab: Lab, vm_name: str) -> None:
     env = {**os.environ, "KVMHA_LAB_STATE_DIR": lab.spec.state_dir}
-    cli = [sys.executable, "-m", "kvmha.lab.cli"]
-    done = subprocess.run([*cli, "status", "--json"], env=env, capture_output=True, text=True, check=True)
-    status = json.loads(done.stdout)
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kvmha.lab.cli", *args], env=env, capture_output=True,
+                              text=True, check=False, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    status = json.loads(cli("status", "--json"))
     assert [h["name"] for h in status["hosts"]] == ["h1", "h2", "h3"]
     for shown, host in zip(status["hosts"], lab.hosts, strict=True):
         assert shown["address"] == host.address
         assert shown["bmc"]["port"] == host.bmc_port
         assert shown["power"] == "on"
         assert shown["pids"]["libvirtd"] == lab.services(host.name)["libvirtd"]
-    listing = subprocess.run([*cli, "exec", "h1", "--", "virsh", "list", "--all"], env=env, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-    assert "Name" in listing.stdout
+    assert "Name" in cli("exec", "h1", "--", "virsh", "list", "--all")
+    assert "faults now network" in cli("fail", "h1", "--network")
+    assert lab.faults("h1") == ["network"]
+    assert "healed network" in cli("heal", "h1")
+    assert lab.faults("h1") == []
+    cli("vm-create", vm_name, "--host", "h3")
+    assert lab.domstate("h3", vm_name) == ("running", "booted")
+    assert "powered off on h3" in cli("guest-shutdown", vm_name)
+    assert lab.domstate("h3", vm_name) == ("shut off", "shutdown")
