@@ -364,6 +364,10 @@ class Lab:
         """Hosts whose PID namespace holds a QEMU for the VM (read from /proc)."""
         return [host for host, _ in vm.qemu_of(self, name)]
 
+    def running_vms(self) -> dict[str, dict[str, int]]:
+        """Host -> {VM name: QEMU PID} for every powered-on host (one pass over /proc)."""
+        return vm.running_everywhere(self)
+
     def vm_kill(self, name: str) -> str:
         return vm.kill(self, name)
 

@@ -80,6 +80,27 @@ def _guest_name(pid: int) -> str | None:
     return None
 
 
+def running_everywhere(lab: Lab) -> dict[str, dict[str, int]]:
+    """Host -> {VM name: QEMU PID} for every powered-on host, from one pass over /proc: cheap enough to sample
+    many times a second while a test watches for a VM running on two hosts at once."""
+    host_of_ns: dict[int, str] = {}
+    for host in lab.hosts:
+        init = lab.init(host.name)
+        ns = proc.pid_ns(init.pid) if init else None
+        if ns is not None:
+            host_of_ns[ns] = host.name
+    out: dict[str, dict[str, int]] = {name: {} for name in host_of_ns.values()}
+    for pid in proc.all_pids():
+        info = proc.info(pid)
+        if info is None or info.zombie or info.comm != QEMU_COMM:
+            continue
+        host_name = host_of_ns.get(proc.pid_ns(pid) or -1)
+        guest = _guest_name(pid)
+        if host_name is not None and guest:
+            out[host_name][guest] = pid
+    return out
+
+
 def running_on(lab: Lab, host: str) -> dict[str, int]:
     """VM name -> QEMU PID for the VMs whose QEMU runs in the host (from /proc, not from libvirt)."""
     out: dict[str, int] = {}

@@ -34,6 +34,8 @@ def test_each_host_runs_its_own_libvirt_and_sees_only_its_own_domains(lab: Lab, 
     assert len(namespaces) == 3 and proc.pid_ns(os.getpid()) not in namespaces
     # The VM's QEMU lives in h1's PID namespace and nowhere else.
     assert lab.vm_hosts(vm_name) == ["h1"]
+    everywhere = lab.running_vms()
+    assert vm_name in everywhere["h1"] and all(vm_name not in everywhere[h] for h in ("h2", "h3"))
 
 
 def test_hosts_reach_each_other_and_the_manager_side_over_the_bridge(lab: Lab) -> None:
