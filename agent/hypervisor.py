@@ -115,6 +115,9 @@ class Hypervisor(Protocol):
     def is_connected(self) -> bool:
         """Cheap, never blocks: the last known state of the connection."""
 
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until connected or timeout_s has passed; True when connected."""
+
     def subscribe(self, listener: HypervisorListener) -> None: ...
 
     def list_domains(self) -> list[DomainPower]:
@@ -186,6 +189,12 @@ class FakeHypervisor:
         self.connected = False
 
     def is_connected(self) -> bool:
+        return self.connected
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.connected
 
     def subscribe(self, listener: HypervisorListener) -> None:

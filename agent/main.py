@@ -98,6 +98,9 @@ async def run_agent(cfg: AgentConfig) -> None:
     hypervisor.subscribe(link)
     hypervisor.open()
     heartbeat.start()
+    # A short wait so the first Hello carries capacity and versions; a dead libvirtd must not hold the link back.
+    if not await loop.run_in_executor(None, hypervisor.wait_connected, 5.0):
+        log.warning("event=libvirt_not_connected_at_start uri=%s waited_s=5", cfg.libvirt_uri)
 
     async def watch_isolation() -> None:
         while not stop.is_set():

@@ -92,7 +92,7 @@ class Backend:
         return {1: Power.ON, 5: Power.OFF}.get(state, Power.UNKNOWN), reason
 
 
-@pytest.fixture(params=["fake", "test", "qemu"])
+@pytest.fixture(params=["fake", "test", pytest.param("qemu", marks=pytest.mark.libvirt)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     recorder = Recorder()
     if request.param == "fake":
@@ -104,7 +104,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     lv: PrivateLibvirtd | None = None
     uri = "test:///default"
     if request.param == "qemu":
-        request.applymarker(pytest.mark.libvirt)
         lv = request.getfixturevalue("private_libvirtd")
         uri = lv.uri
     adapter = LibvirtHypervisor(uri, reconnect_max_s=0.5)
