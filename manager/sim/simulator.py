@@ -24,6 +24,7 @@ from kvmha.manager.core.model import (
     HostCapacity,
     HostId,
     HostRecord,
+    HostStatus,
     HostUuid,
     VmId,
     VmRecord,
@@ -79,6 +80,9 @@ class Simulator:
         self._seed_records()
         self.core = self._new_core()
         self.checker = Checker(self.core_status)
+        for host in self.world.hosts.values():
+            for uuid in host.running:
+                self.checker.running_on.setdefault(uuid, set()).add(host.id)
         self.agents = Agents(self)
         self.agents.boot_all()
 
@@ -123,8 +127,12 @@ class Simulator:
             works=[copy.copy(w) for w in self.works_saved.values()],
         )
 
-    def core_status(self, host_id: HostId) -> Any:
-        return self.core.host_status(host_id) if self.world.manager_running else None
+    def core_status(self, host_id: HostId) -> HostStatus | None:
+        """The manager's view of a host; while it is down, what it last saved (what decided commands in flight)."""
+        if self.world.manager_running:
+            return self.core.host_status(host_id)
+        saved = self.hosts_saved.get(host_id)
+        return saved.status if saved else None
 
     # ------------------------------------------------------------ events
 

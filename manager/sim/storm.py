@@ -1,0 +1,159 @@
+"""Seeded fault storms over big simulated clusters, for the invariant tests and the benchmark.
+
+A storm injects faults at random times (a Poisson process from the simulator's one RNG): power losses (some for
+good, some back later), network cuts, manager-link cuts, storage loss, full isolation, BMCs dying with their host,
+fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes and manager restarts. At most
+`max_concurrent_share` of the hosts are faulted at once, so the mass-silence guard is not what the storm tests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.model import HostId, VmId, VmUuid
+from kvmha.manager.sim.script import apply
+from kvmha.manager.sim.simulator import Simulator
+from kvmha.manager.sim.world import SimHost, SimVm
+
+# fault name → (weight, seconds until recovery or None for "stays")
+FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
+    "power-loss": (6, None),
+    "power-cycle": (4, (30.0, 200.0)),
+    "network": (3, (20.0, 150.0)),
+    "link": (2, (20.0, 120.0)),
+    "storage": (3, (20.0, 150.0)),
+    "isolation": (2, None),
+    "bmc-dead-power-loss": (2, None),
+    "fence-fails": (2, None),
+    "kill-vm": (6, None),
+    "guest-shutdown": (2, None),
+    "hypervisor": (2, (10.0, 60.0)),
+    "agent-crash": (2, (10.0, 60.0)),
+}
+
+
+def build_cluster(
+    host_count: int, vms_per_host: int, rng: random.Random, *, bmc_share: float = 0.8, ha_share: float = 0.9
+) -> tuple[list[SimHost], list[SimVm]]:
+    """Hosts with room for about 2.5x their initial load, so one failure at a time always fits elsewhere."""
+    hosts = [
+        SimHost(HostId(n), f"h{n}", cpus=32, memory_mib=vms_per_host * 2048 * 5 // 2, has_bmc=rng.random() < bmc_share)
+        for n in range(1, host_count + 1)
+    ]
+    vms: list[SimVm] = []
+    for host in hosts:
+        for _ in range(vms_per_host):
+            n = len(vms) + 1
+            vms.append(
+                SimVm(
+                    VmId(n),
+                    f"vm{n}",
+                    VmUuid(f"uuid-vm{n}"),
+                    memory_mib=rng.choice((1024, 2048, 3072)),
+                    vcpus=rng.choice((1, 2, 4)),
+                    ha=rng.random() < ha_share,
+                    priority=rng.randrange(3),
+                    host=host.name,
+                )
+            )
+    return hosts, vms
+
+
+@dataclass(slots=True)
+class Storm:
+    sim: Simulator
+    rng: random.Random
+    rate_per_s: float  # mean faults per simulated second
+    until_s: float  # no new faults after this
+    max_concurrent_share: float = 0.05
+    manager_restarts: int = 1
+    busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
+    dead: set[str] = field(default_factory=set)  # hosts down for good
+    injected: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self._next(self.sim.now)
+        for _ in range(self.manager_restarts):
+            self.sim.schedule(self.rng.uniform(60.0, self.until_s), self._do, "restart manager", None, "restart")
+
+    def _next(self, now: float) -> None:
+        at = now + self.rng.expovariate(self.rate_per_s)
+        if at < self.until_s:
+            self.sim.schedule(at, self._fire)
+
+    def _fire(self) -> None:
+        self._next(self.sim.now)
+        hosts = [name for name in self.sim.world.hosts_by_name if name not in self.busy and name not in self.dead]
+        limit = self.max_concurrent_share * len(self.sim.world.hosts)
+        if not hosts or len(self.busy) + len(self.dead) >= limit:
+            return
+        names = list(FAULTS)
+        kind = self.rng.choices(names, weights=[FAULTS[n][0] for n in names])[0]
+        host = self.rng.choice(sorted(hosts))
+        self._inject(kind, host)
+
+    def _inject(self, kind: str, host: str) -> None:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        recovery = FAULTS[kind][1]
+        later = self.sim.now + self.rng.uniform(*recovery) if recovery else None
+        if kind in ("kill-vm", "guest-shutdown"):
+            running = sorted(self.sim.world.hosts_by_name[host].running)
+            if running:
+                vm = self.sim.world.vms[self.rng.choice(running)].name
+                apply(self.sim, f"{kind} {vm}")
+            return
+        commands = {
+            "power-loss": (["power {h} off"], []),
+            "power-cycle": (["power {h} off"], ["power {h} on"]),
+            "network": (["network {h} off"], ["network {h} on"]),
+            "link": (["link {h} off"], ["link {h} on"]),
+            "storage": (["storage {h} off"], ["storage {h} on"]),
+            "isolation": (["network {h} off", "storage {h} off"], []),
+            "bmc-dead-power-loss": (["bmc {h} dead", "power {h} off"], []),
+            "fence-fails": (["bmc {h} fail 2", "network {h} off", "storage {h} off"], []),
+            "hypervisor": (["hypervisor {h} off"], ["hypervisor {h} on"]),
+            "agent-crash": (["agent {h} crash"], ["agent {h} start"]),
+        }[kind]
+        for command in commands[0]:
+            apply(self.sim, command.format(h=host))
+        if later is None:
+            self.dead.add(host)
+        else:
+            self.busy.add(host)
+            for command in commands[1]:
+                self.sim.schedule(later, self._do, command.format(h=host), host, kind)
+
+    def _do(self, command: str, host: str | None, kind: str) -> None:
+        apply(self.sim, command)
+        if host is not None:
+            self.busy.discard(host)
+
+
+def storm_simulator(
+    host_count: int, vms_per_host: int, seed: int, *, config: CoreConfig | None = None, keep_log: bool = False
+) -> tuple[Simulator, random.Random]:
+    rng = random.Random(seed)
+    hosts, vms = build_cluster(host_count, vms_per_host, rng)
+    sim = Simulator(hosts, vms, seed=seed, config=config, jitter_s=0.05, keep_log=keep_log)
+    return sim, rng
+
+
+def unexplained_down_vms(sim: Simulator) -> list[str]:
+    """HA VMs running nowhere without a reason the operator can read (Stopped by the guest, Error, no capacity)."""
+    from kvmha.manager.core.model import VmState
+
+    problems: list[str] = []
+    for uuid, vm in sim.world.vms.items():
+        if not vm.ha or sim.world.where(VmUuid(uuid)):
+            continue
+        record = sim.core.vm(vm.id)
+        if record is None or record.state in (VmState.STOPPED, VmState.ERROR):
+            continue  # guest shutdown (Stopped) or given up (Error): both with an event
+        if sim.metrics.no_capacity_events:
+            continue
+        host = sim.core.hosts.get(record.host_id) if record.host_id is not None else None
+        where = f"{host.name} ({host.status.value})" if host else "nowhere"
+        problems.append(f"{vm.name} recorded {record.state.value} on {where}, running nowhere")
+    return problems
