@@ -61,7 +61,7 @@ def set_bmc_running(lab: Lab, name: str, running: bool) -> None:
     ref = lab.spec.bmcs.get(name)
     if ref is None or not proc.alive(ref.pid, ref.start_ticks):
         raise LabError(f"{name}: no BMC process")
-    proc.kill(ref.pid, signal.SIGCONT if running else signal.SIGSTOP)
+    proc.kill(ref.pid, ref.start_ticks, signal.SIGCONT if running else signal.SIGSTOP)
     deadline = time.monotonic() + 5.0
     while proc.stopped(ref.pid) == running and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -101,7 +101,7 @@ def fail(lab: Lab, name: str, fault: Fault) -> None:
         if not victims:
             raise LabError(f"{name}: no {comm} running")
         for victim in victims:
-            proc.kill(victim.pid, signal.SIGKILL)
+            proc.kill(victim.pid, victim.start_ticks, signal.SIGKILL)
         if proc.wait_gone(victims, 10.0):
             raise LabError(f"{name}: {comm} survived SIGKILL")
     elif fault == "bmc":
@@ -126,7 +126,8 @@ def heal(lab: Lab, name: str) -> list[str]:
     if any(f.endswith("-down") for f in present):
         init = lab.init(name)
         assert init is not None
-        proc.kill(init.pid, signal.SIGHUP)  # the host's init starts again the services that are not running
+        # The host's init starts again the services that are not running.
+        proc.kill(init.pid, init.start_ticks, signal.SIGHUP)
         lab.wait_ready(name, HEAL_TIMEOUT_S)
     deadline = time.monotonic() + HEAL_TIMEOUT_S
     while faults(lab, name) and time.monotonic() < deadline:

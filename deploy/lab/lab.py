@@ -8,10 +8,12 @@ its whole PID namespace with it), or an ipmi_sim the lab started. See docs/lab.m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -80,6 +82,8 @@ class Lab:
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
         net.host_address(subnet, hosts)  # the last host must fit in the subnet: fail before making anything
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,10}", prefix):
+            raise LabError("prefix: 1-11 lower-case letters or digits (interface names are at most 15 characters)")
         state_dir = Path(state_dir).absolute()
         if (state_dir / STATE_FILE).exists():
             raise LabError(f"a lab is already up in {state_dir}: `kvmha-lab down --state-dir {state_dir}` first")
@@ -107,7 +111,10 @@ class Lab:
         try:
             lab._build(hosts, agent_settings or {})
         except BaseException:
-            lab.down()
+            try:
+                lab.down()
+            except Exception as cleanup_error:  # the first failure is the one to report; this one is shown too
+                print(f"kvmha-lab: clean-up after a failed up also failed: {cleanup_error}", file=sys.stderr)
             raise
         return lab
 
@@ -184,11 +191,10 @@ class Lab:
         keeper = self.spec.keeper
         if keeper and keeper.pid != os.getpid() and proc.alive(keeper.pid, keeper.start_ticks):
             # The keeper owns (and so reaps) the BMC processes: let it tear down, then finish whatever is left.
-            proc.kill(keeper.pid, signal.SIGTERM)
+            proc.kill(keeper.pid, keeper.start_ticks, signal.SIGTERM)
             proc.wait_gone([proc.ProcInfo(keeper.pid, 0, "", keeper.start_ticks, 0)], 60.0)
         for ref in self.spec.bmcs.values():
-            if proc.alive(ref.pid, ref.start_ticks):
-                proc.kill(ref.pid, signal.SIGCONT)  # a BMC stopped by the "bmc" fault must hear its SIGTERM
+            proc.kill(ref.pid, ref.start_ticks, signal.SIGCONT)  # a BMC stopped by the "bmc" fault must hear SIGTERM
         for host in self.spec.hosts:
             self._kill_host(host)
         for name, bmc in list(self._bmcs.items()):
@@ -218,7 +224,8 @@ class Lab:
         if init is None:
             return
         members = proc.members(init.pid)
-        proc.kill(init.pid)  # PID 1 of the host: the kernel ends every process of its namespace with it
+        # PID 1 of the host: the kernel ends every process of its namespace with it.
+        proc.kill(init.pid, init.start_ticks)
         left = proc.wait_gone(members, POWER_OFF_TIMEOUT_S)
         if left:
             raise LabError(f"{host.name}: processes {[p.pid for p in left]} survived their host")
@@ -228,10 +235,10 @@ class Lab:
         """End an ipmi_sim started by another process: SIGTERM, then SIGKILL; never a reused PID."""
         if not proc.alive(ref.pid, ref.start_ticks):
             return
-        proc.kill(ref.pid, signal.SIGTERM)
+        proc.kill(ref.pid, ref.start_ticks, signal.SIGTERM)
         target = [proc.ProcInfo(ref.pid, 0, "", ref.start_ticks, 0)]
         if proc.wait_gone(target, 3.0):
-            proc.kill(ref.pid, signal.SIGKILL)
+            proc.kill(ref.pid, ref.start_ticks, signal.SIGKILL)
             proc.wait_gone(target, 3.0)
 
     # ----- looking at hosts -----------------------------------------------------------------------------------
@@ -248,11 +255,7 @@ class Lab:
         cached = self._inits.get(name)
         if cached is not None and proc.alive(cached.pid, cached.start_ticks):
             return cached
-        ref = self.spec.bmcs.get(name)
-        if ref is None or not proc.alive(ref.pid, ref.start_ticks):
-            return None
-        pid = proc.find_ns_init(ref.pid)
-        found = proc.info(pid) if pid is not None else None
+        found = proc.find_init(str(Path(self.host(name).dir) / "boot.json"))
         if found is not None:
             self._inits[name] = found
         return found

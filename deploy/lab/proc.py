@@ -111,12 +111,17 @@ def descendants(root_pid: int) -> list[ProcInfo]:
     return out
 
 
-def find_ns_init(root_pid: int) -> int | None:
-    """The descendant of root_pid that is PID 1 of a PID namespace other than ours (a lab host's init)."""
+def find_init(marker: str) -> ProcInfo | None:
+    """The process that is PID 1 of a PID namespace other than ours and whose command line ends with `marker`
+    (a lab host's init ends with its own boot.json). Found by itself, not through its BMC, so that a host whose
+    BMC died is still found, and ended, by `down`."""
     own_ns = pid_ns(os.getpid())
-    for child in descendants(root_pid):
-        if child.ns_pid == 1 and pid_ns(child.pid) != own_ns:
-            return child.pid
+    for pid in all_pids():
+        argv = cmdline(pid)
+        if argv and argv[-1] == marker and "kvmha.lab.boot" in argv:
+            found = info(pid)
+            if found is not None and found.ns_pid == 1 and not found.zombie and pid_ns(pid) != own_ns:
+                return found
     return None
 
 
@@ -138,8 +143,11 @@ def stopped(pid: int) -> bool:
         return False
 
 
-def kill(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Signal one process we started; a process that is already gone is fine."""
+def kill(pid: int, start: int, sig: int = signal.SIGKILL) -> None:
+    """Signal one process we started, named by PID and start time: checked right before the signal, so a PID
+    reused by an unrelated process is never hit. A process that is already gone is fine."""
+    if start_ticks(pid) != start:
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
 

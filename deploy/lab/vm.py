@@ -124,7 +124,7 @@ def where(lab: Lab, name: str) -> tuple[str, proc.ProcInfo]:
 def kill(lab: Lab, name: str) -> str:
     """SIGKILL the VM's QEMU by PID (a crash as libvirt sees it); returns the host it ran on."""
     host, qemu = where(lab, name)
-    proc.kill(qemu.pid, signal.SIGKILL)
+    proc.kill(qemu.pid, qemu.start_ticks, signal.SIGKILL)
     if proc.wait_gone([qemu], 10.0):
         raise LabError(f"QEMU of {name} (pid {qemu.pid}) survived SIGKILL")
     return host

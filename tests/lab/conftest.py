@@ -74,12 +74,18 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0, interval_
     return predicate()
 
 
-def ping(lab: Lab, source: str | None, address: str) -> bool:
-    """One ICMP echo from a host (or from the root namespace when source is None), 1 s deadline."""
+def ping(lab: Lab, source: str | None, address: str, tries: int = 1) -> bool:
+    """ICMP echo from a host (or from the root namespace when source is None), 1 s deadline per try; True at the
+    first answer. Expecting an answer, ask for a few tries: a first ARP exchange on a busy CI machine can be slow."""
     argv = ["ping", "-n", "-c", "1", "-W", "1", address]
-    if source is None:
-        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
-    return lab.exec(source, argv, check=False).returncode == 0
+    for _ in range(tries):
+        if source is None:
+            answered = subprocess.run(argv, capture_output=True, check=False).returncode == 0
+        else:
+            answered = lab.exec(source, argv, check=False).returncode == 0
+        if answered:
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ def test_down_leaves_the_machine_as_it_was(tmp_path: Path, tmp_path_factory: pyt
         lab.fail("h1", "network")
         lab.fail("h1", "storage")
         lab.fail("h2", "libvirtd")
+        # And a BMC that died under a running host: the host must still be found and ended.
+        bmc = lab.spec.bmcs["h2"]
+        proc.kill(bmc.pid, bmc.start_ticks, signal.SIGKILL)
+        assert wait_until(lambda: not proc.alive(bmc.pid, bmc.start_ticks))
+        assert lab.init("h2") is not None
         assert MachineState.now() != before
     finally:
         lab.down()
