@@ -28,7 +28,7 @@ class CoreConfig:
     investigation_timeout_s: float = 4.0
     check_neighbor_timeout_s: float = 3.0
     neighbors_per_investigation: int = 3
-    heartbeat_stale_after_s: float = 6.0
+    heartbeat_stale_after_s: float = 4.0
     investigate_retry_interval_s: float = 10.0
     restart_retry_interval_s: float = 10.0
     max_retries: int = 5
@@ -136,6 +136,12 @@ def _check_relations(config: CoreConfig) -> None:
         raise ConfigError(
             f"ping.timeout ({config.ping_timeout_s} s) must be longer than ping.interval ({config.ping_interval_s} s): "
             "otherwise one late ping starts an investigation"
+        )
+    if config.heartbeat_stale_after_s >= config.ping_timeout_s - config.ping_interval_s:
+        raise ConfigError(
+            f"heartbeat.stale.after ({config.heartbeat_stale_after_s} s) must be shorter than ping.timeout - "
+            "ping.interval: otherwise a host that died just after a ping still shows a fresh heartbeat when it is "
+            "investigated and is taken for alive"
         )
     if config.check_neighbor_timeout_s > config.investigation_timeout_s:
         raise ConfigError("check.neighbor.timeout must not exceed investigation.timeout")

@@ -165,8 +165,12 @@ class HostFlow:
             self.transition(host, HostEvent.NO_HA_TIMEOUT, f"{missed}; {why}: disconnected without investigation")
             stranded = [vm.name for vm in self.ctx.vms.on_host(host.id) if vm.ha_enabled and occupies(vm)]
             if stranded:
-                self.ctx.event("warning", f"host:{host.id}", "ha.skipped",
-                               f"{', '.join(stranded)} not restarted: no HA while the host is {why}")
+                self.ctx.event(
+                    "warning",
+                    f"host:{host.id}",
+                    "ha.skipped",
+                    f"{', '.join(stranded)} not restarted: no HA while the host is {why}",
+                )
             self.ctx.out.append(DisconnectAgent(host.id, f"behind while {why}"))
             return
         self.transition(host, HostEvent.PING_TIMEOUT, missed, "warning")
@@ -285,9 +289,11 @@ class HostFlow:
             self._fence_or_wait(host, inv, heartbeat, evidence, silent_s)
 
     def _silent_s(self, host: HostRecord) -> float:
-        """Seconds since the manager last heard the host's agent (since this manager started, if never)."""
+        """Seconds since the manager last heard the host's agent. The record saved when the host went silent carries
+        its last ping, so a restarted manager keeps counting from there (times are the driver's epoch seconds);
+        without one, the count starts when this manager started."""
         last = host.last_ping_at if host.last_ping_at is not None else self.ctx.started_at
-        return self.ctx.now - max(last, self.ctx.started_at)
+        return self.ctx.now - last
 
     def _fence_or_wait(
         self, host: HostRecord, inv: Investigation, heartbeat: Heartbeat, evidence: str, silent_s: float

@@ -64,8 +64,12 @@ class PowerSync:
             self._off(host, vm, domain.cause, PowerState.POWER_OFF, duplicate_matters=not full)
         elif not full:
             where = self.ctx.host_name(vm.host_id)
-            self.ctx.event("info", f"vm:{vm.id}", "vm.power.ignored",
-                           f"{domain.power.value} from {host.name} ignored: the VM is recorded on {where}")
+            self.ctx.event(
+                "info",
+                f"vm:{vm.id}",
+                "vm.power.ignored",
+                f"{domain.power.value} from {host.name} ignored: the VM is recorded on {where}",
+            )
 
     def _absent(self, host: HostRecord, vm: VmRecord) -> None:
         if vm.state is VmState.UNMANAGED:

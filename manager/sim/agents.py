@@ -61,7 +61,8 @@ class Agents:
         self.sim.to_core(
             f.AgentConnected(
                 host.id, f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, f"boot-{host.boot_no}"
-            )
+            ),
+            stream=host.id,
         )
         self.sim.checker.host_booted(host.id)
         self.full_report(host)
@@ -73,7 +74,7 @@ class Agents:
 
     def send(self, host: SimHost, fact: f.Fact) -> None:
         if host.stream_open and self.world.link_up(host):
-            self.sim.to_core(fact)
+            self.sim.to_core(fact, stream=host.id)
 
     def full_report(self, host: SimHost) -> None:
         domains = tuple(
@@ -104,7 +105,9 @@ class Agents:
             self._isolation_check(host)
             if host.stream_open:
                 host.ping_seq += 1
-                self.sim.to_core(f.HeartbeatReceived(host.id, host.ping_seq, host.hypervisor_ok, host.storage_ok))
+                self.sim.to_core(
+                    f.HeartbeatReceived(host.id, host.ping_seq, host.hypervisor_ok, host.storage_ok), stream=host.id
+                )
                 if host.ping_seq % FULL_REPORT_EVERY == 0:
                     self.full_report(host)
 
@@ -153,7 +156,7 @@ class Agents:
 
     def _reply(self, epoch: int, host: SimHost, fact: f.Fact) -> None:
         if epoch == self.sim.epoch and host.stream_open and self.world.link_up(host):
-            self.sim.to_core(fact)
+            self.sim.to_core(fact, stream=host.id)
 
     def _execute(self, epoch: int, host: SimHost, action: a.SendCommand) -> None:
         if not (host.powered and host.agent_running):

@@ -70,6 +70,7 @@ class Simulator:
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self.epoch = 0  # manager incarnation: facts addressed to an older one are lost
+        self._stream_last: dict[HostId, float] = {}
         self.keep_log = keep_log
         self.log: list[str] = []
         self.metrics = Metrics()
@@ -161,9 +162,14 @@ class Simulator:
 
     # ------------------------------------------------------------ manager side
 
-    def to_core(self, fact: f.Fact, delay_s: float | None = None) -> None:
-        """Deliver a fact to the manager after the link latency; lost if the manager restarts meanwhile."""
-        self.schedule(self.now + (self.latency() if delay_s is None else delay_s), self._deliver, self.epoch, fact)
+    def to_core(self, fact: f.Fact, delay_s: float | None = None, stream: HostId | None = None) -> None:
+        """Deliver a fact to the manager after the link latency; lost if the manager restarts meanwhile. Facts on
+        one agent's stream arrive in the order they were sent, as on a real gRPC stream."""
+        at = self.now + (self.latency() if delay_s is None else delay_s)
+        if stream is not None:
+            at = max(at, self._stream_last.get(stream, 0.0) + 1e-6)
+            self._stream_last[stream] = at
+        self.schedule(at, self._deliver, self.epoch, fact)
 
     def _deliver(self, epoch: int, fact: f.Fact) -> None:
         if epoch == self.epoch and self.world.manager_running:
