@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from kvmha.lab import Lab, proc
 
-from .conftest import make_lab
+from .conftest import make_lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def agent_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    with make_lab(tmp_path_factory, 1, manager="default", agent_settings={"heartbeat_interval_s": 5.0}) as lab:
+    with make_lab(tmp_path_factory, 1, manager="default", agent_settings={"heartbeat_interval_s": 0.5}) as lab:
         yield lab
 
 
@@ -40,3 +42,22 @@ def test_agent_killed_alone_leaves_libvirt_and_vms_and_heal_restarts_it(agent_la
     assert lab.heal("h1") == ["kvmha-agent-down"]
     assert lab.services("h1")["kvmha-agent"] != agent.pid
     assert lab.faults("h1") == []
+
+
+def test_storage_cut_stops_the_agents_heartbeat_and_heal_resumes_it(agent_lab: Lab) -> None:
+    heartbeat = pytest.importorskip("kvmha.agent.heartbeat")
+    lab = agent_lab
+    path = heartbeat.heartbeat_file(lab.spec.shared_dir, lab.host("h1").host_uuid)
+
+    def age_s() -> float:
+        try:
+            return time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    assert wait_until(lambda: age_s() < 2.0, timeout_s=15), "the agent writes no heartbeat on the shared storage"
+    lab.fail("h1", "storage")
+    time.sleep(3.0)
+    assert age_s() > 2.5, "a heartbeat got through the storage cut"
+    lab.heal("h1")
+    assert wait_until(lambda: age_s() < 2.0, timeout_s=15)
