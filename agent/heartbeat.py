@@ -28,6 +28,10 @@ def heartbeat_file(storage_path: str, host_uuid: str) -> str:
 
 def write_heartbeat(storage_path: str, host_uuid: str, now_epoch_s: float) -> None:
     """Write one heartbeat atomically; raises OSError on any failure."""
+    # Never create the storage path itself: if the share is not mounted there, a heartbeat on the local disk
+    # would look healthy here while no neighbour can read it.
+    if not os.path.isdir(storage_path):
+        raise FileNotFoundError(2, "storage path missing (not mounted?)", storage_path)
     directory = os.path.join(storage_path, HEARTBEAT_DIR)
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, host_uuid)

@@ -18,6 +18,9 @@ class AgentProcess:
                  storage_paths: Sequence[str] = (), host_uuid: str | None = None, isolation: str = "none",
                  isolation_after_s: float = 30.0, heartbeat_interval_s: float = 0.5) -> None:
         self.host_uuid = host_uuid or str(uuid.uuid4())
+        for path in storage_paths:
+            if not os.path.exists(path):
+                os.makedirs(path)  # the "mounted share"; the agent itself never creates it
         self.workdir = workdir
         self.config_path = workdir / f"agent-{self.host_uuid[:8]}.toml"
         self.log_path = workdir / f"agent-{self.host_uuid[:8]}.log"

@@ -22,6 +22,8 @@ def test_write_then_read_gives_the_age(tmp_path: Path) -> None:
 def test_reader_takes_the_freshest_path_and_survives_garbage(tmp_path: Path) -> None:
     host = new_uuid()
     a, b, c = (str(tmp_path / n) for n in "abc")
+    for path in (a, b, c):
+        os.mkdir(path)
     write_heartbeat(a, host, 100.0)
     write_heartbeat(b, host, 190.0)
     reading = read_heartbeat((a, b, c), host, 200.0)
@@ -36,18 +38,23 @@ def test_writer_reports_success_and_failure_per_path(tmp_path: Path) -> None:
     host = new_uuid()
     good = str(tmp_path / "good")
     bad = str(tmp_path / "bad")
-    Path(bad).write_text("a file where a directory must be")
-    writer = HeartbeatWriter((good, bad), host, interval_s=0.05)
+    unmounted = str(tmp_path / "not-mounted")
+    os.mkdir(good)
+    os.mkdir(bad)
+    Path(bad, "kvmha").write_text("a file where the heartbeat directory must be")
+    writer = HeartbeatWriter((good, bad, unmounted), host, interval_s=0.05)
     writer.start()
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not writer.status()[0].ok:
             time.sleep(0.02)
         time.sleep(0.2)
-        ok, failing = writer.status()
+        ok, failing, missing = writer.status()
     finally:
         writer.stop()
     assert ok.ok and 0 <= ok.last_ok_age_s < 1 and ok.error == ""
     assert not failing.ok and failing.last_ok_age_s < 0 and "Not a directory" in failing.error
+    assert not missing.ok and "not mounted" in missing.error
+    assert not os.path.exists(unmounted)  # the agent never creates the storage path itself
     assert read_heartbeat((good,), host, time.time()).age_s < 1
     assert writer.last_ok_at() is not None
