@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
 from kvmha.agent.commands import CommandRunner
@@ -102,10 +104,12 @@ async def run_agent(cfg: AgentConfig) -> None:
     if not await loop.run_in_executor(None, hypervisor.wait_connected, 5.0):
         log.warning("event=libvirt_not_connected_at_start uri=%s waited_s=5", cfg.libvirt_uri)
 
+    isolation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isolation")
+
     async def watch_isolation() -> None:
         while not stop.is_set():
             # tick() may destroy domains (blocking libvirt calls): off the loop that sends pings.
-            await loop.run_in_executor(None, lambda: isolation.tick(
+            await loop.run_in_executor(isolation_thread, lambda: isolation.tick(
                 time.monotonic(), link.manager_seen_at, heartbeat.last_ok_at()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -115,6 +119,7 @@ async def run_agent(cfg: AgentConfig) -> None:
         await link.run(stop)
     finally:
         watcher.cancel()
+        isolation_thread.shutdown(wait=False, cancel_futures=True)
         heartbeat.stop()
         hypervisor.close()
         log.info("event=agent_stopped")
@@ -128,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_format)
     asyncio.run(run_agent(cfg))
-    return 0
+    logging.shutdown()
+    # The Goodbye is out and libvirt is closed. Worker threads may still sit in a blocking call (a StopVm waiting
+    # for its guest, a read on a hung NFS mount); joining them would hold the exit hostage, so leave now.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Most tests use libvirt's in-process `test:///default` driver inside the agent (i
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -219,3 +220,29 @@ def test_delta_on_qemu_kill_and_libvirtd_restart(private_libvirtd: PrivateLibvir
     finally:
         assert proc.stop() == 0
         lv.virsh("undefine", vm, check=False)
+
+
+def test_sigterm_without_any_manager_exits_promptly(tmp_path: Path) -> None:
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{dead.getsockname()[1]}"
+    proc = AgentProcess(tmp_path, [address]).start()
+    time.sleep(2.0)
+    began = time.monotonic()
+    assert proc.stop(timeout_s=5) == 0
+    assert time.monotonic() - began < 3.0
+    assert "event=agent_stopped" in proc.log()
+
+
+def test_json_log_format_is_one_object_per_line(manager: FakeManager, tmp_path: Path) -> None:
+    proc = AgentProcess(tmp_path, [manager.address])
+    proc.config_path.write_text(proc.config_path.read_text().replace("[agent]", '[agent]\nlog_format = "json"'))
+    proc.start()
+    try:
+        manager.wait_for(is_full)
+    finally:
+        assert proc.stop() == 0
+    lines = [json.loads(line) for line in proc.log().splitlines() if line.strip()]
+    events = {line.get("event") for line in lines}
+    assert {"agent_starting", "manager_welcome", "goodbye_sent", "agent_stopped"} <= events
+    assert all("ts" in line and "level" in line for line in lines)
