@@ -31,7 +31,7 @@ def test_agent_killed_alone_leaves_libvirt_and_vms_and_heal_restarts_it(agent_la
     [qemu] = [p for p in lab.processes("h1") if p.comm == "qemu-system-x86"]
 
     lab.fail("h1", "agent")
-    assert lab.faults("h1") == ["kvmha-agent-down"]
+    assert lab.faults("h1") == ["agent"]
     assert not proc.alive(agent.pid, agent.start_ticks)
     for name, info in services.items():
         if name != "kvmha-agent":
@@ -39,7 +39,7 @@ def test_agent_killed_alone_leaves_libvirt_and_vms_and_heal_restarts_it(agent_la
     assert proc.alive(qemu.pid, qemu.start_ticks)
     assert lab.domstate("h1", "vm-agent") == ("running", "booted")
 
-    assert lab.heal("h1") == ["kvmha-agent-down"]
+    assert lab.heal("h1") == ["agent"]
     assert lab.services("h1")["kvmha-agent"] != agent.pid
     assert lab.faults("h1") == []
 

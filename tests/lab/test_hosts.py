@@ -99,11 +99,12 @@ def test_libvirtd_killed_alone_leaves_vms_running_and_heal_restarts_it(lab: Lab,
     libvirtd = proc.info(lab.services("h3")["libvirtd"])
     assert libvirtd is not None
     lab.fail("h3", "libvirtd")
+    assert lab.faults("h3") == ["libvirtd"]
     assert "libvirtd" not in lab.services("h3")
     assert not proc.alive(libvirtd.pid, libvirtd.start_ticks)
     assert proc.alive(qemu.pid, qemu.start_ticks), "QEMU must survive its libvirtd"
     assert lab.exec("h3", ["virsh", "-c", "qemu:///system", "list"], check=False).returncode != 0
-    lab.heal("h3")
+    assert lab.heal("h3") == ["libvirtd"]
     assert lab.services("h3")["libvirtd"] != libvirtd.pid
     # The new libvirtd found the running domain again: same QEMU process, still running.
     assert lab.domstate("h3", vm_name)[0] == "running"
