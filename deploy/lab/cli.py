@@ -29,6 +29,14 @@ from kvmha.lab.lab import DEFAULT_PREFIX, DEFAULT_SUBNET, Lab
 from kvmha.lab.state import DEFAULT_STATE_DIR, STATE_FILE, LabError, LabSpec
 
 UP_TIMEOUT_S = 300.0
+FAULT_HELP = {
+    "power": "chassis power off through the BMC: every process of the host dies at once",
+    "network": "cut the host's cable (its veth on the bridge); the host and its VMs run on",
+    "storage": "the shared storage turns read-only in this host only",
+    "agent": "SIGKILL the kvmha agent alone",
+    "libvirtd": "SIGKILL libvirtd alone; its VMs run on",
+    "bmc": "the BMC hangs (ipmi_sim stopped): IPMI requests time out",
+}
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -206,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("host")
     kinds = fail.add_mutually_exclusive_group(required=True)
     for fault in FAULTS:
-        kinds.add_argument(f"--{fault}", action="store_true")
+        kinds.add_argument(f"--{fault}", action="store_true", help=FAULT_HELP[fault])
     fail.set_defaults(func=cmd_fail)
 
     heal = sub.add_parser("heal", help="undo every fault of a host")
