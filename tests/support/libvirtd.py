@@ -59,7 +59,30 @@ mount --bind "$1/log" /var/log/libvirt
 mount --bind "$1/cache" /var/cache/libvirt
 virtlogd -d -p /run/libvirt/virtlogd.pid
 touch "$1/ready"
-exec sleep infinity
+exec "$2" -c "$3"
+"""
+
+# The namespace holder after set-up. If the test process dies without stop() (SIGKILL, CI timeout), the kernel
+# sends this process SIGTERM (PR_SET_PDEATHSIG) and it kills what would otherwise outlive the test: the QEMUs and
+# virtlogd, by the PIDs in their pid files (checked against their command lines). libvirtd follows on its own: its
+# reaper has the same death signal.
+_HOLDER_PY = """
+import ctypes, glob, os, signal
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+def cleanup(*_args):
+    for path in glob.glob("/run/libvirt/qemu/*.pid") + ["/run/libvirt/virtlogd.pid"]:
+        try:
+            pid = int(open(path).read().strip())
+            if b"qemu" in open(f"/proc/{pid}/cmdline", "rb").read() or path.endswith("virtlogd.pid"):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, cleanup)
+if os.getppid() == 1:
+    cleanup()
+while True:
+    signal.pause()
 """
 
 
@@ -71,6 +94,7 @@ exec sleep infinity
 _REAPER = """
 import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: the test died
 child = os.fork()
 if child == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
@@ -177,7 +201,8 @@ class PrivateLibvirtd:
     def start(self, timeout_s: float = 60.0) -> PrivateLibvirtd:
         try:
             self._holder = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _HOLDER_SCRIPT, "sh", self.base],
+                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _HOLDER_SCRIPT, "sh", self.base,
+                 sys.executable, _HOLDER_PY],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(os.path.join(self.base, "holder.stderr"), "wb"))  # noqa: SIM115 - the child owns it
             deadline = time.monotonic() + timeout_s
