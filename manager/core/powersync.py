@@ -98,6 +98,9 @@ class PowerSync:
 
     def _on(self, host: HostRecord, vm: VmRecord) -> None:
         ctx = self.ctx
+        if vm.host_id == host.id and vm.power_state is PowerState.POWER_ON and vm.state is VmState.RUNNING:
+            vm.power_state_updated_at = ctx.now  # nothing new: the common case of a periodic full report
+            return
         if vm.host_id != host.id:
             self._found_elsewhere(host, vm)
             return

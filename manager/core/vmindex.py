@@ -94,6 +94,10 @@ class VmIndex:
     ) -> None:
         """Change a VM's state, host and/or power state; `bump` increments its update_count when state or host
         change (an HA work item scheduled before then is stale)."""
+        if state is None and host_id is _UNSET:  # power only: no index or usage changes (the common case)
+            if power is not None:
+                vm.power_state, vm.power_state_updated_at = power, at
+            return
         self._detach(vm)
         changed = False
         if state is not None and state != vm.state:
