@@ -312,6 +312,7 @@ class HostFlow:
             self.transition(host, HostEvent.VERDICT_UNKNOWN, f"{evidence}; fencing")
             request_id = ctx.track("fence", host.id, host.id, config.fence_timeout_s)
             ctx.out.append(Fence(request_id, host.id))
+            self.sched.host_fencing(host)
             return
         delay_s = config.investigate_retry_interval_s
         if blocked is None:

@@ -53,6 +53,7 @@ class Scheduler:
         self.in_progress: set[WorkId] = set()
         self.waiting_on_host: dict[HostId, set[WorkId]] = {}
         self._waits_for: dict[WorkId, HostId] = {}
+        self._waiting_why: dict[WorkId, str] = {}
         self.restarts: dict[int, list[float]] = {}  # vm id → times of completed HA restarts
         self._next_work_id = 1
         self._batching = False  # while a host's items are released together, so priorities order them
@@ -65,7 +66,7 @@ class Scheduler:
     def restore(self, work: HaWorkRecord) -> None:
         self.ctx.works[work.id] = work
         self._next_work_id = max(self._next_work_id, work.id + 1)
-        if work.step is WorkStep.DONE and work.type is WorkType.HA and work.reason != OPERATOR_START:
+        if work.step is WorkStep.DONE and work.type is WorkType.HA and not work.reason.startswith(OPERATOR_START):
             self.restarts.setdefault(work.vm_id, []).append(work.updated_at)
         if not work.step.active:
             return
@@ -119,7 +120,12 @@ class Scheduler:
         ctx.works[work.id] = work
         self.active_by_vm[vm.id] = work.id
         ctx.save_work(work)
-        ctx.event("info", f"work:{work.id}", "work.scheduled", f"restart of {vm.name} scheduled ({work.reason})")
+        ctx.event(
+            "info",
+            f"work:{work.id}",
+            "work.scheduled",
+            f"{'start' if operator else 'restart'} of {vm.name} scheduled ({work.reason})",
+        )
         self.evaluate(work)
         return work.id
 
@@ -158,9 +164,10 @@ class Scheduler:
             self.waiting_on_host.setdefault(vm.host_id, set()).add(work.id)
             self._waits_for[work.id] = vm.host_id
             host = self.ctx.hosts[vm.host_id]
-            self._set_step(work, WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING)
+            step = WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING
+            self._wait(work, step, f"waits for a verdict ({why})")
         elif verdict == "wait_power":
-            self._set_step(work, WorkStep.INVESTIGATING)
+            self._wait(work, WorkStep.INVESTIGATING, f"waits: {why}")
             self.ctx.timers.schedule(("work", work.id), self.ctx.now + self.ctx.config.investigate_retry_interval_s)
         elif work.time_to_try_at > self.ctx.now:
             self.ctx.timers.schedule(("work", work.id), work.time_to_try_at)
@@ -173,7 +180,7 @@ class Scheduler:
     def _stale(self, work: HaWorkRecord, vm: VmRecord | None) -> str | None:
         if vm is None:
             return "VM deleted"
-        if work.reason != OPERATOR_START and not vm.ha_enabled:
+        if not work.reason.startswith(OPERATOR_START) and not vm.ha_enabled:
             return "HA switched off for the VM"
         if vm.update_count != work.vm_update_count:
             return f"VM changed since scheduled (now {vm.state.value} on {self.ctx.host_name(vm.host_id)})"
@@ -323,7 +330,7 @@ class Scheduler:
             return False
         self._own_update(work, vm, state=VmState.RUNNING, power=PowerState.POWER_ON)
         self.ctx.save_vm(vm)
-        if work.reason != OPERATOR_START:
+        if not work.reason.startswith(OPERATOR_START):
             self.restarts.setdefault(vm.id, []).append(self.ctx.now)
         took_s = self.ctx.now - work.created_at
         self.finish(
@@ -353,6 +360,13 @@ class Scheduler:
         self._batching = False
         self.pump()
 
+    def host_fencing(self, host: HostRecord) -> None:
+        """The host the items wait for is being fenced: show it on them (step Fencing)."""
+        for work_id in sorted(self.waiting_on_host.get(host.id, ())):
+            work = self.ctx.works.get(work_id)
+            if work is not None and work.step.active:
+                self._wait(work, WorkStep.FENCING, f"waits for the fence of {host.name}")
+
     def finish(self, work: HaWorkRecord, step: WorkStep, reason: str, severity: Severity = "info") -> None:
         work.step = step
         work.reason = f"{work.reason}; {step.value}: {reason}"
@@ -361,6 +375,7 @@ class Scheduler:
         self.in_progress.discard(work.id)
         for kind in ("work", "confirm"):
             self.ctx.timers.cancel((kind, work.id))
+        self._waiting_why.pop(work.id, None)
         waited_host = self._waits_for.pop(work.id, None)
         if waited_host is not None:
             self.waiting_on_host.get(waited_host, set()).discard(work.id)
@@ -373,6 +388,13 @@ class Scheduler:
     def _active(self, vm: VmRecord) -> HaWorkRecord | None:
         work_id = self.active_by_vm.get(vm.id)
         return None if work_id is None else self.ctx.works.get(work_id)
+
+    def _wait(self, work: HaWorkRecord, step: WorkStep, why: str) -> None:
+        """Park the item; an event tells why whenever what it waits for changes."""
+        if work.step is not step or self._waiting_why.get(work.id) != why:
+            self.ctx.event("info", f"work:{work.id}", "work.waiting", f"{step.value}: {why}")
+            self._waiting_why[work.id] = why
+        self._set_step(work, step)
 
     def _set_step(self, work: HaWorkRecord, step: WorkStep, *, save: bool = False) -> None:
         if work.step is not step or save:
