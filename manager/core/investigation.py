@@ -52,7 +52,7 @@ RULES: tuple[tuple[Bmc | None, Heartbeat | None, Reach | None, Verdict, str], ..
     (Bmc.OFF, ANY, ANY, Verdict.DEAD, "BMC says power is off"),
     (ANY, Heartbeat.FRESH, ANY, Verdict.ALIVE, "storage heartbeat is fresh: the host runs, its agent link is lost"),
     (ANY, ANY, Reach.REACHED, Verdict.ALIVE, "a neighbour reaches the host: it runs, its agent link is lost"),
-    (Bmc.ON, ANY, ANY, Verdict.UNKNOWN, "BMC says on but the host is silent and unreachable: hung or isolated"),
+    (Bmc.ON, ANY, ANY, Verdict.UNKNOWN, "BMC says on, nothing shows it alive: hung or isolated"),
     (
         Bmc.UNKNOWN,
         Heartbeat.STALE_LONG,
