@@ -266,3 +266,28 @@ def test_losing_the_daemon_is_reported_and_healed(backend: Backend) -> None:
     mine = [d for d in backend.hv.list_domains() if d.uuid == vm]
     assert [d.power for d in mine] == [Power.ON]  # the VM kept running while the daemon was away
     assert backend.truth(vm)[0] is Power.ON
+
+
+@pytest.mark.libvirt
+def test_hung_libvirtd_is_found_by_keepalive(private_libvirtd: PrivateLibvirtd) -> None:
+    """A libvirtd that stops answering (SIGSTOP) sends no EOF: only keepalive notices, after interval x (count+1)."""
+    recorder = Recorder()
+    adapter = LibvirtHypervisor(private_libvirtd.uri, keepalive_interval_s=1, keepalive_count=2, reconnect_max_s=0.5)
+    adapter.subscribe(recorder)
+    adapter.open()
+    pid = private_libvirtd.libvirtd_pid
+    assert pid is not None
+    try:
+        assert adapter.wait_connected(15)
+        began = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            recorder.wait_connection(False, began, timeout_s=10)
+            assert time.monotonic() - began < 6
+            assert not adapter.is_connected()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        recorder.wait_connection(True, began, timeout_s=30)
+        adapter.list_domains()
+    finally:
+        adapter.close()
