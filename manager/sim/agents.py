@@ -142,7 +142,10 @@ class Agents:
         if isinstance(action, a.SendCommand):
             host = self.world.hosts[action.host_id]
             if host.stream_open and self.world.link_up(host):
-                self.sim.schedule(self.sim.now + self.sim.latency(), self._execute, epoch, host, action)
+                if host.drop_rate and self.sim.rng.random() < host.drop_rate:
+                    return  # lost on a lossy link: the core times it out
+                at = self.sim.now + self.sim.latency() + host.extra_delay_s
+                self.sim.schedule(at, self._execute, epoch, host, action)
             else:
                 self.sim.to_core(f.CommandCompleted(action.request_id, False, "agent not connected"), 0.001)
         elif isinstance(action, a.Fence):

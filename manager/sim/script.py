@@ -10,6 +10,7 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     power h3 off|on            network h2 off|on (manager and neighbours)   link h2 off|on (manager only)
     storage h1 off|on          hypervisor h1 off|on                          agent h1 stop|crash|start
     bmc h2 dead|alive|fail N   kill-vm vm7   guest-shutdown vm2   repeat-report h1
+    drop h2 0.3 (lose 30% of h2's manager-link messages)   delay h2 1.5 (extra seconds)   partition h1 h2 [off]
     maintenance h4 on|off      restart manager   network manager off|on
     ha vm3 on|off              start vm3         stop vm3
 """
@@ -165,6 +166,17 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
         if arg == "off" and host.stream_open:
             host.stream_open = False  # the agent notices at once and keeps trying to reconnect
         agents.schedule_connect(host, 2.0)
+    elif verb == "drop":
+        host.drop_rate = float(arg)
+    elif verb == "delay":
+        host.extra_delay_s = float(arg)
+    elif verb == "partition":
+        other = sim.world.hosts_by_name[arg]
+        pair = frozenset((host.id, other.id))
+        if more and more[0] == "off":
+            sim.world.partitions.discard(pair)
+        else:
+            sim.world.partitions.add(pair)
     elif verb == "storage":
         host.storage_ok = arg == "on"
         host.update_heartbeat(now)

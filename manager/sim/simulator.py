@@ -167,6 +167,10 @@ class Simulator:
         one agent's stream arrive in the order they were sent, as on a real gRPC stream."""
         at = self.now + (self.latency() if delay_s is None else delay_s)
         if stream is not None:
+            host = self.world.hosts[stream]
+            if host.drop_rate and self.rng.random() < host.drop_rate:
+                return  # lost on a lossy link
+            at += host.extra_delay_s
             at = max(at, self._stream_last.get(stream, 0.0) + 1e-6)
             self._stream_last[stream] = at
         self.schedule(at, self._deliver, self.epoch, fact)

@@ -2,8 +2,8 @@
 
 A storm injects faults at random times (a Poisson process from the simulator's one RNG): power losses (some for
 good, some back later), network cuts, manager-link cuts, storage loss, full isolation, BMCs dying with their host,
-fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes and manager restarts. At most
-`max_concurrent_share` of the hosts are faulted at once, so the mass-silence guard is not what the storm tests.
+fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes, lossy and slow links, and manager
+restarts. At most `max_concurrent_share` of the hosts are faulted at once: the mass-silence guard is not under test.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "guest-shutdown": (2, None),
     "hypervisor": (2, (10.0, 60.0)),
     "agent-crash": (2, (10.0, 60.0)),
+    "lossy-link": (2, (30.0, 120.0)),
 }
 
 
@@ -115,6 +116,7 @@ class Storm:
             "fence-fails": (["bmc {h} fail 2", "network {h} off", "storage {h} off"], []),
             "hypervisor": (["hypervisor {h} off"], ["hypervisor {h} on"]),
             "agent-crash": (["agent {h} crash"], ["agent {h} start"]),
+            "lossy-link": (["drop {h} 0.3", "delay {h} 0.5"], ["drop {h} 0", "delay {h} 0"]),
         }[kind]
         for command in commands[0]:
             apply(self.sim, command.format(h=host))

@@ -38,6 +38,8 @@ class SimHost:
     agent_running: bool = True  # the agent process runs now (not while the host boots)
     net_up: bool = True  # the management network (manager and neighbours)
     manager_link_up: bool = True  # only the manager <-> host path (neighbours may still reach the host)
+    drop_rate: float = 0.0  # share of messages lost on the manager <-> host link
+    extra_delay_s: float = 0.0  # added to every message on that link
     storage_ok: bool = True
     hypervisor_ok: bool = True
     stream_open: bool = False  # the agent's link to the manager
