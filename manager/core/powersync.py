@@ -10,6 +10,7 @@ restart cannot trigger a restart storm. Domains nobody registered become Unmanag
 from __future__ import annotations
 
 from kvmha.manager.core import facts as f
+from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, HostStatus, PowerState, StopCause, VmId, VmRecord, VmState
 from kvmha.manager.core.scheduler import Scheduler
@@ -107,8 +108,9 @@ class PowerSync:
         if self.sched.vm_confirmed(vm, host.id):
             return
         changed = vm.power_state is not PowerState.POWER_ON
-        if vm.state in (VmState.STOPPED, VmState.ERROR):
-            ctx.event("warning", f"vm:{vm.id}", "vm.state", f"runs on {host.name} although {vm.state.value}: Running")
+        if vm.state in (VmState.STOPPED, VmState.ERROR, VmState.STARTING):
+            severity: Severity = "info" if vm.state is VmState.STARTING else "warning"
+            ctx.event(severity, f"vm:{vm.id}", "vm.state", f"runs on {host.name} although {vm.state.value}: Running")
             ctx.vms.update(vm, state=VmState.RUNNING)
             changed = True
         ctx.vms.update(vm, power=PowerState.POWER_ON, at=ctx.now)

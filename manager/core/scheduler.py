@@ -72,12 +72,15 @@ class Scheduler:
             return
         self.active_by_vm[work.vm_id] = work.id
         if work.step is WorkStep.RESTARTING:
-            # The StartVm answer died with the old manager: the VM may or may not run on its target. The target's
-            # next power report settles it; until then the work waits (the VM's power state is unknown).
+            # The StartVm answer died with the old manager: the VM may or may not run on its target. It stays in
+            # progress; the target's power report confirms it (Done), or the confirmation deadline treats it as a
+            # start of unknown outcome (the VM stays recorded on the target until that host says otherwise).
             vm = self.ctx.vms.get(work.vm_id)
             if vm is not None:
                 self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
-            work.step = WorkStep.SCHEDULED
+            self.in_progress.add(work.id)
+            self.ctx.timers.schedule(("confirm", work.id), self.ctx.now + self.ctx.config.start_timeout_s)
+            return
         self.ctx.timers.schedule(("work", work.id), self.ctx.now)
 
     # ------------------------------------------------------------ scheduling
@@ -195,7 +198,8 @@ class Scheduler:
             return "cancel", "its host was removed: not restarted without proof it is off"
         if host.status in DEAD:
             return "safe", f"{host.name} is {host.status.value}"
-        if host.status in SILENT:
+        if host.status in SILENT or host.status is HostStatus.CONNECTING:
+            # Connecting: its first full report (which settles the VM's power state) is still to come.
             return "wait_host", f"{host.name} is {host.status.value}"
         if host.status is HostStatus.DISCONNECTED:
             return "cancel", f"{host.name} is disconnected without investigation ({host.resource_state.value})"

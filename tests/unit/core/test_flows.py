@@ -227,3 +227,33 @@ def test_every_host_status_change_is_audited() -> None:
     saved = [s.host.status for s in of_type(out, a.SaveHost) if s.host.id == 1]
     audited = [m for m in messages(out) if m.startswith("host:1") and "->" in m]
     assert len(set(saved)) >= 2 and len(audited) == len(set(saved))
+
+
+def _restarting_work() -> HaWorkRecord:
+    return HaWorkRecord(WorkId(5), VmId(1), WorkType.HA, WorkStep.RESTARTING, HostId(1), VmState.RUNNING, 3, tried=1)
+
+
+def test_restart_interrupted_by_a_manager_restart_is_confirmed_by_the_target() -> None:
+    record = vm(1, on=2, state=VmState.STARTING)
+    record.update_count = 3
+    h = Harness(vms=[record], works=[_restarting_work()])
+    out = h.tick_until(1.0)
+    assert starts(out) == []  # the StartVm answer died with the old manager: never start blindly
+    h.connect(1)
+    h.connect(2, [1], at=1.5)  # the target lists it: the earlier start landed
+    assert h.core.works[WorkId(5)].step is WorkStep.DONE
+
+
+def test_restart_interrupted_by_a_manager_restart_retries_when_the_target_lacks_it() -> None:
+    record = vm(1, on=2, state=VmState.STARTING)
+    record.update_count = 3
+    h = Harness(vms=[record], works=[_restarting_work()])
+    h.connect(1, at=0.5)
+    h.connect(2, at=0.5)
+    h.connect(3, at=0.5)
+    config = h.core.config
+    out = h.tick_until(0.5 + config.power_report_missing_grace_s + 1.0, pinging=(1, 2, 3))
+    assert starts(out) == [] and any("target reports it off" in m for m in messages(out))
+    out = h.tick_until(h.now + config.restart_retry_interval_s, pinging=(1, 2, 3))
+    assert len(starts(out)) == 1
+    assert h.core.works[WorkId(5)].tried == 2
