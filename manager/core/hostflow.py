@@ -103,6 +103,7 @@ class HostFlow:
 
     def _forget_silence(self, host_id: HostId) -> None:
         self.investigations.pop(host_id, None)
+        self.heartbeat_seen.pop(host_id, None)
         for kind in ("inv", "reinv", "waited"):
             self.ctx.timers.cancel((kind, host_id))
 
