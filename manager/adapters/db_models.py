@@ -14,16 +14,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from kvmha.manager.core.model import (
-    HostRole,
-    HostStatus,
-    PowerState,
-    ResourceState,
-    VmState,
-    WorkStep,
-    WorkType,
-)
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Double,
@@ -38,6 +30,16 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from kvmha.manager.core.model import (
+    HostRole,
+    HostStatus,
+    PowerState,
+    ResourceState,
+    VmState,
+    WorkStep,
+    WorkType,
+)
+
 # Constraint names are fixed so that migrations can drop them by name on every database.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -48,6 +50,10 @@ NAMING_CONVENTION = {
 }
 
 ACTIVE_STEPS = tuple(step.value for step in WorkStep if step.active)
+
+# VM ids reach past 2**31: the core numbers the unmanaged domains it discovers from 2**40 up. SQLite keeps INTEGER
+# (its 64-bit rowid alias).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 # Domain XML can exceed MariaDB's TEXT (64 KiB); MEDIUMTEXT holds 16 MiB. Other databases' TEXT is unbounded.
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
@@ -117,7 +123,8 @@ class Host(Base):
 class VmInstance(Base):
     __tablename__ = "vm_instance"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Ids are given by the manager (below 2**40 for registered VMs, above for discovered ones), never generated.
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     uuid: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(255))
     state: Mapped[VmState] = mapped_column(enum_column(VmState), default=VmState.STOPPED)
@@ -144,8 +151,8 @@ class HaWork(Base):
 
     __tablename__ = "op_ha_work"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    instance_id: Mapped[int] = mapped_column(ForeignKey("vm_instance.id", ondelete="CASCADE"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # numbered by the core
+    instance_id: Mapped[int] = mapped_column(BigId, ForeignKey("vm_instance.id", ondelete="CASCADE"))
     type: Mapped[WorkType] = mapped_column(enum_column(WorkType))
     step: Mapped[WorkStep] = mapped_column(enum_column(WorkStep), default=WorkStep.SCHEDULED)
     host_id: Mapped[int | None] = mapped_column(ForeignKey("host.id", ondelete="SET NULL"), nullable=True)
@@ -161,7 +168,7 @@ class HaWork(Base):
     # The database's own guard against duplicate HA jobs (cloudstack#10367): equals instance_id while an HA item
     # is active, NULL otherwise; a UNIQUE column allows many NULLs on SQLite, PostgreSQL and MariaDB alike, so this
     # works where MariaDB has no partial indexes. The CHECK keeps it honest.
-    active_instance_id: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True)
+    active_instance_id: Mapped[int | None] = mapped_column(BigId, nullable=True, unique=True)
 
     __table_args__ = (
         CheckConstraint(

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
+from sqlalchemy import Engine, delete, func, or_, select, true, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from kvmha.manager.adapters.db_models import (
     Configuration,
     Event,
@@ -32,8 +35,6 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkStep,
 )
-from sqlalchemy import Engine, delete, func, or_, select, true, update
-from sqlalchemy.orm import Session, sessionmaker
 
 _Row = TypeVar("_Row", Host, VmInstance)
 ACTIVE_STEPS = [step for step in WorkStep if step.active]
@@ -135,8 +136,10 @@ class VmRepository:
         return self._session.scalars(select(VmInstance).where(VmInstance.uuid == uuid)).one_or_none()
 
     def add(self, record: VmRecord, now: float) -> VmRecord:
-        """Insert a new VM; the database assigns its id (record.id is ignored)."""
-        row = VmInstance(uuid=record.uuid, name=record.name, created_at=now, updated_at=now)
+        """Insert a new VM with its own id (the manager numbers VMs; see UNMANAGED_ID_BASE in the core)."""
+        if record.id <= 0:
+            raise ValueError("a VM needs an id before it is stored")
+        row = VmInstance(id=record.id, uuid=record.uuid, name=record.name, created_at=now, updated_at=now)
         _copy_vm(record, row, now)
         self._session.add(row)
         self._session.flush()
@@ -147,6 +150,21 @@ class VmRepository:
         if row is None:
             raise LookupError(f"vm {record.id} is not in the database")
         _copy_vm(record, row, now)
+
+    def upsert(self, record: VmRecord, now: float) -> None:
+        """Update, or insert with the record's own id (the core numbers the unmanaged VMs it discovers)."""
+        row = self._session.get(VmInstance, record.id)
+        if row is None:
+            row = VmInstance(id=record.id, uuid=record.uuid, created_at=now)
+            self._session.add(row)
+        _copy_vm(record, row, now)
+        self._session.flush()
+
+    def max_id(self, below: int | None = None) -> int:
+        query = select(func.coalesce(func.max(VmInstance.id), 0))
+        if below is not None:
+            query = query.where(VmInstance.id < below)
+        return int(self._session.scalar(query) or 0)
 
     def delete(self, vm_id: int) -> None:
         self._session.execute(delete(HaWork).where(HaWork.instance_id == vm_id))

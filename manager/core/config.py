@@ -50,13 +50,15 @@ class CoreConfig:
     flap_holdout_s: float = 900.0
     isolation_after_s: float = 30.0
     isolation_margin_s: float = 10.0
+    isolation_self_fence: bool = True
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
 
     @property
     def self_fenced_after_s(self) -> float:
-        """Heartbeat age after which an unreachable host without a BMC must have self-fenced its VMs."""
-        return self.isolation_after_s + self.isolation_margin_s
+        """Heartbeat age (and agent silence) after which an unreachable host must have self-fenced its VMs;
+        infinite when the agents do not self-fence: then only a BMC can prove such a host dead."""
+        return self.isolation_after_s + self.isolation_margin_s if self.isolation_self_fence else math.inf
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str], base: CoreConfig | None = None) -> CoreConfig:
@@ -216,6 +218,13 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
         "seconds after which an agent that lost the manager and its storage heartbeat self-fences (agent setting)",
     ),
     ("isolation.margin", "isolation_margin_s", _Z, "extra seconds the manager waits beyond isolation.after"),
+    (
+        "isolation.self.fence",
+        "isolation_self_fence",
+        _B,
+        "the agents stop their VMs when isolated (agent isolation policy destroy-vms or reboot-host); false: a host "
+        "without a working BMC is never taken for dead by its silence, it stays in Alert for the operator",
+    ),
     ("cpu.overcommit.ratio", "cpu_overcommit_ratio", _F, "vCPUs placed per host CPU"),
     ("placement.candidates", "placement_candidates", _I, "fitting hosts compared per placement (spread)"),
 )

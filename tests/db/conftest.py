@@ -4,9 +4,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kvmha.manager.adapters.db import make_engine
 from sqlalchemy import Engine
 
+from kvmha.manager.adapters.db import make_engine
 from tests.support.databases import KINDS, DatabaseUnavailable, fresh_database
 
 

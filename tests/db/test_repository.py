@@ -34,14 +34,31 @@ def store(engine: Engine) -> Store:
 
 
 def _vm(name: str, host_id: int | None) -> VmRecord:
-    return VmRecord(id=VmId(0), uuid=VmUuid(f"00000000-0000-4000-8000-{name.rjust(12, '0')}"), name=name,
-                    state=VmState.RUNNING, power_state=PowerState.POWER_ON, host_id=HostId(host_id) if host_id else None,
-                    ha_enabled=True, memory_mib=64, vcpus=1, domain_xml=f"<domain><name>{name}</name></domain>")
+    return VmRecord(
+        id=VmId(int(name.removeprefix("vm")) + 1),
+        uuid=VmUuid(f"00000000-0000-4000-8000-{name.rjust(12, '0')}"),
+        name=name,
+        state=VmState.RUNNING,
+        power_state=PowerState.POWER_ON,
+        host_id=HostId(host_id) if host_id else None,
+        ha_enabled=True,
+        memory_mib=64,
+        vcpus=1,
+        domain_xml=f"<domain><name>{name}</name></domain>",
+    )
 
 
 def _work(work_id: int, vm_id: int, step: WorkStep = WorkStep.SCHEDULED) -> HaWorkRecord:
-    return HaWorkRecord(id=WorkId(work_id), vm_id=VmId(vm_id), type=WorkType.HA, step=step, host_id=None,
-                        previous_state=VmState.RUNNING, vm_update_count=0, created_at=NOW)
+    return HaWorkRecord(
+        id=WorkId(work_id),
+        vm_id=VmId(vm_id),
+        type=WorkType.HA,
+        step=step,
+        host_id=None,
+        previous_state=VmState.RUNNING,
+        vm_update_count=0,
+        created_at=NOW,
+    )
 
 
 def test_host_and_vm_records_round_trip(store: Store) -> None:

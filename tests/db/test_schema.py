@@ -6,6 +6,10 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
 from kvmha.manager.adapters.db import downgrade, migrate
 from kvmha.manager.adapters.db_models import (
     Base,
@@ -26,9 +30,6 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
-from sqlalchemy import Engine, inspect, select
-from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
 
 TABLES = {"host", "vm_instance", "op_ha_work", "configuration", "event", "mshost", "alembic_version"}
 NOW = 1_764_057_600.123456  # sub-second precision must survive (DOUBLE, not DATETIME)

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
 from kvmha.proto.v1 import admin_pb2, agent_pb2
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-25 08:08:31.265197
+Create Date: 2026-11-25 08:24:11.854294
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('uuid', name=op.f('uq_host_uuid'))
     )
     op.create_table('vm_instance',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
     sa.Column('uuid', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=255), nullable=False),
     sa.Column('state', sa.Enum('Starting', 'Running', 'Stopping', 'Stopped', 'Migrating', 'Error', 'Unmanaged', name='vmstate', native_enum=False, length=32), nullable=False),
@@ -99,8 +99,8 @@ def upgrade() -> None:
         batch_op.create_index('ix_vm_instance_host_id', ['host_id'], unique=False)
 
     op.create_table('op_ha_work',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('instance_id', sa.Integer(), nullable=False),
+    sa.Column('id', sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column('instance_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('type', sa.Enum('HA', 'Stop', 'ForceStop', 'Destroy', 'CheckStop', 'Migration', name='worktype', native_enum=False, length=32), nullable=False),
     sa.Column('step', sa.Enum('Scheduled', 'Investigating', 'Fencing', 'Stopping', 'Restarting', 'Done', 'Error', 'Cancelled', name='workstep', native_enum=False, length=32), nullable=False),
     sa.Column('host_id', sa.Integer(), nullable=True),
@@ -113,7 +113,7 @@ def upgrade() -> None:
     sa.Column('reason', sa.Text(), nullable=False),
     sa.Column('created_at', sa.Double(), nullable=False),
     sa.Column('updated_at', sa.Double(), nullable=False),
-    sa.Column('active_instance_id', sa.Integer(), nullable=True),
+    sa.Column('active_instance_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.CheckConstraint("(active_instance_id IS NULL) OR (active_instance_id = instance_id AND type = 'HA' AND step IN ('Scheduled', 'Investigating', 'Fencing', 'Stopping', 'Restarting'))", name=op.f('ck_op_ha_work_active_instance')),
     sa.ForeignKeyConstraint(['host_id'], ['host.id'], name=op.f('fk_op_ha_work_host_id_host'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['instance_id'], ['vm_instance.id'], name=op.f('fk_op_ha_work_instance_id_vm_instance'), ondelete='CASCADE'),

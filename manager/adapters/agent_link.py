@@ -1,0 +1,247 @@
+"""The AgentLink gRPC servicer: one bidirectional stream per agent, translated into core facts.
+
+Stream protocol (see proto/kvmha/v1/agent.proto): Hello first, within `hello_timeout_s`; the manager answers Welcome
+or Reject. After Welcome the agent's messages become facts; commands from the core are queued on the session and
+written by this stream. A bad stream is ended with a gRPC status that says why (INVALID_ARGUMENT for a malformed
+message, FAILED_PRECONDITION for messages out of order, ALREADY_EXISTS for a duplicate host, RESOURCE_EXHAUSTED for
+a flood); other agents' streams are never affected.
+
+A second stream for a host that is already connected: if the first stream was heard from recently, the second is
+rejected as a duplicate (two agents claiming one uuid is a configuration error that must not flap the host); if the
+first has gone quiet, the second replaces it (an agent that reconnects before the manager noticed its old TCP
+connection died). Either way it is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from kvmha.manager.adapters import translate
+from kvmha.manager.adapters.translate import WireError
+from kvmha.manager.core import facts
+from kvmha.manager.core.model import HostId, RequestId
+from kvmha.proto.v1 import agent_pb2 as pb
+from kvmha.proto.v1 import agent_pb2_grpc
+
+log = logging.getLogger("kvmha.manager.link")
+
+OUTBOUND_QUEUE_LIMIT = 1000
+
+
+class RejectError(Exception):
+    """The hub refuses this agent; the code and reason go back in a Reject."""
+
+    def __init__(self, code: pb.RejectCode.ValueType, reason: str, status: grpc.StatusCode,
+                 retry_after_s: float = 10.0) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.status, self.retry_after_s = code, reason, status, retry_after_s
+
+
+class LinkHub(Protocol):
+    """What a stream needs from the manager service."""
+
+    async def register_agent(self, hello: pb.Hello, peer: str) -> HostId: ...
+    def welcome(self, host_id: HostId) -> pb.Welcome: ...
+    def submit(self, fact: facts.Fact) -> None: ...
+
+
+@dataclass
+class AgentSession:
+    host_id: HostId
+    uuid: str
+    peer: str
+    outbound: asyncio.Queue[pb.ManagerMessage | None] = field(
+        default_factory=lambda: asyncio.Queue(OUTBOUND_QUEUE_LIMIT)
+    )
+    last_heard_at: float = field(default_factory=time.monotonic)
+    neighbor_targets: dict[RequestId, HostId] = field(default_factory=dict)
+    closed_reason: str = ""
+
+    def send(self, message: pb.ManagerMessage) -> bool:
+        if self.closed_reason:
+            return False
+        try:
+            self.outbound.put_nowait(message)
+        except asyncio.QueueFull:
+            self.close("agent does not read its commands (outbound queue full)")
+            return False
+        return True
+
+    def close(self, reason: str) -> None:
+        if not self.closed_reason:
+            self.closed_reason = reason
+            with contextlib.suppress(asyncio.QueueFull):
+                self.outbound.put_nowait(None)
+
+
+class LinkRegistry:
+    """The open streams, by host."""
+
+    def __init__(self, quiet_after_s: Callable[[], float]) -> None:
+        self._by_host: dict[HostId, AgentSession] = {}
+        self._quiet_after_s = quiet_after_s
+
+    def get(self, host_id: HostId) -> AgentSession | None:
+        return self._by_host.get(host_id)
+
+    def __len__(self) -> int:
+        return len(self._by_host)
+
+    def hosts(self) -> set[HostId]:
+        return set(self._by_host)
+
+    def claim(self, session: AgentSession) -> None:
+        current = self._by_host.get(session.host_id)
+        if current is not None:
+            quiet_s = time.monotonic() - current.last_heard_at
+            if quiet_s < self._quiet_after_s():
+                log.warning("event=duplicate_stream host_id=%s uuid=%s peer=%s existing_peer=%s quiet_s=%.1f "
+                            "action=reject", session.host_id, session.uuid, session.peer, current.peer, quiet_s)
+                raise RejectError(pb.REJECT_DUPLICATE_HOST,
+                                  f"host {session.uuid} is already connected from {current.peer}",
+                                  grpc.StatusCode.ALREADY_EXISTS)
+            log.warning("event=stream_replaced host_id=%s old_peer=%s new_peer=%s quiet_s=%.1f",
+                        session.host_id, current.peer, session.peer, quiet_s)
+            current.close("replaced by a newer stream of the same host")
+        self._by_host[session.host_id] = session
+
+    def release(self, session: AgentSession) -> bool:
+        """Forget the session; False when a newer stream had already replaced it."""
+        if self._by_host.get(session.host_id) is session:
+            del self._by_host[session.host_id]
+            return True
+        return False
+
+    def close_all(self, reason: str) -> None:
+        for session in list(self._by_host.values()):
+            session.close(reason)
+
+
+class FloodGuard:
+    """Token bucket: a stream that sends more than `rate_per_s` messages (bursts up to `burst`) is cut off."""
+
+    def __init__(self, rate_per_s: float = 500.0, burst: float = 5000.0) -> None:
+        self._rate, self._burst, self._tokens, self._at = rate_per_s, burst, burst, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class StreamError(Exception):
+    def __init__(self, status: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
+    def __init__(self, hub: LinkHub, registry: LinkRegistry, hello_timeout_s: float = 10.0) -> None:
+        self._hub, self._registry, self._hello_timeout_s = hub, registry, hello_timeout_s
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext[
+            pb.AgentMessage, pb.ManagerMessage]
+    ) -> AsyncIterator[pb.ManagerMessage]:
+        peer = context.peer()
+        try:
+            session = await self._open(request_iterator, peer)
+        except RejectError as rejected:
+            log.warning("event=agent_rejected peer=%s code=%s reason=%s", peer,
+                        pb.RejectCode.Name(rejected.code), rejected.reason)
+            yield pb.ManagerMessage(reject=pb.Reject(code=rejected.code, reason=rejected.reason,
+                                                     retry_after_s=rejected.retry_after_s))
+            await context.abort(rejected.status, rejected.reason)
+            return
+        yield pb.ManagerMessage(welcome=self._hub.welcome(session.host_id))
+        log.info("event=agent_connected host_id=%s uuid=%s peer=%s", session.host_id, session.uuid, peer)
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        try:
+            while (message := await session.outbound.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            planned = await _result(reader)
+            if self._registry.release(session):
+                self._hub.submit(facts.AgentDisconnected(host_id=session.host_id, planned=planned is True))
+            log.info("event=agent_disconnected host_id=%s peer=%s planned=%s reason=%s", session.host_id, peer,
+                     planned is True, session.closed_reason or "stream ended")
+        if isinstance(planned, StreamError):
+            await context.abort(planned.status, str(planned))
+
+    async def _open(self, request_iterator: AsyncIterator[pb.AgentMessage], peer: str) -> AgentSession:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), self._hello_timeout_s)
+        except (TimeoutError, StopAsyncIteration):
+            raise RejectError(pb.REJECT_BAD_HELLO, "no Hello received", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        if first.WhichOneof("msg") != "hello":
+            raise RejectError(pb.REJECT_BAD_HELLO, f"the first message must be Hello, not {first.WhichOneof('msg')}",
+                              grpc.StatusCode.FAILED_PRECONDITION)
+        try:
+            translate.validate_hello(first.hello)
+        except WireError as error:
+            code = pb.REJECT_PROTOCOL_VERSION if "protocol" in str(error) else pb.REJECT_BAD_HELLO
+            raise RejectError(code, str(error), grpc.StatusCode.INVALID_ARGUMENT) from None
+        host_id = await self._hub.register_agent(first.hello, peer)
+        session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
+        self._registry.claim(session)
+        return session
+
+    async def _read(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], session: AgentSession
+    ) -> bool | StreamError:
+        """Turn the agent's messages into facts. True when the agent said Goodbye; a StreamError when it misbehaved."""
+        guard = FloodGuard()
+        try:
+            async for message in request_iterator:
+                session.last_heard_at = time.monotonic()
+                if not guard.allow():
+                    raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many messages; slow down")
+                if message.WhichOneof("msg") == "goodbye":
+                    return True
+                self._hub.submit(self._fact(message, session))
+            return False
+        except (WireError, StreamError) as error:
+            status = error.status if isinstance(error, StreamError) else grpc.StatusCode.INVALID_ARGUMENT
+            log.warning("event=stream_error host_id=%s peer=%s status=%s error=%s", session.host_id, session.peer,
+                        status.name, error)
+            return StreamError(status, str(error))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            return False
+        finally:
+            session.close("the agent's stream ended")
+
+    def _fact(self, message: pb.AgentMessage, session: AgentSession) -> facts.Fact:
+        kind = message.WhichOneof("msg")
+        if kind == "ping":
+            return translate.heartbeat(session.host_id, message.ping)
+        if kind == "power":
+            return translate.power_report(session.host_id, message.power)
+        if kind == "result":
+            completed = translate.command_result(message.result)
+            target = session.neighbor_targets.pop(completed.request_id, None)
+            if isinstance(completed.payload, facts.NeighborCheck) and target is not None:
+                payload = facts.NeighborCheck(target, completed.payload.tcp_reachable,
+                                              completed.payload.icmp_reachable, completed.payload.heartbeat_age_s)
+                return facts.CommandCompleted(completed.request_id, completed.ok, completed.error, payload)
+            return completed
+        raise StreamError(grpc.StatusCode.FAILED_PRECONDITION, f"unexpected {kind or 'empty'} message after Hello")
+
+
+async def _result(task: asyncio.Task[bool | StreamError]) -> bool | StreamError | None:
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None

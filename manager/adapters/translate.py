@@ -1,0 +1,134 @@
+"""Wire messages <-> core facts and commands. Pure functions; every malformed message becomes a WireError.
+
+The agent speaks libvirt's vocabulary decoded into proto enums (PowerState, StateCause); the core speaks
+CloudStack's (PowerOn/PowerOff, StopCause). This module is the one place that maps between them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuid_module
+
+from kvmha.manager.core import actions, facts
+from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
+from kvmha.proto.v1 import agent_pb2 as pb
+
+MAX_NAME_CHARS = 255
+MAX_DOMAINS_PER_REPORT = 10_000
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
+_HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+class WireError(ValueError):
+    """A message the manager cannot accept; the text says what is wrong (sent back to the agent)."""
+
+
+_POWER = {
+    pb.POWER_ON: PowerState.POWER_ON,
+    pb.POWER_PAUSED: PowerState.POWER_ON,  # a paused domain still holds its disks: it is not safe to start elsewhere
+    pb.POWER_OFF: PowerState.POWER_OFF,
+    pb.POWER_CRASHED: PowerState.POWER_OFF,
+    pb.POWER_UNKNOWN: PowerState.POWER_UNKNOWN,
+}
+
+_CAUSE = {
+    pb.STATE_CAUSE_UNSPECIFIED: StopCause.NONE,
+    pb.CAUSE_BOOTED: StopCause.NONE,
+    pb.CAUSE_GUEST_SHUTDOWN: StopCause.GUEST_SHUTDOWN,
+    pb.CAUSE_DESTROYED: StopCause.DESTROYED,
+    pb.CAUSE_CRASHED: StopCause.CRASHED,
+    pb.CAUSE_FAILED: StopCause.FAILED,
+    pb.CAUSE_MIGRATED: StopCause.MIGRATED,
+    pb.CAUSE_SAVED: StopCause.SAVED,
+    pb.CAUSE_PAUSED: StopCause.PAUSED,
+    pb.CAUSE_UNDEFINED: StopCause.UNDEFINED,
+    pb.CAUSE_OTHER: StopCause.OTHER,
+}
+
+
+def check_uuid(value: str, what: str) -> str:
+    try:
+        return str(uuid_module.UUID(value))
+    except (ValueError, AttributeError):
+        raise WireError(f"{what} {value[:64]!r} is not a UUID") from None
+
+
+def validate_hello(hello: pb.Hello) -> None:
+    """Raise WireError unless `hello` is something the manager can register."""
+    check_uuid(hello.host_uuid, "host_uuid")
+    if hello.protocol_version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {hello.protocol_version} is not supported (manager speaks "
+                        f"{PROTOCOL_VERSION})")
+    if not _HOSTNAME.match(hello.hostname):
+        raise WireError(f"hostname {hello.hostname[:64]!r} is empty or not a host name")
+    if len(hello.management_address) > MAX_NAME_CHARS:
+        raise WireError("management_address is too long")
+
+
+def capacity(message: pb.Capacity) -> HostCapacity:
+    return HostCapacity(cpus=int(message.cpus), memory_mib=int(message.memory_mib))
+
+
+def heartbeat(host_id: HostId, ping: pb.Ping) -> facts.HeartbeatReceived:
+    storage_ok = all(status.ok for status in ping.storage)  # no configured paths: nothing is failing
+    return facts.HeartbeatReceived(host_id=host_id, sequence=int(ping.sequence),
+                                   hypervisor_connected=ping.hypervisor_connected, storage_ok=storage_ok)
+
+
+def power_report(host_id: HostId, report: pb.PowerStateReport) -> facts.PowerStateReported:
+    if len(report.domains) > MAX_DOMAINS_PER_REPORT:
+        raise WireError(f"a report of {len(report.domains)} domains is more than {MAX_DOMAINS_PER_REPORT}")
+    if not report.hypervisor_connected:
+        return facts.PowerStateReported(host_id=host_id, full=report.full, hypervisor_connected=False)
+    domains = tuple(_domain(entry) for entry in report.domains)
+    return facts.PowerStateReported(host_id=host_id, full=report.full, hypervisor_connected=True, domains=domains)
+
+
+def _domain(entry: pb.DomainPower) -> facts.DomainReport:
+    uuid = check_uuid(entry.uuid, "domain uuid")
+    power = _POWER.get(entry.state)
+    if power is None:
+        raise WireError(f"domain {uuid}: power state {entry.state} is not known")
+    cause = _CAUSE.get(entry.cause, StopCause.OTHER)
+    if entry.state == pb.POWER_CRASHED and cause is StopCause.NONE:
+        cause = StopCause.CRASHED
+    return facts.DomainReport(uuid=VmUuid(uuid), name=entry.name[:MAX_NAME_CHARS], power=power, cause=cause)
+
+
+def command_result(result: pb.CommandResult) -> facts.CommandCompleted:
+    payload: facts.NeighborCheck | facts.VmStartConfirmed | None = None
+    kind = result.WhichOneof("payload")
+    if kind == "neighbor":
+        payload = _neighbor(result.neighbor)
+    elif kind == "vm_started":
+        payload = facts.VmStartConfirmed(vm_uuid=VmUuid(result.vm_started.uuid),
+                                         already_running=result.vm_started.already_running)
+    error = "" if result.ok else f"{pb.ErrorCode.Name(result.code)}: {result.message}"[:2000]
+    return facts.CommandCompleted(request_id=RequestId(result.request_id), ok=result.ok, error=error,
+                                  payload=payload)
+
+
+def _neighbor(report: pb.NeighborReport) -> facts.NeighborCheck:
+    # The target's id is filled in by the caller that knows which request this answers (see AgentSession).
+    return facts.NeighborCheck(
+        target_host_id=HostId(0),
+        tcp_reachable=report.tcp_reachable,
+        icmp_reachable=report.icmp_reachable if report.icmp_checked else None,
+        heartbeat_age_s=report.heartbeat_age_s if report.heartbeat_found else None,
+    )
+
+
+def command_message(request_id: RequestId, command: actions.AgentCommand, timeout_s: float) -> pb.ManagerMessage:
+    message = pb.Command(request_id=request_id, timeout_s=timeout_s)
+    if isinstance(command, actions.StartVm):
+        message.start_vm.CopyFrom(pb.StartVm(vm_uuid=command.vm_uuid, domain_xml=command.domain_xml))
+    elif isinstance(command, actions.StopVm):
+        message.stop_vm.CopyFrom(pb.StopVm(vm_uuid=command.vm_uuid, timeout_s=command.timeout_s))
+    elif isinstance(command, actions.DestroyVm):
+        message.destroy_vm.CopyFrom(pb.DestroyVm(vm_uuid=command.vm_uuid))
+    elif isinstance(command, actions.CheckNeighbor):
+        message.check_neighbor.CopyFrom(pb.CheckNeighbor(host_uuid=command.target_uuid, address=command.address,
+                                                         timeout_s=command.timeout_s))
+    else:
+        message.get_capacity.CopyFrom(pb.GetCapacity())
+    return pb.ManagerMessage(command=message)

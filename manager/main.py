@@ -1,0 +1,127 @@
+"""`kvmha-manager`: the composition root. Wires settings, database, core service, gRPC servers and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from kvmha.manager import logs
+from kvmha.manager.adapters.admin import AdminServicer
+from kvmha.manager.adapters.agent_link import AgentLinkServicer
+from kvmha.manager.adapters.db import make_engine, migrate
+from kvmha.manager.adapters.repository import Store
+from kvmha.manager.fencing import ipmi_chain
+from kvmha.manager.metrics import Metrics
+from kvmha.manager.service import ManagerService, ServiceSettings
+from kvmha.manager.settings import ManagerSettings, SettingsError, environment, load, parse_args, split_address
+from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc
+
+log = logging.getLogger("kvmha.manager")
+VERSION = "0.1.0"
+MAX_MESSAGE_BYTES = 8 << 20  # a full report of thousands of domains fits; a larger message is refused
+METRICS_REFRESH_S = 5.0
+HEALTH_SERVICE = "kvmha.v1.AgentLink"
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, flags = parse_args(argv)
+    try:
+        settings = load(config_path, environment(), flags)
+    except SettingsError as error:
+        print(f"kvmha-manager: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:
+        log.exception("event=manager_failed error=%s", error)
+        return 1
+    return 0
+
+
+def _credentials(settings: ManagerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise SettingsError(f"cannot listen on {address}")
+
+
+async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -> None:
+    engine = make_engine(settings.database)
+    await asyncio.to_thread(migrate, engine)
+    metrics = Metrics()
+    service = ManagerService(
+        Store(engine),
+        ServiceSettings(manager_id=settings.manager_id, address=settings.listen, version=VERSION,
+                        auto_register_hosts=settings.auto_register_hosts,
+                        config_overrides=settings.config_overrides),
+        fencer_factory=ipmi_chain, metrics=metrics)
+    await service.start()
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+               ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+    credentials = _credentials(settings)
+    agents = grpc.aio.server(options=options)
+    agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(service, service.links), agents)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, agents)
+    _add_port(agents, settings.listen, credentials)
+    admin = grpc.aio.server(options=options)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service), admin)
+    _add_port(admin, settings.admin_listen, credentials)
+    if settings.metrics_listen:
+        host, port = split_address(settings.metrics_listen)
+        metrics.serve(port, host)
+    await agents.start()
+    await admin.start()
+    for name in ("", HEALTH_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("event=listening agents=%s admin=%s metrics=%s database=%s", settings.listen, settings.admin_listen,
+             settings.metrics_listen or "off", engine.url.render_as_string(hide_password=True))
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    refresher = asyncio.create_task(_refresh_metrics(service))
+    try:
+        await stop.wait()
+    finally:
+        log.info("event=manager_stopping")
+        for name in ("", HEALTH_SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        refresher.cancel()
+        await service.stop()
+        await asyncio.gather(agents.stop(grace=3), admin.stop(grace=3))
+        engine.dispose()
+        log.info("event=manager_stopped")
+
+
+async def _refresh_metrics(service: ManagerService) -> None:
+    while True:
+        core = service.core
+        if core is not None:
+            service.metrics.refresh(core.hosts.values(), core.vms, core.works.values(), len(service.links))
+        await asyncio.sleep(METRICS_REFRESH_S)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Prometheus metrics of the manager, served on their own HTTP port (`metrics_port`).
+
+Gauges of the cluster's state are refreshed from the core's views every few seconds (cheap, and off the hot path
+of pings); counters and histograms are fed by the driver as facts and actions pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from kvmha.manager.core import actions, facts
+from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
+
+LATENCY_BUCKETS_S = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.hosts = Gauge("kvmha_hosts", "Hosts by status", ["status"], registry=r)
+        self.vms = Gauge("kvmha_vms", "VMs by state and power state", ["state", "power_state"], registry=r)
+        self.work = Gauge("kvmha_ha_work", "HA work items by step", ["step"], registry=r)
+        self.streams = Gauge("kvmha_agent_streams", "Open agent streams", registry=r)
+        self.facts = Counter("kvmha_facts_total", "Facts handled by the core", ["kind"], registry=r)
+        self.commands = Counter("kvmha_commands_total", "Commands sent to agents", ["command"], registry=r)
+        self.fences = Counter("kvmha_fence_results_total", "Fence results", ["result"], registry=r)
+        self.db_errors = Counter("kvmha_db_errors_total", "Failed database writes (retried)", registry=r)
+        self.detection_latency = Histogram(
+            "kvmha_detection_latency_seconds", "Last ping of a host to its being declared behind",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.restart_latency = Histogram(
+            "kvmha_restart_latency_seconds", "HA work created to the VM confirmed running elsewhere",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self._done_work: set[int] = set()
+        self._behind: set[int] = set()
+
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def observe_fact(self, fact: facts.Fact) -> None:
+        self.facts.labels(type(fact).__name__).inc()
+        if isinstance(fact, facts.FenceCompleted):
+            self.fences.labels("already_off" if fact.already_off else "ok" if fact.ok else "failed").inc()
+
+    def observe_action(self, action: actions.Action, now: float) -> None:
+        if isinstance(action, actions.SendCommand):
+            self.commands.labels(type(action.command).__name__).inc()
+        elif isinstance(action, actions.SaveWork):
+            work = action.work
+            if work.step.value == "Done" and work.id not in self._done_work:
+                self._done_work.add(work.id)
+                self.restart_latency.observe(max(0.0, work.updated_at - work.created_at))
+        elif isinstance(action, actions.SaveHost):
+            self._observe_host(action.host, now)
+
+    def _observe_host(self, host: HostRecord, now: float) -> None:
+        """Detection latency: last ping to the first status that says the host is no longer Up."""
+        if host.status.value in ("Up", "Connecting"):
+            self._behind.discard(host.id)
+        elif host.id not in self._behind and host.last_ping_at is not None:
+            self._behind.add(host.id)
+            self.detection_latency.observe(max(0.0, now - host.last_ping_at))
+
+    def refresh(self, hosts: Iterable[HostRecord], vms: Iterable[VmRecord], works: Iterable[HaWorkRecord],
+                streams: int) -> None:
+        _set_all(self.hosts, Tally((h.status.value,) for h in hosts))
+        _set_all(self.vms, Tally((v.state.value, v.power_state.value) for v in vms))
+        _set_all(self.work, Tally((w.step.value,) for w in works))
+        self.streams.set(streams)
+
+
+def _set_all(gauge: Gauge, counts: Tally[tuple[str, ...]]) -> None:
+    gauge.clear()
+    for labels, count in counts.items():
+        gauge.labels(*labels).set(count)

@@ -1,0 +1,154 @@
+"""Manager settings: /etc/kvmha/manager.toml, then KVMHA_MANAGER_* environment variables, then flags.
+
+The HA tunables (ping.interval, ...) live in the database's `configuration` table, changeable with
+`kvmha config set`; a `[config]` table in manager.toml overrides them for this manager (and wins over the CLI).
+
+Example (deploy/config/manager.toml):
+
+    [manager]
+    id = "mgr1"
+    listen = "127.0.0.1:50051"        # agents' AgentLink stream
+    admin_listen = "127.0.0.1:50052"  # the operator CLI
+    metrics_listen = "127.0.0.1:9464" # Prometheus; "" = off
+    database = "sqlite:////var/lib/kvmha/manager.sqlite"
+    auto_register_hosts = true
+    log_format = "kv"                 # or "json"
+    [tls]                              # optional; without it only loopback listeners are allowed
+    cert = "/etc/kvmha/manager.crt"
+    key = "/etc/kvmha/manager.key"
+    [config]
+    "ping.interval" = "2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/kvmha/manager.toml")
+DEFAULT_DATABASE = "sqlite:////var/lib/kvmha/manager.sqlite"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    manager_id: str = field(default_factory=socket.gethostname)
+    listen: str = "127.0.0.1:50051"
+    admin_listen: str = "127.0.0.1:50052"
+    metrics_listen: str = "127.0.0.1:9464"
+    database: str = DEFAULT_DATABASE
+    auto_register_hosts: bool = True
+    log_format: str = "kv"
+    log_level: str = "INFO"
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Plaintext on a non-loopback address needs this (the lab's own bridge does); real deployments use TLS.
+    allow_insecure_plaintext: bool = False
+    config_overrides: tuple[tuple[str, str], ...] = ()
+
+    def check(self) -> None:
+        for name in ("listen", "admin_listen"):
+            host, _ = split_address(getattr(self, name))
+            if not self.tls_cert and not self.allow_insecure_plaintext and not is_loopback(host):
+                raise SettingsError(f"{name} = {getattr(self, name)!r} is not loopback: configure [tls] cert/key "
+                                    "(or allow_insecure_plaintext = true on an isolated network)")
+        if self.log_format not in ("kv", "json"):
+            raise SettingsError(f"log_format must be 'kv' or 'json', not {self.log_format!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("[tls] needs both cert and key")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SettingsError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_KEYS = {
+    "id": "manager_id", "listen": "listen", "admin_listen": "admin_listen", "metrics_listen": "metrics_listen",
+    "database": "database", "auto_register_hosts": "auto_register_hosts", "log_format": "log_format",
+    "log_level": "log_level", "allow_insecure_plaintext": "allow_insecure_plaintext",
+}
+
+
+def load(path: Path | None, env: dict[str, str], flags: dict[str, Any]) -> ManagerSettings:
+    settings = ManagerSettings()
+    config_path = path or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    if config_path is not None:
+        settings = _from_toml(settings, config_path)
+    for key, attribute in _KEYS.items():
+        value = env.get(f"KVMHA_MANAGER_{key.upper()}")
+        if value is not None:
+            settings = replace(settings, **{attribute: _coerce(attribute, value)})  # type: ignore[arg-type]
+    settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
+    settings.check()
+    return settings
+
+
+def _from_toml(settings: ManagerSettings, path: Path) -> ManagerSettings:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise SettingsError(f"{path}: {error}") from None
+    manager = data.get("manager", {})
+    unknown = set(manager) - set(_KEYS)
+    if unknown:
+        raise SettingsError(f"{path}: unknown keys in [manager]: {sorted(unknown)}")
+    changes = {_KEYS[k]: _coerce(_KEYS[k], v) for k, v in manager.items()}
+    tls = data.get("tls", {})
+    changes["tls_cert"], changes["tls_key"] = str(tls.get("cert", "")), str(tls.get("key", ""))
+    overrides = tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v))
+                      for k, v in data.get("config", {}).items())
+    return replace(settings, config_overrides=overrides, **changes)  # type: ignore[arg-type]
+
+
+def _coerce(attribute: str, value: object) -> object:
+    if attribute in ("auto_register_hosts", "allow_insecure_plaintext"):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise SettingsError(f"{attribute} must be true or false, not {value!r}")
+        return text in ("true", "1", "yes")
+    return str(value)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Path | None, dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="kvmha-manager",
+        description="kvmha manager: keeps the agents' ping map, detects failed hosts and VMs, fences and restarts.")
+    parser.add_argument("--config", type=Path, help=f"TOML settings (default {DEFAULT_CONFIG_PATH} if present)")
+    parser.add_argument("--id", dest="manager_id", help="this manager's id (default: the host name)")
+    parser.add_argument("--listen", help="HOST:PORT for agents (default 127.0.0.1:50051)")
+    parser.add_argument("--admin-listen", help="HOST:PORT for the operator CLI (default 127.0.0.1:50052)")
+    parser.add_argument("--metrics-listen", help="HOST:PORT for Prometheus metrics; empty to disable")
+    parser.add_argument("--database", help=f"SQLAlchemy URL (default {DEFAULT_DATABASE})")
+    parser.add_argument("--log-format", choices=["kv", "json"])
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--allow-insecure-plaintext", action="store_true", default=None,
+                        help="allow plaintext gRPC on non-loopback addresses (isolated lab networks only)")
+    args = vars(parser.parse_args(argv))
+    return args.pop("config"), args
+
+
+def environment() -> dict[str, str]:
+    return dict(os.environ)
