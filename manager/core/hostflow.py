@@ -317,7 +317,9 @@ class HostFlow:
             return
         delay_s = config.investigate_retry_interval_s
         if blocked is None and not config.isolation_self_fence:
-            blocked = "no BMC to fence it and agents do not self-fence (isolation.self.fence=false): operator action needed"
+            blocked = (
+                "no BMC to fence it and agents do not self-fence (isolation.self.fence=false): operator action needed"
+            )
         elif blocked is None:
             blocked = "no BMC to fence it"
             if heartbeat is Heartbeat.STALE and inv.heartbeat_age_s is not None:

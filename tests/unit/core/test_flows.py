@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.config import CoreConfig
@@ -257,3 +259,23 @@ def test_restart_interrupted_by_a_manager_restart_retries_when_the_target_lacks_
     out = h.tick_until(h.now + config.restart_retry_interval_s, pinging=(1, 2, 3))
     assert len(starts(out)) == 1
     assert h.core.works[WorkId(5)].tried == 2
+
+
+@pytest.mark.parametrize("self_fence", [True, False])
+def test_a_silent_host_without_bmc_is_dead_only_if_agents_self_fence(self_fence: bool) -> None:
+    config = CoreConfig(startup_grace_s=1.0, isolation_self_fence=self_fence)
+    h = Harness(vms=[vm(1, on=1)], config=config, bmc=False)
+    h.connect_all()
+    out: list[a.Action] = []
+    for step_at in range(8, 120, 2):
+        new = h.tick_until(float(step_at), pinging=(2, 3))
+        for command in of_type(new, a.SendCommand):
+            if isinstance(command.command, a.CheckNeighbor):  # a long-stale heartbeat, nobody reaches it
+                new += h.answer(command, payload=f.NeighborCheck(HostId(1), False, False, 3600.0))
+        out += new
+    assert of_type(out, a.Fence) == []
+    if self_fence:
+        assert h.core.host_status(HostId(1)) is HostStatus.DOWN and len(starts(out)) == 1
+    else:
+        assert h.core.host_status(HostId(1)) is HostStatus.ALERT and starts(out) == []
+        assert any("operator action needed" in m for m in messages(out))
