@@ -43,7 +43,10 @@ class AgentConfig:
     resync_interval_s: float = 30.0
     neighbor_port: int = 22
     log_format: str = "kv"
-    isolation_policy: str = "none"
+    # destroy-vms by default: the manager's isolation.self.fence (default true) takes a silent, unreachable host
+    # without a working BMC for dead once isolation.after + margin have passed, which is safe only if the agent
+    # really destroyed its VMs by then (docs/decisions.md).
+    isolation_policy: str = "destroy-vms"
     isolation_after_s: float = 30.0
     # Not in the documented schema (optional, defaults are fine): the first ping interval before Welcome says
     # otherwise, and the longest pause between two connection attempts.

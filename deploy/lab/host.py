@@ -92,7 +92,7 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
         "resync_interval_s": 30.0,
         "log_format": "kv",
     }
-    isolation: dict[str, object] = {"policy": "none", "after_s": 30.0}
+    isolation: dict[str, object] = {"policy": "destroy-vms", "after_s": 30.0}
     for key, value in overrides.items():
         if key.startswith("isolation."):
             isolation[key.removeprefix("isolation.")] = value

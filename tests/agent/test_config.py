@@ -55,7 +55,7 @@ def test_env_then_flags_override_the_file(tmp_path: Path) -> None:
 def test_the_deploy_example_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "agent.toml"
     cfg = load_config(["--config", str(example)], environ={})
-    assert cfg.isolation_policy == "none"
+    assert cfg.isolation_policy == "destroy-vms"  # matches the manager's default isolation.self.fence = true
 
 
 @pytest.mark.parametrize(("text", "message"), [
