@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from kvmha.manager.adapters.db_models import Base
 from sqlalchemy import Engine
+
+from kvmha.manager.adapters.db_models import Base
 
 target_metadata = Base.metadata
 

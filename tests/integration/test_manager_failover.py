@@ -1,12 +1,13 @@
 """A real manager and three real agents on 127.0.0.1, on SQLite, PostgreSQL and MariaDB.
 
-Each agent runs its own libvirt test driver (a `test://` node of 8 CPUs / 4 GiB) inside its process, so killing the agent kills its VMs with it:
-a host failure in miniature. Each agent is the "power" of an IPMI BMC simulator (ipmi_sim on 127.0.0.1), which
-reads off once the agent process is gone, and the manager knows each BMC. (Every host here is 127.0.0.1, so the
-neighbours' ICMP check always reaches it: without the BMC the manager must — and does — refuse to restart, see the
-simulator scenarios.) The manager must detect the host behind, investigate (the BMC says off: Down), restart the
-HA VMs on the other hosts, mark the non-HA VM Stopped, and tell the story in its events. The VM states asserted here come from the surviving agents' libvirt power reports; the lab's
-end-to-end tests check the same with virsh on real hosts.
+Each agent runs its own libvirt test driver (a `test://` node of 8 CPUs / 4 GiB) inside its process, so killing the
+agent kills its VMs with it: a host failure in miniature. Each agent is the "power" of an IPMI BMC simulator
+(ipmi_sim on 127.0.0.1), which reads off once the agent process is gone, and the manager knows each BMC. (Every host
+here is 127.0.0.1, so the neighbours' ICMP check always reaches it: without the BMC the manager must — and does —
+refuse to restart, see the simulator scenarios.) The manager must detect the host behind, investigate (the BMC says
+off: Down), restart the HA VMs on the other hosts, mark the non-HA VM Stopped, and tell the story in its events.
+The VM states asserted here come from the surviving agents' libvirt power reports; the lab's end-to-end tests
+(tests/e2e) check the same with virsh on real hosts.
 """
 
 from __future__ import annotations

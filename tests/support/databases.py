@@ -15,9 +15,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from kvmha.manager.adapters.db import normalize_url
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from kvmha.manager.adapters.db import normalize_url
 
 ENV_BY_KIND = {"postgresql": "KVMHA_TEST_POSTGRES_URL", "mariadb": "KVMHA_TEST_MARIADB_URL"}
 KINDS = ("sqlite", "postgresql", "mariadb")
