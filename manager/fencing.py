@@ -9,25 +9,36 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, PowerStatus
+from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, PowerStatus, race_delay_s
 from kvmha.manager.adapters.ipmi import IpmiFencer
 from kvmha.manager.adapters.repository import BmcCredentials
 from kvmha.manager.core import actions, facts
 
 FencerFactory = Callable[[BmcCredentials], FencerChain]
 
-_chains: dict[BmcCredentials, FencerChain] = {}
-_chains_lock = threading.Lock()
+# Two managers (or a manager and an operator's script) deciding to fence the same host at the same moment must not
+# fire together: each manager waits a delay in [0, FENCE_RACE_DELAY_MAX_S) fixed by its id and the BMC, so the
+# second one finds the host already off ("already off" is success). Small: it is added to every failover.
+FENCE_RACE_DELAY_MAX_S = 1.0
 
 
-def ipmi_chain(credentials: BmcCredentials, race_delay_s: float = 0.0) -> FencerChain:
-    """The default factory: one IPMI fencer per host, cached so concurrent fences of a host share one guard."""
-    with _chains_lock:
-        chain = _chains.get(credentials)
-        if chain is None:
-            fencer = IpmiFencer(credentials.address, credentials.port, credentials.user, credentials.password)
-            chain = _chains[credentials] = FencerChain([fencer], race_delay_s=race_delay_s)
-        return chain
+def ipmi_factory(manager_id: str, race_delay_max_s: float = FENCE_RACE_DELAY_MAX_S) -> FencerFactory:
+    """The default factory: one IPMI fencer per BMC, its chain cached so concurrent fences of a host share one
+    in-process guard."""
+    chains: dict[BmcCredentials, FencerChain] = {}
+    lock = threading.Lock()
+
+    def chain_for(credentials: BmcCredentials) -> FencerChain:
+        with lock:
+            chain = chains.get(credentials)
+            if chain is None:
+                bmc = f"{credentials.address}:{credentials.port}"
+                fencer = IpmiFencer(credentials.address, credentials.port, credentials.user, credentials.password)
+                delay_s = race_delay_s(f"{manager_id}/{bmc}", race_delay_max_s)
+                chain = chains[credentials] = FencerChain([fencer], race_delay_s=delay_s, guard_key=bmc)
+            return chain
+
+    return chain_for
 
 
 def fence_host(factory: FencerFactory, credentials: BmcCredentials | None, action: actions.Fence,
@@ -38,8 +49,9 @@ def fence_host(factory: FencerFactory, credentials: BmcCredentials | None, actio
     try:
         result = factory(credentials).fence(timeout_s)
     except Exception as error:  # an adapter bug must read as a failed fence, never as a success
+        # The type only: an exception's text could carry what the adapter was given, secrets included.
         return facts.FenceCompleted(request_id=action.request_id, host_id=action.host_id, ok=False,
-                                    already_off=False, detail=f"fencer error: {type(error).__name__}: {error}")
+                                    already_off=False, detail=f"fencer error: {type(error).__name__}")
     ok = result.outcome in (FenceOutcome.FENCED, FenceOutcome.ALREADY_OFF)
     return facts.FenceCompleted(request_id=action.request_id, host_id=action.host_id, ok=ok,
                                 already_off=result.outcome is FenceOutcome.ALREADY_OFF, detail=result.detail)
@@ -54,7 +66,7 @@ def query_bmc(factory: FencerFactory, credentials: BmcCredentials | None, action
         status = factory(credentials).power_status(timeout_s)
     except Exception as error:
         return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power="unknown",
-                                      detail=f"fencer error: {type(error).__name__}: {error}")
+                                      detail=f"fencer error: {type(error).__name__}")
     power = {PowerStatus.ON: "on", PowerStatus.OFF: "off"}.get(status, "unknown")
     return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power=power,  # type: ignore[arg-type]
                                   detail=f"BMC {credentials.address}:{credentials.port} says {status}")

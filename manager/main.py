@@ -17,7 +17,7 @@ from kvmha.manager.adapters.admin import AdminServicer
 from kvmha.manager.adapters.agent_link import AgentLinkServicer
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.repository import Store
-from kvmha.manager.fencing import ipmi_chain
+from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
 from kvmha.manager.service import ManagerService, ServiceSettings
 from kvmha.manager.settings import ManagerSettings, SettingsError, environment, load, parse_args, split_address
@@ -70,7 +70,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
         ServiceSettings(manager_id=settings.manager_id, address=settings.listen, version=VERSION,
                         auto_register_hosts=settings.auto_register_hosts,
                         config_overrides=settings.config_overrides),
-        fencer_factory=ipmi_chain, metrics=metrics)
+        fencer_factory=ipmi_factory(settings.manager_id), metrics=metrics)
     await service.start()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
