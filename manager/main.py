@@ -11,6 +11,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 from kvmha.manager import logs
 from kvmha.manager.adapters.admin import AdminServicer
@@ -63,7 +65,7 @@ def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCre
 
 async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -> None:
     engine = make_engine(settings.database)
-    await asyncio.to_thread(migrate, engine)
+    await _migrate_when_reachable(engine)
     metrics = Metrics()
     service = ManagerService(
         Store(engine),
@@ -113,6 +115,20 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
         await asyncio.gather(agents.stop(grace=3), admin.stop(grace=3))
         engine.dispose()
         log.info("event=manager_stopped")
+
+
+async def _migrate_when_reachable(engine: Engine) -> None:
+    """A database that is down at start is waited for (with a clear line in the log), not a crash loop."""
+    delay_s = 1.0
+    while True:
+        try:
+            await asyncio.to_thread(migrate, engine)
+            return
+        except OperationalError as error:
+            log.error("event=database_unreachable url=%s error=%s retry_in_s=%.0f",
+                      engine.url.render_as_string(hide_password=True), str(error).splitlines()[0][:300], delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 30.0)
 
 
 async def _refresh_metrics(service: ManagerService) -> None:
