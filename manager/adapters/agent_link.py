@@ -87,6 +87,7 @@ class LinkRegistry:
 
     def __init__(self, quiet_after_s: Callable[[], float]) -> None:
         self._by_host: dict[HostId, AgentSession] = {}
+        self._by_uuid: dict[str, AgentSession] = {}
         self._quiet_after_s = quiet_after_s
 
     def get(self, host_id: HostId) -> AgentSession | None:
@@ -98,25 +99,38 @@ class LinkRegistry:
     def hosts(self) -> set[HostId]:
         return set(self._by_host)
 
+    def refuse_duplicate(self, uuid: str, peer: str) -> None:
+        """Raise the Reject for a Hello of a host whose stream is open and alive. Checked before the Hello is
+        registered, so that an impostor's Hello changes nothing (not the host's name, not its link state)."""
+        current = self._by_uuid.get(uuid)
+        if current is not None:
+            self._refuse_if_live(current, uuid, peer)
+
+    def _refuse_if_live(self, current: AgentSession, uuid: str, peer: str) -> float:
+        quiet_s = time.monotonic() - current.last_heard_at
+        if quiet_s < self._quiet_after_s():
+            log.warning("event=duplicate_stream host_id=%s uuid=%s peer=%s existing_peer=%s quiet_s=%.1f "
+                        "action=reject", current.host_id, uuid, peer, current.peer, quiet_s)
+            raise RejectError(pb.REJECT_DUPLICATE_HOST, f"host {uuid} is already connected from {current.peer}",
+                              grpc.StatusCode.ALREADY_EXISTS)
+        return quiet_s
+
     def claim(self, session: AgentSession) -> None:
         current = self._by_host.get(session.host_id)
         if current is not None:
-            quiet_s = time.monotonic() - current.last_heard_at
-            if quiet_s < self._quiet_after_s():
-                log.warning("event=duplicate_stream host_id=%s uuid=%s peer=%s existing_peer=%s quiet_s=%.1f "
-                            "action=reject", session.host_id, session.uuid, session.peer, current.peer, quiet_s)
-                raise RejectError(pb.REJECT_DUPLICATE_HOST,
-                                  f"host {session.uuid} is already connected from {current.peer}",
-                                  grpc.StatusCode.ALREADY_EXISTS)
+            quiet_s = self._refuse_if_live(current, session.uuid, session.peer)
             log.warning("event=stream_replaced host_id=%s old_peer=%s new_peer=%s quiet_s=%.1f",
                         session.host_id, current.peer, session.peer, quiet_s)
             current.close("replaced by a newer stream of the same host")
         self._by_host[session.host_id] = session
+        self._by_uuid[session.uuid] = session
 
     def release(self, session: AgentSession) -> bool:
         """Forget the session; False when a newer stream had already replaced it."""
         if self._by_host.get(session.host_id) is session:
             del self._by_host[session.host_id]
+            if self._by_uuid.get(session.uuid) is session:
+                del self._by_uuid[session.uuid]
             return True
         return False
 
@@ -194,6 +208,9 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         except WireError as error:
             code = pb.REJECT_PROTOCOL_VERSION if "protocol" in str(error) else pb.REJECT_BAD_HELLO
             raise RejectError(code, str(error), grpc.StatusCode.INVALID_ARGUMENT) from None
+        # One spelling per host: "ABCD..." and "abcd..." are the same uuid, never two hosts.
+        first.hello.host_uuid = translate.check_uuid(first.hello.host_uuid, "host_uuid")
+        self._registry.refuse_duplicate(first.hello.host_uuid, peer)
         host_id = await self._hub.register_agent(first.hello, peer)
         session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
         self._registry.claim(session)
