@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -60,17 +61,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     # ------------------------------------------------------------------ hosts
 
+    def _live(self) -> tuple[set[HostId], dict[int, float]]:
+        """What only the driver's memory knows: the hosts with an open stream, and each host's last ping (the core
+        does not write every ping to the database, so the row's last_ping_at is only as new as its last save)."""
+        core = self._service.core
+        pings = {int(h.id): h.last_ping_at for h in core.hosts.values() if h.last_ping_at is not None} if core else {}
+        return self._service.links.hosts(), pings
+
     async def ListHosts(self, request: pb.ListHostsRequest, context: Context) -> pb.ListHostsResponse:
-        connected = self._service.links.hosts()
-        return await self._service.read(
-            lambda uow: pb.ListHostsResponse(hosts=[_host_info(uow, h, connected) for h in uow.hosts.rows()]))
+        connected, pings = self._live()
+
+        def listing(uow: UnitOfWork) -> pb.ListHostsResponse:
+            running = _running_by_host(uow)
+            return pb.ListHostsResponse(hosts=[_host_info(h, connected, pings, running) for h in uow.hosts.rows()])
+
+        return await self._service.read(listing)
 
     async def GetHost(self, request: pb.Ref, context: Context) -> pb.HostInfo:
         return await self._guard(context, self._host_info(request.ref))  # type: ignore[no-any-return]
 
     async def _host_info(self, ref: str) -> pb.HostInfo:
-        connected = self._service.links.hosts()
-        return await self._service.read(lambda uow: _host_info(uow, _host(uow, ref), connected))
+        connected, pings = self._live()
+        return await self._service.read(lambda uow: _host_info(_host(uow, ref), connected, pings,
+                                                               _running_by_host(uow)))
 
     async def SetMaintenance(self, request: pb.SetMaintenanceRequest, context: Context) -> pb.HostInfo:
         async def change() -> pb.HostInfo:
@@ -265,13 +278,18 @@ def _opt_host(host_id: int | None) -> HostId | None:
     return HostId(host_id) if host_id is not None else None
 
 
-def _host_info(uow: UnitOfWork, row: Host, connected: set[HostId]) -> pb.HostInfo:
-    running = sum(1 for v in uow.vms.rows(row.id) if v.power_state is PowerState.POWER_ON)
+def _running_by_host(uow: UnitOfWork) -> Counter[int]:
+    """VMs powered on, by host: one query for a whole listing (not one per host)."""
+    return Counter(v.host_id for v in uow.vms.rows() if v.power_state is PowerState.POWER_ON and v.host_id is not None)
+
+
+def _host_info(row: Host, connected: set[HostId], pings: dict[int, float], running: Counter[int]) -> pb.HostInfo:
+    last_ping_at = max(row.last_ping_at or 0.0, pings.get(row.id, 0.0))
     bmc = f"{row.bmc_address}:{row.bmc_port}" if row.bmc_address else ""
     return pb.HostInfo(id=row.id, uuid=row.uuid, name=row.name, address=row.address, status=row.status.value,
                        resource_state=row.resource_state.value, role=row.role.value,
-                       last_ping_at=row.last_ping_at or 0.0, cpus=row.cpus, memory_mib=row.memory_mib,
-                       vms_running=running, connected=HostId(row.id) in connected, has_bmc=bool(row.bmc_address),
+                       last_ping_at=last_ping_at, cpus=row.cpus, memory_mib=row.memory_mib, vms_running=running[row.id],
+                       connected=HostId(row.id) in connected, has_bmc=bool(row.bmc_address),
                        bmc_address=bmc, manager_id=row.manager_id or "", agent_version=row.agent_version)
 
 
