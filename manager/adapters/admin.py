@@ -228,15 +228,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListConfig(self, request: pb.ListConfigRequest, context: Context) -> pb.ListConfigResponse:
         rows = await self._service.read(lambda uow: uow.config.all())
-        return pb.ListConfigResponse(items=[_config_item(r) for r in rows])
+        overrides = dict(self._service.settings.config_overrides)
+        return pb.ListConfigResponse(items=[_config_item(r, overrides.get(r.name)) for r in rows])
 
     async def SetConfig(self, request: pb.SetConfigRequest, context: Context) -> pb.ConfigItem:
         def store(uow: UnitOfWork) -> ConfigRow:
             rows = {row.name: row.effective for row in uow.config.all()}
             if request.name not in rows:
                 _fail(grpc.StatusCode.NOT_FOUND, f"no setting named {request.name!r}")
+            # The [config] table of manager.toml wins over the database: a value set here would not be used.
+            overrides = dict(self._service.settings.config_overrides)
+            if request.name in overrides:
+                _fail(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{request.name} is set to {overrides[request.name]} in this manager's manager.toml ([config]), "
+                      "which wins over `kvmha config set`: change it there")
             try:
-                self._service.config = CoreConfig.from_mapping({**rows, request.name: request.value})
+                # Checked against the configuration in effect (file overrides included), which the core runs on.
+                self._service.config = CoreConfig.from_mapping({**rows, request.name: request.value, **overrides})
             except ConfigError as error:
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             row = uow.config.set(request.name, request.value, self._service.clock())
@@ -315,9 +323,11 @@ def _event_info(row: EventRow) -> pb.EventInfo:
                         message=row.message)
 
 
-def _config_item(row: ConfigRow) -> pb.ConfigItem:
-    return pb.ConfigItem(name=row.name, value=row.effective, default_value=row.default_value,
-                         description=row.description, scope=row.scope)
+def _config_item(row: ConfigRow, override: str | None = None) -> pb.ConfigItem:
+    """The value in effect: the manager.toml override when there is one (scope "manager.toml"), else the row's."""
+    return pb.ConfigItem(name=row.name, value=row.effective if override is None else override,
+                         default_value=row.default_value, description=row.description,
+                         scope=row.scope if override is None else "manager.toml")
 
 
 def _vm_from_xml(request: pb.CreateVmRequest) -> VmRecord:
