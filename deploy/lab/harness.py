@@ -24,9 +24,10 @@ from typing import TypeVar
 
 import grpc
 
+from kvmha.lab import proc
 from kvmha.lab.bmc import find_free_port
 from kvmha.lab.lab import Lab
-from kvmha.lab.state import DEFAULT_STATE_DIR
+from kvmha.lab.state import DEFAULT_STATE_DIR, PidRef
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import admin_pb2_grpc
 
@@ -150,6 +151,10 @@ class LabCluster:
         with (self.workdir / "manager.log").open("ab") as log:
             self.manager = subprocess.Popen([str(BIN / "kvmha-manager"), "--config", str(config)], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        started = proc.info(self.manager.pid)
+        if started is not None:  # `down` from any process ends it too, even if this one is gone by then
+            self.lab.spec.companions["manager"] = PidRef(started.pid, started.start_ticks)
+            self.lab.spec.save()
         wait_for(lambda: self.admin().ListHosts(apb.ListHostsRequest(), timeout=2) is not None, 30,
                  "the manager's admin port")
 

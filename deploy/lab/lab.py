@@ -193,6 +193,8 @@ class Lab:
             # The keeper owns (and so reaps) the BMC processes: let it tear down, then finish whatever is left.
             proc.kill(keeper.pid, keeper.start_ticks, signal.SIGTERM)
             proc.wait_gone([proc.ProcInfo(keeper.pid, 0, "", keeper.start_ticks, 0)], 60.0)
+        for ref in self.spec.companions.values():
+            self._end(ref)  # e.g. the manager in front of the lab: before the hosts, so it sees no mass failure
         for ref in self.spec.bmcs.values():
             proc.kill(ref.pid, ref.start_ticks, signal.SIGCONT)  # a BMC stopped by the "bmc" fault must hear SIGTERM
         for host in self.spec.hosts:
@@ -232,7 +234,7 @@ class Lab:
 
     @staticmethod
     def _end(ref: PidRef) -> None:
-        """End an ipmi_sim started by another process: SIGTERM, then SIGKILL; never a reused PID."""
+        """End an ipmi_sim or a companion started by another process: SIGTERM, then SIGKILL; never a reused PID."""
         if not proc.alive(ref.pid, ref.start_ticks):
             return
         proc.kill(ref.pid, ref.start_ticks, signal.SIGTERM)

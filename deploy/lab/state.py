@@ -56,6 +56,9 @@ class LabSpec:
     hosts: list[HostSpec] = field(default_factory=list)
     bmcs: dict[str, PidRef] = field(default_factory=dict)  # host name -> its ipmi_sim
     keeper: PidRef | None = None  # the process owning the BMCs when the lab was made by `kvmha-lab up`
+    # Processes started next to the lab that `down` must end too (by PID, SIGTERM then SIGKILL): the harness's
+    # manager, recorded so that a lab outliving its creator (`make demo`) takes its manager with it.
+    companions: dict[str, PidRef] = field(default_factory=dict)
     created_dirs: list[str] = field(default_factory=list)  # machine folders the lab made, removed by down
     netns_mount_created: bool = False  # /run/netns became a mount point because of us
     ready: bool = False
@@ -83,4 +86,5 @@ class LabSpec:
         raw["hosts"] = [HostSpec(**h) for h in raw["hosts"]]
         raw["bmcs"] = {name: PidRef(**ref) for name, ref in raw["bmcs"].items()}
         raw["keeper"] = PidRef(**raw["keeper"]) if raw.get("keeper") else None
+        raw["companions"] = {name: PidRef(**ref) for name, ref in raw.get("companions", {}).items()}
         return LabSpec(**raw)
