@@ -82,6 +82,9 @@ class OperatorFlow:
         if vm is None:
             return
         self.sched.cancel_for_vm(vm, "VM deleted")
+        # VM ids can be given again to a new VM (the next one above the highest registered): its restart count per
+        # window must not start with the deleted VM's restarts.
+        self.sched.restarts.pop(vm.id, None)
         if occupies(vm) and vm.host_id in self.ctx.connected:
             assert vm.host_id is not None
             self.ctx.send("destroy", vm.host_id, vm.id, DestroyVm(vm.uuid), self.ctx.config.start_timeout_s)
