@@ -534,16 +534,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "process: stop it first", "bold red")
         return 2
 
-    out.head(f"1. A lab of {HOSTS} KVM hosts and the manager (product defaults)")
-    began = time.monotonic()
     try:
-        ready = start_keeper(out, args, state_dir)
-    except LabError as error:
-        out.say(str(error), "bold red")
+        out.head(f"1. A lab of {HOSTS} KVM hosts and the manager (product defaults)")
+        cluster, config, ready = bring_up(out, args, state_dir)
+        return run_story(out, args, cluster, config, ready)
+    except KeyboardInterrupt:
+        out.say("interrupted; the lab stays up (its keeper runs on its own)", "bold red")
+        hint(out, args)
+        return 130
+    except (LabError, TimeoutError, grpc.RpcError) as error:
+        out.say(f"the demo failed: {error}", "bold red")
+        if not (state_dir / STATE_FILE).exists():
+            out.say("the lab did not stay up: nothing is left to tear down")
+            return 1
+        out.say(f"keeper log: {keeper_log(state_dir)}; manager log: {state_dir / 'manager' / 'manager.log'}")
+        hint(out, args)
         return 1
+
+
+def bring_up(out: Out, args: argparse.Namespace,
+             state_dir: Path) -> tuple[LabCluster, dict[str, str], dict[str, Any]]:
+    """Start the keeper, wait for the lab and the manager, and return a client view of them."""
+    began = time.monotonic()
+    ready = start_keeper(out, args, state_dir)
     lab = Lab.attach(state_dir)
     cluster = LabCluster(lab=lab, workdir=state_dir / "manager", admin_port=args.admin_port, database="",
-                         core_config={})
+                         core_config={})  # a view: its manager field stays None, and nothing here calls stop()
     config = {c.name: c.value for c in cluster.admin().ListConfig(apb.ListConfigRequest(), timeout=5).items}
     hosts = cluster.hosts()
     out.table("", ["host", "address", "BMC (IPMI, UDP)", "manager says"],
@@ -555,17 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.say("manager config: " + ", ".join(f"{k} {config.get(k, '?')} s" for k in
                                             ("ping.interval", "ping.timeout", "investigation.timeout",
                                              "fence.timeout", "startup.grace")))
-    try:
-        return run_story(out, args, cluster, config, ready)
-    except KeyboardInterrupt:
-        out.say("interrupted; the lab stays up", "bold red")
-        hint(out, args)
-        return 130
-    except (LabError, TimeoutError, grpc.RpcError) as error:
-        out.say(f"the demo failed: {error}", "bold red")
-        out.say(f"manager log: {cluster.workdir / 'manager.log'}; the lab stays up for a look")
-        hint(out, args)
-        return 1
+    return cluster, config, ready
 
 
 def run_story(out: Out, args: argparse.Namespace, cluster: LabCluster, config: Mapping[str, str],
