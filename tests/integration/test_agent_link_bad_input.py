@@ -329,6 +329,59 @@ def test_a_second_hello_on_an_accepted_stream_ends_it(world: World) -> None:
     world.check_unaffected(started)
 
 
+def _domain(name: str, state: int = pb.POWER_ON, uuid: str = "") -> pb.DomainPower:
+    return pb.DomainPower(uuid=uuid or str(uuid_module.uuid4()), name=name, state=state)
+
+
+@pytest.mark.parametrize(("message", "code", "words"), [
+    (report(2, domains=[_domain("bad1", uuid="nope")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "domain uuid 'nope' is not a UUID"),
+    (report(2, domains=[_domain("ok2"), _domain("bad2", state=7)]), grpc.StatusCode.INVALID_ARGUMENT,
+     "power state 7 is not known"),
+    (report(2, domains=[_domain(f"many{i}") for i in range(10_001)]), grpc.StatusCode.INVALID_ARGUMENT,
+     "more than 10000"),
+    (pb.AgentMessage(), grpc.StatusCode.FAILED_PRECONDITION, "unexpected empty message after Hello"),
+], ids=["domain-uuid", "power-state", "too-many-domains", "empty"])
+def test_a_malformed_message_after_welcome_ends_the_stream(
+    world: World, message: pb.AgentMessage, code: grpc.StatusCode, words: str
+) -> None:
+    started = time.time()
+    name = f"malformed-{len(world.baseline.expected_hosts)}"
+    host_uuid = world.fake_host(name)
+
+    async def scenario() -> Outcome:
+        agent, _ = await accepted(world.link, host_uuid, name)
+        await agent.send(report(1), ping(1), message)
+        return await agent.finish()
+
+    outcome = asyncio.run(scenario())
+    assert outcome.kinds() == ["welcome"] and outcome.code == code and words in outcome.details, outcome
+    reported = {d.name for d in message.power.domains}
+    assert not reported & set(world.cluster.vms()), "a domain of the refused report was recorded"
+    assert not world.cluster.hosts()[name].connected
+    world.check_unaffected(started)
+
+
+def test_a_result_for_a_command_never_sent_is_ignored(world: World) -> None:
+    started = time.time()
+    host_uuid = world.fake_host("forger")
+    vm_uuid = world.baseline.vm.uuid
+
+    async def scenario() -> Outcome:
+        agent, welcome = await accepted(world.link, host_uuid, "forger")
+        forged = pb.CommandResult(request_id=f"{welcome.manager_id}.forged.1", ok=True,
+                                  vm_started=pb.VmStarted(uuid=vm_uuid))
+        assert await agent.send(report(1), pb.AgentMessage(result=forged), ping(1),
+                                pb.AgentMessage(result=pb.CommandResult(request_id="", ok=False)), ping(2))
+        await asyncio.sleep(0.5)
+        assert await agent.send(pb.AgentMessage(goodbye=pb.Goodbye(reason="test done")))
+        return await agent.finish()
+
+    outcome = asyncio.run(scenario())
+    assert outcome.kinds() == ["welcome"] and outcome.code == grpc.StatusCode.OK, outcome
+    world.check_unaffected(started)  # among others: web still Running on h1, not moved to "forger"
+
+
 def _oversize() -> pb.AgentMessage:
     domain = pb.DomainPower(uuid=str(uuid_module.uuid4()), name="huge", state=pb.POWER_ON,
                             detail_text="x" * (9 << 20))

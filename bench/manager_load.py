@@ -1,0 +1,548 @@
+"""Manager benchmark: how many agents one `kvmha-manager` holds at a 2 s ping interval, on PostgreSQL.
+
+    .venv/bin/python bench/manager_load.py [--steps 100,1000] [--search-from 2000] [--search-step 1500]
+                                           [--budget-s 330] [--window-s 30] [--search-window-s 20]
+                                           [--domains 3] [--database URL]
+
+Set-up: a fresh PostgreSQL database (tests/support/databases.py; the server of KVMHA_TEST_POSTGRES_URL, or
+--database), one real `kvmha-manager` process started like the integration tests start it (tests/support/cluster.py,
+manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
+process (this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP
+connection (a local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full
+power report of `--domains` running domains, then a Ping every 2 s (±5 % jitter, random phase) and a full report
+every 30 s (the agent's default resync); it answers CheckNeighbor/GetCapacity commands like a healthy agent.
+
+Steps: N = 100, 1,000 (30 s windows), then a search 2,000, 3,500, 5,000, ... (20 s windows; agents are added,
+never restarted) until a step fails or the next one cannot finish within the time budget (~5.5 min, predicted from
+the last ramp's rate). Each step ramps up to N (64 Hellos in flight at a time; every Hello is a few database
+transactions in the manager's single driver, so ramps take most of the budget), waits until the manager lists all
+N hosts Up, then measures over the window:
+
+* manager CPU (% of one core, utime+stime from /proc/<pid>/stat over the window) and RSS (VmRSS at the end, VmHWM
+  peak); for context the load process's own CPU, all postgres processes' CPU and the whole machine's busy share
+  (2 cores shared with other work: the figures are what this machine gave, not what the manager needs alone);
+* ping handling latency. The manager does not acknowledge pings, so it is measured from what it records: the
+  core stamps a host's `last_ping_at` with the wall-clock time at which its driver handled the ping (the admin API
+  returns that in-memory value). A few times per window the load process calls ListHosts and, for each host,
+  matches `last_ping_at` to the latest ping that agent sent before that instant: latency = last_ping_at - send time
+  (same machine, same clock). This covers the whole path: the client's write, TCP, gRPC in the manager, the queue
+  to the single driver task and the core's handling. It is exact while the latency stays under the ping interval
+  (2 s); a host whose manager-side record is older than a ping sent more than 1 s before the snapshot is counted
+  as "lagging", which flags the case where the matching would understate the latency;
+* handled vs offered pings: the manager's kvmha_facts_total{kind="HeartbeatReceived"} rate (metrics port) against
+  the pings the load process sent per second;
+* false host-downs: every "host.status" event "Up -> ..." of a simulated host (all of them ping all the time),
+  counted over the ramp and the window, and the load process's own stream errors and its send lateness (how late
+  it sent pings behind their schedule: when the load process itself is starved, that shows here first).
+
+A step fails on any false host-down, stream error, lagging host, or a latency p99 above the ping interval; the
+largest N that passed is the maximum found (when no step failed, the manager's limit lies above it: the budget
+ended the search). Prints a table and writes bench/results/manager_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid as uuid_module
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from kvmha.proto.v1 import admin_pb2 as apb  # noqa: E402
+from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc  # noqa: E402
+from kvmha.proto.v1 import agent_pb2 as pb  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PING_INTERVAL_S = 2.0
+RESYNC_S = 30.0
+CONNECTS_IN_FLIGHT = 64
+RESULTS = ROOT / "bench" / "results" / "manager_load.json"
+
+
+# ---------------------------------------------------------------------------------------------- /proc
+
+
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    values = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def postgres_cpu_s() -> float:
+    """All postgres processes on the machine (the server is shared: this is context, not the manager's cost)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() != "postgres":
+                        continue
+                total += cpu_s(int(entry))
+    return total
+
+
+def machine_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- load process
+
+
+@dataclass
+class SimAgent:
+    index: int
+    host_uuid: str
+    name: str
+    domains: list[pb.DomainPower]
+    sent: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # wall-clock send times of pings
+    connected: bool = False
+    errors: int = 0
+    last_error: str = ""
+
+
+class Load:
+    def __init__(self, link: str, admin: str, metrics: str, manager_pid: int, domains: int) -> None:
+        self.link, self.metrics, self.manager_pid, self.domains = link, metrics, manager_pid, domains
+        self.admin_channel = grpc.aio.insecure_channel(admin, options=[("grpc.max_receive_message_length", 1 << 28)])
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.admin_channel)
+        self.agents: list[SimAgent] = []
+        self.by_uuid: dict[str, SimAgent] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.pings_sent = 0
+        self.late_s: list[float] = []  # send lateness behind schedule, this window
+        self.connect_s: list[float] = []
+        self.event_cursor = 0
+        self.host_names: dict[str, str] = {}
+        self.ramp_rate = 50.0  # new agents per second, as measured by the last ramp
+
+    # ---- one simulated agent
+
+    async def run_agent(self, agent: SimAgent, ready: asyncio.Event) -> None:
+        while True:
+            try:
+                await self._stream(agent, ready)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                agent.errors += 1
+                agent.last_error = f"{type(error).__name__}: {str(error)[:200]}"
+            agent.connected = False
+            ready.set()
+            await asyncio.sleep(1.0 + random.random())
+
+    async def _stream(self, agent: SimAgent, ready: asyncio.Event) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 60_000)]
+        async with grpc.aio.insecure_channel(self.link, options=options) as channel:
+            call = agent_pb2_grpc.AgentLinkStub(channel).Connect()
+            lock = asyncio.Lock()
+            started = time.monotonic()
+            await call.write(pb.AgentMessage(hello=pb.Hello(
+                host_uuid=agent.host_uuid, hostname=agent.name, management_address="127.0.0.1",
+                capacity=pb.Capacity(cpus=32, memory_mib=262144, free_memory_mib=200000), libvirt_version="9.0.0",
+                qemu_version="7.2.0", agent_version="bench", protocol_version=pb.PROTOCOL_VERSION_CURRENT,
+                boot_id=str(uuid_module.uuid4()))))
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
+                raise RuntimeError(f"no Welcome: {first}")
+            self.connect_s.append(time.monotonic() - started)
+            sequence = 1
+            await call.write(self._report(agent, sequence))
+            agent.connected = True
+            ready.set()
+            reader = asyncio.create_task(self._answer(call, lock))
+            try:
+                loop = asyncio.get_running_loop()
+                next_ping = loop.time() + random.uniform(0, PING_INTERVAL_S)
+                next_resync = loop.time() + random.uniform(0, RESYNC_S)
+                while not reader.done():
+                    await asyncio.sleep(max(0.0, next_ping - loop.time()))
+                    self.late_s.append(loop.time() - next_ping)
+                    sequence += 1
+                    async with lock:
+                        agent.sent.append(time.time())
+                        await call.write(pb.AgentMessage(ping=pb.Ping(sequence=sequence, hypervisor_connected=True,
+                                                                      domains_running=len(agent.domains))))
+                    self.pings_sent += 1
+                    next_ping += PING_INTERVAL_S * random.uniform(0.95, 1.05)
+                    if loop.time() >= next_resync:
+                        sequence += 1
+                        async with lock:
+                            await call.write(self._report(agent, sequence))
+                        next_resync += RESYNC_S
+                await reader  # raises the stream's error
+                raise RuntimeError("the manager ended the stream")
+            finally:
+                reader.cancel()
+
+    @staticmethod
+    def _report(agent: SimAgent, sequence: int) -> pb.AgentMessage:
+        return pb.AgentMessage(power=pb.PowerStateReport(full=True, domains=agent.domains, hypervisor_connected=True,
+                                                         sequence=sequence))
+
+    async def _answer(self, call: Any, lock: asyncio.Lock) -> None:
+        """Answer commands like a healthy agent (investigations of other hosts ask neighbours)."""
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            if message.WhichOneof("msg") != "command":
+                continue
+            command = message.command
+            kind = command.WhichOneof("kind")
+            if kind == "check_neighbor":
+                result = pb.CommandResult(request_id=command.request_id, ok=True, neighbor=pb.NeighborReport(
+                    host_uuid=command.check_neighbor.host_uuid, tcp_reachable=True, icmp_checked=True,
+                    icmp_reachable=True, heartbeat_found=True, heartbeat_age_s=1.0))
+            elif kind == "get_capacity":
+                result = pb.CommandResult(request_id=command.request_id, ok=True,
+                                          capacity=pb.Capacity(cpus=32, memory_mib=262144, free_memory_mib=200000))
+            else:
+                result = pb.CommandResult(request_id=command.request_id, ok=False, code=pb.ERROR_UNKNOWN_COMMAND,
+                                          message="the bench agent runs no VMs")
+            async with lock:
+                await call.write(pb.AgentMessage(result=result))
+
+    # ---- steps
+
+    async def ramp_to(self, count: int) -> None:
+        gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
+        starting: list[asyncio.Task[None]] = []
+        while len(self.agents) < count:
+            index = len(self.agents)
+            domains = [pb.DomainPower(uuid=str(uuid_module.uuid4()), name=f"bench-{index:05d}-{k}", state=pb.POWER_ON,
+                                      cause=pb.CAUSE_BOOTED, libvirt_state=1, libvirt_reason=1, libvirt_event=-1,
+                                      libvirt_detail=-1, detail_text="RUNNING_BOOTED")
+                       for k in range(self.domains)]
+            agent = SimAgent(index, str(uuid_module.uuid4()), f"bench-{index:05d}", domains)
+            self.agents.append(agent)
+            self.by_uuid[agent.host_uuid] = agent
+
+            async def start(agent: SimAgent) -> None:
+                async with gate:
+                    ready = asyncio.Event()
+                    self.tasks.append(asyncio.create_task(self.run_agent(agent, ready)))
+                    await ready.wait()
+
+            starting.append(asyncio.create_task(start(agent)))
+        await asyncio.gather(*starting)
+
+    async def hosts(self) -> tuple[float, list[apb.HostInfo]]:
+        before = time.time()
+        reply = await self.admin.ListHosts(apb.ListHostsRequest(), timeout=60)
+        return before, list(reply.hosts)
+
+    async def wait_up(self, count: int, timeout_s: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            _, hosts = await self.hosts()
+            if sum(1 for h in hosts if h.status == "Up" and h.uuid in self.by_uuid) >= count:
+                return time.monotonic() - started
+            await asyncio.sleep(1.0)
+        raise TimeoutError(f"not all {count} hosts Up within {timeout_s:.0f} s")
+
+    def latency_sample(self, before: float, hosts: list[apb.HostInfo]) -> tuple[list[float], int]:
+        latencies: list[float] = []
+        lagging = 0
+        for host in hosts:
+            agent = self.by_uuid.get(host.uuid)
+            if agent is None or not agent.sent:
+                continue
+            self.host_names[f"host:{host.id}"] = host.name
+            sent = list(agent.sent)
+            matched = [s for s in sent if s <= host.last_ping_at]
+            if matched:
+                latencies.append(host.last_ping_at - matched[-1])
+            if any(host.last_ping_at < s <= before - 1.0 for s in sent):
+                lagging += 1
+        return latencies, lagging
+
+    async def counters(self) -> tuple[float, float]:
+        """Pings sent and the manager's HeartbeatReceived count at (about) the same instant: the scrape can take a
+        second under load, so the sent count is the mean of before and after it."""
+        before = self.pings_sent
+        handled = await self.heartbeats_handled()
+        return (before + self.pings_sent) / 2, handled
+
+    async def heartbeats_handled(self) -> float:
+        def fetch() -> float:
+            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            for line in text.splitlines():
+                if line.startswith('kvmha_facts_total{kind="HeartbeatReceived"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        return await asyncio.to_thread(fetch)
+
+    async def streams_metric(self) -> float:
+        def fetch() -> float:
+            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as reply:
+                for line in reply.read().decode().splitlines():
+                    if line.startswith("kvmha_agent_streams "):
+                        return float(line.split()[-1])
+            return float("nan")
+
+        return await asyncio.to_thread(fetch)
+
+    async def false_downs(self) -> list[str]:
+        """'Up -> ...' status events of simulated hosts since the last call."""
+        found: list[str] = []
+        while True:
+            reply = await self.admin.ListEvents(apb.ListEventsRequest(after_id=self.event_cursor, limit=10_000),
+                                                timeout=60)
+            for event in reply.events:
+                self.event_cursor = max(self.event_cursor, event.id)
+                if event.kind == "host.status" and event.message.startswith("Up ->"):
+                    found.append(f"{self.host_names.get(event.subject, event.subject)}: {event.message}")
+            if len(reply.events) < 10_000:
+                return found
+
+    async def step(self, count: int, window_s: float) -> dict[str, Any]:
+        errors_before = sum(a.errors for a in self.agents)
+        new_agents = count - len(self.agents)
+        ramp_started = time.monotonic()
+        self.connect_s = []
+        await self.ramp_to(count)
+        ramp_s = time.monotonic() - ramp_started
+        if new_agents >= 100:
+            self.ramp_rate = new_agents / ramp_s
+        up_s = await self.wait_up(count, timeout_s=120 + count / 50)
+        connect = list(self.connect_s)
+
+        self.late_s = []
+        pings_before, handled_before = await self.counters()
+        t0, m0, l0, p0, (busy0, all0) = (time.monotonic(), cpu_s(self.manager_pid), cpu_s(os.getpid()),
+                                          postgres_cpu_s(), machine_ticks())
+        latencies: list[float] = []
+        lagging, samples, not_up = 0, 0, 0
+        while time.monotonic() - t0 < window_s:
+            await asyncio.sleep(min(window_s / 4, window_s - (time.monotonic() - t0)))
+            before, hosts = await self.hosts()
+            values, behind = self.latency_sample(before, hosts)
+            latencies += values
+            lagging = max(lagging, behind)
+            samples += 1
+            not_up = max(not_up, sum(1 for h in hosts if h.uuid in self.by_uuid and h.status != "Up"))
+        elapsed = time.monotonic() - t0
+        m1, l1, p1, (busy1, all1) = cpu_s(self.manager_pid), cpu_s(os.getpid()), postgres_cpu_s(), machine_ticks()
+        pings_after, handled_after = await self.counters()
+        offered, handled = pings_after - pings_before, handled_after - handled_before
+        memory = memory_mib(self.manager_pid)
+        downs = await self.false_downs()
+        errors = sum(a.errors for a in self.agents) - errors_before
+        late = self.late_s
+        result = {
+            "agents": count,
+            "ramp_s": round(ramp_s, 1),
+            "ramp_agents_per_s": round(new_agents / ramp_s, 1) if ramp_s > 0 else None,
+            "all_up_after_ramp_s": round(up_s, 1),
+            "connect_p50_ms": round(percentile(connect, 0.5) * 1000, 1),
+            "connect_p99_ms": round(percentile(connect, 0.99) * 1000, 1),
+            "window_s": round(elapsed, 1),
+            "manager_cpu_pct": round(100 * (m1 - m0) / elapsed, 1),
+            "manager_rss_mib": round(memory.get("VmRSS", 0), 1),
+            "manager_peak_rss_mib": round(memory.get("VmHWM", 0), 1),
+            "load_process_cpu_pct": round(100 * (l1 - l0) / elapsed, 1),
+            "postgres_cpu_pct": round(100 * (p1 - p0) / elapsed, 1),
+            "machine_busy_pct": round(100 * (busy1 - busy0) / max(1, all1 - all0), 1),
+            "pings_offered_per_s": round(offered / elapsed, 1),
+            "pings_handled_per_s": round(handled / elapsed, 1),
+            "ping_latency_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+            "ping_latency_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+            "ping_latency_max_ms": round(max(latencies, default=float("nan")) * 1000, 1),
+            "latency_samples": len(latencies),
+            "snapshots": samples,
+            "lagging_hosts": lagging,
+            "hosts_not_up": not_up,
+            "false_host_downs": len(downs),
+            "false_host_down_examples": downs[:5],
+            "stream_errors": errors,
+            "stream_error_example": next((a.last_error for a in self.agents if a.last_error), ""),
+            "send_late_p99_ms": round(percentile(late, 0.99) * 1000, 1),
+            "send_late_max_ms": round(max(late, default=0.0) * 1000, 1),
+            "streams_metric": await self.streams_metric(),
+        }
+        problems = []
+        if downs:
+            problems.append(f"{len(downs)} false host-downs")
+        if errors:
+            problems.append(f"{errors} stream errors")
+        if lagging or not_up:
+            problems.append(f"{lagging} hosts lagging more than one ping, {not_up} not Up")
+        if not latencies or percentile(latencies, 0.99) > PING_INTERVAL_S:
+            problems.append("ping latency p99 above the ping interval")
+        result["ok"] = not problems
+        result["problems"] = problems
+        return result
+
+
+def counts(plan: dict[str, Any]) -> Iterator[int]:
+    yield from plan["steps"]
+    count = plan["search_from"]
+    while True:
+        yield count
+        count += plan["search_step"]
+
+
+async def load_main(plan: dict[str, Any]) -> None:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))
+    load = Load(plan["link"], plan["admin"], plan["metrics"], plan["manager_pid"], plan["domains"])
+    deadline = time.monotonic() + plan["budget_s"]
+    for count in counts(plan):
+        # A step needs its ramp (at the rate the last one had), the wait for Up and the window: skip what cannot
+        # finish within the budget.
+        window_s = plan["window_s"] if count in plan["steps"] else plan["search_window_s"]
+        if time.monotonic() + window_s + 10 + (count - len(load.agents)) / load.ramp_rate > deadline:
+            print(json.dumps({"stopped": f"time budget of {plan['budget_s']:.0f} s spent before N={count}"}),
+                  flush=True)
+            break
+        try:
+            result = await load.step(count, window_s)
+        except (TimeoutError, grpc.RpcError) as error:
+            result = {"agents": count, "ok": False, "problems": [f"{type(error).__name__}: {error}"]}
+        print(json.dumps(result), flush=True)
+        if not result["ok"]:
+            break
+    for task in load.tasks:
+        task.cancel()
+    await asyncio.gather(*load.tasks, return_exceptions=True)
+    await load.admin_channel.close()
+
+
+# ---------------------------------------------------------------------------------------------- orchestrator
+
+
+COLUMNS = [
+    ("agents", "N"), ("ok", "ok"), ("manager_cpu_pct", "mgr CPU%"), ("manager_rss_mib", "mgr RSS MiB"),
+    ("ping_latency_p50_ms", "ping p50 ms"), ("ping_latency_p99_ms", "ping p99 ms"), ("pings_offered_per_s", "sent/s"),
+    ("pings_handled_per_s", "handled/s"), ("false_host_downs", "false downs"), ("load_process_cpu_pct", "load CPU%"),
+    ("postgres_cpu_pct", "pg CPU%"), ("machine_busy_pct", "machine busy%"), ("ramp_s", "ramp s"),
+    ("connect_p99_ms", "hello p99 ms"),
+]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    widths = [max(len(title), 6) for _, title in COLUMNS]
+    lines = ["  ".join(f"{title:>{w}}" for (_, title), w in zip(COLUMNS, widths, strict=True))]
+    for result in results:
+        lines.append("  ".join(f"{result.get(key, '-')!s:>{w}}" for (key, _), w in zip(COLUMNS, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="100,1000", help="agent counts always measured")
+    parser.add_argument("--search-from", type=int, default=2000)
+    parser.add_argument("--search-step", type=int, default=1500)
+    parser.add_argument("--budget-s", type=float, default=330.0, help="wall time for all steps")
+    parser.add_argument("--window-s", type=float, default=30.0, help="measuring window of the --steps")
+    parser.add_argument("--search-window-s", type=float, default=20.0, help="measuring window of the search steps")
+    parser.add_argument("--domains", type=int, default=3, help="domains in each agent's full report")
+    parser.add_argument("--database", default="", help="PostgreSQL URL of an empty database (default: a fresh one)")
+    parser.add_argument("--load-process", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_process:
+        asyncio.run(load_main(json.loads(args.load_process)))
+        return 0
+
+    from tests.support.cluster import Cluster
+    from tests.support.databases import fresh_database
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))  # the manager inherits it: one fd per agent
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kvmha-manager-load-") as tmp_name:
+        tmp = Path(tmp_name)
+        with contextlib.ExitStack() as stack:
+            url = args.database or stack.enter_context(fresh_database("postgresql", tmp))
+            cluster = Cluster(tmp, url, core_config={"ping.interval": str(PING_INTERVAL_S)})
+            stack.callback(cluster.close)
+            manager = cluster.start_manager()
+            assert manager.process is not None
+            plan = {"link": f"127.0.0.1:{cluster.agent_port}", "admin": cluster.admin_address,
+                    "metrics": f"127.0.0.1:{cluster.metrics_port}", "manager_pid": manager.process.pid,
+                    "domains": args.domains, "steps": [int(s) for s in args.steps.split(",") if s],
+                    "search_from": args.search_from, "search_step": args.search_step, "budget_s": args.budget_s,
+                    "window_s": args.window_s, "search_window_s": args.search_window_s}
+            print(f"manager pid {manager.process.pid} on {url.split('@')[-1]}; ping.interval {PING_INTERVAL_S} s; "
+                  f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+            load = subprocess.Popen([sys.executable, __file__, "--load-process", json.dumps(plan)],
+                                    stdout=subprocess.PIPE, text=True)
+
+            def stop_load() -> None:
+                if load.poll() is None:
+                    load.send_signal(signal.SIGTERM)
+                    try:
+                        load.wait(15)
+                    except subprocess.TimeoutExpired:
+                        load.kill()
+                        load.wait(5)
+
+            stack.callback(stop_load)
+            assert load.stdout is not None
+            for line in load.stdout:
+                result = json.loads(line)
+                if "stopped" in result:
+                    print(f"stopped: {result['stopped']}", flush=True)
+                    continue
+                results.append(result)
+                print(json.dumps(result), flush=True)
+            load.wait(60)
+            if not manager.alive:
+                print(f"the manager died:\n{manager.tail()}")
+
+    passed = [r for r in results if r.get("ok")]
+    maximum = max((r["agents"] for r in passed), default=0)
+    print()
+    print(table(results))
+    print(f"\nlargest N held (no false host-down, p99 ping latency under {PING_INTERVAL_S:g} s): {maximum}")
+    for result in results:
+        if not result.get("ok"):
+            print(f"N={result['agents']} failed: {'; '.join(result.get('problems', []))}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(), "max_agents": maximum,
+                                   "steps": results}, indent=2))
+    print(f"written: {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
