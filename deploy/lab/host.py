@@ -155,8 +155,10 @@ def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object])
 
 def startcmd(host: HostSpec) -> str:
     """The BMC's "power": PID 1 of a new PID namespace in the host's network namespace, in a private mount
-    namespace. --kill-child: when the BMC kills unshare (power off), the init and so the whole host die."""
+    namespace, under kvmha.lab.power (which takes the host's interface down when the power goes).
+    --kill-child: when unshare is killed (power off), the init and so the whole host die."""
     argv = [
+        sys.executable, "-m", "kvmha.lab.power", host.netns, "--",
         "ip", "netns", "exec", host.netns,
         "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
         sys.executable, "-m", "kvmha.lab.boot", str(Path(host.dir) / "boot.json"),

@@ -88,5 +88,6 @@ def test_host_files_configure_leases_on_the_shared_storage(tmp_path: Path) -> No
     lockd = (etc / "qemu-lockd.conf").read_text()
     assert "auto_disk_leases = 1" in lockd and f'file_lockspace_dir = "{spec.shared_dir}/leases"' in lockd
     startcmd = host.startcmd(h1)
-    assert startcmd.startswith("ip netns exec kvmhat-h1 unshare --pid --fork --kill-child --mount-proc")
+    assert " -m kvmha.lab.power kvmhat-h1 -- ip netns exec kvmhat-h1 unshare --pid --fork --kill-child --mount-proc" \
+        in startcmd
     assert '"' not in startcmd  # ipmi_sim's lan.conf cannot quote it

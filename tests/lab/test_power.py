@@ -41,8 +41,14 @@ def test_power_off_ends_every_process_of_the_host_and_power_on_resurrects_no_vm(
     assert lab.init("h1") is None
     # The neighbour did not notice anything.
     assert all(proc.alive(p.pid, p.start_ticks) for p in h2_before)
+    # A powered-off host is gone from the network too: its neighbour's ping gets no answer (a named network
+    # namespace would otherwise keep answering for a host with no processes left).
+    h1_address = lab.host("h1").address
+    ping = ["ping", "-n", "-c1", "-W1", h1_address]
+    assert wait_until(lambda: lab.exec("h2", ping, check=False).returncode != 0, timeout_s=5)
 
     lab.power("h1", "on")
+    assert lab.exec("h2", ping, check=False).returncode == 0  # back on the network with its power
     after = lab.processes("h1")
     assert lab.power_state("h1") == "on"
     assert "libvirtd" in lab.services("h1")
