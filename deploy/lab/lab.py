@@ -336,8 +336,15 @@ class Lab:
         if action == "on":
             self.wait_ready(name)
             return
+        deadline = time.monotonic() + POWER_OFF_TIMEOUT_S
         left = proc.wait_gone(members, POWER_OFF_TIMEOUT_S)
-        if left or self.power_state(name) != "off":
+        # The host's processes die first; the power supply (kvmha.lab.power) then takes its network down and
+        # exits, and only then does the BMC read "off": wait for that too.
+        while not left and self.power_state(name) != "off":
+            if time.monotonic() > deadline:
+                raise LabError(f"{name}: its processes are gone but the BMC still says on")
+            time.sleep(0.1)
+        if left:
             raise LabError(f"{name}: power off did not end the host (left: {[p.pid for p in left]})")
         self._inits.pop(name, None)
 
