@@ -12,11 +12,22 @@ from __future__ import annotations
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.context import Ctx
-from kvmha.manager.core.model import HostId, HostRecord, HostStatus, PowerState, StopCause, VmId, VmRecord, VmState
+from kvmha.manager.core.model import (
+    HostId,
+    HostRecord,
+    HostStatus,
+    PowerState,
+    ResourceState,
+    StopCause,
+    VmId,
+    VmRecord,
+    VmState,
+)
 from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
 
 UNMANAGED_ID_BASE = 1 << 40  # ids the core gives unregistered domains; the service's own ids stay below
+_MAINTENANCE = frozenset({ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
 _SHOULD_RUN = frozenset({VmState.RUNNING})
 _SETTLING = frozenset({VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 
@@ -160,6 +171,10 @@ class PowerSync:
                 self._stopped(vm, f"{how}: the guest shut itself down, not restarted (guest.shutdown.restart=false)")
             elif not vm.ha_enabled:
                 self._stopped(vm, f"{how}: not HA-enabled, Stopped")
+            elif host.resource_state in _MAINTENANCE:
+                # The operator took the host out of HA: a VM found off there stays off, as it would have had the
+                # host failed while in maintenance (hostflow skips HA for such hosts too).
+                self._stopped(vm, f"{how}: {host.name} is in {host.resource_state.value}, no HA: Stopped")
             elif changed or duplicate_matters:
                 if changed:
                     ctx.save_vm(vm)

@@ -352,11 +352,7 @@ def _fenced_or_moved(c: LabCluster, names: list[str], victim: str) -> bool:
 def test_host_in_maintenance_gets_no_ha(e2e: E2E) -> None:
     """`kvmha host maintenance H on`, then H loses power: no HA for it — its VMs are not restarted anywhere, and
     the events say why (no HA while the host is in Maintenance). Powered on again, it rejoins as Up (still in
-    maintenance).
-
-    Known product gap (xfail when it shows): once the host is back and reports the VM off, the manager takes that
-    for a crash of an HA VM and starts it on another host ("restart of mt-ha scheduled (PowerOff (Other) on h1)"),
-    although it said "not restarted: no HA while the host is Maintenance" while the host was away."""
+    maintenance), and the VM it reports off is Stopped, not restarted elsewhere (this test found that gap first)."""
     c = e2e.cluster
     victim = "h1"
     place(e2e, victim, {"mt-ha": True})
@@ -385,5 +381,5 @@ def test_host_in_maintenance_gets_no_ha(e2e: E2E) -> None:
     _no_duplicates(e2e, watch)
     assert c.hosts()[victim].resource_state == "Maintenance"
     assert not libvirt_running(c).get(victim), "the host in maintenance started a VM by itself"
-    if restarted or e2e.starts_of(["mt-ha"], back_at):
-        pytest.xfail(f"known gap: a maintenance host back from power loss gets its VM restarted elsewhere{e2e.story()}")
+    assert restarted is None and not e2e.starts_of(["mt-ha"], back_at), e2e.story()
+    assert c.vms()["mt-ha"].state == "Stopped", e2e.story()

@@ -182,6 +182,22 @@ def test_maintenance_host_is_disconnected_without_investigation() -> None:
     assert of_type(out, a.DisconnectAgent) and not h.core.works
 
 
+def test_a_vm_found_off_on_a_maintenance_host_is_stopped_not_restarted() -> None:
+    """Found by the lab e2e test: a host in maintenance came back from a power loss, reported its HA VM off, and
+    the VM was restarted elsewhere although HA had been skipped for that host while it was away."""
+    h = Harness(vms=[vm(1, on=2)])
+    h.connect_all()
+    h.handle(f.HostMaintenanceChanged(HostId(2), True))
+    out = crashed(h, host=2)
+    record = h.core.vm(VmId(1))
+    assert starts(out) == [] and not h.core.works
+    assert record is not None and record.state is VmState.STOPPED
+    assert any("Maintenance" in m and "no HA" in m for m in messages(out))
+    h.handle(f.HostMaintenanceChanged(HostId(2), False))
+    h.handle(f.VmStartRequested(VmId(1)))  # the operator can still start it
+    assert h.core.works
+
+
 def test_restart_limit_per_window_ends_in_error() -> None:
     h = Harness(vms=[vm(1, on=1)], config=CoreConfig(startup_grace_s=1.0, restart_max_per_window=2))
     h.connect_all()
