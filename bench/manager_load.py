@@ -3,6 +3,12 @@
     .venv/bin/python bench/manager_load.py [--steps 100,1000] [--search-from 2000] [--search-step 1500]
                                            [--budget-s 330] [--window-s 30] [--search-window-s 20]
                                            [--domains 3] [--database URL]
+    .venv/bin/python bench/manager_load.py --restart-at 2000
+
+The second form measures a manager restart instead of the search: N agents connected, the manager stopped (SIGTERM)
+and started again on the same database and ports; it reports how long until all N are back Up and pinging, and
+whether any host was declared behind (Investigating) meanwhile. The simulated agents retry every 1-2 s (the real
+agent backs off exponentially up to 30 s, which only makes returns later); results in manager_restart.json.
 
 Set-up: a fresh PostgreSQL database (tests/support/databases.py; the server of KVMHA_TEST_POSTGRES_URL, or
 --database), one real `kvmha-manager` process started like the integration tests start it (tests/support/cluster.py,
@@ -31,6 +37,9 @@ N hosts Up, then measures over the window:
   as "lagging", which flags the case where the matching would understate the latency;
 * handled vs offered pings: the manager's kvmha_facts_total{kind="HeartbeatReceived"} rate (metrics port) against
   the pings the load process sent per second;
+* the duration of those ListHosts calls (each loads every host and VM row: with thousands of hosts it is real
+  work in the manager, done in a worker thread that competes with the event loop for the GIL, so the snapshots
+  themselves can delay pings a little; an operator's `kvmha host list` would too);
 * false host-downs: every "host.status" event "Up -> ..." of a simulated host (all of them ping all the time),
   counted over the ramp and the window, and the load process's own stream errors and its send lateness (how late
   it sent pings behind their schedule: when the load process itself is starved, that shows here first).
@@ -76,6 +85,8 @@ PING_INTERVAL_S = 2.0
 RESYNC_S = 30.0
 CONNECTS_IN_FLIGHT = 64
 RESULTS = ROOT / "bench" / "results" / "manager_load.json"
+RESTART_SETTLE_S = 20.0 + 7.0 + 8.0  # startup.grace + ping.timeout (defaults) + margin
+RESTART_WAIT_S = 120.0  # all agents back within this, or the restart counts as not recovered
 
 
 # ---------------------------------------------------------------------------------------------- /proc
@@ -151,6 +162,7 @@ class Load:
         self.event_cursor = 0
         self.host_names: dict[str, str] = {}
         self.ramp_rate = 50.0  # new agents per second, as measured by the last ramp
+        self.list_hosts_s: list[float] = []  # how long the admin ListHosts calls of the windows took
 
     # ---- one simulated agent
 
@@ -266,6 +278,7 @@ class Load:
     async def hosts(self) -> tuple[float, list[apb.HostInfo]]:
         before = time.time()
         reply = await self.admin.ListHosts(apb.ListHostsRequest(), timeout=60)
+        self.list_hosts_s.append(time.time() - before)
         return before, list(reply.hosts)
 
     async def wait_up(self, count: int, timeout_s: float) -> float:
@@ -346,7 +359,7 @@ class Load:
         up_s = await self.wait_up(count, timeout_s=120 + count / 50)
         connect = list(self.connect_s)
 
-        self.late_s = []
+        self.late_s, self.list_hosts_s = [], []
         pings_before, handled_before = await self.counters()
         t0, m0, l0, p0, (busy0, all0) = (time.monotonic(), cpu_s(self.manager_pid), cpu_s(os.getpid()),
                                           postgres_cpu_s(), machine_ticks())
@@ -389,6 +402,7 @@ class Load:
             "ping_latency_max_ms": round(max(latencies, default=float("nan")) * 1000, 1),
             "latency_samples": len(latencies),
             "snapshots": samples,
+            "list_hosts_max_s": round(max(self.list_hosts_s, default=0.0), 2),
             "lagging_hosts": lagging,
             "hosts_not_up": not_up,
             "false_host_downs": len(downs),
@@ -421,12 +435,61 @@ def counts(plan: dict[str, Any]) -> Iterator[int]:
         count += plan["search_step"]
 
 
+async def restart_phase(load: Load, count: int, settle_s: float) -> dict[str, Any]:
+    """Ask the orchestrator to restart the manager, then measure how the N agents come back."""
+    print(json.dumps({"restart": "please"}), flush=True)
+    line = await asyncio.to_thread(sys.stdin.readline)
+    _, pid, started_at, stop_s = line.split()
+    load.manager_pid, started = int(pid), float(started_at)
+    errors_before = sum(a.errors for a in load.agents)
+    load.connect_s = []
+    back_s = None
+    while time.time() - started < RESTART_WAIT_S:
+        with contextlib.suppress(grpc.RpcError):
+            _, hosts = await load.hosts()
+            back = [h for h in hosts if h.uuid in load.by_uuid and h.connected and h.status == "Up"
+                    and h.last_ping_at > started]
+            if len(back) >= count:
+                back_s = time.time() - started
+                break
+        await asyncio.sleep(1.0)
+    # Let every deadline a late agent could have missed pass (startup grace + ping timeout), then read the events.
+    await asyncio.sleep(max(0.0, started + settle_s - time.time()))
+    changes: list[str] = []
+    while True:
+        reply = await load.admin.ListEvents(apb.ListEventsRequest(after_id=load.event_cursor, limit=10_000),
+                                            timeout=60)
+        for event in reply.events:
+            load.event_cursor = max(load.event_cursor, event.id)
+            if event.kind == "host.status" and event.at >= started:
+                changes.append((event.subject, event.message))
+        if len(reply.events) < 10_000:
+            break
+    behind = [m for _, m in changes if "-> Investigating" in m]
+    hosts_behind = {subject for subject, m in changes if "-> Investigating" in m}
+    return {
+        "restart_agents": count, "manager_stop_s": float(stop_s),
+        "all_back_after_start_s": round(back_s, 1) if back_s is not None else None,
+        "hello_p50_ms": round(percentile(load.connect_s, 0.5) * 1000, 1),
+        "hello_p99_ms": round(percentile(load.connect_s, 0.99) * 1000, 1),
+        "hosts_declared_behind": len(hosts_behind), "investigations": len(behind),
+        "declared_behind_examples": behind[:3],
+        "alerts": sum("-> Alert" in m for _, m in changes),
+        "fenced_or_down": sum(("-> Fenc" in m) or ("-> Down" in m) for _, m in changes),
+        "stream_errors": sum(a.errors for a in load.agents) - errors_before,
+    }
+
+
 async def load_main(plan: dict[str, Any]) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))
     load = Load(plan["link"], plan["admin"], plan["metrics"], plan["manager_pid"], plan["domains"])
     deadline = time.monotonic() + plan["budget_s"]
-    for count in counts(plan):
+    if plan["restart_at"]:
+        print(json.dumps(await load.step(plan["restart_at"], plan["window_s"])), flush=True)
+        print(json.dumps(await restart_phase(load, plan["restart_at"], plan["settle_s"])), flush=True)
+        plan["steps"], plan["search_from"] = [], 0
+    for count in counts(plan) if plan["search_from"] else ():
         # A step needs its ramp (at the rate the last one had), the wait for Up and the window: skip what cannot
         # finish within the budget.
         window_s = plan["window_s"] if count in plan["steps"] else plan["search_window_s"]
@@ -477,6 +540,8 @@ def main() -> int:
     parser.add_argument("--search-window-s", type=float, default=20.0, help="measuring window of the search steps")
     parser.add_argument("--domains", type=int, default=3, help="domains in each agent's full report")
     parser.add_argument("--database", default="", help="PostgreSQL URL of an empty database (default: a fresh one)")
+    parser.add_argument("--restart-at", type=int, default=0,
+                        help="instead of the search: N agents, then restart the manager and measure their return")
     parser.add_argument("--load-process", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_process:
@@ -486,9 +551,15 @@ def main() -> int:
     from tests.support.cluster import Cluster
     from tests.support.databases import fresh_database
 
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(f"terminated by signal {signum}")  # unwinds the ExitStack: load process, manager, database
+
+    signal.signal(signal.SIGTERM, terminated)
+
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))  # the manager inherits it: one fd per agent
     results: list[dict[str, Any]] = []
+    restart: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="kvmha-manager-load-") as tmp_name:
         tmp = Path(tmp_name)
         with contextlib.ExitStack() as stack:
@@ -501,11 +572,12 @@ def main() -> int:
                     "metrics": f"127.0.0.1:{cluster.metrics_port}", "manager_pid": manager.process.pid,
                     "domains": args.domains, "steps": [int(s) for s in args.steps.split(",") if s],
                     "search_from": args.search_from, "search_step": args.search_step, "budget_s": args.budget_s,
-                    "window_s": args.window_s, "search_window_s": args.search_window_s}
+                    "window_s": args.window_s, "search_window_s": args.search_window_s,
+                    "restart_at": args.restart_at, "settle_s": RESTART_SETTLE_S}
             print(f"manager pid {manager.process.pid} on {url.split('@')[-1]}; ping.interval {PING_INTERVAL_S} s; "
                   f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
             load = subprocess.Popen([sys.executable, __file__, "--load-process", json.dumps(plan)],
-                                    stdout=subprocess.PIPE, text=True)
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
             def stop_load() -> None:
                 if load.poll() is None:
@@ -520,6 +592,24 @@ def main() -> int:
             assert load.stdout is not None
             for line in load.stdout:
                 result = json.loads(line)
+                if "restart" in result:
+                    assert load.stdin is not None
+                    stopping = time.monotonic()
+                    manager.stop(timeout_s=30)
+                    stop_s = time.monotonic() - stopping
+                    if stop_s > 5:
+                        print(f"the manager took {stop_s:.1f} s to stop; its log ends:\n{manager.tail(25)}", flush=True)
+                    started = time.time()
+                    manager = cluster.start_manager()
+                    assert manager.process is not None
+                    print(f"manager restarted (stopped in {stop_s:.1f} s), new pid {manager.process.pid}", flush=True)
+                    load.stdin.write(f"restarted {manager.process.pid} {started} {stop_s}\n")
+                    load.stdin.flush()
+                    continue
+                if "restart_agents" in result:
+                    restart = result
+                    print(json.dumps(result), flush=True)
+                    continue
                 if "stopped" in result:
                     print(f"stopped: {result['stopped']}", flush=True)
                     continue
@@ -533,14 +623,24 @@ def main() -> int:
     maximum = max((r["agents"] for r in passed), default=0)
     print()
     print(table(results))
-    print(f"\nlargest N held (no false host-down, p99 ping latency under {PING_INTERVAL_S:g} s): {maximum}")
+    if not args.restart_at:
+        print(f"\nlargest N held (no false host-down, p99 ping latency under {PING_INTERVAL_S:g} s): {maximum}")
     for result in results:
         if not result.get("ok"):
             print(f"N={result['agents']} failed: {'; '.join(result.get('problems', []))}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(), "max_agents": maximum,
-                                   "steps": results}, indent=2))
-    print(f"written: {RESULTS.relative_to(ROOT)}")
+    if restart is not None:
+        print(f"\nmanager restart with {restart['restart_agents']} agents: "
+              f"stopped in {restart['manager_stop_s']:.1f} s, all back and pinging "
+              f"{restart['all_back_after_start_s']} s after the new manager listened; "
+              f"hosts declared behind: {restart['hosts_declared_behind']} ({restart['investigations']} "
+              f"investigations), transitions to Alert: {restart['alerts']}, "
+              f"fenced/down: {restart['fenced_or_down']}")
+    out = RESULTS.with_name("manager_restart.json") if args.restart_at else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(),
+                               "max_agents": None if args.restart_at else maximum, "steps": results,
+                               "restart": restart}, indent=2))
+    print(f"written: {out.relative_to(ROOT)}")
     return 0
 
 
