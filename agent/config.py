@@ -51,7 +51,7 @@ class AgentConfig:
     # Not in the documented schema (optional, defaults are fine): the first ping interval before Welcome says
     # otherwise, and the longest pause between two connection attempts.
     ping_interval_s: float = 2.0
-    reconnect_max_s: float = 30.0
+    reconnect_max_s: float = 8.0  # below the manager's startup.grace (20 s): a restarted manager sees us in time
 
 
 _AGENT_KEYS = {

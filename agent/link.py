@@ -63,7 +63,7 @@ class LinkSettings:
     ping_interval_s: float = 2.0
     resync_interval_s: float = 30.0
     reconnect_base_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_max_s: float = 8.0
     hello_timeout_s: float = 10.0
 
 

@@ -154,7 +154,7 @@ class Core:
                 self._route_answer(
                     subject, pending, f.CommandCompleted(subject, False, f"timed out after {seconds:.1f} s")
                 )
-        elif kind in ("inv", "reinv", "waited"):
+        elif kind in ("inv", "reinv", "waited", "rejoin"):
             self._hosts.on_timer(kind, subject)
         elif kind == "work":
             work = self._ctx.works.get(subject)

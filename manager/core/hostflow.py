@@ -34,6 +34,7 @@ class HostFlow:
         self.sched = sched
         self.power = power
         self.pingmap = PingMap(ctx.config.ping_timeout_s)
+        self.awaiting_rejoin: set[HostId] = set()  # restored as Up, agent not back yet since the manager started
         self.investigations: dict[HostId, Investigation] = {}
         self.fence_failures: dict[HostId, int] = {}
         self.failures: dict[HostId, list[float]] = {}  # when each host went silent, for flap detection
@@ -72,8 +73,14 @@ class HostFlow:
     def restore(self, host: HostRecord) -> None:
         self.ctx.hosts[host.id] = host
         if host.status in (S.UP, S.CONNECTING):
-            # Every agent gets a full ping timeout to reconnect to the new manager before it is behind.
-            self.pingmap.ping(host.id, self.ctx.now)
+            # Every agent gets the whole startup grace (at least a full ping timeout) to reconnect to the new
+            # manager before it is behind: thousands of agents reconnecting at once, each backing off, must not
+            # read as thousands of silent hosts (seen in bench/manager_load.py --restart-at). A timer, not a
+            # future entry in the ping map, which must stay ordered by time.
+            config = self.ctx.config
+            self.awaiting_rejoin.add(host.id)
+            self.ctx.timers.schedule(("rejoin", host.id), self.ctx.now + max(config.startup_grace_s,
+                                                                                config.ping_timeout_s))
         elif host.status in SILENT:
             self.transition(host, HostEvent.MANAGER_RESTARTED, "manager restarted mid-investigation: starting over")
             self.ctx.timers.schedule(("reinv", host.id), self.ctx.now)
@@ -95,6 +102,7 @@ class HostFlow:
             self.ctx.event("warning", f"host:{host.id}", "agent.refused", f"agent connected but {why}: refused")
             return
         host.name, host.address, host.capacity = fact.name, fact.address, fact.capacity
+        self.awaiting_rejoin.discard(host.id)
         host.last_ping_at = self.ctx.now
         self.ctx.connected.add(host.id)
         self._forget_silence(host.id)
@@ -104,7 +112,7 @@ class HostFlow:
     def _forget_silence(self, host_id: HostId) -> None:
         self.investigations.pop(host_id, None)
         self.heartbeat_seen.pop(host_id, None)
-        for kind in ("inv", "reinv", "waited"):
+        for kind in ("inv", "reinv", "waited", "rejoin"):
             self.ctx.timers.cancel((kind, host_id))
 
     def on_heartbeat(self, fact: f.HeartbeatReceived) -> None:
@@ -203,6 +211,10 @@ class HostFlow:
             if host.status is S.ALERT:
                 self.transition(host, HostEvent.REINVESTIGATE, "investigating again")
             self.start_investigation(host)
+        elif kind == "rejoin" and host_id in self.awaiting_rejoin and host.status in (S.UP, S.CONNECTING):
+            self.awaiting_rejoin.discard(host_id)
+            # Restored as Up, and its agent has not come back within the startup grace: behind.
+            self._behind(host, self.ctx.now - (host.last_ping_at or self.ctx.now))
         elif kind == "waited" and host.status is S.DISCONNECTED and self._wants_ha(host):
             wait_s = self.ctx.config.planned_disconnect_wait_s
             self.transition(host, HostEvent.WAITED_TOO_LONG, f"did not come back within {wait_s:.0f} s of goodbye")

@@ -220,6 +220,23 @@ def test_ids_continue_after_a_restart_and_carry_the_prefix() -> None:
     assert all(c.request_id.startswith("m7-") for c in of_type(out, a.SendCommand))
 
 
+def test_after_a_manager_restart_agents_get_the_whole_startup_grace_to_rejoin() -> None:
+    """Found by bench/manager_load.py: after a restart, thousands of reconnecting agents (backing off) were given
+    only one ping timeout, and hundreds of healthy hosts were investigated."""
+    config = CoreConfig(startup_grace_s=20.0, ping_timeout_s=7.0)
+    h = Harness(hosts=3, vms=[vm(1, on=3)], config=config)
+    out = h.tick_until(12.0)
+    assert not [m for m in messages(out) if "Investigating" in m]  # past one ping timeout, nobody is behind
+    h.connect(1, at=12.0)
+    out = h.tick_until(18.0, pinging=(1,))
+    h.connect(2, at=18.0)
+    out += h.tick_until(21.0, pinging=(1, 2))
+    assert h.core.host_status(HostId(3)) is HostStatus.INVESTIGATING  # never came back: behind at the grace's end
+    assert h.core.host_status(HostId(1)) is HostStatus.UP and h.core.host_status(HostId(2)) is HostStatus.UP
+    behind = [e.subject for e in of_type(out, a.RecordEvent) if "-> Investigating" in e.message]
+    assert behind == ["host:3"]
+
+
 def test_next_deadline_is_the_next_ping_timeout_and_nothing_polls() -> None:
     h = Harness(hosts=1)
     assert h.core.next_deadline() == h.core.config.ping_timeout_s  # restored hosts get one timeout to reconnect
