@@ -264,8 +264,10 @@ class ManagerService:
     def _send(self, action: actions.SendCommand) -> None:
         session = self.links.get(action.host_id)
         message = command_message(action.request_id, action.command, action.timeout_s)
-        if isinstance(action.command, actions.CheckNeighbor) and session is not None:
-            session.neighbor_targets[action.request_id] = action.command.target_host_id
+        if session is not None:
+            session.awaiting.add(action.request_id)
+            if isinstance(action.command, actions.CheckNeighbor):
+                session.neighbor_targets[action.request_id] = action.command.target_host_id
         if session is None or not session.send(message):
             self.submit(facts.CommandCompleted(request_id=action.request_id, ok=False,
                                                error=f"host {action.host_id} has no open agent stream"))

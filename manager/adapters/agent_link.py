@@ -63,6 +63,9 @@ class AgentSession:
     )
     last_heard_at: float = field(default_factory=time.monotonic)
     neighbor_targets: dict[RequestId, HostId] = field(default_factory=dict)
+    # Commands sent on this stream and not answered yet: a result for any other id (another host's command, a
+    # forged or a stale one) is dropped, so one agent can never settle a command meant for another host.
+    awaiting: set[RequestId] = field(default_factory=set)
     closed_reason: str = ""
 
     def send(self, message: pb.ManagerMessage) -> bool:
@@ -228,7 +231,9 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                     raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many messages; slow down")
                 if message.WhichOneof("msg") == "goodbye":
                     return True
-                self._hub.submit(self._fact(message, session))
+                fact = self._fact(message, session)
+                if fact is not None:
+                    self._hub.submit(fact)
             return False
         except (WireError, StreamError) as error:
             status = error.status if isinstance(error, StreamError) else grpc.StatusCode.INVALID_ARGUMENT
@@ -240,7 +245,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         finally:
             session.close("the agent's stream ended")
 
-    def _fact(self, message: pb.AgentMessage, session: AgentSession) -> facts.Fact:
+    def _fact(self, message: pb.AgentMessage, session: AgentSession) -> facts.Fact | None:
         kind = message.WhichOneof("msg")
         if kind == "ping":
             return translate.heartbeat(session.host_id, message.ping)
@@ -248,6 +253,11 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             return translate.power_report(session.host_id, message.power)
         if kind == "result":
             completed = translate.command_result(message.result)
+            if completed.request_id not in session.awaiting:
+                log.warning("event=result_dropped host_id=%s request_id=%.80s reason=not_sent_on_this_stream",
+                            session.host_id, completed.request_id)
+                return None
+            session.awaiting.discard(completed.request_id)
             target = session.neighbor_targets.pop(completed.request_id, None)
             if isinstance(completed.payload, facts.NeighborCheck) and target is not None:
                 payload = facts.NeighborCheck(target, completed.payload.tcp_reachable,
