@@ -26,9 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvmha.lab.domain import domain_xml  # noqa: E402
 from kvmha.proto.v1 import agent_pb2 as pb  # noqa: E402
 from tests.agent.agent_process import AgentProcess  # noqa: E402
-from tests.agent.conftest import domain_xml, new_uuid  # noqa: E402
+from tests.agent.conftest import new_uuid  # noqa: E402
 from tests.agent.fake_manager import FakeManager  # noqa: E402
 from tests.support.libvirtd import PrivateLibvirtd, available  # noqa: E402
 
@@ -57,7 +58,7 @@ def measure_latency(rounds: int, workdir: Path) -> dict[str, object]:
         try:
             manager.wait_for(lambda r: r.kind == "power" and r.msg.power.full, timeout_s=20)
             vm, name = new_uuid(), f"bench-{new_uuid()[:8]}"
-            xml = domain_xml(name, vm, lv.domain_type)
+            xml = domain_xml(name, vm, domain_type=lv.domain_type)
             for i in range(rounds):
                 started = manager.command(f"start-{i}", start_vm=pb.StartVm(vm_uuid=vm, domain_xml=xml))
                 if not started.ok:

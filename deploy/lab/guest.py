@@ -38,7 +38,6 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 SHUTDOWN_CHAR = b"S"
 SECTOR_SIZE_BYTES = 512
@@ -75,7 +74,6 @@ def boot_sector() -> bytes:
 
 
 DISK_FORMATS = ("raw", "qcow2")
-DISK_ALIAS = "ua-lab-disk"  # libvirt keeps user aliases ("ua-" prefix), so the override can name the device
 
 
 def make_disk(path: Path, disk_format: str = "raw") -> None:
@@ -113,42 +111,3 @@ def kvm_usable() -> bool:
 def vm_uuid(name: str) -> str:
     """The same VM name gives the same UUID on every host: it is one VM wherever it runs."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kvmha-lab:vm:{name}"))
-
-
-def domain_xml(name: str, disk: Path, memory_mib: int, domain_type: str, disk_format: str = "raw") -> str:
-    """A minimal pc guest: the boot disk on shared storage, COM1 on a pty, ACPI on (for the power-off)."""
-    share_rw = ""
-    if disk_format == "raw":
-        share_rw = f"""
-  <qemu:override>
-    <qemu:device alias='{DISK_ALIAS}'>
-      <qemu:frontend><qemu:property name='share-rw' type='bool' value='true'/></qemu:frontend>
-    </qemu:device>
-  </qemu:override>"""
-    return f"""<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{escape(name)}</name>
-  <uuid>{vm_uuid(name)}</uuid>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <boot dev='hd'/>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='{disk_format}'/>
-      <source file='{escape(str(disk))}'/>
-      <target dev='hda' bus='ide'/>
-      <alias name='{DISK_ALIAS}'/>
-    </disk>
-    <controller type='usb' model='none'/>
-    <serial type='pty'><target port='0'/></serial>
-    <console type='pty'><target type='serial' port='0'/></console>
-    <memballoon model='none'/>
-  </devices>{share_rw}
-</domain>
-"""

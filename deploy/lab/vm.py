@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmha.lab import proc
-from kvmha.lab.guest import DISK_FORMATS, SHUTDOWN_CHAR, domain_xml, make_disk
+from kvmha.lab.domain import BootDisk, domain_xml
+from kvmha.lab.guest import DISK_FORMATS, SHUTDOWN_CHAR, make_disk, vm_uuid
 from kvmha.lab.host import DISKS_DIR_NAME
 from kvmha.lab.state import QEMU_COMM, LabError
 
@@ -40,7 +41,8 @@ def prepare(lab: Lab, name: str, memory_mib: int = 32, disk_format: str = "raw")
     if not disk.exists():
         make_disk(disk, disk_format)
     xml = xml_path(lab, name)
-    xml.write_text(domain_xml(name, disk, memory_mib, lab.spec.domain_type, disk_format))
+    xml.write_text(domain_xml(name, vm_uuid(name), domain_type=lab.spec.domain_type, memory_mib=memory_mib,
+                              disk=BootDisk(disk, disk_format, shared=True)))
     return xml
 
 

@@ -1,4 +1,6 @@
-"""Fixtures of the agent tests: a private libvirtd (session-wide), domain XML, a fake manager."""
+"""Fixtures of the agent tests: a private libvirtd (session-wide), a fake manager, a guest that powers itself off.
+
+Domain XML comes from kvmha.lab.domain."""
 
 from __future__ import annotations
 
@@ -10,19 +12,6 @@ import pytest
 from tests.agent.fake_manager import FakeManager
 from tests.support import libvirtd as private_libvirtd_module
 from tests.support.libvirtd import PrivateLibvirtd
-
-
-def domain_xml(name: str, vm_uuid: str, domain_type: str = "qemu", boot_image: str | None = None) -> str:
-    """A minimal domain (no disk). With `boot_image`, it boots that raw disk and gets ACPI (see guest_poweroff)."""
-    disk = features = boot = ""
-    if boot_image is not None:
-        disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{boot_image}'/>"
-                "<target dev='hda' bus='ide'/></disk>")
-        features, boot = "<features><acpi/></features>", "<boot dev='hd'/>"
-    return (f"<domain type='{domain_type}'><name>{name}</name><uuid>{vm_uuid}</uuid>"
-            "<memory unit='MiB'>32</memory><vcpu>1</vcpu>"
-            f"<os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>{features}"
-            f"<devices>{disk}<serial type='pty'/><console type='pty'/></devices></domain>")
 
 
 def write_poweroff_boot_sector(path: str) -> str:

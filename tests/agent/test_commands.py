@@ -13,8 +13,9 @@ import pytest
 from kvmha.agent.commands import CommandRunner
 from kvmha.agent.heartbeat import HEARTBEAT_DIR, write_heartbeat
 from kvmha.agent.hypervisor import Cause, FakeHypervisor
+from kvmha.lab.domain import domain_xml
 from kvmha.proto.v1 import agent_pb2 as pb
-from tests.agent.conftest import domain_xml, new_uuid
+from tests.agent.conftest import new_uuid
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ import pytest
 
 from kvmha.agent.hypervisor import Cause, DomainPower, ErrorKind, FakeHypervisor, Hypervisor, HypervisorError, Power
 from kvmha.agent.libvirt_adapter import LibvirtHypervisor
-from tests.agent.conftest import domain_xml, new_uuid, write_poweroff_boot_sector
+from kvmha.lab.domain import BootDisk, domain_xml
+from tests.agent.conftest import new_uuid, write_poweroff_boot_sector
 from tests.support.libvirtd import PrivateLibvirtd
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,7 +79,8 @@ class Backend:
     def xml(self, vm: str, boot_image: str | None = None) -> tuple[str, str]:
         name = f"ct-{self.kind}-{vm[:8]}"
         self.created.append(vm)
-        return name, domain_xml(name, vm, self.domain_type, boot_image)
+        disk = BootDisk(boot_image) if boot_image is not None else None
+        return name, domain_xml(name, vm, domain_type=self.domain_type, disk=disk)
 
     def truth(self, vm: str) -> tuple[Power, int]:
         """The domain's power and raw reason, asked independently of the adapter."""

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.lab.domain import domain_xml
 from kvmha.proto.v1 import agent_pb2 as pb
 from tests.agent.agent_process import AgentProcess
-from tests.agent.conftest import domain_xml, new_uuid
+from tests.agent.conftest import new_uuid
 from tests.agent.fake_manager import FakeManager, Received
 from tests.agent.test_commands import GARBAGE
 from tests.support.libvirtd import PrivateLibvirtd
@@ -198,7 +199,7 @@ def test_delta_on_qemu_kill_and_libvirtd_restart(private_libvirtd: PrivateLibvir
     try:
         manager.wait_for(is_full, timeout_s=15)
         started = manager.command("s", start_vm=pb.StartVm(vm_uuid=vm, domain_xml=domain_xml(name, vm,
-                                                                                            lv.domain_type)))
+                                                                                            domain_type=lv.domain_type)))
         assert started.ok, started.message
         assert lv.virsh("domstate", vm).stdout.strip() == "running"
         mark = manager.mark()

@@ -6,7 +6,8 @@ import pytest
 
 from kvmha.agent.hypervisor import FakeHypervisor
 from kvmha.agent.isolation import Action, IsolationFacts, IsolationMonitor, decide
-from tests.agent.conftest import domain_xml, new_uuid
+from kvmha.lab.domain import domain_xml
+from tests.agent.conftest import new_uuid
 
 AFTER_S = 30.0
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.lab.domain import domain_xml
 from tests.agent.agent_process import AgentProcess
-from tests.agent.conftest import domain_xml, new_uuid
+from tests.agent.conftest import new_uuid
 from tests.agent.fake_manager import FakeManager
 from tests.support.libvirtd import PrivateLibvirtd
 
@@ -34,7 +35,7 @@ def broken_storage(tmp_path: Path) -> str:
 def run_case(lv: PrivateLibvirtd, tmp_path: Path, managers: list[str], storage: str) -> tuple[str, str]:
     vm, name = new_uuid(), f"iso-{new_uuid()[:8]}"
     xml_path = tmp_path / f"{name}.xml"
-    xml_path.write_text(domain_xml(name, vm, lv.domain_type))
+    xml_path.write_text(domain_xml(name, vm, domain_type=lv.domain_type))
     lv.virsh("create", str(xml_path))  # transient: started behind the agent's back, like any running VM
     agent = AgentProcess(tmp_path, managers, libvirt_uri=lv.uri, storage_paths=[storage], isolation="destroy-vms",
                          isolation_after_s=AFTER_S, heartbeat_interval_s=0.5).start()

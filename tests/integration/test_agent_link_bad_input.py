@@ -25,12 +25,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmha.lab.domain import domain_xml
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.repository import Store
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
-from tests.support.cluster import Cluster, minimal_domain_xml, wait_until
+from tests.support.cluster import Cluster, wait_until
 from tests.support.databases import DatabaseUnavailable, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -208,7 +209,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 cluster.start_agent(GOOD)
                 wait_until(lambda: (h := cluster.hosts().get(GOOD)) and h.status == "Up", 30, f"{GOOD} Up")
                 created = cluster.admin().CreateVm(
-                    apb.CreateVmRequest(domain_xml=minimal_domain_xml("web"), ha_enabled=True, start=True), timeout=10)
+                    apb.CreateVmRequest(domain_xml=domain_xml("web", domain_type="test"), ha_enabled=True, start=True),
+                    timeout=10)
                 vm = wait_until(lambda: (v := cluster.vms()["web"]).state == "Running" and v.power_state == "PowerOn"
                                 and v, 30, "web Running")
                 assert vm.uuid == created.uuid and vm.host == GOOD

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import BIN, Cluster, free_port, minimal_domain_xml, wait_until
+from kvmha.lab.domain import domain_xml
+from tests.support.cluster import BIN, Cluster, free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -67,7 +68,7 @@ def test_host_list(cluster: Cluster) -> None:
 
 def test_vm_life_cycle(cluster: Cluster, tmp_path: Path) -> None:
     xml = tmp_path / "web.xml"
-    xml.write_text(minimal_domain_xml("web", memory_mib=64))
+    xml.write_text(domain_xml("web", domain_type="test", memory_mib=64))
     created = ok(cluster, "vm", "create", "--xml", str(xml), "--ha", "--start")
     assert created["name"] == "web" and created["ha_enabled"] is True and created["memory_mib"] == 64, created
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.lab.domain import domain_xml
 from kvmha.proto.v1 import admin_pb2 as apb
-from tests.support.cluster import Cluster, minimal_domain_xml, wait_until
+from tests.support.cluster import Cluster, wait_until
 from tests.support.databases import KINDS, DatabaseUnavailable, fresh_database
 
 FAST = {
@@ -76,10 +77,12 @@ def _create_vms(cluster: Cluster) -> dict[str, apb.VmInfo]:
     admin = cluster.admin()
     for name in HA_VMS:
         admin.CreateVm(
-            apb.CreateVmRequest(domain_xml=minimal_domain_xml(name), ha_enabled=True, start=True), timeout=10
+            apb.CreateVmRequest(domain_xml=domain_xml(name, domain_type="test"), ha_enabled=True, start=True),
+            timeout=10,
         )
     admin.CreateVm(
-        apb.CreateVmRequest(domain_xml=minimal_domain_xml("plain"), ha_enabled=False, start=True), timeout=10
+        apb.CreateVmRequest(domain_xml=domain_xml("plain", domain_type="test"), ha_enabled=False, start=True),
+        timeout=10,
     )
     return _running(cluster, [*HA_VMS, "plain"])
 

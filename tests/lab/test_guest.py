@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab import guest, host
+from kvmha.lab.domain import BootDisk, domain_xml
 from kvmha.lab.state import HostSpec, LabSpec
 
 
@@ -50,10 +51,11 @@ def test_disk_images_hold_the_boot_sector(tmp_path: Path, disk_format: str) -> N
 
 
 def test_domain_xml_shares_the_raw_disk_device_but_not_the_lease() -> None:
-    xml = guest.domain_xml("vm1", Path("/srv/d.img"), 32, "kvm", "raw")
+    xml = domain_xml("vm1", guest.vm_uuid("vm1"), domain_type="kvm", disk=BootDisk(Path("/srv/d.img"), shared=True))
     assert "<shareable/>" not in xml  # that would make virtlockd take a shared lease
     assert "name='share-rw' type='bool' value='true'" in xml
-    assert "name='share-rw'" not in guest.domain_xml("vm1", Path("/srv/d.qcow2"), 32, "kvm", "qcow2")
+    qcow2 = domain_xml("vm1", domain_type="kvm", disk=BootDisk("/srv/d.qcow2", "qcow2", shared=True))
+    assert "name='share-rw'" not in qcow2
     assert guest.vm_uuid("vm1") in xml and guest.vm_uuid("vm1") == guest.vm_uuid("vm1")
 
 

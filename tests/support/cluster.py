@@ -51,15 +51,6 @@ def wait_until(predicate: Callable[[], T | None], timeout_s: float, what: str, i
     )
 
 
-def minimal_domain_xml(name: str, vm_uuid: str | None = None, memory_mib: int = 32, kind: str = "test") -> str:
-    return (
-        f"<domain type='{kind}'><name>{name}</name><uuid>{vm_uuid or uuid_module.uuid4()}</uuid>"
-        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><serial type='pty'/>"
-        "<console type='pty'/></devices></domain>"
-    )
-
-
 @dataclass
 class Proc:
     name: str
