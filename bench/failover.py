@@ -38,9 +38,10 @@ from types import FrameType
 from typing import Any
 
 from kvmha.lab.demo import busiest
-from kvmha.lab.harness import DuplicateWatch, LabCluster, wait_for
+from kvmha.lab.harness import DuplicateWatch, LabCluster
 from kvmha.lab.lab import Lab
 from kvmha.lab.state import STATE_FILE
+from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 
 ROOT = Path(__file__).resolve().parents[1]

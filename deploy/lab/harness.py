@@ -17,10 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 
@@ -28,10 +27,10 @@ from kvmha.lab import proc
 from kvmha.lab.bmc import find_free_port
 from kvmha.lab.lab import Lab
 from kvmha.lab.state import DEFAULT_STATE_DIR, PidRef
+from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import admin_pb2_grpc
 
-T = TypeVar("T")
 BIN = Path(sys.executable).parent
 MANAGER_AGENT_PORT = 50051
 DEFAULT_ADMIN_PORT = 50052
@@ -39,20 +38,6 @@ DEFAULT_ADMIN_PORT = 50052
 
 class HarnessError(RuntimeError):
     pass
-
-
-def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (grpc.RpcError, OSError, subprocess.SubprocessError) as error:
-            last = error
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}" + (f" ({last})" if last else ""))
 
 
 @dataclass

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from kvmha.lab import Lab
-from kvmha.lab.harness import BIN, DuplicateWatch, LabCluster, wait_for
+from kvmha.lab.harness import BIN, DuplicateWatch, LabCluster
+from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 
 from ..lab.conftest import caps_cache, lab_prerequisites_missing

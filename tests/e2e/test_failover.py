@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmha.lab.harness import LabCluster, wait_for
+from kvmha.lab.harness import LabCluster
+from kvmha.lab.wait import wait_for
 
 from .conftest import (
     AGENT_SETTINGS,

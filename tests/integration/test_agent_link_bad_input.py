@@ -26,12 +26,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.wait import wait_for
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.repository import Store
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
-from tests.support.cluster import Cluster, wait_until
+from tests.support.cluster import Cluster
 from tests.support.databases import DatabaseUnavailable, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -178,7 +179,7 @@ class World:
         """The good agent is still Up, has pinged after `since`, no event concerns it; the database is intact."""
         cluster, base = self.cluster, self.baseline
         try:
-            host = wait_until(lambda: (h := cluster.hosts()[GOOD]).last_ping_at > since and h, 5,
+            host = wait_for(lambda: (h := cluster.hosts()[GOOD]).last_ping_at > since and h, 5,
                               f"{GOOD} pinging after the bad input")
         except TimeoutError:
             pytest.fail(f"{GOOD} stopped pinging\n{cluster.story()}\n{cluster.logs()}")
@@ -207,11 +208,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             try:
                 cluster.start_manager()
                 cluster.start_agent(GOOD)
-                wait_until(lambda: (h := cluster.hosts().get(GOOD)) and h.status == "Up", 30, f"{GOOD} Up")
+                wait_for(lambda: (h := cluster.hosts().get(GOOD)) and h.status == "Up", 30, f"{GOOD} Up")
                 created = cluster.admin().CreateVm(
                     apb.CreateVmRequest(domain_xml=domain_xml("web", domain_type="test"), ha_enabled=True, start=True),
                     timeout=10)
-                vm = wait_until(lambda: (v := cluster.vms()["web"]).state == "Running" and v.power_state == "PowerOn"
+                vm = wait_for(lambda: (v := cluster.vms()["web"]).state == "Running" and v.power_state == "PowerOn"
                                 and v, 30, "web Running")
                 assert vm.uuid == created.uuid and vm.host == GOOD
                 events = cluster.events()

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from kvmha.lab.domain import domain_xml
-from tests.support.cluster import BIN, Cluster, free_port, wait_until
+from kvmha.lab.wait import wait_for
+from tests.support.cluster import BIN, Cluster, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -35,7 +36,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         running.start_manager()
         for name in ("h1", "h2"):
             running.start_agent(name)
-        wait_until(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
+        wait_for(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
                    30, "h1 and h2 Up")
         yield running
     finally:
@@ -77,7 +78,7 @@ def test_vm_life_cycle(cluster: Cluster, tmp_path: Path) -> None:
         vm = vms.get("web")
         return vm if vm and vm["state"] == "Running" and vm["power_state"] == "PowerOn" else None
 
-    vm = wait_until(running, 30, "web Running (vm list --json)", interval_s=0.5)
+    vm = wait_for(running, 30, "web Running (vm list --json)", interval_s=0.5)
     assert vm["host"] in ("h1", "h2") and vm["uuid"] == created["uuid"], vm
     assert ok(cluster, "host", "show", vm["host"])["vms_running"] == 1
     assert ok(cluster, "vm", "list", "--host", vm["host"])["vms"][0]["name"] == "web"
@@ -89,7 +90,7 @@ def test_vm_life_cycle(cluster: Cluster, tmp_path: Path) -> None:
     assert ok(cluster, "vm", "show", "web")["ha_enabled"] is False
     stopping = ok(cluster, "vm", "stop", "web")
     assert stopping["state"] in ("Stopping", "Stopped"), stopping
-    stopped = wait_until(lambda: (v := ok(cluster, "vm", "show", "web"))["state"] == "Stopped" and v, 30,
+    stopped = wait_for(lambda: (v := ok(cluster, "vm", "show", "web"))["state"] == "Stopped" and v, 30,
                          "web Stopped (vm show --json)", interval_s=0.5)
     assert stopped["power_state"] == "PowerOff", stopped
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
-from tests.support.cluster import Cluster, wait_until
+from tests.support.cluster import Cluster
 from tests.support.databases import KINDS, DatabaseUnavailable, fresh_database
 
 FAST = {
@@ -49,7 +50,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
 
 
 def _up(cluster: Cluster, names: list[str]) -> dict[str, apb.HostInfo]:
-    return wait_until(
+    return wait_for(
         lambda: (hosts := cluster.hosts()) and all(n in hosts and hosts[n].status == "Up" for n in names) and hosts,
         30,
         f"hosts {names} Up",
@@ -62,7 +63,7 @@ def _running(cluster: Cluster, names: list[str]) -> dict[str, apb.VmInfo]:
         ok = all(n in vms and vms[n].state == "Running" and vms[n].power_state == "PowerOn" for n in names)
         return vms if ok else None
 
-    return wait_until(check, 60, f"VMs {names} Running with PowerOn")
+    return wait_for(check, 60, f"VMs {names} Running with PowerOn")
 
 
 def _start_cluster(cluster: Cluster) -> None:
@@ -99,7 +100,7 @@ def test_agent_death_restarts_ha_vms_elsewhere(cluster: Cluster) -> None:
 
     survivors = sorted({"h1", "h2", "h3"} - {victim})
     try:
-        after = wait_until(
+        after = wait_for(
             lambda: (
                 (vms := cluster.vms())
                 and all(
@@ -116,7 +117,7 @@ def test_agent_death_restarts_ha_vms_elsewhere(cluster: Cluster) -> None:
     hosts = cluster.hosts()
     assert hosts[victim].status in ("Down", "Fenced"), hosts[victim]
     if before["plain"].host == victim:
-        plain = wait_until(lambda: (v := cluster.vms()["plain"]).state == "Stopped" and v, 30, "plain Stopped")
+        plain = wait_for(lambda: (v := cluster.vms()["plain"]).state == "Stopped" and v, 30, "plain Stopped")
         assert plain.state == "Stopped"
     assert all(after[n].update_count > before[n].update_count for n in HA_VMS if before[n].host == victim)
     kinds = {e.kind for e in cluster.events()}
@@ -136,13 +137,13 @@ def test_manager_restart_mid_recovery_completes_without_duplicates(cluster: Clus
     victim = max(load, key=lambda h: load[h])
     cluster.kill_host(victim)
     # Stop the manager as soon as it has noticed (host no longer Up), before the restarts are done.
-    wait_until(lambda: cluster.hosts()[victim].status != "Up", 30, f"{victim} no longer Up")
+    wait_for(lambda: cluster.hosts()[victim].status != "Up", 30, f"{victim} no longer Up")
     assert cluster.manager is not None
     cluster.manager.kill()
     cluster.start_manager()
     survivors = {"h1", "h2", "h3"} - {victim}
     try:
-        after = wait_until(
+        after = wait_for(
             lambda: (
                 (vms := cluster.vms())
                 and all(vms[n].state == "Running" and vms[n].host in survivors for n in HA_VMS)

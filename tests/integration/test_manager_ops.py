@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import BIN, Cluster, wait_until
+from kvmha.lab.wait import wait_for
+from tests.support.cluster import BIN, Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -36,7 +37,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for name in ("h1", "h2"):
             # A short reconnect backoff: the agents' default (up to 30 s) can outlast this test's startup grace.
             running.start_agent(name, extra="reconnect_max_s = 1.0\n")
-        wait_until(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
+        wait_for(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
                    30, "h1 and h2 Up")
         yield running
     finally:
@@ -58,7 +59,7 @@ def scrape(cluster: Cluster) -> dict[str, float]:
 
 def test_metrics_endpoint(cluster: Cluster) -> None:
     # The gauges are refreshed every few seconds from the core; the counters move with every fact.
-    samples = wait_until(lambda: (s := scrape(cluster)).get('kvmha_hosts{status="Up"}') == 2 and s, 15,
+    samples = wait_for(lambda: (s := scrape(cluster)).get('kvmha_hosts{status="Up"}') == 2 and s, 15,
                          "kvmha_hosts{status=Up} = 2")
     assert samples["kvmha_agent_streams"] == 2, samples
     assert samples['kvmha_facts_total{kind="HeartbeatReceived"}'] > 0, samples
@@ -67,7 +68,7 @@ def test_metrics_endpoint(cluster: Cluster) -> None:
     before = samples['kvmha_facts_total{kind="HeartbeatReceived"}']
     # One agent goes away: the stream gauge follows.
     cluster.agents["h2"].stop()
-    samples = wait_until(lambda: (s := scrape(cluster))["kvmha_agent_streams"] == 1 and s, 15, "one stream")
+    samples = wait_for(lambda: (s := scrape(cluster))["kvmha_agent_streams"] == 1 and s, 15, "one stream")
     assert samples['kvmha_facts_total{kind="HeartbeatReceived"}'] > before
     assert samples['kvmha_facts_total{kind="AgentDisconnected"}'] == 1, samples
 
@@ -101,7 +102,7 @@ def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: Cluster) 
     restarted_at = time.time()
     cluster.start_manager()
     try:
-        hosts = wait_until(
+        hosts = wait_for(
             lambda: (h := cluster.hosts()) and all(h[n].connected and h[n].status == "Up"
                                                    and h[n].last_ping_at > restarted_at for n in ("h1", "h2")) and h,
             30, "both agents back, Up and pinging the restarted manager")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,15 +62,6 @@ def heal_all(lab: Lab) -> None:
     for host in lab.hosts:
         if lab.faults(host.name):
             lab.heal(host.name)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
 
 
 def ping(lab: Lab, source: str | None, address: str, tries: int = 1) -> bool:

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from kvmha.lab import Lab, proc
+from kvmha.lab.wait import wait_for
 
-from .conftest import make_lab, wait_until
+from .conftest import make_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -55,9 +56,9 @@ def test_storage_cut_stops_the_agents_heartbeat_and_heal_resumes_it(agent_lab: L
         except FileNotFoundError:
             return float("inf")
 
-    assert wait_until(lambda: age_s() < 2.0, timeout_s=15), "the agent writes no heartbeat on the shared storage"
+    wait_for(lambda: age_s() < 2.0, 15, "a heartbeat on the shared storage (the agent writes none)", 0.1)
     lab.fail("h1", "storage")
     time.sleep(3.0)
     assert age_s() > 2.5, "a heartbeat got through the storage cut"
     lab.heal("h1")
-    assert wait_until(lambda: age_s() < 2.0, timeout_s=15)
+    wait_for(lambda: age_s() < 2.0, 15, "a heartbeat on the shared storage after the heal", 0.1)

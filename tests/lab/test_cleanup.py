@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab import Lab, LabError, proc
+from kvmha.lab.wait import wait_for
 
-from .conftest import TEST_PREFIX, TEST_SUBNET, caps_cache, wait_until
+from .conftest import TEST_PREFIX, TEST_SUBNET, caps_cache
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -89,7 +90,7 @@ def test_down_leaves_the_machine_as_it_was(tmp_path: Path, tmp_path_factory: pyt
         # And a BMC that died under a running host: the host must still be found and ended.
         bmc = lab.spec.bmcs["h2"]
         proc.kill(bmc.pid, bmc.start_ticks, signal.SIGKILL)
-        assert wait_until(lambda: not proc.alive(bmc.pid, bmc.start_ticks))
+        wait_for(lambda: not proc.alive(bmc.pid, bmc.start_ticks), 15, "the killed BMC gone", 0.1)
         assert lab.init("h2") is not None
         assert MachineState.now() != before
     finally:
@@ -150,7 +151,7 @@ def test_cli_up_and_down_from_separate_processes(tmp_path: Path) -> None:
     finally:
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr
-    assert wait_until(lambda: lab_processes_alive(seen) == [], timeout_s=10), lab_processes_alive(seen)
+    wait_for(lambda: lab_processes_alive(seen) == [], 10, f"every lab process gone (of {len(seen)} seen)", 0.1)
     assert processes_of(tmp_path) == []
     assert MachineState.now() == before
     assert not state_dir.exists()

@@ -12,8 +12,9 @@ import pytest
 
 from kvmha.lab import Lab, proc, vm
 from kvmha.lab.fault import STORAGE_CUT_SOURCE
+from kvmha.lab.wait import wait_for
 
-from .conftest import ping, wait_until
+from .conftest import ping
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -73,7 +74,7 @@ def test_network_cut_keeps_vms_running_but_the_host_unreachable(lab: Lab, vm_nam
     assert lab.domstate("h2", vm_name) == ("running", "booted")
     assert lab.vm_hosts(vm_name) == qemu_before == ["h2"]
     assert lab.heal("h2") == ["network"]
-    assert wait_until(lambda: ping(lab, "h1", h2), timeout_s=10)
+    wait_for(lambda: ping(lab, "h1", h2), 10, "h1 reaching h2 after the heal", 0.1)
     assert ping(lab, None, h2, tries=3)
 
 
@@ -114,7 +115,7 @@ def test_libvirtd_killed_alone_leaves_vms_running_and_heal_restarts_it(lab: Lab,
 def test_vm_kill_is_a_crash_for_libvirt(lab: Lab, vm_name: str) -> None:
     lab.vm_create(vm_name, "h1")
     assert lab.vm_kill(vm_name) == "h1"
-    assert wait_until(lambda: lab.domstate("h1", vm_name)[0] == "shut off")
+    wait_for(lambda: lab.domstate("h1", vm_name)[0] == "shut off", 15, f"{vm_name} shut off on h1", 0.1)
     assert lab.domstate("h1", vm_name) == ("shut off", "crashed")
     assert lab.vm_hosts(vm_name) == []
 
@@ -122,7 +123,7 @@ def test_vm_kill_is_a_crash_for_libvirt(lab: Lab, vm_name: str) -> None:
 def test_guest_shutdown_is_a_shutdown_asked_by_the_guest(lab: Lab, vm_name: str) -> None:
     lab.vm_create(vm_name, "h2")
     assert lab.guest_shutdown(vm_name) == "h2"
-    assert wait_until(lambda: lab.domstate("h2", vm_name)[0] == "shut off")
+    wait_for(lambda: lab.domstate("h2", vm_name)[0] == "shut off", 15, f"{vm_name} shut off on h2", 0.1)
     assert lab.domstate("h2", vm_name) == ("shut off", "shutdown")
     # Second witness, the domain's log: libvirt ended it because QEMU reported a shutdown, not by a destroy.
     with open(os.path.join(lab.host("h2").dir, "log", "qemu", f"{vm_name}.log")) as fh:

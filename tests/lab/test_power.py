@@ -10,8 +10,9 @@ import pytest
 
 from kvmha.lab import Lab, proc
 from kvmha.lab.bmc import BmcError
+from kvmha.lab.wait import wait_for
 
-from .conftest import heal_all, make_lab, wait_until
+from .conftest import heal_all, make_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -36,7 +37,7 @@ def test_power_off_ends_every_process_of_the_host_and_power_on_resurrects_no_vm(
     h2_before = lab.processes("h2")
 
     lab.power("h1", "off", wait=False)  # chassis power off through ipmitool, nothing else
-    assert wait_until(lambda: not any(proc.alive(p.pid, p.start_ticks) for p in before), timeout_s=10)
+    wait_for(lambda: not any(proc.alive(p.pid, p.start_ticks) for p in before), 10, "every process of h1 gone", 0.1)
     assert lab.power_state("h1") == "off"
     assert lab.init("h1") is None
     # The neighbour did not notice anything.
@@ -45,7 +46,7 @@ def test_power_off_ends_every_process_of_the_host_and_power_on_resurrects_no_vm(
     # namespace would otherwise keep answering for a host with no processes left).
     h1_address = lab.host("h1").address
     ping = ["ping", "-n", "-c1", "-W1", h1_address]
-    assert wait_until(lambda: lab.exec("h2", ping, check=False).returncode != 0, timeout_s=5)
+    wait_for(lambda: lab.exec("h2", ping, check=False).returncode != 0, 5, "h1 no longer answering pings", 0.1)
 
     lab.power("h1", "on")
     assert lab.exec("h2", ping, check=False).returncode == 0  # back on the network with its power

@@ -12,20 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid as uuid_module
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 
 from kvmha.lab.bmc import BmcConfig, BmcSimulator, find_free_port
+from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import admin_pb2_grpc
 
-T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
@@ -33,22 +30,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (grpc.RpcError, OSError) as error:
-            last_error = error
-        time.sleep(interval_s)
-    raise TimeoutError(
-        f"timed out after {timeout_s} s waiting for {what}" + (f" (last error: {last_error})" if last_error else "")
-    )
 
 
 @dataclass
@@ -127,7 +108,7 @@ class Cluster:
             "manager", [str(BIN / "kvmha-manager"), "--config", str(config)], self.workdir / "manager.log"
         )
         self.manager.start()
-        wait_until(
+        wait_for(
             lambda: self.admin().ListHosts(apb.ListHostsRequest(), timeout=2) is not None,
             30,
             "the manager's admin port",
