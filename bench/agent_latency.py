@@ -21,19 +21,21 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
+from kvmha.lab.domain import domain_xml
+from kvmha.lab.testing.fake_manager import FakeManager
+from kvmha.lab.testing.libvirtd import PrivateLibvirtd, available
+from kvmha.lab.testing.local import AgentProcess
+from kvmha.proto.v1 import agent_pb2 as pb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kvmha.lab.domain import domain_xml  # noqa: E402
-from kvmha.proto.v1 import agent_pb2 as pb  # noqa: E402
-from tests.agent.agent_process import AgentProcess  # noqa: E402
-from tests.agent.conftest import new_uuid  # noqa: E402
-from tests.agent.fake_manager import FakeManager  # noqa: E402
-from tests.support.libvirtd import PrivateLibvirtd, available  # noqa: E402
-
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
 
 
 def cpu_s(pid: int) -> float:

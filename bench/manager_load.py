@@ -10,8 +10,8 @@ and started again on the same database and ports; it reports how long until all 
 whether any host was declared behind (Investigating) meanwhile. The simulated agents retry every 1-2 s (the real
 agent backs off exponentially up to 30 s, which only makes returns later); results in manager_restart.json.
 
-Set-up: a fresh PostgreSQL database (tests/support/databases.py; the server of KVMHA_TEST_POSTGRES_URL, or
---database), one real `kvmha-manager` process started like the integration tests start it (tests/support/cluster.py,
+Set-up: a fresh PostgreSQL database (kvmha.lab.testing.databases; the server of KVMHA_TEST_POSTGRES_URL, or
+--database), one real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local,
 manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
 process (this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP
 connection (a local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full
@@ -71,19 +71,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import grpc
 
-import grpc  # noqa: E402
-
-from kvmha.proto.v1 import admin_pb2 as apb  # noqa: E402
-from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc  # noqa: E402
-from kvmha.proto.v1 import agent_pb2 as pb  # noqa: E402
+from kvmha.proto.v1 import admin_pb2 as apb
+from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc
+from kvmha.proto.v1 import agent_pb2 as pb
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PING_INTERVAL_S = 2.0
 RESYNC_S = 30.0
 CONNECTS_IN_FLIGHT = 64
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "manager_load.json"
 RESTART_SETTLE_S = 20.0 + 7.0 + 8.0  # startup.grace + ping.timeout (defaults) + margin
 RESTART_WAIT_S = 120.0  # all agents back within this, or the restart counts as not recovered
@@ -548,8 +546,9 @@ def main() -> int:
         asyncio.run(load_main(json.loads(args.load_process)))
         return 0
 
-    from tests.support.cluster import Cluster
-    from tests.support.databases import fresh_database
+    # Imported here, not at the top: the load process above needs neither SQLAlchemy nor the lab.
+    from kvmha.lab.testing.databases import fresh_database
+    from kvmha.lab.testing.local import LocalCluster
 
     def terminated(signum: int, frame: object) -> None:
         raise SystemExit(f"terminated by signal {signum}")  # unwinds the ExitStack: load process, manager, database
@@ -564,7 +563,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         with contextlib.ExitStack() as stack:
             url = args.database or stack.enter_context(fresh_database("postgresql", tmp))
-            cluster = Cluster(tmp, url, core_config={"ping.interval": str(PING_INTERVAL_S)})
+            cluster = LocalCluster(tmp, url, core_config={"ping.interval": str(PING_INTERVAL_S)})
             stack.callback(cluster.close)
             manager = cluster.start_manager()
             assert manager.process is not None

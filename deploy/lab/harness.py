@@ -1,11 +1,18 @@
-"""A lab with its manager: the real kvmha-manager outside the hosts, the agents inside them, BMCs registered.
+"""The real kvmha-manager run as a child process, and the views of it that tests, benchmarks and the demo use.
 
-Used by `make demo`, the end-to-end tests (tests/e2e) and bench/failover.py. The manager listens for agents on the
-lab bridge's address (plaintext, allowed on the lab's own isolated network) and for the CLI on 127.0.0.1; its
-database is SQLite in the lab's state dir unless a URL is given. Every process is started here and ended by PID.
+- `ManagerHarness`: one manager process (its manager.toml written here, started, ended by PID) and the admin calls
+  every harness needs (`hosts()`, `vms()`, `events()`, `story()`, `wait_hosts_up()`, `register_bmc()`).
+- `LabCluster(ManagerHarness)`: that manager in front of a namespace lab (kvmha.lab.Lab). Used by `make demo`, the
+  end-to-end tests (tests/e2e) and bench/failover.py. The manager listens for agents on the lab bridge's address
+  (plaintext, allowed on the lab's own isolated network) and for the CLI on 127.0.0.1; its database is SQLite in
+  the lab's state dir unless a URL is given.
+- `kvmha.lab.local.LocalCluster(ManagerHarness)`: the same manager with agents as plain processes on 127.0.0.1
+  (libvirt's test driver, simulated BMCs), for the integration tests and bench/manager_load.py.
+- `DuplicateWatch`: samples every lab host's QEMUs and remembers any VM seen on two hosts at once.
 
-What a VM does is read from the hosts themselves (`Lab.running_vms()` walks /proc for each host's QEMUs, and
-`virsh domstate` asks that host's libvirtd), not from the manager: the manager is what is being tested.
+Every process is started here and ended by PID (SIGTERM, then SIGKILL), also when a start fails half-way. What a VM
+does is read from the hosts themselves (`Lab.running_vms()` walks /proc for each host's QEMUs, and `virsh domstate`
+asks that host's libvirtd), not from the manager: the manager is what is being tested.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -31,13 +39,183 @@ from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import admin_pb2_grpc
 
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # the venv's console scripts: kvmha-manager, kvmha-agent, kvmha
 MANAGER_AGENT_PORT = 50051
 DEFAULT_ADMIN_PORT = 50052
+ADMIN_READY_TIMEOUT_S = 30.0
 
 
 class HarnessError(RuntimeError):
     pass
+
+
+@dataclass
+class ChildProcess:
+    """A process this harness started, its output appended to `log_path`; stopped by PID, never by name."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: Mapping[str, str] | None = None) -> Self:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **(env or {})})
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise HarnessError(f"{self.name} was never started")
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies as a host would, without saying goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; its exit code (None: never started)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.wait(timeout_s)
+
+    def log(self) -> str:
+        """Everything it wrote so far ("" before it wrote anything)."""
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+class ManagerHarness:
+    """A kvmha-manager child process and the admin API calls made of it.
+
+    `database` is a SQLAlchemy URL, `core_config` the manager's [config] overrides (name -> value, as in
+    `kvmha config set`). The admin channel is opened on first use and closed by `stop_manager()`.
+    """
+
+    def __init__(self, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
+                 manager_id: str, agent_listen: str, admin_port: int | None = None, metrics_listen: str = "",
+                 allow_insecure_plaintext: bool = False) -> None:
+        self.workdir = workdir
+        self.database = database
+        self.core_config = dict(core_config or {})
+        self.manager_id = manager_id
+        self.agent_listen = agent_listen
+        self.admin_port = admin_port or find_free_port()
+        self.metrics_listen = metrics_listen
+        self.allow_insecure_plaintext = allow_insecure_plaintext
+        self.manager: ChildProcess | None = None
+        self._channel: grpc.Channel | None = None
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def manager_alive(self) -> bool:
+        return self.manager is not None and self.manager.alive
+
+    # ------------------------------------------------------------------ the manager process
+
+    def manager_toml(self) -> str:
+        overrides = "\n".join(f'"{key}" = "{value}"' for key, value in self.core_config.items())
+        plaintext = "allow_insecure_plaintext = true\n" if self.allow_insecure_plaintext else ""
+        return (f'[manager]\nid = "{self.manager_id}"\nlisten = "{self.agent_listen}"\n'
+                f'admin_listen = "{self.admin_address}"\nmetrics_listen = "{self.metrics_listen}"\n'
+                f'database = "{self.database}"\n{plaintext}[config]\n{overrides}\n')
+
+    def start_manager(self) -> ChildProcess:
+        """Write manager.toml, start the manager and wait until its admin port answers."""
+        if self.manager_alive:
+            raise HarnessError("the manager is already running")
+        config = self.workdir / "manager.toml"
+        config.write_text(self.manager_toml())
+        argv = [str(BIN / "kvmha-manager"), "--config", str(config)]
+        self.manager = ChildProcess("manager", argv, self.workdir / "manager.log").start()
+        self._manager_started(self.manager)
+        wait_for(lambda: self.admin().ListHosts(apb.ListHostsRequest(), timeout=2) is not None,
+                 ADMIN_READY_TIMEOUT_S, "the manager's admin port")
+        return self.manager
+
+    def _manager_started(self, manager: ChildProcess) -> None:
+        """Called right after the manager process started, before it answers (LabCluster records it in the lab)."""
+
+    def kill_manager(self) -> None:
+        """SIGKILL the manager (a crash): its HA work stays in the database for the next start."""
+        if self.manager is not None:
+            self.manager.kill()
+
+    def stop_manager(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the manager (SIGKILL after `timeout_s`) and close the admin channel."""
+        if self.manager is not None:
+            self.manager.stop(timeout_s)
+        self.close_admin()
+
+    def manager_log_tail(self, lines: int = 40) -> str:
+        return ChildProcess("manager", [], self.workdir / "manager.log").tail(lines)
+
+    # ------------------------------------------------------------------ the manager's view
+
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.admin_address)
+        return admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def close_admin(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def hosts(self) -> dict[str, apb.HostInfo]:
+        return {h.name: h for h in self.admin().ListHosts(apb.ListHostsRequest(), timeout=5).hosts}
+
+    def vms(self) -> dict[str, apb.VmInfo]:
+        return {v.name: v for v in self.admin().ListVms(apb.ListVmsRequest(), timeout=5).vms}
+
+    def events(self, after_id: int = 0) -> list[apb.EventInfo]:
+        return list(self.admin().ListEvents(apb.ListEventsRequest(after_id=after_id, limit=10_000), timeout=5).events)
+
+    def host_names(self) -> list[str]:
+        """The hosts this harness runs (what `wait_hosts_up()` waits for by default)."""
+        return []
+
+    def wait_hosts_up(self, names: list[str] | None = None, timeout_s: float = 60) -> None:
+        wanted = names or self.host_names()
+        wait_for(lambda: (hosts := self.hosts()) and all(n in hosts and hosts[n].status == "Up" for n in wanted),
+                 timeout_s, f"hosts {wanted} Up in the manager")
+
+    def register_bmc(self, host: str, port: int, user: str, password: str, address: str = "127.0.0.1") -> None:
+        request = apb.SetHostBmcRequest(host=host, address=address, port=port, user=user, password=password)
+        self.admin().SetHostBmc(request, timeout=10)
+
+    def story(self) -> str:
+        """The manager's events (seconds from the first) and every VM's state, for failure messages."""
+        try:
+            events = self.events()
+            vms = list(self.vms().values())
+        except grpc.RpcError as error:
+            return f"(events unavailable: {error})"
+        start = events[0].at if events else 0.0
+        lines = [f"{e.at - start:7.2f} {e.severity:7} {e.subject:10} {e.kind:22} {e.message}" for e in events]
+        lines += [f"vm {v.name}: {v.state} {v.power_state} on {v.host or '-'} (last {v.last_host or '-'})"
+                  for v in vms]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -51,7 +229,7 @@ class DuplicateWatch:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> DuplicateWatch:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="duplicate-watch", daemon=True)
         self._thread.start()
         return self
@@ -63,29 +241,32 @@ class DuplicateWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            seen: dict[str, list[str]] = {}
+            at = time.time()
+            by_vm: dict[str, list[str]] = {}
             with contextlib.suppress(Exception):  # a host powering off mid-walk: its /proc entries vanish
                 for host, vms in self.lab.running_vms().items():
                     for vm in vms:
-                        seen.setdefault(vm, []).append(host)
-            self.samples += 1
-            for vm, hosts in seen.items():
-                if len(hosts) > 1:
-                    self.duplicates.append((time.time(), vm, sorted(hosts)))
+                        by_vm.setdefault(vm, []).append(host)
+            self.record(at, by_vm)
             self._stop.wait(self.interval_s)
 
+    def record(self, at: float, by_vm: Mapping[str, list[str]]) -> None:
+        """One sample taken at `at` (epoch seconds): VM -> the hosts whose /proc ran a QEMU for it."""
+        self.samples += 1
+        for vm, hosts in by_vm.items():
+            if len(hosts) > 1:
+                self.duplicates.append((at, vm, sorted(hosts)))
 
-@dataclass
-class LabCluster:
-    lab: Lab
-    workdir: Path
-    admin_port: int
-    database: str
-    core_config: dict[str, str]
-    manager: subprocess.Popen[bytes] | None = None
-    _channel: grpc.Channel | None = None
 
-    # ------------------------------------------------------------------ life cycle
+class LabCluster(ManagerHarness):
+    """A namespace lab with the real manager in front of it, its hosts' BMCs registered with the manager."""
+
+    def __init__(self, lab: Lab, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
+                 admin_port: int | None = None) -> None:
+        super().__init__(workdir, database, core_config, manager_id="lab-manager",
+                         agent_listen=f"{lab.spec.bridge_address}:{MANAGER_AGENT_PORT}", admin_port=admin_port,
+                         allow_insecure_plaintext=True)
+        self.lab = lab
 
     @classmethod
     def start(
@@ -102,13 +283,13 @@ class LabCluster:
         cache_dir: Path | None = None,
         as_keeper: bool = False,
     ) -> LabCluster:
+        """Bring up a lab of `hosts` hosts and the manager, wait until every host is Up, register the BMCs."""
         lab = Lab.up(hosts, state_dir=state_dir, prefix=prefix, subnet=subnet, manager="default",
                      agent_settings=agent_settings, cache_dir=cache_dir, as_keeper=as_keeper)
         workdir = Path(lab.spec.state_dir) / "manager"
         workdir.mkdir(exist_ok=True)
-        cluster = cls(lab=lab, workdir=workdir, admin_port=admin_port or find_free_port(),
-                      database=database or f"sqlite:///{workdir / 'manager.sqlite'}",
-                      core_config=dict(core_config or {}))
+        cluster = cls(lab, workdir, database or f"sqlite:///{workdir / 'manager.sqlite'}", core_config,
+                      admin_port=admin_port)
         try:
             cluster.start_manager()
             cluster.wait_hosts_up()
@@ -118,47 +299,11 @@ class LabCluster:
             raise
         return cluster
 
-    @property
-    def admin_address(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
-
-    def start_manager(self) -> None:
-        if self.manager is not None and self.manager.poll() is None:
-            raise HarnessError("the manager is already running")
-        config = self.workdir / "manager.toml"
-        overrides = "\n".join(f'"{k}" = "{v}"' for k, v in self.core_config.items())
-        config.write_text(
-            "[manager]\nid = \"lab-manager\"\n"
-            f"listen = \"{self.lab.spec.bridge_address}:{MANAGER_AGENT_PORT}\"\n"
-            f"admin_listen = \"{self.admin_address}\"\nmetrics_listen = \"\"\n"
-            f"database = \"{self.database}\"\nallow_insecure_plaintext = true\n"
-            f"[config]\n{overrides}\n")
-        with (self.workdir / "manager.log").open("ab") as log:
-            self.manager = subprocess.Popen([str(BIN / "kvmha-manager"), "--config", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        started = proc.info(self.manager.pid)
+    def _manager_started(self, manager: ChildProcess) -> None:
+        started = proc.info(manager.pid)
         if started is not None:  # `down` from any process ends it too, even if this one is gone by then
             self.lab.spec.companions["manager"] = PidRef(started.pid, started.start_ticks)
             self.lab.spec.save()
-        wait_for(lambda: self.admin().ListHosts(apb.ListHostsRequest(), timeout=2) is not None, 30,
-                 "the manager's admin port")
-
-    def kill_manager(self) -> None:
-        """SIGKILL the manager (a crash): its HA work stays in the database for the next start."""
-        if self.manager is not None and self.manager.poll() is None:
-            self.manager.kill()
-            self.manager.wait(10)
-
-    def stop_manager(self) -> None:
-        if self.manager is not None and self.manager.poll() is None:
-            self.manager.send_signal(signal.SIGTERM)
-            try:
-                self.manager.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill_manager()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
     def stop(self) -> None:
         """Stop the manager and tear the lab down (namespaces, bridge, mounts, processes)."""
@@ -167,39 +312,19 @@ class LabCluster:
         finally:
             self.lab.down()
 
-    def __enter__(self) -> LabCluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------ the manager's view
-
-    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.admin_address)
-        return admin_pb2_grpc.AdminServiceStub(self._channel)
-
-    def hosts(self) -> dict[str, apb.HostInfo]:
-        return {h.name: h for h in self.admin().ListHosts(apb.ListHostsRequest(), timeout=5).hosts}
-
-    def vms(self) -> dict[str, apb.VmInfo]:
-        return {v.name: v for v in self.admin().ListVms(apb.ListVmsRequest(), timeout=5).vms}
-
-    def events(self, after_id: int = 0) -> list[apb.EventInfo]:
-        return list(self.admin().ListEvents(apb.ListEventsRequest(after_id=after_id, limit=10_000), timeout=5).events)
-
-    def wait_hosts_up(self, names: list[str] | None = None, timeout_s: float = 60) -> None:
-        wanted = names or [h.name for h in self.lab.hosts]
-        wait_for(lambda: (hosts := self.hosts()) and all(n in hosts and hosts[n].status == "Up" for n in wanted),
-                 timeout_s, f"hosts {wanted} Up in the manager")
+    def host_names(self) -> list[str]:
+        return [h.name for h in self.lab.hosts]
 
     def register_bmcs(self) -> None:
         spec = self.lab.spec
         for host in spec.hosts:
-            self.admin().SetHostBmc(apb.SetHostBmcRequest(host=host.name, address="127.0.0.1", port=host.bmc_port,
-                                                          user=spec.bmc_user, password=spec.bmc_password),
-                                    timeout=10)
+            self.register_bmc(host.name, host.bmc_port, spec.bmc_user, spec.bmc_password)
 
     # ------------------------------------------------------------------ VMs
 
@@ -236,31 +361,3 @@ class LabCluster:
 
         return wait_for(check, timeout_s, f"VMs {names} running" + (f" elsewhere than {not_on}" if not_on else ""),
                         interval_s=0.25)
-
-    def story(self) -> str:
-        events = self.events()
-        start = events[0].at if events else 0.0
-        return "\n".join(f"{e.at - start:7.2f} {e.severity:7} {e.subject:10} {e.kind:22} {e.message}"
-                         for e in events)
-
-    def manager_log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join((self.workdir / "manager.log").read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-@contextlib.contextmanager
-def lab_cluster(**kwargs: object) -> Iterator[LabCluster]:
-    cluster = LabCluster.start(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from kvmha.lab import agent_config
 from kvmha.lab.boot import BootConfig, Service
 from kvmha.lab.state import HostSpec, LabSpec
 
@@ -67,17 +68,6 @@ def agent_executable() -> Path:
     return Path(sys.executable).parent / "kvmha-agent"
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
-
-
 def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) -> str:
     """The agent's configuration (schema: kvmha.agent.config). Keys "isolation.policy" / "isolation.after_s" go
     to [isolation]; any other override replaces or adds an [agent] key."""
@@ -92,17 +82,8 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
         "resync_interval_s": 30.0,
         "log_format": "kv",
     }
-    isolation: dict[str, object] = {"policy": "destroy-vms", "after_s": 30.0}
-    for key, value in overrides.items():
-        if key.startswith("isolation."):
-            isolation[key.removeprefix("isolation.")] = value
-        else:
-            agent[key] = value
-    lines = [f"# Written by kvmha-lab for lab host {host.name}.", "[agent]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in agent.items()]
-    lines += ["", "[isolation]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in isolation.items()]
-    return "\n".join(lines) + "\n"
+    return agent_config.agent_toml(agent, overrides, isolation={"policy": "destroy-vms", "after_s": 30.0},
+                                   comment=f"Written by kvmha-lab for lab host {host.name}.")
 
 
 def cache_dir(lab: LabSpec) -> str:

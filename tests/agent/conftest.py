@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.agent.fake_manager import FakeManager
-from tests.support import libvirtd as private_libvirtd_module
-from tests.support.libvirtd import PrivateLibvirtd
+from kvmha.lab.testing import libvirtd as private_libvirtd_module
+from kvmha.lab.testing.fake_manager import FakeManager
+from kvmha.lab.testing.libvirtd import PrivateLibvirtd
 
 
 def write_poweroff_boot_sector(path: str) -> str:

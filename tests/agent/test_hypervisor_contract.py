@@ -1,5 +1,5 @@
 """One contract for every implementation of the hypervisor port: FakeHypervisor, libvirt's `test:///default`, and
-a real `qemu:///system` served by a private libvirtd (tests/support/libvirtd.py).
+a real `qemu:///system` served by a private libvirtd (kvmha.lab.testing.libvirtd).
 
 Claims about a domain's state are checked against the backend itself: for libvirt through a second, independent
 connection (`truth`), never only through the adapter under test.
@@ -29,8 +29,8 @@ import pytest
 from kvmha.agent.hypervisor import Cause, DomainPower, ErrorKind, FakeHypervisor, Hypervisor, HypervisorError, Power
 from kvmha.agent.libvirt_adapter import LibvirtHypervisor
 from kvmha.lab.domain import BootDisk, domain_xml
+from kvmha.lab.testing.libvirtd import PrivateLibvirtd
 from tests.agent.conftest import new_uuid, write_poweroff_boot_sector
-from tests.support.libvirtd import PrivateLibvirtd
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.testing.fake_manager import FakeManager, Received
+from kvmha.lab.testing.libvirtd import PrivateLibvirtd
+from kvmha.lab.testing.local import AgentProcess
 from kvmha.proto.v1 import agent_pb2 as pb
-from tests.agent.agent_process import AgentProcess
 from tests.agent.conftest import new_uuid
-from tests.agent.fake_manager import FakeManager, Received
 from tests.agent.test_commands import GARBAGE
-from tests.support.libvirtd import PrivateLibvirtd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,7 +131,7 @@ def test_reject_is_logged_and_retried_after_retry_after(manager: FakeManager, ag
     hellos = [manager.wait_for(hello_on(n), timeout_s=10) for n in (1, 2, 3)]
     gaps_s = [b.at - a.at for a, b in itertools.pairwise(hellos)]
     assert all(gap >= 1.5 for gap in gaps_s), gaps_s
-    assert agent.alive()
+    assert agent.alive
     assert "event=manager_rejected" in agent.log() and "REJECT_UNKNOWN_HOST" in agent.log()
     manager.reject = None
     mark = manager.mark()
@@ -151,7 +151,7 @@ def test_garbage_commands_get_errors_and_pings_go_on(manager: FakeManager, agent
         assert not result.ok and result.code == code, (label, result)
     before = manager.messages("ping")[-1].msg.ping.sequence
     manager.wait_for(lambda r: r.kind == "ping" and r.msg.ping.sequence >= before + 3)
-    assert agent.alive()
+    assert agent.alive
 
 
 def test_rotates_to_the_next_manager_when_one_is_down(manager: FakeManager, tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab.domain import domain_xml
-from tests.agent.agent_process import AgentProcess
+from kvmha.lab.testing.fake_manager import FakeManager
+from kvmha.lab.testing.libvirtd import PrivateLibvirtd
+from kvmha.lab.testing.local import AgentProcess
 from tests.agent.conftest import new_uuid
-from tests.agent.fake_manager import FakeManager
-from tests.support.libvirtd import PrivateLibvirtd
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.timeout(120)]
 

@@ -14,9 +14,9 @@ from kvmha.agent.commands import CommandRunner
 from kvmha.agent.hypervisor import FakeHypervisor
 from kvmha.agent.link import AgentLink, LinkSettings, backoff_s
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.testing.fake_manager import FakeManager, Received
 from kvmha.proto.v1 import agent_pb2 as pb
 from tests.agent.conftest import new_uuid
-from tests.agent.fake_manager import FakeManager, Received
 
 pytestmark = pytest.mark.timeout(60)
 

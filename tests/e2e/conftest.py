@@ -74,22 +74,12 @@ class Timeline(DuplicateWatch):
     seen: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            at = time.time()
-            by_vm: dict[str, list[str]] = {}
-            with contextlib.suppress(Exception):  # a host powering off mid-walk: its /proc entries vanish
-                for host, vms in self.lab.running_vms().items():
-                    for vm in vms:
-                        by_vm.setdefault(vm, []).append(host)
-            with self._lock:
-                self.samples += 1
-                for vm, hosts in by_vm.items():
-                    for host in hosts:
-                        self.seen.setdefault((vm, host), [at, at])[1] = at
-                    if len(hosts) > 1:
-                        self.duplicates.append((at, vm, sorted(hosts)))
-            self._stop.wait(self.interval_s)
+    def record(self, at: float, by_vm: Mapping[str, list[str]]) -> None:
+        with self._lock:
+            super().record(at, by_vm)
+            for vm, hosts in by_vm.items():
+                for host in hosts:
+                    self.seen.setdefault((vm, host), [at, at])[1] = at
 
     def first(self, vm: str, host: str) -> float | None:
         with self._lock:
@@ -267,7 +257,7 @@ def kvmha_cli(cluster: LabCluster, *args: str) -> subprocess.CompletedProcess[st
 def reset(cluster: LabCluster) -> None:
     """Bring a shared lab back to the start: manager running, every fault healed, every host powered on, Enabled and
     Up, no VM registered and no QEMU anywhere."""
-    if cluster.manager is None or cluster.manager.poll() is not None:
+    if not cluster.manager_alive:
         cluster.start_manager()
     for host in cluster.lab.hosts:
         if cluster.lab.faults(host.name):

@@ -26,14 +26,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.testing.databases import DatabaseUnavailable, fresh_database
+from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.repository import Store
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
-from tests.support.cluster import Cluster
-from tests.support.databases import DatabaseUnavailable, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -163,7 +163,7 @@ class Baseline:
 
 @dataclass
 class World:
-    cluster: Cluster
+    cluster: LocalCluster
     baseline: Baseline
 
     @property
@@ -204,7 +204,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("bad-input")
     try:
         with fresh_database("postgresql", tmp) as url:
-            cluster = Cluster(tmp, url, core_config=dict(FAST))
+            cluster = LocalCluster(tmp, url, core_config=dict(FAST))
             try:
                 cluster.start_manager()
                 cluster.start_agent(GOOD)
@@ -517,7 +517,7 @@ def test_unknown_host_is_rejected_when_auto_registration_is_off(
         uow.commit()
     engine.dispose()
     monkeypatch.setenv("KVMHA_MANAGER_AUTO_REGISTER_HOSTS", "false")
-    cluster = Cluster(tmp_path, url, core_config=dict(FAST))
+    cluster = LocalCluster(tmp_path, url, core_config=dict(FAST))
     try:
         cluster.start_manager()
         link = f"127.0.0.1:{cluster.agent_port}"

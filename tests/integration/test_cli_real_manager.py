@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from kvmha.lab.bmc import find_free_port
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.harness import BIN
+from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
-from tests.support.cluster import BIN, Cluster, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -29,9 +31,9 @@ PASSWORD = "bmc-s3cret-Pa55"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     tmp = tmp_path_factory.mktemp("cli")
-    running = Cluster(tmp, f"sqlite:///{tmp / 'kvmha.sqlite'}", core_config={"flap.holdout": "600"})
+    running = LocalCluster(tmp, f"sqlite:///{tmp / 'kvmha.sqlite'}", core_config={"flap.holdout": "600"})
     try:
         running.start_manager()
         for name in ("h1", "h2"):
@@ -43,19 +45,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         running.close()
 
 
-def kvmha(cluster: Cluster, *args: str, input: str = "", manager: str = "") -> subprocess.CompletedProcess[str]:
+def kvmha(cluster: LocalCluster, *args: str, input: str = "", manager: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([KVMHA, "--manager", manager or cluster.admin_address, *args], input=input,
                           capture_output=True, text=True, env=ENV, timeout=30)
 
 
-def ok(cluster: Cluster, *args: str, input: str = "") -> Any:
+def ok(cluster: LocalCluster, *args: str, input: str = "") -> Any:
     """Run a `--json` command that must succeed and return its parsed output."""
     done = kvmha(cluster, *args, "--json", input=input)
     assert done.returncode == 0 and done.stderr == "", (args, done)
     return json.loads(done.stdout)
 
 
-def test_host_list(cluster: Cluster) -> None:
+def test_host_list(cluster: LocalCluster) -> None:
     hosts = {h["name"]: h for h in ok(cluster, "host", "list")["hosts"]}
     assert sorted(hosts) == ["h1", "h2"]
     for name, host in hosts.items():
@@ -67,7 +69,7 @@ def test_host_list(cluster: Cluster) -> None:
     assert done.returncode == 0 and "h1" in done.stdout and "h2" in done.stdout and "\x1b[" not in done.stdout, done
 
 
-def test_vm_life_cycle(cluster: Cluster, tmp_path: Path) -> None:
+def test_vm_life_cycle(cluster: LocalCluster, tmp_path: Path) -> None:
     xml = tmp_path / "web.xml"
     xml.write_text(domain_xml("web", domain_type="test", memory_mib=64))
     created = ok(cluster, "vm", "create", "--xml", str(xml), "--ha", "--start")
@@ -100,7 +102,7 @@ def test_vm_life_cycle(cluster: Cluster, tmp_path: Path) -> None:
     assert ok(cluster, "vm", "list")["vms"] == []
 
 
-def test_config(cluster: Cluster) -> None:
+def test_config(cluster: LocalCluster) -> None:
     items = {i["name"]: i for i in ok(cluster, "config", "list")["items"]}
     assert items["ping.interval"]["value"] == "2.0" and items["ping.interval"]["default_value"] == "2.0", items
     assert "ping" in items["ping.interval"]["description"]
@@ -128,7 +130,7 @@ def test_config(cluster: Cluster) -> None:
     assert all(h["status"] == "Up" for h in ok(cluster, "host", "list")["hosts"])
 
 
-def test_maintenance(cluster: Cluster) -> None:
+def test_maintenance(cluster: LocalCluster) -> None:
     assert not ok(cluster, "vm", "list", "--host", "h1")["vms"]
     host = ok(cluster, "host", "maintenance", "h1", "on")
     assert host["name"] == "h1" and host["resource_state"] == "Maintenance", host
@@ -141,8 +143,8 @@ def test_maintenance(cluster: Cluster) -> None:
     assert ok(cluster, "host", "maintenance", "h1", "off")["resource_state"] == "Enabled"
 
 
-def test_bmc_password_never_shown(cluster: Cluster) -> None:
-    port = free_port()
+def test_bmc_password_never_shown(cluster: LocalCluster) -> None:
+    port = find_free_port()
     args = ["host", "bmc", "h1", "--address", "127.0.0.1", "--port", str(port), "--user", "u", "--password-stdin"]
     done = kvmha(cluster, *args, "--json", input=PASSWORD + "\n")
     assert done.returncode == 0 and done.stderr == "", done
@@ -163,7 +165,7 @@ def test_bmc_password_never_shown(cluster: Cluster) -> None:
     assert ok(cluster, "host", "show", "h2")["has_bmc"] is False
 
 
-def test_events_and_ha_list(cluster: Cluster) -> None:
+def test_events_and_ha_list(cluster: LocalCluster) -> None:
     events = ok(cluster, "events")["events"]
     kinds = {e["kind"] for e in events}
     assert "host.registered" in kinds and "host.status" in kinds, kinds
@@ -179,8 +181,8 @@ def test_events_and_ha_list(cluster: Cluster) -> None:
     assert ok(cluster, "ha", "list", "--active") == {"items": []}
 
 
-def test_unreachable_manager(cluster: Cluster) -> None:
-    closed = f"127.0.0.1:{free_port()}"
+def test_unreachable_manager(cluster: LocalCluster) -> None:
+    closed = f"127.0.0.1:{find_free_port()}"
     for args in (["host", "list", "--json"], ["vm", "stop", "web"], ["config", "set", "ping.timeout", "8"]):
         done = kvmha(cluster, *args, manager=closed)
         assert done.returncode == 2 and done.stdout == "", done

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.testing.databases import KINDS, DatabaseUnavailable, fresh_database
+from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
-from tests.support.cluster import Cluster
-from tests.support.databases import KINDS, DatabaseUnavailable, fresh_database
 
 FAST = {
     "ping.interval": "1",
@@ -37,10 +37,10 @@ HA_VMS = ["ha1", "ha2", "ha3", "ha4"]
 
 
 @pytest.fixture(params=KINDS)
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
     try:
         with fresh_database(request.param, tmp_path) as url:
-            running = Cluster(tmp_path, url, core_config=dict(FAST))
+            running = LocalCluster(tmp_path, url, core_config=dict(FAST))
             try:
                 yield running
             finally:
@@ -49,7 +49,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         pytest.skip(str(reason))
 
 
-def _up(cluster: Cluster, names: list[str]) -> dict[str, apb.HostInfo]:
+def _up(cluster: LocalCluster, names: list[str]) -> dict[str, apb.HostInfo]:
     return wait_for(
         lambda: (hosts := cluster.hosts()) and all(n in hosts and hosts[n].status == "Up" for n in names) and hosts,
         30,
@@ -57,7 +57,7 @@ def _up(cluster: Cluster, names: list[str]) -> dict[str, apb.HostInfo]:
     )
 
 
-def _running(cluster: Cluster, names: list[str]) -> dict[str, apb.VmInfo]:
+def _running(cluster: LocalCluster, names: list[str]) -> dict[str, apb.VmInfo]:
     def check() -> dict[str, apb.VmInfo] | None:
         vms = cluster.vms()
         ok = all(n in vms and vms[n].state == "Running" and vms[n].power_state == "PowerOn" for n in names)
@@ -66,7 +66,7 @@ def _running(cluster: Cluster, names: list[str]) -> dict[str, apb.VmInfo]:
     return wait_for(check, 60, f"VMs {names} Running with PowerOn")
 
 
-def _start_cluster(cluster: Cluster) -> None:
+def _start_cluster(cluster: LocalCluster) -> None:
     cluster.start_manager()
     for name in ("h1", "h2", "h3"):
         cluster.start_powered_agent(name)
@@ -74,7 +74,7 @@ def _start_cluster(cluster: Cluster) -> None:
     cluster.register_bmcs()
 
 
-def _create_vms(cluster: Cluster) -> dict[str, apb.VmInfo]:
+def _create_vms(cluster: LocalCluster) -> dict[str, apb.VmInfo]:
     admin = cluster.admin()
     for name in HA_VMS:
         admin.CreateVm(
@@ -90,7 +90,7 @@ def _create_vms(cluster: Cluster) -> dict[str, apb.VmInfo]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_agent_death_restarts_ha_vms_elsewhere(cluster: Cluster) -> None:
+def test_agent_death_restarts_ha_vms_elsewhere(cluster: LocalCluster) -> None:
     _start_cluster(cluster)
     before = _create_vms(cluster)
     # Kill the host that runs the most VMs, including the non-HA one if it can.
@@ -130,7 +130,7 @@ def test_agent_death_restarts_ha_vms_elsewhere(cluster: Cluster) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_manager_restart_mid_recovery_completes_without_duplicates(cluster: Cluster) -> None:
+def test_manager_restart_mid_recovery_completes_without_duplicates(cluster: LocalCluster) -> None:
     _start_cluster(cluster)
     before = _create_vms(cluster)
     load = Counter(vm.host for vm in before.values() if vm.name in HA_VMS)

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.lab.harness import BIN
+from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
-from tests.support.cluster import BIN, Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -30,13 +31,13 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("KVMHA_MANAGER", "KVMHA_
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    running = Cluster(tmp_path, f"sqlite:///{tmp_path / 'kvmha.sqlite'}", core_config=dict(FAST))
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    running = LocalCluster(tmp_path, f"sqlite:///{tmp_path / 'kvmha.sqlite'}", core_config=dict(FAST))
     try:
         running.start_manager()
         for name in ("h1", "h2"):
             # A short reconnect backoff: the agents' default (up to 30 s) can outlast this test's startup grace.
-            running.start_agent(name, extra="reconnect_max_s = 1.0\n")
+            running.start_agent(name, settings={"reconnect_max_s": 1.0})
         wait_for(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
                    30, "h1 and h2 Up")
         yield running
@@ -44,7 +45,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         running.close()
 
 
-def scrape(cluster: Cluster) -> dict[str, float]:
+def scrape(cluster: LocalCluster) -> dict[str, float]:
     """The manager's metrics as {'name{labels}': value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5) as reply:
         assert reply.status == 200
@@ -57,7 +58,7 @@ def scrape(cluster: Cluster) -> dict[str, float]:
     return samples
 
 
-def test_metrics_endpoint(cluster: Cluster) -> None:
+def test_metrics_endpoint(cluster: LocalCluster) -> None:
     # The gauges are refreshed every few seconds from the core; the counters move with every fact.
     samples = wait_for(lambda: (s := scrape(cluster)).get('kvmha_hosts{status="Up"}') == 2 and s, 15,
                          "kvmha_hosts{status=Up} = 2")
@@ -73,7 +74,7 @@ def test_metrics_endpoint(cluster: Cluster) -> None:
     assert samples['kvmha_facts_total{kind="AgentDisconnected"}'] == 1, samples
 
 
-def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: Cluster) -> None:
+def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: LocalCluster) -> None:
     manager = cluster.manager
     assert manager is not None and manager.process is not None
     follower = subprocess.Popen([str(BIN / "kvmha"), "--manager", cluster.admin_address, "events", "--follow"],
