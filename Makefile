@@ -46,7 +46,8 @@ proto: venv
 	$(PY) proto/generate.py
 
 # mypy cannot follow setuptools' editable import hook for mapped folders, so it reads the packages through a
-# symlink tree that mirrors the import names (kvmha.agent -> agent/, ...).
+# symlink tree that mirrors the import names (kvmha.agent -> agent/, ...). tests/ (a package) and bench/ (scripts,
+# checked as a namespace package) are found from the repository root, where make runs mypy.
 .typecheck/kvmha:
 	@mkdir -p .typecheck/kvmha && touch .typecheck/kvmha/__init__.py
 	@ln -sfn ../../proto .typecheck/kvmha/proto; ln -sfn ../../agent .typecheck/kvmha/agent
@@ -56,7 +57,7 @@ lint: venv
 	$(VENV)/bin/ruff check proto agent manager deploy tests bench
 
 typecheck: venv .typecheck/kvmha
-	MYPYPATH=.typecheck $(VENV)/bin/mypy -p kvmha.proto -p kvmha.agent -p kvmha.manager -p kvmha.lab
+	MYPYPATH=.typecheck $(VENV)/bin/mypy -p kvmha.proto -p kvmha.agent -p kvmha.manager -p kvmha.lab -p tests -p bench
 
 test: setup lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

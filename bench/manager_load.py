@@ -78,6 +78,7 @@ from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc
 from kvmha.proto.v1 import agent_pb2 as pb
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+AgentCall = grpc.aio.StreamStreamCall[pb.AgentMessage, pb.ManagerMessage]
 PING_INTERVAL_S = 2.0
 RESYNC_S = 30.0
 CONNECTS_IN_FLIGHT = 64
@@ -180,7 +181,7 @@ class Load:
     async def _stream(self, agent: SimAgent, ready: asyncio.Event) -> None:
         options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 60_000)]
         async with grpc.aio.insecure_channel(self.link, options=options) as channel:
-            call = agent_pb2_grpc.AgentLinkStub(channel).Connect()
+            call = agent_pb2_grpc.AgentLinkStub(channel).Connect(None)  # None: messages come from write()
             lock = asyncio.Lock()
             started = time.monotonic()
             await call.write(pb.AgentMessage(hello=pb.Hello(
@@ -189,7 +190,7 @@ class Load:
                 qemu_version="7.2.0", agent_version="bench", protocol_version=pb.PROTOCOL_VERSION_CURRENT,
                 boot_id=str(uuid_module.uuid4()))))
             first = await call.read()
-            if first is grpc.aio.EOF or first.WhichOneof("msg") != "welcome":
+            if not isinstance(first, pb.ManagerMessage) or first.WhichOneof("msg") != "welcome":  # EOF: ended
                 raise RuntimeError(f"no Welcome: {first}")
             self.connect_s.append(time.monotonic() - started)
             sequence = 1
@@ -226,11 +227,11 @@ class Load:
         return pb.AgentMessage(power=pb.PowerStateReport(full=True, domains=agent.domains, hypervisor_connected=True,
                                                          sequence=sequence))
 
-    async def _answer(self, call: Any, lock: asyncio.Lock) -> None:
+    async def _answer(self, call: AgentCall, lock: asyncio.Lock) -> None:
         """Answer commands like a healthy agent (investigations of other hosts ask neighbours)."""
         while True:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if not isinstance(message, pb.ManagerMessage):  # grpc.aio.EOF: the stream ended
                 return
             if message.WhichOneof("msg") != "command":
                 continue
@@ -453,7 +454,7 @@ async def restart_phase(load: Load, count: int, settle_s: float) -> dict[str, An
         await asyncio.sleep(1.0)
     # Let every deadline a late agent could have missed pass (startup grace + ping timeout), then read the events.
     await asyncio.sleep(max(0.0, started + settle_s - time.time()))
-    changes: list[str] = []
+    changes: list[tuple[str, str]] = []
     while True:
         reply = await load.admin.ListEvents(apb.ListEventsRequest(after_id=load.event_cursor, limit=10_000),
                                             timeout=60)
@@ -505,7 +506,7 @@ async def load_main(plan: dict[str, Any]) -> None:
     for task in load.tasks:
         task.cancel()
     await asyncio.gather(*load.tasks, return_exceptions=True)
-    await load.admin_channel.close()
+    await load.admin_channel.close(None)
 
 
 # ---------------------------------------------------------------------------------------------- orchestrator

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import pytest
 
@@ -28,6 +28,7 @@ from kvmha.proto.v1 import admin_pb2 as apb
 
 from ..lab.conftest import caps_cache, lab_prerequisites_missing
 
+T = TypeVar("T")
 E2E_PREFIX = "kvmhae"
 E2E_SUBNET = "10.251.0.128/26"
 
@@ -144,8 +145,10 @@ class E2E:
             ]
         except Exception as error:  # the manager may be the thing that is down
             lines = [f"(events unavailable: {error})"]
-        hosts = {h.id: n for n, h in _safe(self.cluster.hosts, {}).items()}
-        vms = {v.id: n for n, v in _safe(self.cluster.vms, {}).items()}
+        no_hosts: dict[str, apb.HostInfo] = {}
+        no_vms: dict[str, apb.VmInfo] = {}
+        hosts = {h.id: n for n, h in _safe(self.cluster.hosts, no_hosts).items()}
+        vms = {v.id: n for n, v in _safe(self.cluster.vms, no_vms).items()}
         legend = ", ".join(
             [f"host:{i}={n}" for i, n in sorted(hosts.items())] + [f"vm:{i}={n}" for i, n in sorted(vms.items())]
         )
@@ -177,7 +180,7 @@ class E2E:
         self.cluster.admin().SetMaintenance(apb.SetMaintenanceRequest(host=host, on=on), timeout=10)
 
 
-def _safe(call: Callable[[], Any], default: Any) -> Any:
+def _safe(call: Callable[[], T], default: T) -> T:
     try:
         return call()
     except Exception:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmha.lab.fault import Fault
 from kvmha.lab.harness import LabCluster
 from kvmha.lab.wait import wait_for
 
@@ -265,7 +266,7 @@ def test_guest_shutdown_is_not_restarted(e2e: E2E) -> None:
 
 
 @pytest.mark.parametrize("service", ["agent", "libvirtd"])
-def test_a_killed_service_alone_never_makes_a_second_copy(e2e: E2E, service: str) -> None:
+def test_a_killed_service_alone_never_makes_a_second_copy(e2e: E2E, service: Fault) -> None:
     """The agent killed alone (its link and heartbeat stop; neighbours still reach the host → alive → Alert) or
     libvirtd killed alone (the agent pings on and reports the hypervisor lost → power unknown, host Up): the VMs
     keep running, the host is never fenced and nothing is restarted anywhere, watched for longer than detection

@@ -84,7 +84,7 @@ class FakeAgent:
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.call = agent_pb2_grpc.AgentLinkStub(self.channel).Connect()
+        self.call = agent_pb2_grpc.AgentLinkStub(self.channel).Connect(None)  # None: messages come from write()
         self.outcome = Outcome()
 
     async def send(self, *messages: pb.AgentMessage) -> bool:
@@ -102,9 +102,8 @@ class FakeAgent:
             message = await asyncio.wait_for(self.call.read(), timeout_s)
         except grpc.aio.AioRpcError:
             return None
-        if message is grpc.aio.EOF:
+        if not isinstance(message, pb.ManagerMessage):  # grpc.aio.EOF: the stream ended
             return None
-        assert isinstance(message, pb.ManagerMessage)
         self.outcome.replies.append(message)
         return message
 
@@ -120,12 +119,12 @@ class FakeAgent:
             await asyncio.wait_for(drain(), timeout_s)
         finally:
             self.call.cancel()
-            await self.channel.close()
+            await self.channel.close(None)
         return self.outcome
 
     async def close(self) -> None:
         self.call.cancel()
-        await self.channel.close()
+        await self.channel.close(None)
 
 
 async def exchange(address: str, *messages: pb.AgentMessage, half_close: bool = True) -> Outcome:
@@ -332,14 +331,17 @@ def test_a_second_hello_on_an_accepted_stream_ends_it(world: World) -> None:
     world.check_unaffected(started)
 
 
-def _domain(name: str, state: int = pb.POWER_ON, uuid: str = "") -> pb.DomainPower:
+UNKNOWN_STATE = pb.PowerState.ValueType(7)  # in no version of the enum: the manager must refuse it
+
+
+def _domain(name: str, state: pb.PowerState.ValueType = pb.POWER_ON, uuid: str = "") -> pb.DomainPower:
     return pb.DomainPower(uuid=uuid or str(uuid_module.uuid4()), name=name, state=state)
 
 
 @pytest.mark.parametrize(("message", "code", "words"), [
     (report(2, domains=[_domain("bad1", uuid="nope")]), grpc.StatusCode.INVALID_ARGUMENT,
      "domain uuid 'nope' is not a UUID"),
-    (report(2, domains=[_domain("ok2"), _domain("bad2", state=7)]), grpc.StatusCode.INVALID_ARGUMENT,
+    (report(2, domains=[_domain("ok2"), _domain("bad2", state=UNKNOWN_STATE)]), grpc.StatusCode.INVALID_ARGUMENT,
      "power state 7 is not known"),
     (report(2, domains=[_domain(f"many{i}") for i in range(10_001)]), grpc.StatusCode.INVALID_ARGUMENT,
      "more than 10000"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,11 +99,11 @@ def test_a_port_in_use_is_a_clear_start_error(bmc_factory: BmcFactory, tmp_path:
     "change",
     [{"name": "a b"}, {"startcmd": 'echo "x"'}, {"password": "has space"}, {"poweroff_wait_s": 0}, {"port": 0}],
 )
-def test_config_that_would_break_lan_conf_is_refused(change: dict[str, object], tmp_path: Path) -> None:
-    fields: dict[str, object] = {"name": "ok", "port": find_free_port(), "workdir": tmp_path, "startcmd": "sleep 1"}
+def test_config_that_would_break_lan_conf_is_refused(change: dict[str, Any], tmp_path: Path) -> None:
+    fields: dict[str, Any] = {"name": "ok", "port": find_free_port(), "workdir": tmp_path, "startcmd": "sleep 1"}
     fields.update(change)
     with pytest.raises(ValueError):
-        BmcSimulator(BmcConfig(**fields))  # type: ignore[arg-type]
+        BmcSimulator(BmcConfig(**fields))
 
 
 def test_the_password_is_not_in_the_config_repr(tmp_path: Path) -> None:

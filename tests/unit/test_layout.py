@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ ALLOWED_TOP = {"proto", "manager", "agent", "deploy", "tests", "Makefile", "pypr
                "bench", "docs", ".gitignore"}
 
 
-def _pyproject() -> dict[str, object]:
+def _pyproject() -> dict[str, Any]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
@@ -26,7 +27,7 @@ def test_top_level_entries_are_the_designed_ones() -> None:
 
 
 def test_every_package_folder_is_installed() -> None:
-    setuptools = _pyproject()["tool"]["setuptools"]  # type: ignore[index]
+    setuptools = _pyproject()["tool"]["setuptools"]
     package_dir: dict[str, str] = setuptools["package-dir"]
     listed = set(setuptools["packages"])
     found = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from google.protobuf import message_factory
@@ -11,6 +12,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from kvmha.proto.v1 import admin_pb2, agent_pb2
+
+if TYPE_CHECKING:  # what DESCRIPTOR.fields holds with protobuf's C (upb) backend
+    from google._upb._message import FieldDescriptor as UpbFieldDescriptor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +37,7 @@ def test_committed_stubs_are_not_stale(tmp_path: Path) -> None:
 
 def _fill(message: Message, depth: int = 0) -> Message:
     """Set every field (each oneof member gets its own message in _variants) to a distinctive non-default value."""
-    descriptor: Descriptor = message.DESCRIPTOR
+    descriptor = message.DESCRIPTOR
     for field in descriptor.fields:
         if field.containing_oneof is not None and message.WhichOneof(field.containing_oneof.name) is not None:
             continue
@@ -41,7 +45,7 @@ def _fill(message: Message, depth: int = 0) -> Message:
     return message
 
 
-def _scalar(field: FieldDescriptor) -> object:
+def _scalar(field: FieldDescriptor | UpbFieldDescriptor) -> object:
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
         return f"{field.name}-värde"
@@ -50,13 +54,14 @@ def _scalar(field: FieldDescriptor) -> object:
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         return 1.5
     if kind == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None, field.full_name
         return field.enum_type.values[-1].number
     if kind == FieldDescriptor.TYPE_BYTES:
         return b"\x00\xff"
     return 7 if field.number % 2 else -3 if kind in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64) else 9
 
 
-def _set(message: Message, field: FieldDescriptor, depth: int) -> None:
+def _set(message: Message, field: FieldDescriptor | UpbFieldDescriptor, depth: int) -> None:
     repeated = field.is_repeated
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if depth > 4:

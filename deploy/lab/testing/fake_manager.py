@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc as pb_grpc
 
-_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
-
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Received:
@@ -49,8 +48,8 @@ class FakeManager(pb_grpc.AgentLinkServicer):
         self._server: grpc.aio.Server | None = None
 
     # -- lifecycle (callable from any thread) -------------------------------------------------------------
-    def _run(self, coro: object) -> object:
-        future: Future[object] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+    def _run(self, coro: Coroutine[object, object, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return future.result(timeout=30)
 
     def start(self) -> FakeManager:
@@ -79,9 +78,13 @@ class FakeManager(pb_grpc.AgentLinkServicer):
         return f"127.0.0.1:{self.port}"
 
     # -- the servicer ---------------------------------------------------------------------------------------
-    async def Connect(self, request_iterator: object, context: Any) -> None:  # type: ignore[override]
+    # The stubs' servicer returns an iterator of replies; this one writes them through the context (grpc.aio's
+    # other streaming style, which the generated stubs cannot express), so that tests can send at any time.
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: object, context: grpc.aio.ServicerContext[pb.AgentMessage, pb.ManagerMessage]
+    ) -> None:
         first = await context.read()
-        if first is _EOF:
+        if not isinstance(first, pb.AgentMessage):  # grpc.aio.EOF: the agent closed the stream at once
             return
         with self._cond:
             self._stream_count += 1
@@ -100,7 +103,7 @@ class FakeManager(pb_grpc.AgentLinkServicer):
 
         pumping = asyncio.ensure_future(pump())
         try:
-            while (msg := await context.read()) is not _EOF:
+            while isinstance(msg := await context.read(), pb.AgentMessage):  # until grpc.aio.EOF
                 self._record(stream, msg)
         finally:
             pumping.cancel()
