@@ -189,7 +189,7 @@ def _safe(call: Callable[[], T], default: T) -> T:
 
 def wait_manager(e2e: E2E, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     try:
-        wait_for(lambda: predicate() or None, timeout_s, what, interval_s=0.2)
+        wait_for(predicate, timeout_s, what, interval_s=0.2)
     except TimeoutError as error:
         pytest.fail(f"{error}{e2e.story()}")
 

@@ -179,7 +179,7 @@ class World:
         cluster, base = self.cluster, self.baseline
         try:
             host = wait_for(lambda: (h := cluster.hosts()[GOOD]).last_ping_at > since and h, 5,
-                              f"{GOOD} pinging after the bad input")
+                            f"{GOOD} pinging after the bad input")
         except TimeoutError:
             pytest.fail(f"{GOOD} stopped pinging\n{cluster.story()}\n{cluster.logs()}")
         assert host.status == "Up" and host.connected, host
@@ -212,7 +212,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     apb.CreateVmRequest(domain_xml=domain_xml("web", domain_type="test"), ha_enabled=True, start=True),
                     timeout=10)
                 vm = wait_for(lambda: (v := cluster.vms()["web"]).state == "Running" and v.power_state == "PowerOn"
-                                and v, 30, "web Running")
+                              and v, 30, "web Running")
                 assert vm.uuid == created.uuid and vm.host == GOOD
                 events = cluster.events()
                 world = World(cluster, Baseline(cluster.hosts()[GOOD], vm, {GOOD}, events[-1].id if events else 0))

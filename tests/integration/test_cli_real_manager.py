@@ -39,7 +39,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         for name in ("h1", "h2"):
             running.start_agent(name)
         wait_for(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
-                   30, "h1 and h2 Up")
+                 30, "h1 and h2 Up")
         yield running
     finally:
         running.close()
@@ -93,7 +93,7 @@ def test_vm_life_cycle(cluster: LocalCluster, tmp_path: Path) -> None:
     stopping = ok(cluster, "vm", "stop", "web")
     assert stopping["state"] in ("Stopping", "Stopped"), stopping
     stopped = wait_for(lambda: (v := ok(cluster, "vm", "show", "web"))["state"] == "Stopped" and v, 30,
-                         "web Stopped (vm show --json)", interval_s=0.5)
+                       "web Stopped (vm show --json)", interval_s=0.5)
     assert stopped["power_state"] == "PowerOff", stopped
 
     assert ok(cluster, "vm", "delete", "web")["id"] == created["id"]

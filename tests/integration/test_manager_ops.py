@@ -39,7 +39,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
             # A short reconnect backoff: the agents' default (up to 30 s) can outlast this test's startup grace.
             running.start_agent(name, settings={"reconnect_max_s": 1.0})
         wait_for(lambda: (h := running.hosts()) and all(n in h and h[n].status == "Up" for n in ("h1", "h2")),
-                   30, "h1 and h2 Up")
+                 30, "h1 and h2 Up")
         yield running
     finally:
         running.close()
@@ -61,7 +61,7 @@ def scrape(cluster: LocalCluster) -> dict[str, float]:
 def test_metrics_endpoint(cluster: LocalCluster) -> None:
     # The gauges are refreshed every few seconds from the core; the counters move with every fact.
     samples = wait_for(lambda: (s := scrape(cluster)).get('kvmha_hosts{status="Up"}') == 2 and s, 15,
-                         "kvmha_hosts{status=Up} = 2")
+                       "kvmha_hosts{status=Up} = 2")
     assert samples["kvmha_agent_streams"] == 2, samples
     assert samples['kvmha_facts_total{kind="HeartbeatReceived"}'] > 0, samples
     assert samples['kvmha_facts_total{kind="AgentConnected"}'] == 2, samples
