@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from concurrent.futures import Future
 
+from kvmha.agent import lease
 from kvmha.agent.hypervisor import Hypervisor, HypervisorError, domain_uuid_from_xml
 from kvmha.agent.neighbor import check_neighbor
 from kvmha.proto.v1 import agent_pb2 as pb
@@ -29,6 +31,9 @@ MAX_STOP_TIMEOUT_S = 3600.0
 DEFAULT_NEIGHBOR_TIMEOUT_S = 5.0
 MAX_NEIGHBOR_TIMEOUT_S = 60.0
 MAX_REQUEST_ID_LEN = 256
+MAX_LEASE_DISKS = 256
+_LEASE_STATES = {lease.LeaseState.HELD: pb.LEASE_HELD, lease.LeaseState.FREE: pb.LEASE_FREE,
+                 lease.LeaseState.UNKNOWN: pb.LEASE_UNKNOWN}
 
 
 class InvalidArgument(Exception):
@@ -55,8 +60,9 @@ def _error(request_id: str, code: int, message: str) -> pb.CommandResult:
 
 class CommandRunner:
     def __init__(self, hypervisor: Hypervisor, storage_paths: tuple[str, ...], neighbor_port: int,
-                 cache_size: int = 1024) -> None:
+                 cache_size: int = 1024, lock_config: lease.LockConfig | None = None) -> None:
         self._hypervisor = hypervisor
+        self._lock_config = lock_config or lease.LockConfig()
         self._storage_paths = storage_paths
         self._neighbor_port = neighbor_port
         self._cache_size = cache_size
@@ -105,10 +111,12 @@ class CommandRunner:
                     cpus=cap.cpus, memory_mib=cap.memory_mib, free_memory_mib=cap.free_memory_mib))
             elif kind == "check_neighbor":
                 result = self._check_neighbor(command.check_neighbor)
+            elif kind == "check_lease":
+                result = self._check_lease(command.check_lease)
             else:
                 result = _error(request_id, pb.ERROR_UNKNOWN_COMMAND,
                                 "unknown or empty command (this agent speaks kvmha.v1: start_vm, stop_vm, "
-                                "destroy_vm, check_neighbor, get_capacity)")
+                                "destroy_vm, check_neighbor, check_lease, get_capacity)")
         except InvalidArgument as exc:
             result = _error(request_id, pb.ERROR_INVALID_ARGUMENT, str(exc))
         except HypervisorError as exc:
@@ -176,3 +184,30 @@ class CommandRunner:
             icmp_reachable=outcome.icmp_reachable, heartbeat_found=outcome.heartbeat.found,
             heartbeat_age_s=outcome.heartbeat.age_s if outcome.heartbeat.found else -1.0, detail=outcome.detail)
         return pb.CommandResult(ok=True, message=outcome.detail, neighbor=report)
+
+    def _check_lease(self, cmd: pb.CheckLease) -> pb.CommandResult:
+        """The VM's disk leases as this host sees them (never takes them); see kvmha.agent.lease."""
+        vm_uuid = _uuid(cmd.vm_uuid, "vm_uuid") if cmd.vm_uuid else ""
+        timeout_s = _duration_s(cmd.timeout_s, "timeout_s", lease.DEFAULT_TIMEOUT_S, lease.MAX_TIMEOUT_S)
+        if cmd.domain_xml.strip():
+            try:
+                disks, notes = lease.leased_disks(cmd.domain_xml)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
+        else:
+            if len(cmd.disk_paths) > MAX_LEASE_DISKS:
+                raise InvalidArgument(f"more than {MAX_LEASE_DISKS} disk paths")
+            if not all(os.path.isabs(p) and "\0" not in p for p in cmd.disk_paths):
+                raise InvalidArgument("disk_paths must be absolute paths")
+            disks, notes = [lease.LeasedDisk(p, shared=False) for p in cmd.disk_paths], []
+        lockspace = cmd.lockspace_dir or None
+        if lockspace is not None and not os.path.isabs(lockspace):
+            raise InvalidArgument(f"lockspace_dir {lockspace[:80]!r} must be an absolute path")
+        outcome = lease.check_lease(disks, self._lock_config, lockspace, timeout_s, notes)
+        report = pb.LeaseReport(
+            vm_uuid=vm_uuid, state=_LEASE_STATES[outcome.state], lockspace_dir=outcome.lockspace_dir,
+            detail=outcome.detail[:4000], disks=[
+                pb.DiskLease(disk_path=d.disk_path, lease_path=d.lease_path, state=_LEASE_STATES[d.state],
+                             shared=d.shared, holder_pid=d.holder_pid, detail=d.detail) for d in outcome.disks])
+        return pb.CommandResult(ok=True, message=f"lease {outcome.state.value}: {outcome.detail}"[:4000],
+                                lease=report)

@@ -3,11 +3,14 @@
 The file schema is a contract with the lab and the deploy docs (deploy/config/agent.toml is the example):
 
     [agent]      host_uuid (required), hostname, management_address, managers, libvirt_uri, storage_paths,
-                 heartbeat_interval_s, resync_interval_s, neighbor_port, log_format
+                 heartbeat_interval_s, resync_interval_s, neighbor_port, log_format, libvirt_config_dir
     [isolation]  policy (none | destroy-vms | reboot-host), after_s
+    [watchdog]   enabled (true), socket (kvmha-watchdog's, /run/kvmha/watchdog.sock), timeout_s (20: the host
+                 resets at most this long after the agent's last sign of life; see docs/watchdog.md)
 
 Environment variables are the agent keys upper-cased (KVMHA_AGENT_HOST_UUID, KVMHA_AGENT_MANAGERS as a
-comma-separated list, ...) plus KVMHA_AGENT_ISOLATION_POLICY and KVMHA_AGENT_ISOLATION_AFTER_S.
+comma-separated list, ...) plus KVMHA_AGENT_ISOLATION_POLICY, KVMHA_AGENT_ISOLATION_AFTER_S and
+KVMHA_AGENT_WATCHDOG_ENABLED / _SOCKET / _TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ class AgentConfig:
     # really destroyed its VMs by then (docs/decisions.md).
     isolation_policy: str = "destroy-vms"
     isolation_after_s: float = 30.0
+    # kvmha-watchdog (issue 11): armed at start unless disabled; without it a self-fence is not guaranteed, and the
+    # manager never takes this host for dead by silence alone.
+    watchdog_enabled: bool = True
+    watchdog_socket: str = "/run/kvmha/watchdog.sock"
+    watchdog_timeout_s: float = 20.0
+    # Where libvirt's qemu.conf / qemu-lockd.conf are read from (the disk lease configuration reported in Hello).
+    libvirt_config_dir: str = "/etc/libvirt"
     # Not in the documented schema (optional, defaults are fine): the first ping interval before Welcome says
     # otherwise, and the longest pause between two connection attempts.
     ping_interval_s: float = 2.0
@@ -57,8 +67,11 @@ class AgentConfig:
 _AGENT_KEYS = {
     "host_uuid", "hostname", "management_address", "managers", "libvirt_uri", "storage_paths",
     "heartbeat_interval_s", "resync_interval_s", "neighbor_port", "log_format", "ping_interval_s", "reconnect_max_s",
+    "libvirt_config_dir",
 }
 _ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
+_WATCHDOG_KEYS = {"enabled": "watchdog_enabled", "socket": "watchdog_socket", "timeout_s": "watchdog_timeout_s"}
+_SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS}  # [section] key -> field
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 
 
@@ -66,6 +79,13 @@ def _coerce(key: str, value: Any) -> Any:
     """Turn a TOML, environment or flag value into the field's type, with a message naming the key on failure."""
     kind = _TYPES[key]
     try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("must be true or false")
+            return text in ("true", "1", "yes")
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())
@@ -87,17 +107,18 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _from_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    unknown_sections = set(data) - {"agent", "isolation"}
+    unknown_sections = set(data) - {"agent", *_SECTIONS}
     if unknown_sections:
         raise ConfigError(f"unknown sections: {sorted(unknown_sections)}")
     for key, value in dict(data.get("agent", {})).items():
         if key not in _AGENT_KEYS:
             raise ConfigError(f"[agent] unknown key {key!r}")
         out[key] = _coerce(key, value)
-    for key, value in dict(data.get("isolation", {})).items():
-        if key not in _ISOLATION_KEYS:
-            raise ConfigError(f"[isolation] unknown key {key!r}")
-        out[_ISOLATION_KEYS[key]] = _coerce(_ISOLATION_KEYS[key], value)
+    for section, keys in _SECTIONS.items():
+        for key, value in dict(data.get(section, {})).items():
+            if key not in keys:
+                raise ConfigError(f"[{section}] unknown key {key!r}")
+            out[keys[key]] = _coerce(keys[key], value)
     return out
 
 
@@ -107,10 +128,11 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         value = environ.get(f"KVMHA_AGENT_{key.upper()}")
         if value is not None:
             out[key] = _coerce(key, value)
-    for short, key in _ISOLATION_KEYS.items():
-        value = environ.get(f"KVMHA_AGENT_ISOLATION_{short.upper()}")
-        if value is not None:
-            out[key] = _coerce(key, value)
+    for section, keys in _SECTIONS.items():
+        for short, key in keys.items():
+            value = environ.get(f"KVMHA_AGENT_{section.upper()}_{short.upper()}")
+            if value is not None:
+                out[key] = _coerce(key, value)
     return out
 
 
@@ -135,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", dest="log_format", choices=LOG_FORMATS)
     p.add_argument("--isolation-policy", dest="isolation_policy", choices=ISOLATION_POLICIES)
     p.add_argument("--isolation-after-s", dest="isolation_after_s", type=float)
+    p.add_argument("--watchdog-socket", dest="watchdog_socket", help="kvmha-watchdog's socket")
+    p.add_argument("--watchdog-timeout-s", dest="watchdog_timeout_s", type=float,
+                   help="the host resets at most this long after the agent's last sign of life")
+    p.add_argument("--no-watchdog", dest="watchdog_enabled", action="store_const", const=False, default=None,
+                   help="do not arm kvmha-watchdog (the manager then never takes this host for dead by silence)")
     return p
 
 
@@ -182,4 +209,7 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     for path in cfg.storage_paths:
         if not os.path.isabs(path):
             raise ConfigError(f"storage path {path!r} must be absolute")
+    for key in ("watchdog_socket", "libvirt_config_dir"):
+        if not os.path.isabs(getattr(cfg, key)):
+            raise ConfigError(f"{key} {getattr(cfg, key)!r} must be an absolute path")
     return replace(cfg, host_uuid=host_uuid)

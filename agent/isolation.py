@@ -12,6 +12,11 @@ Rules (the pure `decide` below; times are monotonic seconds):
 - The action runs once per isolation episode; the episode ends when the manager link or a heartbeat write returns.
 - Policies: `none` (log only), `destroy-vms` (destroy every running domain), `reboot-host` (immediate reboot via
   sysrq, like CloudStack's agent; documented, never run by the tests).
+- Backed by the watchdog (issue 11): from the moment isolation is declared until the response is *complete*
+  (every domain verified off), `response_pending` says why the agent must withhold its watchdog pets; the
+  response is retried every tick, and if it does not complete in time (a destroy fails, libvirtd hangs) the
+  watchdog resets the host. `reboot-host` is never "complete" while the agent still runs.
+- `after_s` is the manager's value once a Welcome carried one (`set_after_s`): the manager counts with it.
 """
 
 from __future__ import annotations
@@ -91,6 +96,38 @@ class IsolationMonitor:
         self._started_at = started_at
         self._reboot = reboot
         self._acted = False
+        self._completed = False  # the response of this episode ran to the end (written by tick's thread only)
+
+    @property
+    def after_s(self) -> float:
+        return self._after_s
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    def set_after_s(self, after_s: float, source: str) -> None:
+        if after_s != self._after_s:
+            log.warning("event=isolation_after_changed from_s=%.1f to_s=%.1f source=%s", self._after_s, after_s,
+                        source)
+            self._after_s = after_s
+
+    def set_started_at(self, started_at: float) -> None:
+        """An earlier start for "never written" (a restarted agent continues its predecessor's clock)."""
+        self._started_at = min(self._started_at, started_at)
+
+    def response_pending(self, now: float, manager_seen_at: float, storage_ok_at: float | None) -> str | None:
+        """Why the watchdog must not be petted now: isolated, a response is due and it has not completed."""
+        facts = IsolationFacts(now, manager_seen_at, storage_ok_at, self._started_at, self._storage_configured,
+                               acted=False)
+        decision = decide(facts, self._policy, self._after_s)
+        if decision.action in (Action.NOTHING, Action.LOG_ONLY) or self._completed:
+            return None
+        return f"isolation response {decision.action.value} not complete ({decision.reason})"
 
     def tick(self, now: float, manager_seen_at: float, storage_ok_at: float | None) -> Decision:
         facts = IsolationFacts(now, manager_seen_at, storage_ok_at, self._started_at, self._storage_configured,
@@ -99,29 +136,33 @@ class IsolationMonitor:
         if not decision.isolated:
             if self._acted:
                 log.warning("event=isolation_ended reason=%r", decision.reason)
-            self._acted = False
+            self._acted = self._completed = False
             return decision
         if decision.action is not Action.NOTHING:
             self._acted = True
             log.error("event=isolation_response policy=%s action=%s reason=%r", self._policy,
                       decision.action.value, decision.reason)
-            self._execute(decision.action)
+            self._completed = self._execute(decision.action)
+            if decision.action is Action.DESTROY_VMS and not self._completed:
+                self._acted = False  # again on the next tick (libvirt may come back); the watchdog sets the limit
         return decision
 
-    def _execute(self, action: Action) -> None:
+    def _execute(self, action: Action) -> bool:
+        """Carry out the action; True when it is complete (for destroy-vms: no domain left running)."""
         if action is Action.DESTROY_VMS:
-            self._destroy_running()
-        elif action is Action.REBOOT_HOST:
+            return self._destroy_running()
+        if action is Action.REBOOT_HOST:
             # No sync first on purpose: a hung storage mount would block the reboot forever.
             self._reboot()
+            return False  # still running after asking for a reboot: the watchdog finishes the job
+        return True
 
-    def _destroy_running(self) -> None:
+    def _destroy_running(self) -> bool:
         try:
             domains = self._hypervisor.list_domains()
         except HypervisorError as exc:
             log.error("event=isolation_destroy_failed error=%r", exc.message)
-            self._acted = False  # try again on the next tick: libvirt may come back
-            return
+            return False
         for dom in domains:
             if dom.power in (Power.ON, Power.PAUSED):
                 try:
@@ -129,3 +170,14 @@ class IsolationMonitor:
                     log.error("event=isolation_destroyed_vm vm=%s name=%s", dom.uuid, dom.name)
                 except HypervisorError as exc:
                     log.error("event=isolation_destroy_failed vm=%s error=%r", dom.uuid, exc.message)
+        # Complete only when libvirt itself says nothing runs any more (a destroy may "succeed" on a stale view).
+        try:
+            left = [d.name for d in self._hypervisor.list_domains() if d.power in (Power.ON, Power.PAUSED)]
+        except HypervisorError as exc:
+            log.error("event=isolation_verify_failed error=%r", exc.message)
+            return False
+        if left:
+            log.error("event=isolation_response_incomplete running=%s", ",".join(left))
+            return False
+        log.error("event=isolation_response_complete")
+        return True

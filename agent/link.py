@@ -67,6 +67,17 @@ class LinkSettings:
     hello_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True)
+class LinkHooks:
+    """Additions to the link's messages made elsewhere (issue 11: the watchdog status in Hello and every Ping, the
+    disk lease configuration in Hello, the manager's isolation delay from Welcome), so this module stays about the
+    stream. Each is called on the asyncio loop and must not block."""
+
+    hello: Callable[[pb.Hello], None] | None = None
+    ping: Callable[[pb.Ping], None] | None = None
+    welcome: Callable[[pb.Welcome], None] | None = None
+
+
 def to_proto(d: DomainPower) -> pb.DomainPower:
     return pb.DomainPower(
         uuid=d.uuid, name=d.name, state=pb.PowerState.Value(d.power.value), cause=pb.StateCause.Value(d.cause.value),
@@ -104,8 +115,9 @@ class AgentLink:
     """Implements HypervisorListener: libvirt's thread calls in, and the calls hop onto the asyncio loop."""
 
     def __init__(self, settings: LinkSettings, hypervisor: Hypervisor, runner: CommandRunner,
-                 heartbeat: HeartbeatWriter | None) -> None:
+                 heartbeat: HeartbeatWriter | None, hooks: LinkHooks | None = None) -> None:
         self.settings = settings
+        self._hooks = hooks or LinkHooks()
         self._hv = hypervisor
         self._runner = runner
         self._heartbeat = heartbeat
@@ -168,9 +180,12 @@ class AgentLink:
         storage = [] if self._heartbeat is None else [
             pb.StorageHeartbeatStatus(path=s.path, ok=s.ok, last_ok_age_s=s.last_ok_age_s, error=s.error)
             for s in self._heartbeat.status()]
-        return pb.AgentMessage(ping=pb.Ping(
+        msg = pb.AgentMessage(ping=pb.Ping(
             sequence=self._ping_sequence, hypervisor_connected=self._hv.is_connected(), storage=storage,
             domains_running=sum(self._running.values())))
+        if self._hooks.ping is not None:
+            self._hooks.ping(msg.ping)
+        return msg
 
     def _host_facts(self) -> tuple[HostCapacity, Versions]:
         try:
@@ -185,11 +200,14 @@ class AgentLink:
         except TimeoutError:
             cap, ver = HostCapacity(0, 0, 0), Versions("", "")
         s = self.settings
-        return pb.AgentMessage(hello=pb.Hello(
+        msg = pb.AgentMessage(hello=pb.Hello(
             host_uuid=s.host_uuid, hostname=s.hostname, management_address=s.management_address,
             capacity=pb.Capacity(cpus=cap.cpus, memory_mib=cap.memory_mib, free_memory_mib=cap.free_memory_mib),
             libvirt_version=ver.libvirt, qemu_version=ver.qemu, agent_version=s.agent_version,
             protocol_version=pb.PROTOCOL_VERSION_CURRENT, boot_id=s.boot_id, storage_paths=list(s.storage_paths)))
+        if self._hooks.hello is not None:
+            self._hooks.hello(msg.hello)
+        return msg
 
     async def _send_full(self, session: _Session) -> None:
         """List every domain off the loop and send a full report; deltas meanwhile wait and follow it."""
@@ -283,6 +301,8 @@ class AgentLink:
         resync_s = welcome.resync_interval_s if welcome.resync_interval_s > 0 else self.settings.resync_interval_s
         log.info("event=manager_welcome manager=%s manager_id=%s host_id=%d ping_interval_s=%.2f resync_s=%.1f",
                  address, welcome.manager_id, welcome.host_id, ping_interval_s, resync_s)
+        if self._hooks.welcome is not None:
+            self._hooks.welcome(welcome)
         self._session = session
         self.sessions_started += 1
         self.manager_seen_at = time.monotonic()

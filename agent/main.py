@@ -23,8 +23,11 @@ from kvmha.agent.commands import CommandRunner
 from kvmha.agent.config import AgentConfig, ConfigError, load_config
 from kvmha.agent.heartbeat import HeartbeatWriter
 from kvmha.agent.isolation import IsolationMonitor
+from kvmha.agent.lease import read_lock_config
 from kvmha.agent.libvirt_adapter import LibvirtHypervisor
 from kvmha.agent.link import AgentLink, LinkSettings
+from kvmha.agent.watchdog_agent import SelfFence
+from kvmha.agent.watchdog_client import WatchdogClient
 
 log = logging.getLogger("kvmha.agent")
 
@@ -80,23 +83,37 @@ async def run_agent(cfg: AgentConfig) -> None:
     started_at = time.monotonic()
     hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
     heartbeat = HeartbeatWriter(cfg.storage_paths, cfg.host_uuid, cfg.heartbeat_interval_s)
-    runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port)
+    lock_config = read_lock_config(cfg.libvirt_config_dir)
+    runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port, lock_config=lock_config)
     settings = LinkSettings(
         managers=cfg.managers, host_uuid=cfg.host_uuid, hostname=cfg.hostname,
         management_address=cfg.management_address, storage_paths=cfg.storage_paths,
         agent_version=_agent_version(), boot_id=str(uuid.uuid4()), ping_interval_s=cfg.ping_interval_s,
         resync_interval_s=cfg.resync_interval_s, reconnect_max_s=cfg.reconnect_max_s)
-    link = AgentLink(settings, hypervisor, runner, heartbeat)
     isolation = IsolationMonitor(hypervisor, cfg.isolation_policy, cfg.isolation_after_s,
                                  storage_configured=bool(cfg.storage_paths), started_at=started_at)
+    # Issue 11: kvmha-watchdog backs the agent's liveness and its isolation response (kvmha.agent.watchdog_agent).
+    watchdog = WatchdogClient(cfg.watchdog_socket, cfg.watchdog_timeout_s) if cfg.watchdog_enabled else None
+    self_fence = SelfFence(isolation, heartbeat, lock_config, watchdog)
+    link = AgentLink(settings, hypervisor, runner, heartbeat, self_fence.hooks())
+    self_fence.link = link
+    # Armed first, before libvirt and the manager: a restarted agent must take the arm over within the device's
+    # timeout, and its isolation clock continues from its predecessor's last contact (the takeover note).
+    if self_fence.keeper is not None:
+        self_fence.keeper.arm_now()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Pets from here on, also while the start below waits for libvirt.
+    keeper = asyncio.ensure_future(self_fence.keeper.run(stop)) if self_fence.keeper is not None else None
     log.info("event=agent_starting host_uuid=%s hostname=%s managers=%s libvirt_uri=%s storage_paths=%s "
              "isolation_policy=%s isolation_after_s=%.1f version=%s", cfg.host_uuid, cfg.hostname,
              ",".join(cfg.managers), cfg.libvirt_uri, ",".join(cfg.storage_paths) or "-", cfg.isolation_policy,
              cfg.isolation_after_s, settings.agent_version)
+    if not lock_config.leases_on:
+        log.warning("event=no_disk_leases lock_manager=%r error=%r why='without virtlockd leases nothing on the "
+                    "hypervisor refuses a second start of a disk'", lock_config.lock_manager, lock_config.error)
     hypervisor.subscribe(link)
     hypervisor.open()
     heartbeat.start()
@@ -119,6 +136,12 @@ async def run_agent(cfg: AgentConfig) -> None:
         await link.run(stop)
     finally:
         watcher.cancel()
+        if keeper is not None:
+            keeper.cancel()
+        if self_fence.keeper is not None and stop.is_set():
+            # A planned stop (SIGTERM/SIGINT, Goodbye sent): disarm. Any other way out leaves the arm orphaned,
+            # and the host resets unless a restarted agent takes it over in time.
+            self_fence.keeper.disarm()
         isolation_thread.shutdown(wait=False, cancel_futures=True)
         heartbeat.stop()
         hypervisor.close()

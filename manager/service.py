@@ -166,7 +166,8 @@ class ManagerService:
     def welcome(self, host_id: HostId) -> pb.Welcome:
         return pb.Welcome(host_id=host_id, ping_interval_s=self.config.ping_interval_s,
                           ping_timeout_s=self.config.ping_timeout_s, protocol_version=pb.PROTOCOL_VERSION_CURRENT,
-                          manager_id=self.settings.manager_id)
+                          manager_id=self.settings.manager_id,
+                          isolation_after_s=self.config.isolation_after_s)  # the agents use the manager's value
 
     def submit(self, fact: facts.Fact) -> None:
         self._queue.put_nowait(fact)

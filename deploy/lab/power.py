@@ -6,7 +6,12 @@ the host dies with it, a pulled plug), then take the interface down. Without tha
 network namespace would outlive its processes and its address would still answer pings: a powered-off host that
 neighbours can "reach" is not a powered-off host, and the manager (rightly) refuses to call it dead.
 
-Usage (as the BMC's startcmd): python -m kvmha.lab.power NETNS -- COMMAND...
+With `--watchdog DIR` the supply also carries the host's hardware watchdog (kvmha.lab.watchdog_device, issue 11):
+when it expires, the supply resets the host as a board does: the host is killed at once, its interface goes down
+for RESET_HOLD_S, then it boots again. The BMC still reads "on" throughout (a reset is not a power-off), and every
+reset is recorded in DIR/resets.log.
+
+Usage (as the BMC's startcmd): python -m kvmha.lab.power NETNS [--watchdog DIR] -- COMMAND...
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from types import FrameType
+
+from kvmha.lab.watchdog_device import LabWatchdogDevice, record_reset
+
+RESET_HOLD_S = 1.0
 
 
 def _set_eth0(netns: str, state: str) -> None:
@@ -24,21 +35,61 @@ def _set_eth0(netns: str, state: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    watchdog_dir = None
+    if len(args) > 2 and args[1] == "--watchdog":
+        watchdog_dir, args = Path(args[2]), [args[0], *args[3:]]
     if len(args) < 3 or args[1] != "--":
-        print("usage: python -m kvmha.lab.power NETNS -- COMMAND...", file=sys.stderr)
+        print("usage: python -m kvmha.lab.power NETNS [--watchdog DIR] -- COMMAND...", file=sys.stderr)
         return 2
     netns, command = args[0], args[2:]
+    powering_off = threading.Event()
+    expired: list[str] = []  # why the watchdog fired (set by the device's thread)
+    device = None
+    if watchdog_dir is not None:
+        device = LabWatchdogDevice(watchdog_dir, expired.append)
+        device.start()
     _set_eth0(netns, "up")
-    host = subprocess.Popen(command)
+    hosts = [subprocess.Popen(command)]
 
     def power_off(_signum: int, _frame: FrameType | None) -> None:
-        host.kill()  # unshare --kill-child: its death takes the whole PID namespace
+        powering_off.set()
+        hosts[-1].kill()  # unshare --kill-child: its death takes the whole PID namespace
 
     signal.signal(signal.SIGTERM, power_off)
     signal.signal(signal.SIGINT, power_off)
-    code = host.wait()
+    while True:
+        code = _wait(hosts[-1], expired)
+        if not expired or powering_off.is_set() or watchdog_dir is None or device is None:
+            break
+        # The watchdog fired: a reset. The host dies at once (as with power off) and boots again.
+        why = expired.pop()
+        hosts[-1].kill()
+        hosts[-1].wait()
+        _set_eth0(netns, "down")
+        record_reset(watchdog_dir, why)
+        print(f"kvmha.lab.power: {netns}: reset ({why})", file=sys.stderr, flush=True)
+        device.reset()
+        if powering_off.wait(RESET_HOLD_S):
+            code = 0
+            break
+        _set_eth0(netns, "up")
+        hosts.append(subprocess.Popen(command))
+        if powering_off.is_set():  # a power off raced the boot: the handler may have killed the old host
+            hosts[-1].kill()
+    if device is not None:
+        device.stop()
     _set_eth0(netns, "down")
     return code
+
+
+def _wait(host: subprocess.Popen[bytes], expired: list[str]) -> int:
+    """Until the host ends (power off, or the init died) or its watchdog fires; the host's exit code, or 0."""
+    while not expired:
+        try:
+            return host.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            continue
+    return 0
 
 
 if __name__ == "__main__":

@@ -150,6 +150,31 @@ ERROR_NOT_FOUND: ErrorCode.ValueType  # 6
 ERROR_INTERNAL: ErrorCode.ValueType  # 7
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
+class _LeaseState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEASE_STATE_UNSPECIFIED: _LeaseState.ValueType  # 0
+    LEASE_HELD: _LeaseState.ValueType  # 1
+    """some process (a QEMU's virtlockd) holds the lease now"""
+    LEASE_FREE: _LeaseState.ValueType  # 2
+    """nobody holds it (or it was never taken in this lockspace)"""
+    LEASE_UNKNOWN: _LeaseState.ValueType  # 3
+    """it could not be tested (storage unreachable, no lock manager, a disk without a lease, ...)"""
+
+class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper): ...
+
+LEASE_STATE_UNSPECIFIED: LeaseState.ValueType  # 0
+LEASE_HELD: LeaseState.ValueType  # 1
+"""some process (a QEMU's virtlockd) holds the lease now"""
+LEASE_FREE: LeaseState.ValueType  # 2
+"""nobody holds it (or it was never taken in this lockspace)"""
+LEASE_UNKNOWN: LeaseState.ValueType  # 3
+"""it could not be tested (storage unreachable, no lock manager, a disk without a lease, ...)"""
+Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
+
 class _RejectCode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -254,6 +279,9 @@ class Hello(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     STORAGE_PATHS_FIELD_NUMBER: _builtins.int
+    WATCHDOG_FIELD_NUMBER: _builtins.int
+    DISK_LEASES_FIELD_NUMBER: _builtins.int
+    ISOLATION_POLICY_FIELD_NUMBER: _builtins.int
     host_uuid: _builtins.str
     """stable identity of the host (agent config or /etc/machine-id based)"""
     hostname: _builtins.str
@@ -265,11 +293,21 @@ class Hello(_message.Message):
     protocol_version: _builtins.int
     boot_id: _builtins.str
     """Changes every time the agent process starts: lets the manager tell a reconnect from a restart."""
+    isolation_policy: _builtins.str
+    """The agent's isolation response: "none", "destroy-vms" or "reboot-host" (its own configuration)."""
     @_builtins.property
     def capacity(self) -> Global___Capacity: ...
     @_builtins.property
     def storage_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """shared storage paths where this agent writes its heartbeat"""
+
+    @_builtins.property
+    def watchdog(self) -> Global___WatchdogStatus:
+        """The self-fence guarantee behind this host (kvmha-watchdog), as it stands when the Hello is sent."""
+
+    @_builtins.property
+    def disk_leases(self) -> Global___DiskLeaseConfig:
+        """libvirt's disk lease configuration on this host (qemu.conf, qemu-lockd.conf), read at agent start."""
 
     def __init__(
         self,
@@ -284,14 +322,98 @@ class Hello(_message.Message):
         protocol_version: _builtins.int = ...,
         boot_id: _builtins.str = ...,
         storage_paths: _abc.Iterable[_builtins.str] | None = ...,
+        watchdog: Global___WatchdogStatus | None = ...,
+        disk_leases: Global___DiskLeaseConfig | None = ...,
+        isolation_policy: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "disk_leases", b"disk_leases", "watchdog", b"watchdog"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_id", b"boot_id", "capacity", b"capacity", "host_uuid", b"host_uuid", "hostname", b"hostname", "libvirt_version", b"libvirt_version", "management_address", b"management_address", "protocol_version", b"protocol_version", "qemu_version", b"qemu_version", "storage_paths", b"storage_paths"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_id", b"boot_id", "capacity", b"capacity", "disk_leases", b"disk_leases", "host_uuid", b"host_uuid", "hostname", b"hostname", "isolation_policy", b"isolation_policy", "libvirt_version", b"libvirt_version", "management_address", b"management_address", "protocol_version", b"protocol_version", "qemu_version", b"qemu_version", "storage_paths", b"storage_paths", "watchdog", b"watchdog"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class WatchdogStatus(_message.Message):
+    """Whether kvmha-watchdog backs this agent: if the agent dies, hangs or is stopped, or its isolation response does not
+    complete, the watchdog device resets the host at most `timeout_s` after the agent's last sign of life.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARMED_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    DEVICE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    armed: _builtins.bool
+    """kvmha-watchdog acknowledged this agent's arm and the link to it is up"""
+    timeout_s: _builtins.float
+    """the bound above; meaningful when armed"""
+    device_timeout_s: _builtins.float
+    """the device's own timeout: a crashed agent restarted within it re-arms, no reset"""
+    device: _builtins.str
+    """the device the daemon drives ("/dev/watchdog"; "unix:PATH" for the lab's)"""
+    detail: _builtins.str
+    """why not armed (disabled, daemon unreachable, refused, ...); empty when armed"""
+    def __init__(
+        self,
+        *,
+        armed: _builtins.bool = ...,
+        timeout_s: _builtins.float = ...,
+        device_timeout_s: _builtins.float = ...,
+        device: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["armed", b"armed", "detail", b"detail", "device", b"device", "device_timeout_s", b"device_timeout_s", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchdogStatus: _TypeAlias = WatchdogStatus  # noqa: Y015
+
+@_typing.final
+class DiskLeaseConfig(_message.Message):
+    """libvirt's lock manager on this host. With lock_manager "lockd" and auto_disk_leases, virtlockd holds a lease for
+    every writable disk of a running VM: a file named by the SHA-256 of the disk path in file_lockspace_dir (or the
+    disk file itself when no lockspace dir is set), which a neighbour can test with CheckLease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCK_MANAGER_FIELD_NUMBER: _builtins.int
+    AUTO_DISK_LEASES_FIELD_NUMBER: _builtins.int
+    FILE_LOCKSPACE_DIR_FIELD_NUMBER: _builtins.int
+    REQUIRE_LEASE_FOR_DISKS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    lock_manager: _builtins.str
+    """qemu.conf lock_manager: "lockd", "sanlock", or "" (none: no leases)"""
+    auto_disk_leases: _builtins.bool
+    """qemu-lockd.conf auto_disk_leases (lockd's default: true)"""
+    file_lockspace_dir: _builtins.str
+    """qemu-lockd.conf file_lockspace_dir; "" = direct leases on the disk files"""
+    require_lease_for_disks: _builtins.bool
+    """qemu-lockd.conf require_lease_for_disks"""
+    error: _builtins.str
+    """the configuration could not be read (leases then count as unknown)"""
+    def __init__(
+        self,
+        *,
+        lock_manager: _builtins.str = ...,
+        auto_disk_leases: _builtins.bool = ...,
+        file_lockspace_dir: _builtins.str = ...,
+        require_lease_for_disks: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_disk_leases", b"auto_disk_leases", "error", b"error", "file_lockspace_dir", b"file_lockspace_dir", "lock_manager", b"lock_manager", "require_lease_for_disks", b"require_lease_for_disks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiskLeaseConfig: _TypeAlias = DiskLeaseConfig  # noqa: Y015
 
 @_typing.final
 class StorageHeartbeatStatus(_message.Message):
@@ -334,12 +456,17 @@ class Ping(_message.Message):
     HYPERVISOR_CONNECTED_FIELD_NUMBER: _builtins.int
     STORAGE_FIELD_NUMBER: _builtins.int
     DOMAINS_RUNNING_FIELD_NUMBER: _builtins.int
+    WATCHDOG_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     hypervisor_connected: _builtins.bool
     """False while the agent has no working libvirt connection: power states are then unknown, not "all off"."""
     domains_running: _builtins.int
     @_builtins.property
     def storage(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageHeartbeatStatus]: ...
+    @_builtins.property
+    def watchdog(self) -> Global___WatchdogStatus:
+        """as in Hello, now: the manager knows at every ping whether a self-fence is backed"""
+
     def __init__(
         self,
         *,
@@ -347,10 +474,11 @@ class Ping(_message.Message):
         hypervisor_connected: _builtins.bool = ...,
         storage: _abc.Iterable[Global___StorageHeartbeatStatus] | None = ...,
         domains_running: _builtins.int = ...,
+        watchdog: Global___WatchdogStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["watchdog", b"watchdog"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains_running", b"domains_running", "hypervisor_connected", b"hypervisor_connected", "sequence", b"sequence", "storage", b"storage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains_running", b"domains_running", "hypervisor_connected", b"hypervisor_connected", "sequence", b"sequence", "storage", b"storage", "watchdog", b"watchdog"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +628,81 @@ class NeighborReport(_message.Message):
 Global___NeighborReport: _TypeAlias = NeighborReport  # noqa: Y015
 
 @_typing.final
+class DiskLease(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISK_PATH_FIELD_NUMBER: _builtins.int
+    LEASE_PATH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    HOLDER_PID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    disk_path: _builtins.str
+    """the disk's source exactly as written in the domain XML"""
+    lease_path: _builtins.str
+    """the file that was tested"""
+    state: Global___LeaseState.ValueType
+    shared: _builtins.bool
+    """a <shareable/> disk: its lease is a shared (read) lock"""
+    holder_pid: _builtins.int
+    """F_GETLK's l_pid as seen from the probing host (0: not visible there; -1: OFD lock)"""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        disk_path: _builtins.str = ...,
+        lease_path: _builtins.str = ...,
+        state: Global___LeaseState.ValueType = ...,
+        shared: _builtins.bool = ...,
+        holder_pid: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "disk_path", b"disk_path", "holder_pid", b"holder_pid", "lease_path", b"lease_path", "shared", b"shared", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiskLease: _TypeAlias = DiskLease  # noqa: Y015
+
+@_typing.final
+class LeaseReport(_message.Message):
+    """The VM's disk leases as a neighbour sees them. HELD if any lease is held, FREE if every lease was tested free,
+    UNKNOWN otherwise: a FREE answer is only as good as the lock manager's locks on that storage (see docs/watchdog.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    LOCKSPACE_DIR_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    vm_uuid: _builtins.str
+    state: Global___LeaseState.ValueType
+    lockspace_dir: _builtins.str
+    """the lockspace that was tested"""
+    detail: _builtins.str
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskLease]: ...
+    def __init__(
+        self,
+        *,
+        vm_uuid: _builtins.str = ...,
+        state: Global___LeaseState.ValueType = ...,
+        disks: _abc.Iterable[Global___DiskLease] | None = ...,
+        lockspace_dir: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "disks", b"disks", "lockspace_dir", b"lockspace_dir", "state", b"state", "vm_uuid", b"vm_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseReport: _TypeAlias = LeaseReport  # noqa: Y015
+
+@_typing.final
 class CommandResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -510,6 +713,7 @@ class CommandResult(_message.Message):
     VM_STARTED_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     NEIGHBOR_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     ok: _builtins.bool
     code: Global___ErrorCode.ValueType
@@ -520,6 +724,8 @@ class CommandResult(_message.Message):
     def capacity(self) -> Global___Capacity: ...
     @_builtins.property
     def neighbor(self) -> Global___NeighborReport: ...
+    @_builtins.property
+    def lease(self) -> Global___LeaseReport: ...
     def __init__(
         self,
         *,
@@ -530,12 +736,13 @@ class CommandResult(_message.Message):
         vm_started: Global___VmStarted | None = ...,
         capacity: Global___Capacity | None = ...,
         neighbor: Global___NeighborReport | None = ...,
+        lease: Global___LeaseReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "neighbor", b"neighbor", "payload", b"payload", "vm_started", b"vm_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "lease", b"lease", "neighbor", b"neighbor", "payload", b"payload", "vm_started", b"vm_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "message", b"message", "neighbor", b"neighbor", "ok", b"ok", "payload", b"payload", "request_id", b"request_id", "vm_started", b"vm_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "code", b"code", "lease", b"lease", "message", b"message", "neighbor", b"neighbor", "ok", b"ok", "payload", b"payload", "request_id", b"request_id", "vm_started", b"vm_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["vm_started", "capacity", "neighbor"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["vm_started", "capacity", "neighbor", "lease"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -603,6 +810,7 @@ class Welcome(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     MANAGER_ID_FIELD_NUMBER: _builtins.int
     RESYNC_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    ISOLATION_AFTER_S_FIELD_NUMBER: _builtins.int
     host_id: _builtins.int
     ping_interval_s: _builtins.float
     ping_timeout_s: _builtins.float
@@ -611,6 +819,10 @@ class Welcome(_message.Message):
     manager_id: _builtins.str
     resync_interval_s: _builtins.float
     """full power-state report at least this often; 0 = agent default"""
+    isolation_after_s: _builtins.float
+    """The isolation response's delay the manager counts with: the agent uses this value, not its own configuration
+    (0 = the agent's own). The manager takes a silent host for self-fenced only on this time.
+    """
     def __init__(
         self,
         *,
@@ -620,10 +832,11 @@ class Welcome(_message.Message):
         protocol_version: _builtins.int = ...,
         manager_id: _builtins.str = ...,
         resync_interval_s: _builtins.float = ...,
+        isolation_after_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "manager_id", b"manager_id", "ping_interval_s", b"ping_interval_s", "ping_timeout_s", b"ping_timeout_s", "protocol_version", b"protocol_version", "resync_interval_s", b"resync_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "isolation_after_s", b"isolation_after_s", "manager_id", b"manager_id", "ping_interval_s", b"ping_interval_s", "ping_timeout_s", b"ping_timeout_s", "protocol_version", b"protocol_version", "resync_interval_s", b"resync_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,6 +978,45 @@ class GetCapacity(_message.Message):
 Global___GetCapacity: _TypeAlias = GetCapacity  # noqa: Y015
 
 @_typing.final
+class CheckLease(_message.Message):
+    """Probe a VM's disk leases in virtlockd's lockspace without taking them (fcntl F_GETLK), from a healthy neighbour."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: _builtins.int
+    DOMAIN_XML_FIELD_NUMBER: _builtins.int
+    DISK_PATHS_FIELD_NUMBER: _builtins.int
+    LOCKSPACE_DIR_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    vm_uuid: _builtins.str
+    domain_xml: _builtins.str
+    """the VM's definition: its writable file/block disks have leases"""
+    lockspace_dir: _builtins.str
+    """"" = this agent's own file_lockspace_dir (every host must share one)"""
+    timeout_s: _builtins.float
+    """answer within this, whatever the storage does; 0 = agent default"""
+    @_builtins.property
+    def disk_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """or the disk paths themselves (used when domain_xml is empty)"""
+
+    def __init__(
+        self,
+        *,
+        vm_uuid: _builtins.str = ...,
+        domain_xml: _builtins.str = ...,
+        disk_paths: _abc.Iterable[_builtins.str] | None = ...,
+        lockspace_dir: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disk_paths", b"disk_paths", "domain_xml", b"domain_xml", "lockspace_dir", b"lockspace_dir", "timeout_s", b"timeout_s", "vm_uuid", b"vm_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckLease: _TypeAlias = CheckLease  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -775,6 +1027,7 @@ class Command(_message.Message):
     DESTROY_VM_FIELD_NUMBER: _builtins.int
     CHECK_NEIGHBOR_FIELD_NUMBER: _builtins.int
     GET_CAPACITY_FIELD_NUMBER: _builtins.int
+    CHECK_LEASE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     timeout_s: _builtins.float
     """the manager stops waiting after this; the agent should answer before it"""
@@ -788,6 +1041,8 @@ class Command(_message.Message):
     def check_neighbor(self) -> Global___CheckNeighbor: ...
     @_builtins.property
     def get_capacity(self) -> Global___GetCapacity: ...
+    @_builtins.property
+    def check_lease(self) -> Global___CheckLease: ...
     def __init__(
         self,
         *,
@@ -798,12 +1053,13 @@ class Command(_message.Message):
         destroy_vm: Global___DestroyVm | None = ...,
         check_neighbor: Global___CheckNeighbor | None = ...,
         get_capacity: Global___GetCapacity | None = ...,
+        check_lease: Global___CheckLease | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -39,7 +39,7 @@ def test_every_package_folder_is_installed() -> None:
                             f"extra {sorted(listed - found)}"
 
 
-@pytest.mark.parametrize("script", ["kvmha-manager", "kvmha-agent", "kvmha", "kvmha-lab"])
+@pytest.mark.parametrize("script", ["kvmha-manager", "kvmha-agent", "kvmha-watchdog", "kvmha", "kvmha-lab"])
 def test_console_scripts_print_usage(script: str) -> None:
     executable = Path(sys.executable).parent / script
     assert executable.exists(), f"{script} is not installed in the venv"
