@@ -22,19 +22,28 @@ def toml_value(value: object) -> str:
 
 
 def agent_toml(agent: Mapping[str, object], overrides: Mapping[str, object] | None = None, *,
-               isolation: Mapping[str, object] | None = None, comment: str = "") -> str:
-    """[agent] from `agent`, then [isolation] if given. An override key "isolation.X" sets [isolation] X (adding the
-    section if needed); any other override replaces or adds an [agent] key."""
+               isolation: Mapping[str, object] | None = None, watchdog: Mapping[str, object] | None = None,
+               comment: str = "") -> str:
+    """[agent] from `agent`, then [isolation] and [watchdog] if given. An override key "isolation.X" (or
+    "watchdog.X") sets that section's X (adding the section if needed); any other override replaces or adds an
+    [agent] key."""
     agent_keys = dict(agent)
-    isolation_keys = dict(isolation) if isolation is not None else None
+    sections: dict[str, dict[str, object] | None] = {
+        "isolation": dict(isolation) if isolation is not None else None,
+        "watchdog": dict(watchdog) if watchdog is not None else None,
+    }
     for key, value in (overrides or {}).items():
-        if key.startswith("isolation."):
-            isolation_keys = isolation_keys if isolation_keys is not None else {}
-            isolation_keys[key.removeprefix("isolation.")] = value
+        section, dot, name = key.partition(".")
+        if dot and section in sections:
+            keys = sections[section]
+            if keys is None:
+                keys = sections[section] = {}
+            keys[name] = value
         else:
             agent_keys[key] = value
     lines = [f"# {comment}"] if comment else []
     lines += ["[agent]", *(f"{key} = {toml_value(value)}" for key, value in agent_keys.items())]
-    if isolation_keys is not None:
-        lines += ["", "[isolation]", *(f"{key} = {toml_value(value)}" for key, value in isolation_keys.items())]
+    for section, keys in sections.items():
+        if keys is not None:
+            lines += ["", f"[{section}]", *(f"{key} = {toml_value(value)}" for key, value in keys.items())]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """`kvmha-lab`: several real libvirt/KVM hosts on one machine, with power through IPMI and fault injection.
 
     kvmha-lab up --hosts 3 [--manager default|ADDR[:PORT]]   build it (a keeper process owns it until `down`)
+                 [--watchdog SECONDS]                       a hardware watchdog per host, armed by the agents
     kvmha-lab status [--json]                               hosts, addresses, BMC ports, power, faults, PIDs, VMs
     kvmha-lab fail h2 --network                             --power --network --storage --agent --libvirtd --bmc
+                                                            --agent-freeze --libvirtd-hang --watchdog
     kvmha-lab heal h2                                       undo every fault of h2
     kvmha-lab power h1 off                                  chassis power through the host's BMC (IPMI lanplus)
     kvmha-lab vm-create vm1 --host h1                       define + start a small VM with virsh on h1
@@ -36,6 +38,9 @@ FAULT_HELP = {
     "agent": "SIGKILL the kvmha agent alone",
     "libvirtd": "SIGKILL libvirtd alone; its VMs run on",
     "bmc": "the BMC hangs (ipmi_sim stopped): IPMI requests time out",
+    "agent-freeze": "SIGSTOP the kvmha agent (hung): with a watchdog, the host resets",
+    "libvirtd-hang": "SIGSTOP libvirtd (hung); its VMs run on, the agent reports them unknown",
+    "watchdog": "SIGKILL kvmha-watchdog: its device stays armed and resets the host",
 }
 
 
@@ -72,6 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "state_dir": str(state_dir),
         "prefix": args.prefix,
         "agent_settings": dict(args.agent_setting or []),
+        "watchdog_device_timeout_s": args.watchdog or 0,
     }
     if (state_dir / STATE_FILE).exists():
         print(f"a lab is already up in {state_dir} (kvmha-lab down first)", file=sys.stderr)
@@ -137,7 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fail(args: argparse.Namespace) -> int:
-    chosen: list[Fault] = [f for f in FAULTS if getattr(args, f)]
+    chosen: list[Fault] = [f for f in FAULTS if getattr(args, f.replace("-", "_"))]
     lab = Lab.attach(_state_dir(args))
     for fault in chosen:
         lab.fail(args.host, fault)
@@ -203,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--agent-setting", type=_setting, action="append", metavar="KEY=VALUE",
                     help="agent.toml override, e.g. isolation.policy=destroy-vms (repeatable)")
     up.add_argument("--foreground", action="store_true", help="stay in the foreground; Ctrl-C tears down")
+    up.add_argument("--watchdog", type=int, metavar="SECONDS", default=0,
+                    help="a hardware watchdog per host with this timeout, driven by kvmha-watchdog and armed by the "
+                         "agents (needs --manager); when it expires, the host is reset (docs/watchdog.md)")
     up.set_defaults(func=cmd_up)
 
     sub.add_parser("down", help="tear the lab down").set_defaults(func=cmd_down)

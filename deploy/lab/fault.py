@@ -10,6 +10,9 @@
 - libvirtd: SIGKILL to libvirtd alone (by PID); its VMs keep running (QEMU does not depend on libvirtd).
 - bmc:      the host's ipmi_sim is stopped (SIGSTOP): IPMI requests time out, the host runs on. After `power`,
             it is a host that lost power together with its BMC: nobody can confirm it is off.
+- agent-freeze, libvirtd-hang: SIGSTOP to the agent / libvirtd (a hung process, not a dead one); heal: SIGCONT.
+- watchdog: SIGKILL to kvmha-watchdog (labs with a watchdog per host): its device stays armed and, unless healed
+            in time (and even then: a restarted daemon refuses an armed device), resets the host.
 
 `heal` undoes whichever of them are present; the state is read from the machine, not remembered.
 """
@@ -22,17 +25,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from kvmha.lab import net, proc
-from kvmha.lab.state import AGENT, LabError
+from kvmha.lab.state import AGENT, WATCHDOG, LabError
 
 if TYPE_CHECKING:
     from kvmha.lab.lab import Lab
 
-Fault = Literal["power", "network", "storage", "agent", "libvirtd", "bmc"]
-FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd", "bmc")
+Fault = Literal["power", "network", "storage", "agent", "libvirtd", "bmc", "agent-freeze", "libvirtd-hang",
+                "watchdog"]
+FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd", "bmc", "agent-freeze",
+                             "libvirtd-hang", "watchdog")
 STORAGE_CUT_SOURCE = "kvmha-storage-cut"
 HEAL_TIMEOUT_S = 60.0
 # A missing service is reported under the name of the fault that kills it; virtlogd/virtlockd have none ("-down").
-_SERVICE_FAULTS = {AGENT: "agent", "libvirtd": "libvirtd"}
+_SERVICE_FAULTS = {AGENT: "agent", "libvirtd": "libvirtd", WATCHDOG: "watchdog"}
+_FREEZE_FAULTS = {AGENT: "agent-freeze", "libvirtd": "libvirtd-hang"}  # a stopped (SIGSTOP) service
 
 
 def storage_cut(lab: Lab, name: str) -> bool:
@@ -83,6 +89,7 @@ def faults(lab: Lab, name: str) -> list[str]:
         found.append("storage")
     running = lab.services(name)
     found += [_SERVICE_FAULTS.get(s, f"{s}-down") for s in lab.expected_services() if s not in running]
+    found += [fault for s, fault in _FREEZE_FAULTS.items() if s in running and proc.stopped(running[s])]
     return found
 
 
@@ -108,8 +115,29 @@ def fail(lab: Lab, name: str, fault: Fault) -> None:
             raise LabError(f"{name}: {comm} survived SIGKILL")
     elif fault == "bmc":
         set_bmc_running(lab, name, running=False)
+    elif fault in ("agent-freeze", "libvirtd-hang"):
+        _freeze(lab, name, AGENT if fault == "agent-freeze" else "libvirtd")
+    elif fault == "watchdog":
+        victims = [p for p in lab.processes(name) if p.comm == WATCHDOG]
+        if not victims:
+            raise LabError(f"{name}: no {WATCHDOG} running (a lab made without a watchdog?)")
+        for victim in victims:
+            proc.kill(victim.pid, victim.start_ticks, signal.SIGKILL)
+        if proc.wait_gone(victims, 10.0):
+            raise LabError(f"{name}: {WATCHDOG} survived SIGKILL")
     else:
         raise LabError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
+
+
+def _freeze(lab: Lab, name: str, comm: str) -> None:
+    victims = [p for p in lab.processes(name) if p.comm == comm]
+    if not victims:
+        raise LabError(f"{name}: no {comm} running")
+    for victim in victims:
+        proc.kill(victim.pid, victim.start_ticks, signal.SIGSTOP)
+    deadline = time.monotonic() + 5.0
+    while not all(proc.stopped(v.pid) for v in victims) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def heal(lab: Lab, name: str) -> list[str]:
@@ -125,7 +153,11 @@ def heal(lab: Lab, name: str) -> list[str]:
         return present
     while storage_cut(lab, name):  # covered twice is still one fault
         lab.exec(name, ["umount", lab.spec.shared_dir])
-    if set(present) - {"bmc", "network", "storage"}:  # a service is not running
+    for comm, fault in _FREEZE_FAULTS.items():
+        if fault in present:
+            for victim in [p for p in lab.processes(name) if p.comm == comm]:
+                proc.kill(victim.pid, victim.start_ticks, signal.SIGCONT)
+    if set(present) - {"bmc", "network", "storage", *_FREEZE_FAULTS.values()}:  # a service is not running
         init = lab.init(name)
         assert init is not None
         # The host's init starts again the services that are not running.

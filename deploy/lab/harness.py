@@ -282,10 +282,12 @@ class LabCluster(ManagerHarness):
         admin_port: int | None = None,
         cache_dir: Path | None = None,
         as_keeper: bool = False,
+        watchdog_device_timeout_s: int = 0,  # > 0: a hardware watchdog per host (kvmha.lab.watchdog)
     ) -> LabCluster:
         """Bring up a lab of `hosts` hosts and the manager, wait until every host is Up, register the BMCs."""
         lab = Lab.up(hosts, state_dir=state_dir, prefix=prefix, subnet=subnet, manager="default",
-                     agent_settings=agent_settings, cache_dir=cache_dir, as_keeper=as_keeper)
+                     agent_settings=agent_settings, cache_dir=cache_dir, as_keeper=as_keeper,
+                     watchdog_device_timeout_s=watchdog_device_timeout_s)
         workdir = Path(lab.spec.state_dir) / "manager"
         workdir.mkdir(exist_ok=True)
         cluster = cls(lab, workdir, database or f"sqlite:///{workdir / 'manager.sqlite'}", core_config,

@@ -7,6 +7,8 @@ Layout under <state-dir>/hosts/<name>/:
   bmc/           the ipmi_sim working dir (lan.conf, emulator file, ipmi_sim.log)
   boot.json      what the init (kvmha.lab.boot) mounts and starts; boot.log its own log
   agent.toml     the kvmha agent's configuration (only when the lab has a manager)
+  watchdog/      the host's hardware watchdog (labs with one): device.sock, device.json, resets.log
+  run/           mounted over by a tmpfs at every boot (labs with a watchdog): kvmha-watchdog's socket and marker
 <state-dir>/cache-libvirt/ (or the lab's cache_dir) is mounted over /var/cache/libvirt in every host: it only holds
 QEMU capability probes, and sharing it saves each host a probe of a few seconds of CPU.
 """
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from kvmha.lab import agent_config
+from kvmha.lab import agent_config, watchdog
 from kvmha.lab.boot import BootConfig, Service
 from kvmha.lab.state import HostSpec, LabSpec
 
@@ -70,7 +72,8 @@ def agent_executable() -> Path:
 
 def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) -> str:
     """The agent's configuration (schema: kvmha.agent.config). Keys "isolation.policy" / "isolation.after_s" go
-    to [isolation]; any other override replaces or adds an [agent] key."""
+    to [isolation], "watchdog.timeout_s" and the like to [watchdog]; any other override replaces or adds an [agent]
+    key."""
     agent: dict[str, object] = {
         "host_uuid": host.host_uuid,
         "hostname": host.name,
@@ -83,6 +86,7 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
         "log_format": "kv",
     }
     return agent_config.agent_toml(agent, overrides, isolation={"policy": "destroy-vms", "after_s": 30.0},
+                                   watchdog=watchdog.agent_section(lab, host),
                                    comment=f"Written by kvmha-lab for lab host {host.name}.")
 
 
@@ -103,11 +107,12 @@ def boot_config(lab: LabSpec, host: HostSpec) -> BootConfig:
         Service("libvirtd", ["libvirtd", "-p", f"{RUN_LIBVIRT}/libvirtd.pid"], f"{RUN_LIBVIRT}/libvirt-sock"),
     ]
     if lab.manager:
+        services += watchdog.services(lab, host)  # kvmha-watchdog first: the agent arms it at start
         agent_argv = [str(agent_executable()), "--config", str(host_dir / "agent.toml")]
         services.append(Service("kvmha-agent", agent_argv, None))
     return BootConfig(
         host=host.name,
-        tmpfs=[RUN_LIBVIRT],
+        tmpfs=[RUN_LIBVIRT, *watchdog.tmpfs(lab, host)],
         binds=binds,
         log_dir="/var/log/libvirt",
         boot_log=str(host_dir / "boot.log"),
@@ -129,17 +134,18 @@ def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object])
     (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name))
     (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF.format(host=host.name, leases_dir=leases_dir))
     (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host=host.name))
+    watchdog.prepare(lab, host)
     if lab.manager:
         (host_dir / "agent.toml").write_text(agent_toml(lab, host, agent_overrides))
     (host_dir / "boot.json").write_text(boot_config(lab, host).dump())
 
 
-def startcmd(host: HostSpec) -> str:
+def startcmd(lab: LabSpec, host: HostSpec) -> str:
     """The BMC's "power": PID 1 of a new PID namespace in the host's network namespace, in a private mount
     namespace, under kvmha.lab.power (which takes the host's interface down when the power goes).
     --kill-child: when unshare is killed (power off), the init and so the whole host die."""
     argv = [
-        sys.executable, "-m", "kvmha.lab.power", host.netns, "--",
+        sys.executable, "-m", "kvmha.lab.power", host.netns, *watchdog.power_args(lab, host), "--",
         "ip", "netns", "exec", host.netns,
         "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
         sys.executable, "-m", "kvmha.lab.boot", str(Path(host.dir) / "boot.json"),

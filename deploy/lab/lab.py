@@ -25,7 +25,17 @@ from kvmha.lab import host as hostfs
 from kvmha.lab.bmc import BmcConfig, BmcSimulator, find_free_port
 from kvmha.lab.fault import Fault
 from kvmha.lab.guest import kvm_usable
-from kvmha.lab.state import AGENT, DAEMONS, DEFAULT_STATE_DIR, STATE_FILE, HostSpec, LabError, LabSpec, PidRef
+from kvmha.lab.state import (
+    AGENT,
+    DAEMONS,
+    DEFAULT_STATE_DIR,
+    STATE_FILE,
+    WATCHDOG,
+    HostSpec,
+    LabError,
+    LabSpec,
+    PidRef,
+)
 
 DEFAULT_SUBNET = "10.251.0.0/24"
 DEFAULT_PREFIX = "kvmha"
@@ -71,13 +81,16 @@ class Lab:
         agent_settings: Mapping[str, object] | None = None,
         as_keeper: bool = False,
         cache_dir: Path | None = None,
+        watchdog_device_timeout_s: int = 0,
     ) -> Lab:
         """Build a lab of `hosts` hosts and wait until every host's libvirtd answers. On failure, undo it all.
 
         as_keeper: this process stays alive as the owner of the BMC processes (kvmha.lab.keeper); a `down` from
         another process then asks it to tear the lab down, so the BMCs are ended by their own parent.
         cache_dir: a folder for libvirt's QEMU capability cache that outlives the lab (tests share one per session,
-        saving each lab a probe); by default the cache lives and dies with the state dir."""
+        saving each lab a probe); by default the cache lives and dies with the state dir.
+        watchdog_device_timeout_s: > 0 gives every host a hardware watchdog with this timeout, kvmha-watchdog to
+        drive it and agents that arm it (kvmha.lab.watchdog); needs a manager (agents)."""
         _check_root()
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
@@ -87,6 +100,8 @@ class Lab:
         state_dir = Path(state_dir).absolute()
         if (state_dir / STATE_FILE).exists():
             raise LabError(f"a lab is already up in {state_dir}: `kvmha-lab down --state-dir {state_dir}` first")
+        if watchdog_device_timeout_s and not manager:
+            raise LabError("a watchdog per host needs agents to arm it (a --manager)")
         if net.link_exists(f"{prefix}-br0"):
             raise LabError(f"{prefix}-br0 exists already: another lab with prefix {prefix!r} is up")
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +117,7 @@ class Lab:
             bmc_user="admin",
             bmc_password=uuid.uuid4().hex[:16],
             cache_dir=str(Path(cache_dir).absolute()) if cache_dir else "",
+            watchdog_device_timeout_s=int(watchdog_device_timeout_s),
         )
         if as_keeper:
             me = proc.info(os.getpid())
@@ -164,7 +180,7 @@ class Lab:
             name=f"{self.spec.prefix}-{host.name}",
             port=host.bmc_port,
             workdir=Path(host.dir) / "bmc",
-            startcmd=hostfs.startcmd(host),
+            startcmd=hostfs.startcmd(self.spec, host),
             user=self.spec.bmc_user,
             password=self.spec.bmc_password,
             poweroff_wait_s=1,
@@ -269,11 +285,13 @@ class Lab:
 
     def services(self, name: str) -> dict[str, int]:
         """Daemon name -> root namespace PID, for the lab's daemons running in the host."""
-        wanted = (*DAEMONS, AGENT)
+        wanted = (*DAEMONS, AGENT, WATCHDOG)
         return {p.comm: p.pid for p in self.processes(name) if p.comm in wanted}
 
     def expected_services(self) -> tuple[str, ...]:
-        return (*DAEMONS, AGENT) if self.spec.manager else DAEMONS
+        if not self.spec.manager:
+            return DAEMONS
+        return (*DAEMONS, WATCHDOG, AGENT) if self.spec.watchdog_device_timeout_s else (*DAEMONS, AGENT)
 
     def exec(
         self, name: str, argv: Sequence[str], *, check: bool = True, timeout_s: float = 60.0, input_text: str = ""

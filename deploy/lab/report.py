@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvmha.lab import fault, vm
+from kvmha.lab import fault, vm, watchdog
 
 if TYPE_CHECKING:
     from kvmha.lab.lab import Lab
@@ -31,6 +31,8 @@ def host_status(lab: Lab, name: str) -> dict[str, Any]:
         "faults": fault.faults(lab, name),
         "pids": {"init": init.pid if init else None, **lab.services(name)},
         "vms": vm.running_on(lab, name),
+        **({"watchdog": {"device": watchdog.device_state(lab, name), "resets": len(watchdog.resets(lab, name))}}
+           if watchdog.enabled(lab.spec) else {}),
     }
 
 

@@ -15,6 +15,7 @@ STATE_FILE = "lab.json"
 DEFAULT_STATE_DIR = Path("/run/kvmha-lab")
 DAEMONS = ("virtlogd", "virtlockd", "libvirtd")  # as /proc/PID/comm names them
 AGENT = "kvmha-agent"
+WATCHDOG = "kvmha-watchdog"  # the watchdog daemon, in labs made with a hardware watchdog per host (issue 11)
 QEMU_COMM = "qemu-system-x86"  # /proc comm is cut at 15 characters
 
 
@@ -61,6 +62,8 @@ class LabSpec:
     companions: dict[str, PidRef] = field(default_factory=dict)
     created_dirs: list[str] = field(default_factory=list)  # machine folders the lab made, removed by down
     netns_mount_created: bool = False  # /run/netns became a mount point because of us
+    # > 0: every host has a lab hardware watchdog with this timeout, driven by kvmha-watchdog (kvmha.lab.watchdog).
+    watchdog_device_timeout_s: int = 0
     ready: bool = False
 
     def host(self, name: str) -> HostSpec:
