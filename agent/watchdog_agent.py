@@ -37,9 +37,7 @@ class SelfFence:
         self._disabled_why = disabled_why
         self.keeper: WatchdogKeeper | None = None
         if client is not None:
-            # A pet at least every second and at least 5 per silence limit: one late pet is never the limit.
-            limit_s = client.timeout_s - 1.0
-            self.keeper = WatchdogKeeper(client, min(1.0, limit_s / 5), self.gate, self.note, self.takeover)
+            self.keeper = WatchdogKeeper(client, self.gate, self.note, self.takeover)
 
     # -- the keeper's callbacks -----------------------------------------------------------------------------
     def _manager_seen_at(self) -> float:

@@ -168,13 +168,16 @@ def _read_answer(sock: socket.socket) -> dict[str, Any]:
 
 
 class WatchdogKeeper:
-    """Pets every `interval_s` from the asyncio loop while `gate()` allows it; re-arms when the link is lost."""
+    """Pets from the asyncio loop while `gate()` allows it; re-arms when the link is lost.
 
-    def __init__(self, client: WatchdogClient, interval_s: float, gate: Callable[[float], str | None],
+    The interval: at most 1 s, and at least five pets per silence limit (`timeout_s - device timeout`, known once
+    armed), so that one late pet is never what stops the device."""
+
+    def __init__(self, client: WatchdogClient, gate: Callable[[float], str | None],
                  note: Callable[[], ContactNote], on_takeover: Callable[[ContactNote], None],
-                 rearm_interval_s: float = 2.0) -> None:
+                 interval_s: float | None = None, rearm_interval_s: float = 2.0) -> None:
         self.client = client
-        self.interval_s = interval_s
+        self._interval_s = interval_s
         self._gate = gate
         self._note = note
         self._on_takeover = on_takeover
@@ -216,6 +219,14 @@ class WatchdogKeeper:
                 self._pet(time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    @property
+    def interval_s(self) -> float:
+        if self._interval_s is not None:
+            return self._interval_s
+        state = self.client.state
+        limit_s = state.timeout_s - state.device_timeout_s if state.armed else 5.0
+        return max(0.05, min(1.0, limit_s / 5))
 
     def _pet(self, now: float) -> None:
         withheld = self._gate(now)

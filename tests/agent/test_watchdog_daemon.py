@@ -153,8 +153,8 @@ def test_garbage_ends_the_connection_with_an_error(running: Running) -> None:
 def test_the_keeper_withholds_pets_while_the_gate_says_so(running: Running) -> None:
     withheld: list[str | None] = [None]
     notes: list[ContactNote] = []
-    keeper = WatchdogKeeper(running.client(timeout_s=3.0), 0.1, lambda _now: withheld[0],
-                            lambda: ContactNote(1.0, 30.0), notes.append)
+    keeper = WatchdogKeeper(running.client(timeout_s=3.0), lambda _now: withheld[0],
+                            lambda: ContactNote(1.0, 30.0), notes.append, interval_s=0.1)
     assert keeper.arm_now()
 
     async def scenario() -> None:
