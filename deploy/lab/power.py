@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from kvmha.lab import proc
 from kvmha.lab.watchdog_device import LabWatchdogDevice, record_reset
 
 RESET_HOLD_S = 1.0
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         # The watchdog fired: a reset. The host dies at once (as with power off) and boots again.
         why = expired.pop()
+        members = _members(hosts[-1].pid)
         hosts[-1].kill()
         hosts[-1].wait()
+        proc.wait_gone(members, 10.0)  # the kernel ends the namespace's processes after its init: wait for them
         _set_eth0(netns, "down")
         record_reset(watchdog_dir, why)
         print(f"kvmha.lab.power: {netns}: reset ({why})", file=sys.stderr, flush=True)
@@ -80,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         device.stop()
     _set_eth0(netns, "down")
     return code
+
+
+def _members(root_pid: int) -> list[proc.ProcInfo]:
+    """Every process of the host started as `root_pid` (unshare): its child is the PID namespace's init."""
+    inits = [p for p in proc.descendants(root_pid) if p.ns_pid == 1]
+    return proc.members(inits[0].pid) if inits else []
 
 
 def _wait(host: subprocess.Popen[bytes], expired: list[str]) -> int:

@@ -27,7 +27,7 @@ import pytest
 
 from kvmha.lab import proc, watchdog
 from kvmha.lab.fault import Fault
-from kvmha.lab.harness import LabCluster, pid_alive
+from kvmha.lab.harness import LabCluster
 
 from ..lab.conftest import caps_cache
 from .conftest import (
@@ -109,6 +109,12 @@ def _no_reset(e2e: E2E, host: str, since: float) -> None:
 def _no_duplicates(e2e: E2E, watch: Timeline) -> None:
     assert watch.samples >= 3, f"the watcher did not run ({watch.samples} samples)"
     assert not watch.duplicates, f"a VM ran on two hosts at once: {watch.duplicates[:5]}{e2e.story()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (the host's dead processes may wait a moment for their reaper)."""
+    info = proc.info(pid)
+    return info is not None and not info.zombie
 
 
 def _settle(e2e: E2E) -> None:
