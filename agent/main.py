@@ -1,6 +1,10 @@
 """`kvmha-agent`: the composition root. Wires config, libvirt, heartbeat, commands, link and isolation response.
 
 Exit codes: 0 after SIGTERM/SIGINT (Goodbye sent when a manager was connected), 2 on a configuration error.
+
+Start order: configuration, logging, then kvmha-watchdog's arm, and only then the heavy imports (grpc, protobuf,
+libvirt: 1-2 s on a busy host, imported inside run_agent): an agent restarted after a crash must take its
+predecessor's arm over within the watchdog device's timeout (docs/watchdog.md).
 """
 
 from __future__ import annotations
@@ -19,15 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
-from kvmha.agent.commands import CommandRunner
 from kvmha.agent.config import AgentConfig, ConfigError, load_config
-from kvmha.agent.heartbeat import HeartbeatWriter
-from kvmha.agent.isolation import IsolationMonitor
-from kvmha.agent.lease import read_lock_config
-from kvmha.agent.libvirt_adapter import LibvirtHypervisor
-from kvmha.agent.link import AgentLink, LinkSettings
-from kvmha.agent.watchdog_agent import SelfFence
-from kvmha.agent.watchdog_client import WatchdogClient
+from kvmha.agent.watchdog_client import ContactNote, WatchdogClient, arm_at_start
 
 log = logging.getLogger("kvmha.agent")
 
@@ -79,7 +76,19 @@ def _agent_version() -> str:
         return "0+unknown"
 
 
-async def run_agent(cfg: AgentConfig) -> None:
+async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
+                    takeover: ContactNote | None = None) -> None:
+    """Run until SIGTERM/SIGINT. `watchdog`: the client main() armed (or tried to), `takeover` its predecessor's
+    note when this agent took a crashed agent's arm over."""
+    # Here, not at the top: see the module docstring (the watchdog is armed before these take their time).
+    from kvmha.agent.commands import CommandRunner
+    from kvmha.agent.heartbeat import HeartbeatWriter
+    from kvmha.agent.isolation import IsolationMonitor
+    from kvmha.agent.lease import read_lock_config
+    from kvmha.agent.libvirt_adapter import LibvirtHypervisor
+    from kvmha.agent.link import AgentLink, LinkSettings
+    from kvmha.agent.watchdog_agent import SelfFence
+
     started_at = time.monotonic()
     hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
     heartbeat = HeartbeatWriter(cfg.storage_paths, cfg.host_uuid, cfg.heartbeat_interval_s)
@@ -93,14 +102,11 @@ async def run_agent(cfg: AgentConfig) -> None:
     isolation = IsolationMonitor(hypervisor, cfg.isolation_policy, cfg.isolation_after_s,
                                  storage_configured=bool(cfg.storage_paths), started_at=started_at)
     # Issue 11: kvmha-watchdog backs the agent's liveness and its isolation response (kvmha.agent.watchdog_agent).
-    watchdog = WatchdogClient(cfg.watchdog_socket, cfg.watchdog_timeout_s) if cfg.watchdog_enabled else None
     self_fence = SelfFence(isolation, heartbeat, lock_config, watchdog)
     link = AgentLink(settings, hypervisor, runner, heartbeat, self_fence.hooks())
     self_fence.link = link
-    # Armed first, before libvirt and the manager: a restarted agent must take the arm over within the device's
-    # timeout, and its isolation clock continues from its predecessor's last contact (the takeover note).
-    if self_fence.keeper is not None:
-        self_fence.keeper.arm_now()
+    if takeover is not None:
+        self_fence.takeover(takeover)  # the isolation clock continues from the predecessor's last contact
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -155,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmha-agent: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_format)
-    asyncio.run(run_agent(cfg))
+    responds = cfg.isolation_policy != "none" and bool(cfg.storage_paths)  # as IsolationMonitor decides
+    watchdog, takeover = arm_at_start(cfg.watchdog_socket, cfg.watchdog_timeout_s, responds) \
+        if cfg.watchdog_enabled else (None, None)
+    asyncio.run(run_agent(cfg, watchdog, takeover))
     logging.shutdown()
     # The Goodbye is out and libvirt is closed. Worker threads may still sit in a blocking call (a StopVm waiting
     # for its guest, a read on a hung NFS mount); joining them would hold the exit hostage, so leave now.

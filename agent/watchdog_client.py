@@ -57,6 +57,10 @@ class ContactNote:
     contact_at: float  # monotonic: the later of the last manager contact and the last storage heartbeat write
     isolation_after_s: float  # the delay in force (the manager's value after a Welcome)
 
+    def isolation_due(self, now: float) -> bool:
+        """The predecessor's isolation response is due by now (if nothing has been heard since its contact)."""
+        return now - self.contact_at > self.isolation_after_s
+
     def to_json(self) -> dict[str, Any]:
         return {"contact_at": round(self.contact_at, 3), "isolation_after_s": self.isolation_after_s}
 
@@ -167,6 +171,30 @@ def _read_answer(sock: socket.socket) -> dict[str, Any]:
     return answer
 
 
+def log_armed(client: WatchdogClient, takeover: bool) -> None:
+    state = client.state
+    log.info("event=watchdog_armed socket=%s timeout_s=%g device=%s device_timeout_s=%g takeover=%s",
+             client.socket_path, state.timeout_s, state.device, state.device_timeout_s, takeover)
+
+
+def arm_at_start(socket_path: str, timeout_s: float, responds_to_isolation: bool) -> tuple[
+        WatchdogClient, ContactNote | None]:
+    """The agent's first arm, before anything else (the keeper retries if this fails); a takeover's note.
+
+    A takeover keeps the predecessor's last pet (arming is not a pet), so the new agent pets at once, before its
+    slow start, unless the predecessor's isolation response is due: then it must first be done (the keeper's gate)."""
+    client = WatchdogClient(socket_path, timeout_s)
+    try:
+        note = client.arm()
+    except WatchdogError as exc:
+        log.error("event=watchdog_not_armed error=%r retry=in_the_background", str(exc))
+        return client, None
+    log_armed(client, note is not None)
+    if note is not None and not (responds_to_isolation and note.isolation_due(time.monotonic())):
+        client.pet(note)
+    return client, note
+
+
 class WatchdogKeeper:
     """Pets from the asyncio loop while `gate()` allows it; re-arms when the link is lost.
 
@@ -196,9 +224,7 @@ class WatchdogKeeper:
         return True
 
     def _armed(self, note: ContactNote | None) -> None:
-        state = self.client.state
-        log.info("event=watchdog_armed socket=%s timeout_s=%g device=%s device_timeout_s=%g takeover=%s",
-                 self.client.socket_path, state.timeout_s, state.device, state.device_timeout_s, note is not None)
+        log_armed(self.client, note is not None)
         if note is not None:
             self._on_takeover(note)
 

@@ -16,7 +16,9 @@ Theory of operation (modelled on Proxmox's watchdog-mux, see docs/watchdog.md):
   reset follows within `device_timeout_s`) unless a new connection arms *the same identity* before the device
   would fire. That is how a crashed agent restarted by systemd takes over the old arm without a reset. The new
   client receives the old client's last `note` (the agent stores there when it last had contact, so the restarted
-  agent keeps the old isolation deadline instead of starting a fresh one).
+  agent keeps the old isolation deadline instead of starting a fresh one). Arming is not a pet: the taken-over arm
+  keeps the old client's last pet, so a restarted agent that withholds its pets (its isolation response is due and
+  not done) is reset as its predecessor would have been, no later.
 - A clean disarm removes the arm. With no arm left the device is closed with the magic close (disarmed), so a
   host with no HA agent running is never reset by a daemon it does not need.
 
@@ -104,11 +106,14 @@ class Mux:
             return ArmResult(False, f"client {client!r} is armed by another live connection")
         if old is None and len(self.arms) >= self.max_clients:
             return ArmResult(False, f"too many clients ({self.max_clients})")
-        # old is ORPHANED here (EXPIRED means doomed): the same identity takes the arm over before the device fires.
-        self.arms[client] = Arm(client, timeout_s, conn, ArmState.LIVE, now, now,
-                                note=old.note if old is not None else None)
         if old is None:
+            self.arms[client] = Arm(client, timeout_s, conn, ArmState.LIVE, now, now)
             return ArmResult(True)
+        # ORPHANED (EXPIRED would mean doomed): the same identity takes the arm over before the device fires. The
+        # last pet stays the old client's: arming proves the new process runs, not that it keeps the promise.
+        if now - old.last_pet_at > timeout_s - self.device_timeout_s:
+            return ArmResult(False, f"too late to take {client!r} over: silent for {now - old.last_pet_at:.1f} s")
+        self.arms[client] = Arm(client, timeout_s, conn, ArmState.LIVE, now, old.last_pet_at, note=old.note)
         return ArmResult(True, takeover=True, note=old.note)
 
     def pet(self, conn: int, note: dict[str, Any] | None, now: float) -> bool:

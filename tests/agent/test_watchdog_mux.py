@@ -69,6 +69,19 @@ def test_a_lost_connection_stops_the_pets_and_the_same_identity_takes_over_with_
     assert mux.verdict(8.0).pet
 
 
+def test_a_takeover_is_not_a_pet() -> None:
+    """A restarted agent that arms but withholds its pets (its isolation response is due) is reset when its
+    predecessor would have been: the silence counts from the old agent's last pet."""
+    mux = armed_mux()
+    mux.pet(1, None, 4.0)
+    mux.device_petted(4.0)
+    mux.disconnect(1, 5.0)
+    assert mux.arm(2, "kvmha-agent", T, 7.0).takeover
+    mux.device_petted(7.0)
+    assert mux.verdict(4.0 + (T - D)).pet
+    assert not mux.verdict(4.0 + (T - D) + 0.1).pet and mux.doomed is not None
+
+
 def test_an_orphan_not_taken_over_within_the_device_timeout_dooms_the_host() -> None:
     mux = armed_mux()
     mux.device_petted(2.0)
@@ -208,6 +221,8 @@ def run(history: History, end: float = 120.0, tick_s: float = 0.05) -> tuple[Fak
             reply: dict[str, Any] | None
             reply, _ = daemon.on_message(2, {"op": "arm", "client": "kvmha-agent", "timeout_s": T}, t)
             if reply is not None and reply["ok"]:
+                # Arming is not a pet: the new process pets at once (as kvmha.agent.watchdog_client.arm_at_start).
+                daemon.on_message(2, {"op": "pet"}, t)
                 conn, last_pet, next_pet, history = 2, t, t + history.pet_every_s, History(
                     history.pet_every_s, end + 1, "hang", None)
         if t >= next_tick:
