@@ -27,7 +27,23 @@ if [ ! -e "/etc/kvmha/$role.toml" ]; then
   echo "wrote /etc/kvmha/$role.toml: edit it before starting the service"
 fi
 install -m 0644 "$src/deploy/systemd/kvmha-$role.service" /etc/systemd/system/
+if [ "$role" = agent ]; then
+  # kvmha-watchdog: resets this host when the agent stops keeping it alive (docs/watchdog.md).
+  [ -e /etc/kvmha/watchdog.toml ] || install -m 0640 "$src/deploy/config/watchdog.toml" /etc/kvmha/watchdog.toml
+  install -m 0644 "$src/deploy/systemd/kvmha-watchdog.service" /etc/systemd/system/
+  # No hardware watchdog driver (no /sys/class/watchdog entry): the kernel's software one, now and at every boot.
+  # softdog resets the machine from a kernel timer; it cannot fire if the kernel itself hangs with interrupts off,
+  # which a hardware watchdog (iTCO_wdt, ipmi_watchdog, ...) can: prefer one where the board has it.
+  if [ -z "$(ls -A /sys/class/watchdog 2>/dev/null)" ]; then
+    modprobe softdog && echo softdog > /etc/modules-load.d/kvmha-softdog.conf \
+      && echo "loaded softdog (no hardware watchdog found); /etc/modules-load.d/kvmha-softdog.conf loads it at boot"
+  fi
+fi
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  echo "then: systemctl enable --now kvmha-$role"
+  if [ "$role" = agent ]; then
+    echo "then: systemctl enable --now kvmha-watchdog kvmha-agent"
+  else
+    echo "then: systemctl enable --now kvmha-$role"
+  fi
 fi

@@ -22,7 +22,15 @@ import pytest
 
 from kvmha.agent import watchdog_protocol as wire
 from kvmha.agent.watchdog_client import ContactNote, WatchdogClient, WatchdogError, WatchdogKeeper, arm_at_start
-from kvmha.agent.watchdog_daemon import Daemon, DaemonConfig, listen, query_status
+from kvmha.agent.watchdog_daemon import (
+    ConfigError,
+    Daemon,
+    DaemonConfig,
+    build_parser,
+    listen,
+    load_config,
+    query_status,
+)
 from kvmha.agent.watchdog_device import DeviceError, KernelWatchdog
 from kvmha.lab.watchdog_device import LabWatchdogDevice, read_status
 
@@ -302,3 +310,18 @@ def test_a_silent_client_resets_the_host_within_its_timeout(tmp_path: Path, hard
     finally:
         daemon.kill()
         daemon.wait(5)
+
+
+def test_the_example_configuration_loads_and_flags_win(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "config" / "watchdog.toml"
+    cfg = load_config(build_parser().parse_args(["--config", str(example)]))
+    assert cfg == DaemonConfig()  # the example spells out the defaults
+    cfg = load_config(build_parser().parse_args(["--config", str(example), "--device", "unix:/x.sock",
+                                                 "--device-timeout-s", "4", "--pet-interval-s", "0.5"]))
+    assert (cfg.device, cfg.device_timeout_s, cfg.pet_interval_s) == ("unix:/x.sock", 4, 0.5)
+    bad = tmp_path / "bad.toml"
+    for text in ("[watchdog]\ndevice_timeout_s = 2.5\n", "[watchdog]\npet_interval_s = 9\n",
+                 "[watchdog]\nsocket = \"rel.sock\"\n", "[other]\n", "[watchdog]\nnope = 1\n"):
+        bad.write_text(text)
+        with pytest.raises(ConfigError):
+            load_config(build_parser().parse_args(["--config", str(bad)]))
