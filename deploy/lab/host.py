@@ -140,12 +140,12 @@ def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object])
     (host_dir / "boot.json").write_text(boot_config(lab, host).dump())
 
 
-def startcmd(lab: LabSpec, host: HostSpec) -> str:
+def startcmd(host: HostSpec, lab: LabSpec | None = None) -> str:
     """The BMC's "power": PID 1 of a new PID namespace in the host's network namespace, in a private mount
     namespace, under kvmha.lab.power (which takes the host's interface down when the power goes).
     --kill-child: when unshare is killed (power off), the init and so the whole host die."""
     argv = [
-        sys.executable, "-m", "kvmha.lab.power", host.netns, *watchdog.power_args(lab, host), "--",
+        sys.executable, "-m", "kvmha.lab.power", host.netns, *(watchdog.power_args(lab, host) if lab else []), "--",
         "ip", "netns", "exec", host.netns,
         "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
         sys.executable, "-m", "kvmha.lab.boot", str(Path(host.dir) / "boot.json"),

@@ -180,7 +180,7 @@ class Lab:
             name=f"{self.spec.prefix}-{host.name}",
             port=host.bmc_port,
             workdir=Path(host.dir) / "bmc",
-            startcmd=hostfs.startcmd(self.spec, host),
+            startcmd=hostfs.startcmd(host, self.spec),
             user=self.spec.bmc_user,
             password=self.spec.bmc_password,
             poweroff_wait_s=1,

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.agent import config
 from kvmha.agent.watchdog_device import DeviceError, SocketWatchdog
+from kvmha.lab import host
+from kvmha.lab.state import HostSpec, LabSpec
 from kvmha.lab.watchdog_device import DEFAULT_TIMEOUT_S, LabWatchdogDevice, WatchdogTimer, read_status
 
 
@@ -67,3 +70,28 @@ def test_served_over_its_socket_to_the_daemons_client(tmp_path: Path) -> None:
     finally:
         device.stop()
     assert not device.socket_path.exists()
+
+
+def test_a_lab_with_a_watchdog_gives_each_host_the_device_the_daemon_and_an_armed_agent(tmp_path: Path) -> None:
+    spec = LabSpec(state_dir=str(tmp_path), prefix="kvmhat", subnet="10.251.0.192/26", bridge="kvmhat-br0",
+                   bridge_address="10.251.0.193", shared_dir=str(tmp_path / "shared"), manager="10.251.0.193:50051",
+                   domain_type="kvm", bmc_user="admin", bmc_password="pw", watchdog_device_timeout_s=4)
+    h1 = HostSpec(name="h1", index=1, netns="kvmhat-h1", veth="kvmhat-h1", address="10.251.0.203", bmc_port=623,
+                  host_uuid="6f1d3a52-9c0e-4a55-8d11-000000000001", dir=str(tmp_path / "hosts" / "h1"))
+    spec.hosts.append(h1)
+    host.prepare(spec, h1, {"watchdog.timeout_s": 9.0})
+    boot = host.boot_config(spec, h1)
+    names = [s.name for s in boot.services]
+    assert names.index("kvmha-watchdog") < names.index("kvmha-agent")  # armed by the agent at its start
+    [daemon] = [s for s in boot.services if s.name == "kvmha-watchdog"]
+    assert daemon.argv[:2] == ["env", "KVMHA_WATCHDOG_NO_KERNEL_DEVICE=1"]  # never the machine's /dev/watchdog
+    assert f"unix:{h1.dir}/watchdog/device.sock" in daemon.argv and "/dev/watchdog" not in " ".join(daemon.argv)
+    assert f"{h1.dir}/run" in boot.tmpfs  # the daemon's marker dies with the boot, as on /run
+    assert f"--watchdog {h1.dir}/watchdog --" in host.startcmd(h1, spec)
+    cfg = config.load_config(["--config", f"{h1.dir}/agent.toml"], environ={})
+    assert cfg.watchdog_enabled and cfg.watchdog_timeout_s == 9.0 and cfg.watchdog_socket == daemon.wait_for
+    spec.watchdog_device_timeout_s = 0
+    host.prepare(spec, h1, {})
+    assert not config.load_config(["--config", f"{h1.dir}/agent.toml"], environ={}).watchdog_enabled
+    assert "kvmha-watchdog" not in [s.name for s in host.boot_config(spec, h1).services]
+    assert "--watchdog" not in host.startcmd(h1, spec)
