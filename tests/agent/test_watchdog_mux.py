@@ -244,9 +244,13 @@ def test_a_client_that_stops_petting_is_followed_by_a_reset_within_its_timeout(
 
 
 @settings(max_examples=100, deadline=None)
-@given(pet_every_s=st.floats(0.2, 2.0), stop_at=st.floats(1.0, 30.0), restart_after_s=st.floats(0.1, D - P - 0.2))
+@given(pet_every_s=st.floats(0.2, 2.0), stop_at=st.floats(1.0, 30.0), restart_fraction=st.floats(0.0, 1.0))
 def test_a_crashed_client_restarted_within_the_device_timeout_takes_over_without_a_reset(
-        pet_every_s: float, stop_at: float, restart_after_s: float) -> None:
+        pet_every_s: float, stop_at: float, restart_fraction: float) -> None:
+    # The new process must arm (and pet) before the device fires (D after the daemon's last pet, up to P before the
+    # crash) and within the silence limit T - D counted from the old client's last pet (up to one of its pet
+    # intervals before the crash): here T - D = D.
+    restart_after_s = 0.1 + restart_fraction * (min(D, T - D) - P - pet_every_s - 0.3)
     device, _ = run(History(pet_every_s, stop_at, "crash", restart_after_s), end=90.0)
     fires = device.fires_at()
     assert fires is not None and fires > 90.0, f"reset at {fires} despite the restart after {restart_after_s} s"
