@@ -17,8 +17,9 @@ from kvmha.agent.lease import LockConfig
 from kvmha.agent.link import AgentLink, LinkSettings
 from kvmha.agent.watchdog_agent import SelfFence
 from kvmha.agent.watchdog_client import ContactNote, WatchdogClient
+from kvmha.lab.domain import domain_xml
 from kvmha.proto.v1 import agent_pb2 as pb
-from tests.agent.conftest import domain_xml, new_uuid
+from tests.agent.conftest import new_uuid
 
 AFTER_S = 30.0
 HOST = "6d1f8f3e-3b39-4a3c-8f37-0a3f3f3f3f3f"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmha.lab.testing.fake_manager import FakeManager
+from kvmha.lab.testing.local import AgentProcess
 from kvmha.lab.watchdog_device import LabWatchdogDevice, read_status
-from tests.agent.agent_process import AgentProcess
-from tests.agent.fake_manager import FakeManager
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +70,7 @@ class Host:
         return agent.start()
 
     def stop(self) -> None:
-        for proc in (self.agent.proc if self.agent else None, self.daemon):
+        for proc in (self.agent.process if self.agent else None, self.daemon):
             if proc is not None and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
@@ -121,8 +121,8 @@ def test_hello_and_pings_report_the_armed_watchdog_and_a_clean_stop_disarms(host
 
 def test_a_killed_agent_resets_the_host_within_the_device_timeout(host: Host) -> None:
     host.wait_armed()
-    assert host.agent is not None and host.agent.proc is not None
-    host.agent.proc.kill()
+    assert host.agent is not None and host.agent.process is not None
+    host.agent.process.kill()
     killed_at = time.monotonic()
     deadline = killed_at + DEVICE_TIMEOUT_S + 3
     while not host.fired and time.monotonic() < deadline:
@@ -146,9 +146,9 @@ def test_a_stopped_agent_resets_the_host_within_its_watchdog_timeout(host: Host)
 
 def test_an_agent_restarted_within_the_device_timeout_takes_over_without_a_reset(host: Host) -> None:
     host.wait_armed()
-    assert host.agent is not None and host.agent.proc is not None
-    host.agent.proc.kill()
-    host.agent.proc.wait(5)
+    assert host.agent is not None and host.agent.process is not None
+    host.agent.process.kill()
+    host.agent.process.wait(5)
     since = host.manager.mark()
     host.agent = host.new_agent()  # as systemd's Restart=always does, at once
     host.manager.wait_for(lambda r: r.kind == "hello" and r.msg.hello.watchdog.armed, 15, since)
