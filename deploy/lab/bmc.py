@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import re
 import shutil
@@ -79,6 +80,10 @@ class BmcConfig:
     kill_wait_s: int = 2
     start_now: bool = True
     vm_port: int | None = None  # TCP port of the system interface ipmi_sim needs for power control; None: = port
+    # Where the LAN channel answers. The lab runs each BMC in a network namespace of its own (netns) on the lab's
+    # BMC network (kvmha.lab.bmcnet); without one, the BMC answers on 127.0.0.1 of the caller's namespace.
+    address: str = LOOPBACK
+    netns: str | None = None
     ready_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
 
@@ -91,6 +96,12 @@ class BmcConfig:
                 raise ValueError(f"{label} {port} out of range")
         if not self.startcmd.strip() or any(c in self.startcmd for c in '"\n\r\\'):
             raise ValueError("startcmd must be one non-empty line without double quotes or backslashes")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"BMC address {self.address!r} is not an IP address") from None
+        if self.netns is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.netns):
+            raise ValueError(f"network namespace name {self.netns!r}")
         if not _SAFE_WORD.fullmatch(self.user) or not _SAFE_WORD.fullmatch(self.password):
             raise ValueError("user and password: 1-16 characters of letters, digits and _.@+-")
         if self.poweroff_wait_s <= 0 or self.kill_wait_s <= 0:
@@ -176,12 +187,12 @@ def find_free_port() -> int:
     raise BmcError("no free 127.0.0.1 port for both UDP and TCP")
 
 
-def asf_ping(port: int, timeout_s: float) -> bool:
-    """True if something answers an RMCP presence ping on 127.0.0.1:port within ``timeout_s``."""
+def asf_ping(port: int, timeout_s: float, address: str = LOOPBACK) -> bool:
+    """True if something answers an RMCP presence ping on address:port within ``timeout_s``."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout_s)
         try:
-            sock.sendto(_ASF_PING, (LOOPBACK, port))
+            sock.sendto(_ASF_PING, (address, port))
             data, _ = sock.recvfrom(512)
         except OSError:  # timeout, or ICMP port unreachable reported as ConnectionRefusedError
             return False
@@ -227,9 +238,12 @@ class BmcSimulator:
             raise BmcError(f"BMC {self.config.name} is already running (pid {self.pid})")
         self.kill_host()  # a host left running by stop(leave_host_running=True) would be a second "power"
         lan_conf, emu, state_dir = self._write_files()
+        argv = [IPMI_SIM, "-n", "-c", str(lan_conf), "-f", str(emu), "-s", str(state_dir)]
+        if self.config.netns:  # nsenter execs ipmi_sim after setns: the PID we start is still ipmi_sim's own
+            argv = ["nsenter", f"--net=/run/netns/{self.config.netns}", "--", *argv]
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
-                [IPMI_SIM, "-n", "-c", str(lan_conf), "-f", str(emu), "-s", str(state_dir)],
+                argv,
                 cwd=self.config.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -345,12 +359,13 @@ class BmcSimulator:
                 raise BmcError(
                     f"ipmi_sim for {self.config.name} exited with {self._popen.returncode}: {self._log_tail()}"
                 )
-            answered = answered or asf_ping(self.config.port, timeout_s=0.2)
+            answered = answered or asf_ping(self.config.port, timeout_s=0.2, address=self.config.address)
             # With start_now the host must be up too, else the first power reading races the first start.
             if answered and (not self.config.start_now or self.host_pid is not None):
                 return
             time.sleep(_POLL_S)
-        what = "did not start its startcmd" if answered else f"did not answer on {LOOPBACK}:{self.config.port}"
+        where = f"{self.config.address}:{self.config.port}"
+        what = "did not start its startcmd" if answered else f"did not answer on {where}"
         raise BmcError(
             f"ipmi_sim for {self.config.name} {what} within {self.config.ready_timeout_s} s: {self._log_tail()}"
         )
@@ -363,7 +378,7 @@ class BmcSimulator:
 
     def _ipmitool(self, *args: str) -> str:
         cfg = self.config
-        cmd = [IPMITOOL, "-I", "lanplus", "-C", "3", "-H", LOOPBACK, "-p", str(cfg.port), "-U", cfg.user, "-E"]
+        cmd = [IPMITOOL, "-I", "lanplus", "-C", "3", "-H", cfg.address, "-p", str(cfg.port), "-U", cfg.user, "-E"]
         cmd += ["-N", "1", "-R", "2", *args]
         # -E takes the password from the environment, so it is never on a command line others can read.
         env = {**os.environ, "IPMI_PASSWORD": cfg.password}
@@ -383,7 +398,7 @@ def _lan_conf(cfg: BmcConfig) -> str:
 name "{cfg.name}"
 set_working_mc 0x20
   startlan 1
-    addr {LOOPBACK} {cfg.port}
+    addr {cfg.address} {cfg.port}
     priv_limit admin
     allowed_auths_callback md5
     allowed_auths_user md5

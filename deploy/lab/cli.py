@@ -78,6 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "prefix": args.prefix,
         "agent_settings": dict(args.agent_setting or []),
         "watchdog_device_timeout_s": args.watchdog or 0,
+        "bmc_subnet": args.bmc_subnet,
     }
     if (state_dir / STATE_FILE).exists():
         print(f"a lab is already up in {state_dir} (kvmha-lab down first)", file=sys.stderr)
@@ -121,12 +122,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"lab {status['state_dir']}  bridge {status['bridge']} {status['bridge_address']} ({status['subnet']})  "
-          f"manager {status['manager'] or '-'}  shared {status['shared_dir']}  domains {status['domain_type']}")
+          f"bmc net {status.get('bmc_subnet') or '-'}  manager {status['manager'] or '-'}  "
+          f"shared {status['shared_dir']}  domains {status['domain_type']}")
     for host in status["hosts"]:
         pids = " ".join(f"{k}={v}" for k, v in host["pids"].items() if v)
         vms = ",".join(host["vms"]) or "-"
         faults = ",".join(host["faults"]) or "-"
-        print(f"  {host['name']:<4} {host['address']:<15} bmc 127.0.0.1:{host['bmc']['port']:<5} "
+        print(f"  {host['name']:<4} {host['address']:<15} bmc {host['bmc']['address']}:{host['bmc']['port']:<4} "
               f"power {host['power']:<4} faults {faults:<16} vms {vms:<12} {pids}")
 
 
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build a lab")
     up.add_argument("--hosts", type=int, default=3)
     up.add_argument("--subnet", default=DEFAULT_SUBNET)
+    up.add_argument("--bmc-subnet", help="the lab's BMC network (default: the subnet shifted by 256 addresses, "
+                    "10.251.0.0/24 -> 10.251.1.0/24)")
     up.add_argument("--manager", help="'default' (the bridge address) or ADDR[:PORT] (port 50051): start agents")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help="names of bridge, namespaces, veths")
     up.add_argument("--agent-setting", type=_setting, action="append", metavar="KEY=VALUE",

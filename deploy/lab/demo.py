@@ -563,7 +563,7 @@ def bring_up(out: Out, args: argparse.Namespace,
     config = {c.name: c.value for c in cluster.admin().ListConfig(apb.ListConfigRequest(), timeout=5).items}
     hosts = cluster.hosts()
     out.table("", ["host", "address", "BMC (IPMI, UDP)", "manager says"],
-              [[h.name, h.address, f"127.0.0.1:{h.bmc_port}", hosts[h.name].status if h.name in hosts else "?"]
+              [[h.name, h.address, f"{h.bmc_address}:{h.bmc_port}", hosts[h.name].status if h.name in hosts else "?"]
                for h in lab.hosts])
     out.say(f"up in {time.monotonic() - began:.1f} s: manager pid {ready['manager_pid']} "
             f"(admin {ready['admin']}, agents on {lab.spec.manager}), keeper pid {ready['keeper_pid']}, "

@@ -324,9 +324,9 @@ class LabCluster(ManagerHarness):
         return [h.name for h in self.lab.hosts]
 
     def register_bmcs(self) -> None:
-        spec = self.lab.spec
-        for host in spec.hosts:
-            self.register_bmc(host.name, host.bmc_port, spec.bmc_user, spec.bmc_password)
+        for host in self.lab.hosts:
+            address, port, user, password = self.lab.bmc_credentials(host.name)  # on the lab's BMC network
+            self.register_bmc(host.name, port, user, password, address)
 
     # ------------------------------------------------------------------ VMs
 

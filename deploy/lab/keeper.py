@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         agent_settings=args.get("agent_settings") or {},
         as_keeper=True,
         watchdog_device_timeout_s=int(args.get("watchdog_device_timeout_s") or 0),
+        bmc_subnet=args.get("bmc_subnet"),
     )
     print(f"lab up: {len(lab.hosts)} hosts in {lab.spec.state_dir}", flush=True)
     while not stop_requested:

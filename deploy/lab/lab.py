@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from kvmha.lab import fault, net, proc, report, vm
+from kvmha.lab import bmcnet, fault, net, proc, report, vm
 from kvmha.lab import host as hostfs
-from kvmha.lab.bmc import BmcConfig, BmcSimulator, find_free_port
+from kvmha.lab.bmc import BmcConfig, BmcSimulator
 from kvmha.lab.fault import Fault
 from kvmha.lab.guest import kvm_usable
 from kvmha.lab.state import (
@@ -82,6 +82,7 @@ class Lab:
         as_keeper: bool = False,
         cache_dir: Path | None = None,
         watchdog_device_timeout_s: int = 0,
+        bmc_subnet: str | None = None,
     ) -> Lab:
         """Build a lab of `hosts` hosts and wait until every host's libvirtd answers. On failure, undo it all.
 
@@ -90,7 +91,8 @@ class Lab:
         cache_dir: a folder for libvirt's QEMU capability cache that outlives the lab (tests share one per session,
         saving each lab a probe); by default the cache lives and dies with the state dir.
         watchdog_device_timeout_s: > 0 gives every host a hardware watchdog with this timeout, kvmha-watchdog to
-        drive it and agents that arm it (kvmha.lab.watchdog); needs a manager (agents)."""
+        drive it and agents that arm it (kvmha.lab.watchdog); needs a manager (agents).
+        bmc_subnet: the lab's BMC network (kvmha.lab.bmcnet); by default the lab subnet shifted by 256 addresses."""
         _check_root()
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
@@ -102,8 +104,11 @@ class Lab:
             raise LabError(f"a lab is already up in {state_dir}: `kvmha-lab down --state-dir {state_dir}` first")
         if watchdog_device_timeout_s and not manager:
             raise LabError("a watchdog per host needs agents to arm it (a --manager)")
-        if net.link_exists(f"{prefix}-br0"):
-            raise LabError(f"{prefix}-br0 exists already: another lab with prefix {prefix!r} is up")
+        bmc_plan = bmcnet.BmcNet(bmc_subnet or bmcnet.subnet_for(subnet), prefix)
+        bmc_plan.check_room(hosts)
+        for bridge in (f"{prefix}-br0", bmc_plan.bridge):
+            if net.link_exists(bridge):
+                raise LabError(f"{bridge} exists already: another lab with prefix {prefix!r} is up")
         state_dir.mkdir(parents=True, exist_ok=True)
         spec = LabSpec(
             state_dir=str(state_dir),
@@ -118,6 +123,7 @@ class Lab:
             bmc_password=uuid.uuid4().hex[:16],
             cache_dir=str(Path(cache_dir).absolute()) if cache_dir else "",
             watchdog_device_timeout_s=int(watchdog_device_timeout_s),
+            bmc_subnet=bmc_plan.subnet,
         )
         if as_keeper:
             me = proc.info(os.getpid())
@@ -148,6 +154,9 @@ class Lab:
         spec.netns_mount_created = not net.netns_dir_mounted()
         spec.save()  # from here on, `down` from any process can undo what follows
         net.create_bridge(spec.bridge, spec.subnet)
+        bmc_plan = self.bmc_net
+        assert bmc_plan is not None
+        bmcnet.create_bridge(bmc_plan)
         for index in range(1, count + 1):
             name = f"h{index}"
             host = HostSpec(
@@ -156,13 +165,17 @@ class Lab:
                 netns=f"{spec.prefix}-{name}",
                 veth=f"{spec.prefix}-{name}",
                 address=net.host_address(spec.subnet, index),
-                bmc_port=find_free_port(),
+                bmc_port=bmcnet.BMC_PORT,
                 host_uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"kvmha-lab:{spec.state_dir}:{name}")),
                 dir=str(state_dir / "hosts" / name),
+                bmc_address=bmc_plan.bmc_address(index),
+                bmc_netns=bmc_plan.bmc_netns(name),
             )
             spec.hosts.append(host)
             spec.save()
             net.create_host_net(spec.bridge, host.netns, host.veth, host.address, spec.subnet)
+            bmcnet.create_bmc_ns(bmc_plan, name, index)
+            bmcnet.plug_host(bmc_plan, host.netns, index)
             hostfs.prepare(spec, host, agent_settings)
         # The first host probes QEMU's capabilities into the shared cache alone; the others then find them there.
         first, *rest = spec.hosts
@@ -179,6 +192,8 @@ class Lab:
         return BmcConfig(
             name=f"{self.spec.prefix}-{host.name}",
             port=host.bmc_port,
+            address=host.bmc_address,
+            netns=host.bmc_netns or None,
             workdir=Path(host.dir) / "bmc",
             startcmd=hostfs.startcmd(host, self.spec),
             user=self.spec.bmc_user,
@@ -224,6 +239,8 @@ class Lab:
         for host in self.spec.hosts:
             net.delete_host_net(host.netns, host.veth)
         net.delete_bridge(self.spec.bridge)
+        if self.bmc_net is not None:  # after the BMCs: their namespaces go with it
+            bmcnet.delete(self.bmc_net, [(host.name, host.index) for host in self.spec.hosts])
         net.undo_netns_dir(created_dir=str(net.NETNS_DIR) in self.spec.created_dirs)
         for created in self.spec.created_dirs:
             path = Path(created)
@@ -260,6 +277,16 @@ class Lab:
             proc.wait_gone(target, 3.0)
 
     # ----- looking at hosts -----------------------------------------------------------------------------------
+
+    @property
+    def bmc_net(self) -> bmcnet.BmcNet | None:
+        """The lab's BMC network: its subnet, bridge and addresses (None for a lab made before it existed)."""
+        return bmcnet.BmcNet(self.spec.bmc_subnet, self.spec.prefix) if self.spec.bmc_subnet else None
+
+    def bmc_credentials(self, name: str) -> tuple[str, int, str, str]:
+        """(address, UDP port, user, password) of the host's BMC, as a fencer or a cluster stack is given them."""
+        host = self.host(name)
+        return host.bmc_address, host.bmc_port, self.spec.bmc_user, self.spec.bmc_password
 
     @property
     def hosts(self) -> list[HostSpec]:

@@ -30,8 +30,10 @@ RESET_HOLD_S = 1.0
 
 
 def _set_eth0(netns: str, state: str) -> None:
-    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", state], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # eth0: the lab network; eth1: the BMC network (kvmha.lab.bmcnet), absent in labs made without one.
+    for interface in ("eth0", "eth1"):
+        subprocess.run(["ip", "-n", netns, "link", "set", interface, state], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:

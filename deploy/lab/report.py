@@ -26,7 +26,7 @@ def host_status(lab: Lab, name: str) -> dict[str, Any]:
         "address": host.address,
         "netns": host.netns,
         "host_uuid": host.host_uuid,
-        "bmc": {"address": "127.0.0.1", "port": host.bmc_port, "pid": bmc_ref.pid if bmc_ref else None},
+        "bmc": {"address": host.bmc_address, "port": host.bmc_port, "pid": bmc_ref.pid if bmc_ref else None},
         "power": _power_or_error(lab, name),
         "faults": fault.faults(lab, name),
         "pids": {"init": init.pid if init else None, **lab.services(name)},
@@ -46,6 +46,7 @@ def status(lab: Lab) -> dict[str, Any]:
         "manager": spec.manager,
         "shared_dir": spec.shared_dir,
         "domain_type": spec.domain_type,
+        "bmc_subnet": spec.bmc_subnet,
         "bmc_user": spec.bmc_user,
         "hosts": [host_status(lab, host.name) for host in spec.hosts],
     }

@@ -30,9 +30,13 @@ class HostSpec:
     netns: str  # <prefix>-h1
     veth: str  # bridge side of the host's cable, in the root namespace
     address: str  # the host's address on the lab bridge
-    bmc_port: int  # 127.0.0.1 UDP port of the host's ipmi_sim
+    bmc_port: int  # UDP port of the host's ipmi_sim (623 on the lab's BMC network)
     host_uuid: str
     dir: str  # the host's own files: its /etc/libvirt, /var/lib/libvirt, logs, BMC workdir
+    # Where the BMC answers: its address on the lab's BMC network (kvmha.lab.bmcnet), from its own namespace
+    # bmc_netns. The defaults describe a BMC on 127.0.0.1 of the root namespace (labs made before the BMC network).
+    bmc_address: str = "127.0.0.1"
+    bmc_netns: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class LabSpec:
     # > 0: every host has a lab hardware watchdog with this timeout, driven by kvmha-watchdog (kvmha.lab.watchdog).
     watchdog_device_timeout_s: int = 0
     ready: bool = False
+    bmc_subnet: str = ""  # the lab's BMC network (kvmha.lab.bmcnet); "" = BMCs on 127.0.0.1 (older labs)
 
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:

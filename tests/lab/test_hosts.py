@@ -48,11 +48,37 @@ def test_hosts_reach_each_other_and_the_manager_side_over_the_bridge(lab: Lab) -
         assert ping(lab, None, source.address, tries=3)
 
 
-def test_hosts_use_only_loopback_and_the_lab_subnet(lab: Lab) -> None:
+def test_hosts_use_only_loopback_the_lab_subnet_and_the_bmc_network(lab: Lab) -> None:
+    plan = lab.bmc_net
+    assert plan is not None and plan.subnet == "10.251.1.192/26"  # the test subnet shifted by 256 addresses
     for host in lab.hosts:
         lines = lab.exec(host.name, ["ip", "-o", "addr", "show"]).stdout.splitlines()
         addresses = sorted(line.split()[3] for line in lines)
-        assert addresses == sorted(["127.0.0.1/8", f"{host.address}/26"]), addresses
+        assert addresses == sorted(["127.0.0.1/8", f"{host.address}/26", f"{plan.host_address(host.index)}/26"])
+
+
+def _ipmi_status_from(lab: Lab, source: str, target: str) -> str:
+    address, port, user, password = lab.bmc_credentials(target)
+    argv = ["ipmitool", "-I", "lanplus", "-C", "3", "-H", address, "-p", str(port), "-U", user, "-E",
+            "-N", "1", "-R", "2", "chassis", "power", "status"]
+    done = lab.exec(source, ["env", f"IPMI_PASSWORD={password}", *argv], check=False)
+    return done.stdout.strip() if done.returncode == 0 else f"failed: {done.stderr.strip()}"
+
+
+def test_bmcs_answer_on_the_bmc_network_from_the_machine_and_from_every_host(lab: Lab) -> None:
+    """The out-of-band network: each BMC in its own namespace on the BMC bridge at port 623, reachable from the root
+    namespace (a manager) and from inside the hosts (a cluster stack's fence agent), also from a host whose lab
+    network is cut (a partitioned node must still be able to fence)."""
+    plan = lab.bmc_net
+    assert plan is not None
+    for host in lab.hosts:
+        assert lab.bmc_credentials(host.name)[:2] == (plan.bmc_address(host.index), 623)
+        assert lab.power_state(host.name) == "on"  # ipmitool from the root namespace
+        for source in lab.hosts:
+            assert _ipmi_status_from(lab, source.name, host.name) == "Chassis Power is on", (source.name, host.name)
+    lab.fail("h1", "network")
+    assert not ping(lab, "h1", lab.host("h2").address)
+    assert _ipmi_status_from(lab, "h1", "h2") == "Chassis Power is on"
 
 
 def test_every_bmc_reports_power_on_through_ipmi(lab: Lab) -> None:
