@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -52,6 +52,9 @@ class BootConfig:
     log_dir: str  # inside the host, after the binds: where each service's output goes
     boot_log: str  # this init's own log
     services: list[Service]
+    # Folders to keep visible when a tmpfs covers a folder above them (the Pacemaker stack's private /run would hide
+    # the shared storage of a lab whose state dir is under /run): opened before the tmpfs mounts, bound back after.
+    keep: list[str] = field(default_factory=list)
 
     @staticmethod
     def load(path: Path) -> BootConfig:
@@ -63,6 +66,7 @@ class BootConfig:
             log_dir=raw["log_dir"],
             boot_log=raw["boot_log"],
             services=[Service(s["name"], list(s["argv"]), s.get("wait_for")) for s in raw["services"]],
+            keep=list(raw.get("keep", [])),
         )
 
     def dump(self) -> str:
@@ -74,6 +78,7 @@ class BootConfig:
                 "log_dir": self.log_dir,
                 "boot_log": self.boot_log,
                 "services": [{"name": s.name, "argv": s.argv, "wait_for": s.wait_for} for s in self.services],
+                "keep": self.keep,
             },
             indent=2,
         )
@@ -84,10 +89,20 @@ def log(message: str) -> None:
 
 
 def mount_private_view(config: BootConfig) -> None:
-    for target in config.tmpfs:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "kvmha-lab", target], check=True)
+    # Binds first: their sources may live under a folder a tmpfs is about to cover (a state dir under /run).
+    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in config.keep}
     for source, target in config.binds:
         subprocess.run(["mount", "--bind", source, target], check=True)
+    for target in config.tmpfs:
+        os.makedirs(target, exist_ok=True)  # /run/libvirt inside a fresh private /run
+        mode = "1777" if target == "/dev/shm" else "0755"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode={mode},size=64m", "kvmha-lab", target], check=True)
+    for path, fd in kept.items():
+        os.makedirs(path, exist_ok=True)
+        # --no-canonicalize: the kernel must follow the fd itself; its path string now names the empty new folder.
+        subprocess.run(["mount", "--no-canonicalize", "--bind", f"/proc/self/fd/{fd}", path], check=True,
+                       pass_fds=(fd,))
+        os.close(fd)
 
 
 class Init:

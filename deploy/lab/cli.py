@@ -79,6 +79,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         "agent_settings": dict(args.agent_setting or []),
         "watchdog_device_timeout_s": args.watchdog or 0,
         "bmc_subnet": args.bmc_subnet,
+        "stack": args.stack,
+        "stack_profile": args.profile,
     }
     if (state_dir / STATE_FILE).exists():
         print(f"a lab is already up in {state_dir} (kvmha-lab down first)", file=sys.stderr)
@@ -208,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--subnet", default=DEFAULT_SUBNET)
     up.add_argument("--bmc-subnet", help="the lab's BMC network (default: the subnet shifted by 256 addresses, "
                     "10.251.0.0/24 -> 10.251.1.0/24)")
+    up.add_argument("--stack", choices=["kvmha", "pacemaker"], default="kvmha",
+                    help="kvmha (libvirt + agents) or pacemaker (corosync + Pacemaker, fence_ipmilan, VirtualDomain)")
+    up.add_argument("--profile", choices=["defaults", "tuned"], default="defaults",
+                    help="the pacemaker stack's configuration (kvmha.lab.pacemaker.PROFILES)")
     up.add_argument("--manager", help="'default' (the bridge address) or ADDR[:PORT] (port 50051): start agents")
     up.add_argument("--prefix", default=DEFAULT_PREFIX, help="names of bridge, namespaces, veths")
     up.add_argument("--agent-setting", type=_setting, action="append", metavar="KEY=VALUE",

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         as_keeper=True,
         watchdog_device_timeout_s=int(args.get("watchdog_device_timeout_s") or 0),
         bmc_subnet=args.get("bmc_subnet"),
+        stack=args.get("stack") or "kvmha",
+        stack_profile=args.get("stack_profile") or "defaults",
     )
     print(f"lab up: {len(lab.hosts)} hosts in {lab.spec.state_dir}", flush=True)
     while not stop_requested:

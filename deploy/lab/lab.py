@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from kvmha.lab import bmcnet, fault, net, proc, report, vm
+from kvmha.lab import bmcnet, fault, net, pacemaker, proc, report, vm
 from kvmha.lab import host as hostfs
 from kvmha.lab.bmc import BmcConfig, BmcSimulator
 from kvmha.lab.fault import Fault
@@ -83,6 +83,8 @@ class Lab:
         cache_dir: Path | None = None,
         watchdog_device_timeout_s: int = 0,
         bmc_subnet: str | None = None,
+        stack: str = "kvmha",
+        stack_profile: str = "defaults",
     ) -> Lab:
         """Build a lab of `hosts` hosts and wait until every host's libvirtd answers. On failure, undo it all.
 
@@ -92,7 +94,9 @@ class Lab:
         saving each lab a probe); by default the cache lives and dies with the state dir.
         watchdog_device_timeout_s: > 0 gives every host a hardware watchdog with this timeout, kvmha-watchdog to
         drive it and agents that arm it (kvmha.lab.watchdog); needs a manager (agents).
-        bmc_subnet: the lab's BMC network (kvmha.lab.bmcnet); by default the lab subnet shifted by 256 addresses."""
+        bmc_subnet: the lab's BMC network (kvmha.lab.bmcnet); by default the lab subnet shifted by 256 addresses.
+        stack: "kvmha" (libvirt and, with a manager, the agent) or "pacemaker" (corosync + Pacemaker instead of the
+        agent, configured with pacemaker.PROFILES[stack_profile]; see kvmha.lab.pacemaker)."""
         _check_root()
         if not 1 <= hosts <= 20:
             raise LabError("between 1 and 20 hosts")
@@ -104,6 +108,14 @@ class Lab:
             raise LabError(f"a lab is already up in {state_dir}: `kvmha-lab down --state-dir {state_dir}` first")
         if watchdog_device_timeout_s and not manager:
             raise LabError("a watchdog per host needs agents to arm it (a --manager)")
+        if stack == pacemaker.STACK:
+            if manager:
+                raise LabError("the pacemaker stack runs no kvmha agents: no --manager with it")
+            pacemaker.check_installed()
+            if stack_profile not in pacemaker.PROFILES:
+                raise LabError(f"pacemaker profile {stack_profile!r}: one of {', '.join(pacemaker.PROFILES)}")
+        elif stack != "kvmha":
+            raise LabError(f"unknown stack {stack!r} (kvmha or {pacemaker.STACK})")
         bmc_plan = bmcnet.BmcNet(bmc_subnet or bmcnet.subnet_for(subnet), prefix)
         bmc_plan.check_room(hosts)
         for bridge in (f"{prefix}-br0", bmc_plan.bridge):
@@ -124,6 +136,8 @@ class Lab:
             cache_dir=str(Path(cache_dir).absolute()) if cache_dir else "",
             watchdog_device_timeout_s=int(watchdog_device_timeout_s),
             bmc_subnet=bmc_plan.subnet,
+            stack=stack,
+            stack_profile=stack_profile if stack == pacemaker.STACK else "",
         )
         if as_keeper:
             me = proc.info(os.getpid())
@@ -177,6 +191,9 @@ class Lab:
             bmcnet.create_bmc_ns(bmc_plan, name, index)
             bmcnet.plug_host(bmc_plan, host.netns, index)
             hostfs.prepare(spec, host, agent_settings)
+        if spec.stack == pacemaker.STACK:  # corosync.conf lists every node: written once all are known
+            for host in spec.hosts:
+                pacemaker.prepare(spec, host)
         # The first host probes QEMU's capabilities into the shared cache alone; the others then find them there.
         first, *rest = spec.hosts
         self._start_bmc(first)
@@ -185,6 +202,8 @@ class Lab:
             self._start_bmc(host)
         for host in rest:
             self.wait_ready(host.name)
+        if spec.stack == pacemaker.STACK:
+            pacemaker.configure(self)
         spec.ready = True
         spec.save()
 
@@ -312,10 +331,12 @@ class Lab:
 
     def services(self, name: str) -> dict[str, int]:
         """Daemon name -> root namespace PID, for the lab's daemons running in the host."""
-        wanted = (*DAEMONS, AGENT, WATCHDOG)
+        wanted = (*DAEMONS, AGENT, WATCHDOG, *pacemaker.DAEMONS)
         return {p.comm: p.pid for p in self.processes(name) if p.comm in wanted}
 
     def expected_services(self) -> tuple[str, ...]:
+        if self.spec.stack == pacemaker.STACK:
+            return (*DAEMONS, *pacemaker.DAEMONS)
         if not self.spec.manager:
             return DAEMONS
         return (*DAEMONS, WATCHDOG, AGENT) if self.spec.watchdog_device_timeout_s else (*DAEMONS, AGENT)

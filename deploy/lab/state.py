@@ -70,6 +70,8 @@ class LabSpec:
     watchdog_device_timeout_s: int = 0
     ready: bool = False
     bmc_subnet: str = ""  # the lab's BMC network (kvmha.lab.bmcnet); "" = BMCs on 127.0.0.1 (older labs)
+    stack: str = "kvmha"  # what runs on the hosts: "kvmha" (libvirt + agent) or "pacemaker" (kvmha.lab.pacemaker)
+    stack_profile: str = ""  # the pacemaker stack's configuration: "defaults" or "tuned" (pacemaker.PROFILES)
 
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:
