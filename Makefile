@@ -6,7 +6,12 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-dev pkg-config \
-                libvirt-clients openipmi ipmitool iproute2 iputils-ping gcc
+                libvirt-clients openipmi ipmitool iproute2 iputils-ping gcc \
+                pacemaker pacemaker-cli-utils corosync fence-agents resource-agents
+# The peer stack (kvmha-lab up --stack pacemaker) runs these daemons only inside lab hosts. Installing them must
+# start nothing on the machine itself: a policy-rc.d that denies every start during the install (removed after, if
+# we made it), and their systemd units disabled so that a machine booted with systemd does not start them either.
+CLUSTER_UNITS := corosync.service pacemaker.service
 # The databases every machine of this project runs; `make test` runs the database tests against them.
 export KVMHA_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 export KVMHA_TEST_MARIADB_URL  ?= mariadb://root@127.0.0.1:3306/test
@@ -29,7 +34,13 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing $$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	  policy=/usr/sbin/policy-rc.d; made=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\n# make setup (kvmha): no service starts while packages install\nexit 101\n' > $$policy; \
+	    chmod 755 $$policy; made=1; fi; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+	  [ -z "$$made" ] || rm -f $$policy; \
+	  ! command -v systemctl >/dev/null || systemctl disable $(CLUSTER_UNITS) >/dev/null 2>&1 || true; \
+	  exit $$rc; \
 	fi
 
 # The venv is rebuilt when pyproject.toml changes (the stamp records its hash).

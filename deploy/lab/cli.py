@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmha.lab import pacemaker
 from kvmha.lab.bmc import BmcError
 from kvmha.lab.fault import FAULTS, Fault
 from kvmha.lab.guest import DISK_FORMATS
@@ -172,7 +173,13 @@ def cmd_power(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_create(args: argparse.Namespace) -> int:
-    Lab.attach(_state_dir(args)).vm_create(args.name, args.host, args.memory_mib, not args.no_start, args.disk_format)
+    lab = Lab.attach(_state_dir(args))
+    if lab.spec.stack == pacemaker.STACK:  # the cluster places and starts it; --host is not Pacemaker's to take
+        pacemaker.add_vm(lab, args.name, args.memory_mib)
+        pacemaker.wait_settled(lab)
+        print(f"{args.name}: a VirtualDomain resource, running on {', '.join(lab.vm_hosts(args.name)) or 'none'}")
+        return 0
+    lab.vm_create(args.name, args.host, args.memory_mib, not args.no_start, args.disk_format)
     print(f"{args.name}: {'defined' if args.no_start else 'running'} on {args.host}")
     return 0
 
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm_create = sub.add_parser("vm-create", help="define and start a lab VM on a host (virsh)")
     vm_create.add_argument("name")
-    vm_create.add_argument("--host", required=True)
+    vm_create.add_argument("--host", required=True, help="ignored by the pacemaker stack (Pacemaker places it)")
     vm_create.add_argument("--memory-mib", type=int, default=32)
     vm_create.add_argument("--disk-format", choices=DISK_FORMATS, default="raw")
     vm_create.add_argument("--no-start", action="store_true", help="only define it")
