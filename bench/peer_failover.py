@@ -196,7 +196,7 @@ def power_run(stack: KvmhaStack | PacemakerStack, index: int) -> Run:
         lab.power(victim, "off", wait=False)
         recovered(lab, run, t0, {}, elsewhere=True)
     run.duplicates = len(watch.duplicates)
-    time.sleep(1.0)  # the systems' last log lines about it
+    time.sleep(3.0)  # the systems' own "started" records come after the VM runs (Pacemaker: after a monitor)
     stack.phases(run, t0)
     stack.settle(victim)
     return run
@@ -214,7 +214,7 @@ def kill_run(stack: KvmhaStack | PacemakerStack, index: int) -> Run:
         lab.vm_kill(vm)
         recovered(lab, run, t0, {vm: running[host][vm]}, elsewhere=False)
     run.duplicates = len(watch.duplicates)
-    time.sleep(1.0)
+    time.sleep(3.0)
     stack.phases(run, t0)
     stack.settle(None)
     return run
@@ -277,17 +277,16 @@ def load() -> dict[str, Any]:
 def report(document: dict[str, Any]) -> None:
     series = document["series"]
     print("\nmedian recovery (s), same lab, same faults, measured from the hosts (/proc + virsh):")
-    print(f"  {'':<24}{'kvmha':>10}{'Pacemaker':>12}{'ratio P/k':>11}   runs (k/P)   duplicates (k/P)")
-    for fault, label in (("power", "power loss -> elsewhere"), ("kill", "QEMU kill -> running")):
+    print(f"  {'':<36}{'kvmha':>8}{'Pacemaker':>11}{'P / kvmha':>11}   runs (k/P)  duplicates (k/P)")
+    for fault, label in (("power", "power loss -> running elsewhere"), ("kill", "QEMU kill -> running again")):
         for profile in ("defaults", "tuned"):
             k, p = series.get(f"kvmha-{profile}"), series.get(f"pacemaker-{profile}")
             km = k[fault].get("median") if k else None
             pm = p[fault].get("median") if p else None
-            ratio = f"{pm / km:9.1f}x" if km and pm else "       - "
+            ratio = f"{pm / km:.1f}x" if km and pm else "-"
             runs = f"{k[fault].get('n', 0) if k else 0}/{p[fault].get('n', 0) if p else 0}"
             dups = f"{k['duplicates'] if k else '-'}/{p['duplicates'] if p else '-'}"
-            print(f"  {label + ' (' + profile + ')':<36}"[:38].ljust(38) + f"{fmt(km)}    {fmt(pm)}  {ratio}"
-                  f"   {runs:<11}  {dups}")
+            print(f"  {label + ', ' + profile:<36}{fmt(km):>8}{fmt(pm):>11}{ratio:>11}   {runs:<11} {dups}")
     for name in SERIES:
         if name in series:
             print(f"  {name}: {series[name]['config']}")
