@@ -80,6 +80,7 @@ class Run:
     story: list[tuple[float, str, str]] = field(default_factory=list)  # seconds, source, line (the system's record)
     duplicates: int = 0
     note: str = ""  # e.g. "victim was the DC"
+    load_1m: float = 0.0  # the machine's 1-minute load average at the fault (2 cores, shared with other work)
 
 
 class KvmhaStack:
@@ -193,6 +194,7 @@ def power_run(stack: KvmhaStack | PacemakerStack, index: int) -> Run:
     stack.mark()
     with DuplicateWatch(lab) as watch:
         t0 = time.time()
+        run.load_1m = os.getloadavg()[0]
         lab.power(victim, "off", wait=False)
         recovered(lab, run, t0, {}, elsewhere=True)
     run.duplicates = len(watch.duplicates)
@@ -211,6 +213,7 @@ def kill_run(stack: KvmhaStack | PacemakerStack, index: int) -> Run:
     stack.mark()
     with DuplicateWatch(lab) as watch:
         t0 = time.time()
+        run.load_1m = os.getloadavg()[0]
         lab.vm_kill(vm)
         recovered(lab, run, t0, {vm: running[host][vm]}, elsewhere=False)
     run.duplicates = len(watch.duplicates)
@@ -229,6 +232,15 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{value:6.2f}"
+
+
+def summarize(series: dict[str, Any]) -> None:
+    """Medians and duplicates over every run of the series (also runs appended from another locked run)."""
+    for kind in ("power", "kill"):
+        series[kind] = stats([r["recovered_s"] for r in series["runs"]
+                              if r["kind"] == kind and r["recovered_s"] is not None])
+    series["duplicates"] = sum(r["duplicates"] for r in series["runs"])
+    series["load_1m"] = stats([r.get("load_1m", 0.0) for r in series["runs"]])
 
 
 def run_series(name: str, runs: int, kills: int) -> dict[str, Any]:
@@ -260,13 +272,11 @@ def run_series(name: str, runs: int, kills: int) -> dict[str, Any]:
     finally:
         stack.stop()
 
-    def values(kind: str) -> list[float]:
-        return [r.recovered_s for r in results if r.kind == kind and r.recovered_s is not None]
-
-    return {"series": name, "system": system, "profile": profile, "config": described,
-            "domain_type": stack.lab.spec.domain_type, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "power": stats(values("power")), "kill": stats(values("kill")),
-            "duplicates": sum(r.duplicates for r in results), "runs": [asdict(r) for r in results]}
+    series = {"series": name, "system": system, "profile": profile, "config": described,
+              "domain_type": stack.lab.spec.domain_type, "at": [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())],
+              "runs": [asdict(r) for r in results]}
+    summarize(series)
+    return series
 
 
 def load() -> dict[str, Any]:
@@ -277,7 +287,7 @@ def load() -> dict[str, Any]:
 def report(document: dict[str, Any]) -> None:
     series = document["series"]
     print("\nmedian recovery (s), same lab, same faults, measured from the hosts (/proc + virsh):")
-    print(f"  {'':<36}{'kvmha':>8}{'Pacemaker':>11}{'P / kvmha':>11}   runs (k/P)  duplicates (k/P)")
+    print(f"  {'':<42}{'kvmha':>8}{'Pacemaker':>11}{'P / kvmha':>11}   runs (k/P)  duplicates (k/P)")
     for fault, label in (("power", "power loss -> running elsewhere"), ("kill", "QEMU kill -> running again")):
         for profile in ("defaults", "tuned"):
             k, p = series.get(f"kvmha-{profile}"), series.get(f"pacemaker-{profile}")
@@ -286,7 +296,7 @@ def report(document: dict[str, Any]) -> None:
             ratio = f"{pm / km:.1f}x" if km and pm else "-"
             runs = f"{k[fault].get('n', 0) if k else 0}/{p[fault].get('n', 0) if p else 0}"
             dups = f"{k['duplicates'] if k else '-'}/{p['duplicates'] if p else '-'}"
-            print(f"  {label + ', ' + profile:<36}{fmt(km):>8}{fmt(pm):>11}{ratio:>11}   {runs:<11} {dups}")
+            print(f"  {label + ', ' + profile:<42}{fmt(km):>8}{fmt(pm):>11}{ratio:>11}   {runs:<11} {dups}")
     for name in SERIES:
         if name in series:
             print(f"  {name}: {series[name]['config']}")
@@ -357,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=4, help="QEMU-kill runs per series (default 4)")
     parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, from {', '.join(SERIES)}")
     parser.add_argument("--report", action="store_true", help="only print the medians from the saved results")
+    parser.add_argument("--append", action="store_true",
+                        help="add the runs to the saved series of the same name (another round, on a fresh lab)")
     args = parser.parse_args(argv)
     if args.report:
         report(load())
@@ -376,7 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     document = load()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in [s for s in SERIES if s in chosen]:
-        document["series"][name] = run_series(name, args.runs, args.kills)
+        fresh = run_series(name, args.runs, args.kills)
+        old = document["series"].get(name)
+        if args.append and old is not None and old.get("config") == fresh["config"]:
+            for r in fresh["runs"]:  # numbered on from the earlier runs of the same kind
+                r["index"] += sum(1 for o in old["runs"] if o["kind"] == r["kind"])
+            fresh["runs"] = old["runs"] + fresh["runs"]
+            fresh["at"] = list(old.get("at", [])) + fresh["at"]
+            summarize(fresh)
+        document["series"][name] = fresh
         document["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(),
                                "python": platform.python_version()}
         (RESULTS / "peer_failover.json").write_text(json.dumps(document, indent=2))  # each series as it ends
