@@ -22,11 +22,13 @@ Configurations (the tuning is written down in kvmha.lab.pacemaker.PROFILES and i
   must not turn into "this host flaps"); Pacemaker has neither by default (migration-threshold INFINITY).
 - Pacemaker defaults / tuned: kvmha.lab.pacemaker.PROFILES (corosync token, stonith-action, monitor, power_wait).
 
-Usage: bench/peer_failover.py [--runs 4] [--kills 4] [--series NAME,...]   run (root; under flock /work/coord/lab.lock)
-       bench/peer_failover.py --report                                      print the medians from the saved results
-Writes bench/results/peer_failover.json (series are merged by name, so a long comparison can be split over several
-locked runs with --series) and bench/results/peer_failover.png (both systems' timelines side by side). Tears every
-lab down, also on failure or Ctrl-C.
+Usage: bench/peer_failover.py [--runs 5] [--kills 5] [--series NAME,...] [--append]
+           run the series (root; under `flock /work/coord/lab.lock`; about 12 minutes for all four)
+       bench/peer_failover.py --report
+           print kvmha's and Pacemaker's medians, defaults and tuned, from the saved results
+Writes bench/results/peer_failover.json (series are merged by name, so a comparison can be split over several locked
+runs with --series; --append adds another round, a fresh lab, to the series' runs) and bench/results/peer_failover.png
+(both systems' timelines side by side). Tears every lab down, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ class Run:
     story: list[tuple[float, str, str]] = field(default_factory=list)  # seconds, source, line (the system's record)
     duplicates: int = 0
     note: str = ""  # e.g. "victim was the DC"
-    load_1m: float = 0.0  # the machine's 1-minute load average at the fault (2 cores, shared with other work)
+    round: int = 1  # which fresh lab of the series (--append adds rounds)
+    load_1m: float | None = None  # the machine's 1-minute load average at the fault (2 cores, shared with others)
 
 
 class KvmhaStack:
@@ -240,7 +243,7 @@ def summarize(series: dict[str, Any]) -> None:
         series[kind] = stats([r["recovered_s"] for r in series["runs"]
                               if r["kind"] == kind and r["recovered_s"] is not None])
     series["duplicates"] = sum(r["duplicates"] for r in series["runs"])
-    series["load_1m"] = stats([r.get("load_1m", 0.0) for r in series["runs"]])
+    series["load_1m"] = stats([r["load_1m"] for r in series["runs"] if r.get("load_1m")])  # absent: not recorded
 
 
 def run_series(name: str, runs: int, kills: int) -> dict[str, Any]:
@@ -299,7 +302,18 @@ def report(document: dict[str, Any]) -> None:
             print(f"  {label + ', ' + profile:<42}{fmt(km):>8}{fmt(pm):>11}{ratio:>11}   {runs:<11} {dups}")
     for name in SERIES:
         if name in series:
-            print(f"  {name}: {series[name]['config']}")
+            found = series[name]
+            rounds = sorted({r.get("round", 1) for r in found["runs"]})
+            per_round = "; ".join(
+                f"round {n}: " + ", ".join(
+                    f"{kind} {statistics.median(v):.2f}" for kind in ("power", "kill")
+                    if (v := [r["recovered_s"] for r in found["runs"] if r.get("round", 1) == n
+                              and r["kind"] == kind and r["recovered_s"] is not None]))
+                for n in rounds)
+            load = found.get("load_1m") or {}
+            loads = f"; load average {load['min']:.1f}-{load['max']:.1f} at the {load['n']:.0f} faults recording it" \
+                if load else ""
+            print(f"  {name}: {found['config']}\n      medians per fresh lab: {per_round}{loads}")
 
 COLORS = {"detect": "#f0a030", "fence": "#d04040", "start": "#40a060"}
 
@@ -363,8 +377,8 @@ def plot(document: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=4, help="power-loss runs per series (default 4)")
-    parser.add_argument("--kills", type=int, default=4, help="QEMU-kill runs per series (default 4)")
+    parser.add_argument("--runs", type=int, default=5, help="power-loss runs per series (default 5)")
+    parser.add_argument("--kills", type=int, default=5, help="QEMU-kill runs per series (default 5)")
     parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, from {', '.join(SERIES)}")
     parser.add_argument("--report", action="store_true", help="only print the medians from the saved results")
     parser.add_argument("--append", action="store_true",
@@ -393,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.append and old is not None and old.get("config") == fresh["config"]:
             for r in fresh["runs"]:  # numbered on from the earlier runs of the same kind
                 r["index"] += sum(1 for o in old["runs"] if o["kind"] == r["kind"])
+                r["round"] = len(old.get("at", [])) + 1
             fresh["runs"] = old["runs"] + fresh["runs"]
             fresh["at"] = list(old.get("at", [])) + fresh["at"]
             summarize(fresh)
