@@ -126,7 +126,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _print_status(status: dict[str, Any]) -> None:
     print(f"lab {status['state_dir']}  bridge {status['bridge']} {status['bridge_address']} ({status['subnet']})  "
           f"bmc net {status.get('bmc_subnet') or '-'}  manager {status['manager'] or '-'}  "
-          f"shared {status['shared_dir']}  domains {status['domain_type']}")
+          f"shared {status['shared_dir']}  domains {status['domain_type']}  stack {status.get('stack', 'kvmha')}")
     for host in status["hosts"]:
         pids = " ".join(f"{k}={v}" for k, v in host["pids"].items() if v)
         vms = ",".join(host["vms"]) or "-"

@@ -47,6 +47,7 @@ def status(lab: Lab) -> dict[str, Any]:
         "shared_dir": spec.shared_dir,
         "domain_type": spec.domain_type,
         "bmc_subnet": spec.bmc_subnet,
+        "stack": spec.stack + (f" ({spec.stack_profile})" if spec.stack_profile else ""),
         "bmc_user": spec.bmc_user,
         "hosts": [host_status(lab, host.name) for host in spec.hosts],
     }
