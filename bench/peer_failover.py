@@ -48,10 +48,11 @@ from typing import Any
 
 from kvmha.lab import pacemaker
 from kvmha.lab.demo import busiest
-from kvmha.lab.harness import DuplicateWatch, LabCluster, wait_for
+from kvmha.lab.harness import DuplicateWatch, LabCluster
 from kvmha.lab.lab import Lab
 from kvmha.lab.peerlog import kvmha_phases, pacemaker_phases
 from kvmha.lab.state import STATE_FILE
+from kvmha.lab.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

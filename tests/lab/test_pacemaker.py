@@ -11,8 +11,9 @@ import pytest
 
 from kvmha.lab import Lab, pacemaker, proc
 from kvmha.lab.harness import DuplicateWatch
+from kvmha.lab.wait import wait_for
 
-from .conftest import TEST_PREFIX, TEST_SUBNET, caps_cache, wait_until
+from .conftest import TEST_PREFIX, TEST_SUBNET, caps_cache
 from .test_cleanup import MachineState, lab_processes_alive, processes_of, remember
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow,
@@ -56,8 +57,8 @@ def test_pacemaker_cluster_forms_runs_a_virtual_domain_fences_and_leaves_nothing
             # A crashed QEMU: the VirtualDomain monitor notices, Pacemaker restarts it (in place).
             old_pid = lab.running_vms()[first]["pvm"]
             lab.vm_kill("pvm")
-            assert wait_until(lambda: any(vms.get("pvm", old_pid) != old_pid for vms in lab.running_vms().values()),
-                              timeout_s=60)
+            wait_for(lambda: any(vms.get("pvm", old_pid) != old_pid for vms in lab.running_vms().values()), 60,
+                     "a new QEMU for pvm")
             pacemaker.wait_settled(lab)
             # Its host loses power: the other node fences it through fence_ipmilan over the BMC network, then
             # starts the VM.
@@ -66,8 +67,8 @@ def test_pacemaker_cluster_forms_runs_a_virtual_domain_fences_and_leaves_nothing
             lab.power(host_now, "off")
             survivor = other if host_now == first else first
             # A QEMU exists a moment before its CPUs run ("paused, starting up"): running is what virsh says.
-            assert wait_until(lambda: lab.vm_hosts("pvm") == [survivor]
-                              and lab.domstate(survivor, "pvm") == ("running", "booted"), timeout_s=90)
+            wait_for(lambda: lab.vm_hosts("pvm") == [survivor]
+                     and lab.domstate(survivor, "pvm") == ("running", "booted"), 90, f"pvm running on {survivor} only")
         assert watch.samples > 10 and watch.duplicates == []
         history = lab.exec(survivor, ["stonith_admin", "--history", host_now]).stdout
         assert f"off of {host_now} successful" in history or f"reboot of {host_now} successful" in history, history
@@ -75,7 +76,7 @@ def test_pacemaker_cluster_forms_runs_a_virtual_domain_fences_and_leaves_nothing
     finally:
         lab.down()
     assert MachineState.now() == before
-    assert wait_until(lambda: lab_processes_alive(seen) == [], timeout_s=10), lab_processes_alive(seen)
+    wait_for(lambda: lab_processes_alive(seen) == [], 10, "every process of the lab gone", 0.1)
     assert processes_of(tmp_path) == []
     assert cluster_daemons_in_root_namespace() == []
     assert not (tmp_path / "state").exists()
