@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Literal
 
 from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, PowerStatus, race_delay_s
 from kvmha.manager.adapters.ipmi import IpmiFencer
@@ -67,6 +68,7 @@ def query_bmc(factory: FencerFactory, credentials: BmcCredentials | None, action
     except Exception as error:
         return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power="unknown",
                                       detail=f"fencer error: {type(error).__name__}")
-    power = {PowerStatus.ON: "on", PowerStatus.OFF: "off"}.get(status, "unknown")
-    return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power=power,  # type: ignore[arg-type]
+    power: Literal["on", "off", "unknown"] = (
+        "on" if status is PowerStatus.ON else "off" if status is PowerStatus.OFF else "unknown")
+    return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power=power,
                                   detail=f"BMC {credentials.address}:{credentials.port} says {status}")

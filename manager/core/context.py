@@ -8,7 +8,6 @@ a RecordEvent with its reason (the audit invariant).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 from kvmha.manager.core.actions import (
     Action,
@@ -22,18 +21,9 @@ from kvmha.manager.core.actions import (
 )
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, RequestId, VmRecord, WorkId
+from kvmha.manager.core.routing import CommandDeadline, Owner, Pending, TimerKey
 from kvmha.manager.core.timers import Timers
 from kvmha.manager.core.vmindex import VmIndex
-
-
-@dataclass(slots=True)
-class Pending:
-    """A command or fence in flight. `owner` routes its answer: "neighbor", "bmc", "fence", "start", "stop"."""
-
-    owner: str
-    host_id: HostId  # where it runs (the agent's host, or the host being fenced / queried)
-    subject: int  # investigated host id, work id or vm id, by owner
-    sent_at: float
 
 
 class Ctx:
@@ -44,7 +34,7 @@ class Ctx:
         self.hosts: dict[HostId, HostRecord] = {}
         self.vms = VmIndex()
         self.works: dict[WorkId, HaWorkRecord] = {}
-        self.timers = Timers()
+        self.timers: Timers[TimerKey] = Timers()
         self.pending: dict[RequestId, Pending] = {}
         self.connected: set[HostId] = set()  # hosts whose agent link is open
         self.out: list[Action] = []
@@ -79,19 +69,19 @@ class Ctx:
         self._request_counter += 1
         return RequestId(f"{self._request_prefix}{self._request_counter}")
 
-    def send(self, owner: str, host_id: HostId, subject: int, command: AgentCommand, timeout_s: float) -> RequestId:
+    def send(self, owner: Owner, host_id: HostId, command: AgentCommand, timeout_s: float) -> RequestId:
         """Send a command and arm its deadline: a missing answer becomes a failure at `now + timeout_s`."""
-        request_id = self.track(owner, host_id, subject, timeout_s)
+        request_id = self.track(owner, host_id, timeout_s)
         self.out.append(SendCommand(request_id, host_id, command, timeout_s))
         return request_id
 
-    def track(self, owner: str, host_id: HostId, subject: int, timeout_s: float) -> RequestId:
+    def track(self, owner: Owner, host_id: HostId, timeout_s: float) -> RequestId:
         request_id = self.new_request_id()
-        self.pending[request_id] = Pending(owner, host_id, subject, self.now)
-        self.timers.schedule(("cmd", request_id), self.now + timeout_s)
+        self.pending[request_id] = Pending(owner, host_id, self.now)
+        self.timers.schedule(CommandDeadline(request_id), self.now + timeout_s)
         return request_id
 
     def settle(self, request_id: RequestId) -> Pending | None:
         """Forget a command that was answered (or timed out); None when it is unknown or already settled."""
-        self.timers.cancel(("cmd", request_id))
+        self.timers.cancel(CommandDeadline(request_id))
         return self.pending.pop(request_id, None)

@@ -22,17 +22,36 @@ scheduler (HA work and placement), operator (operator facts). They share one `Ct
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import assert_never
 
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import Action
 from kvmha.manager.core.config import ConfigError, CoreConfig
-from kvmha.manager.core.context import Ctx, Pending
+from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hostflow import HostFlow
+from kvmha.manager.core.investigation import Bmc
 from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostStatus, RequestId, VmId, VmRecord, WorkId
 from kvmha.manager.core.operator import OperatorFlow
 from kvmha.manager.core.powersync import PowerSync
+from kvmha.manager.core.routing import (
+    AbsenceGraceOver,
+    BmcQuery,
+    CommandDeadline,
+    FenceRequest,
+    InvestigationDeadline,
+    NeighborQuery,
+    OperatorDestroy,
+    OperatorStop,
+    Pending,
+    PlannedWaitOver,
+    Reinvestigate,
+    RejoinDeadline,
+    StartAttempt,
+    StartConfirmDeadline,
+    TimerKey,
+    WorkDue,
+)
 from kvmha.manager.core.scheduler import Scheduler
 
 
@@ -62,31 +81,12 @@ class Core:
             self._sched.restore(work)
         self._startup_actions = ctx.out
         ctx.out = []
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            f.AgentConnected: self._hosts.on_agent_connected,
-            f.HeartbeatReceived: self._hosts.on_heartbeat,
-            f.AgentDisconnected: self._hosts.on_agent_disconnected,
-            f.PowerStateReported: self._on_power_report,
-            f.CommandCompleted: self._on_command_completed,
-            f.FenceCompleted: self._on_fence_completed,
-            f.BmcPowerReported: self._on_bmc_reported,
-            f.HostRegistered: self._operator.host_registered,
-            f.HostRemoved: self._operator.host_removed,
-            f.HostMaintenanceChanged: self._operator.host_maintenance,
-            f.HostBmcChanged: self._operator.host_bmc,
-            f.VmRegistered: self._operator.vm_registered,
-            f.VmStartRequested: self._operator.vm_start,
-            f.VmStopRequested: self._operator.vm_stop,
-            f.VmDeleted: self._operator.vm_deleted,
-            f.VmHaChanged: self._operator.vm_ha,
-            f.ConfigChanged: self._on_config_changed,
-        }
 
     # ------------------------------------------------------------ driver API
 
     def handle(self, fact: f.Fact, now: float) -> list[Action]:
         ctx = self._begin(now)
-        self._handlers[type(fact)](fact)
+        self._dispatch(fact)
         return self._end(ctx)
 
     def tick(self, now: float) -> list[Action]:
@@ -95,7 +95,7 @@ class Core:
         self._hosts.monitor()
         for key in ctx.timers.pop_due(now):
             ctx.decisions += 1
-            self._on_timer(key)  # type: ignore[arg-type]
+            self._on_timer(key)
         return self._end(ctx)
 
     def next_deadline(self) -> float | None:
@@ -145,25 +145,67 @@ class Core:
         actions, ctx.out = ctx.out, []
         return actions
 
-    def _on_timer(self, key: tuple[str, Any]) -> None:
-        kind, subject = key
-        if kind == "cmd":
-            pending = self._ctx.settle(subject)
-            if pending is not None:
-                seconds = self._ctx.now - pending.sent_at
-                self._route_answer(
-                    subject, pending, f.CommandCompleted(subject, False, f"timed out after {seconds:.1f} s")
-                )
-        elif kind in ("inv", "reinv", "waited", "rejoin"):
-            self._hosts.on_timer(kind, subject)
-        elif kind == "work":
-            work = self._ctx.works.get(subject)
-            if work is not None:
-                self._sched.evaluate(work)
-        elif kind == "confirm":
-            self._sched.on_confirm_timeout(subject)
-        elif kind == "missing":
-            self._power.missing_timeout(subject)
+    def _dispatch(self, fact: f.Fact) -> None:
+        """Every fact type has exactly one handler; mypy checks the match is exhaustive. Most frequent first."""
+        hosts, operator = self._hosts, self._operator
+        match fact:
+            case f.HeartbeatReceived():
+                hosts.on_heartbeat(fact)
+            case f.PowerStateReported():
+                self._on_power_report(fact)
+            case f.CommandCompleted():
+                self._on_command_completed(fact)
+            case f.AgentConnected():
+                hosts.on_agent_connected(fact)
+            case f.AgentDisconnected():
+                hosts.on_agent_disconnected(fact)
+            case f.FenceCompleted():
+                self._on_fence_completed(fact)
+            case f.BmcPowerReported():
+                self._on_bmc_reported(fact)
+            case f.HostRegistered():
+                operator.host_registered(fact)
+            case f.HostRemoved():
+                operator.host_removed(fact)
+            case f.HostMaintenanceChanged():
+                operator.host_maintenance(fact)
+            case f.HostBmcChanged():
+                operator.host_bmc(fact)
+            case f.VmRegistered():
+                operator.vm_registered(fact)
+            case f.VmStartRequested():
+                operator.vm_start(fact)
+            case f.VmStopRequested():
+                operator.vm_stop(fact)
+            case f.VmDeleted():
+                operator.vm_deleted(fact)
+            case f.VmHaChanged():
+                operator.vm_ha(fact)
+            case f.ConfigChanged():
+                self._on_config_changed(fact)
+            case _:
+                assert_never(fact)
+
+    def _on_timer(self, key: TimerKey) -> None:
+        match key:
+            case CommandDeadline(request_id):
+                pending = self._ctx.settle(request_id)
+                if pending is not None:
+                    seconds = self._ctx.now - pending.sent_at
+                    timed_out = f.CommandCompleted(request_id, False, f"timed out after {seconds:.1f} s")
+                    self._route_answer(request_id, pending, timed_out)
+            case InvestigationDeadline() | Reinvestigate() | PlannedWaitOver() | RejoinDeadline():
+                self._hosts.on_timer(key)
+            case WorkDue(work_id):
+                work = self._ctx.works.get(work_id)
+                if work is not None:
+                    self._sched.evaluate(work)
+            case StartConfirmDeadline(work_id):
+                self._sched.on_confirm_timeout(work_id)
+            case AbsenceGraceOver(vm_id):
+                self._power.missing_timeout(vm_id)
+            case _:
+                assert_never(key)
 
     def _on_power_report(self, fact: f.PowerStateReported) -> None:
         host = self._ctx.hosts.get(fact.host_id)
@@ -174,32 +216,47 @@ class Core:
             self._hosts.on_ready(host)
 
     def _on_command_completed(self, fact: f.CommandCompleted) -> None:
-        pending = self._ctx.settle(fact.request_id)
-        if pending is not None:
+        pending = self._ctx.pending.get(fact.request_id)
+        if pending is not None and not isinstance(pending.owner, (FenceRequest, BmcQuery)):
+            # Fences and BMC queries are answered by the fencing adapter (FenceCompleted / BmcPowerReported) or
+            # time out here; an agent's CommandCompleted with their id settles nothing.
+            self._ctx.settle(fact.request_id)
             self._route_answer(fact.request_id, pending, fact)
 
     def _route_answer(self, request_id: RequestId, pending: Pending, done: f.CommandCompleted) -> None:
-        if pending.owner == "neighbor":
-            self._hosts.on_neighbor_answer(request_id, pending, done)
-        elif pending.owner == "bmc":
-            self._hosts.on_bmc_answer(request_id, pending, "unknown")  # timed out
-        elif pending.owner == "fence":
-            host = self._ctx.hosts.get(HostId(pending.subject))
-            if host is not None and host.status is HostStatus.FENCING:
-                self._hosts.fence_failed(host, done.error)
-        elif pending.owner == "start":
-            self._sched.on_start_result(WorkId(pending.subject), done.ok, done.error)
-        elif pending.owner == "stop":
-            self._operator.stop_result(pending.subject, done.ok, done.error)
+        """The answer to a command (or its timeout), to whoever sent it."""
+        owner = pending.owner
+        match owner:
+            case NeighborQuery():
+                self._hosts.on_neighbor_answer(request_id, owner, done)
+            case BmcQuery():
+                self._hosts.on_bmc_answer(request_id, owner, Bmc.UNKNOWN)  # only its timeout comes this way
+            case FenceRequest(host_id):
+                host = self._ctx.hosts.get(host_id)
+                if host is not None and host.status is HostStatus.FENCING:
+                    self._hosts.fence_failed(host, done.error)
+            case StartAttempt(work_id):
+                self._sched.on_start_result(work_id, done.ok, done.error)
+            case OperatorStop(vm_id):
+                self._operator.stop_result(vm_id, done.ok, done.error)
+            case OperatorDestroy():
+                self._operator.destroy_result(owner, pending.host_id, done.ok, done.error)
+            case _:
+                assert_never(owner)
 
     def _on_fence_completed(self, fact: f.FenceCompleted) -> None:
-        current = self._ctx.settle(fact.request_id) is not None
+        pending = self._ctx.pending.get(fact.request_id)
+        current = pending is not None and pending.owner == FenceRequest(fact.host_id)
+        if current:
+            self._ctx.settle(fact.request_id)
         self._hosts.on_fence_completed(fact, current)
 
     def _on_bmc_reported(self, fact: f.BmcPowerReported) -> None:
-        pending = self._ctx.settle(fact.request_id)
-        if pending is not None:
-            self._hosts.on_bmc_answer(fact.request_id, pending, fact.power)
+        pending = self._ctx.pending.get(fact.request_id)
+        owner = pending.owner if pending is not None else None
+        if isinstance(owner, BmcQuery) and owner.about == fact.host_id:
+            self._ctx.settle(fact.request_id)
+            self._hosts.on_bmc_answer(fact.request_id, owner, Bmc(fact.power))
 
     def _on_config_changed(self, fact: f.ConfigChanged) -> None:
         try:

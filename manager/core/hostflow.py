@@ -8,16 +8,26 @@ Alert (alive but unreachable, or fencing impossible/forbidden) keeps them waitin
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
-from kvmha.manager.core.context import Ctx, Pending
+from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
 from kvmha.manager.core.hoststate import DEAD, SILENT, HostEvent, next_status
 from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Verdict, classify_heartbeat, decide
 from kvmha.manager.core.model import HostId, HostRecord, HostRole, HostStatus, HostUuid, RequestId, ResourceState
 from kvmha.manager.core.pingmap import PingMap
+from kvmha.manager.core.routing import (
+    BmcQuery,
+    FenceRequest,
+    HostTimer,
+    InvestigationDeadline,
+    NeighborQuery,
+    PlannedWaitOver,
+    Reinvestigate,
+    RejoinDeadline,
+)
 from kvmha.manager.core.vmindex import occupies
 
 if TYPE_CHECKING:
@@ -79,13 +89,14 @@ class HostFlow:
             # future entry in the ping map, which must stay ordered by time.
             config = self.ctx.config
             self.awaiting_rejoin.add(host.id)
-            self.ctx.timers.schedule(("rejoin", host.id), self.ctx.now + max(config.startup_grace_s,
-                                                                                config.ping_timeout_s))
+            grace_s = max(config.startup_grace_s, config.ping_timeout_s)
+            self.ctx.timers.schedule(RejoinDeadline(host.id), self.ctx.now + grace_s)
         elif host.status in SILENT:
             self.transition(host, HostEvent.MANAGER_RESTARTED, "manager restarted mid-investigation: starting over")
-            self.ctx.timers.schedule(("reinv", host.id), self.ctx.now)
+            self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now)
         elif host.status is S.DISCONNECTED and self._wants_ha(host):
-            self.ctx.timers.schedule(("waited", host.id), self.ctx.now + self.ctx.config.planned_disconnect_wait_s)
+            wait_s = self.ctx.config.planned_disconnect_wait_s
+            self.ctx.timers.schedule(PlannedWaitOver(host.id), self.ctx.now + wait_s)
 
     # ------------------------------------------------------------ agent link facts
 
@@ -112,8 +123,8 @@ class HostFlow:
     def _forget_silence(self, host_id: HostId) -> None:
         self.investigations.pop(host_id, None)
         self.heartbeat_seen.pop(host_id, None)
-        for kind in ("inv", "reinv", "waited", "rejoin"):
-            self.ctx.timers.cancel((kind, host_id))
+        for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline):
+            self.ctx.timers.cancel(timer(host_id))
 
     def on_heartbeat(self, fact: f.HeartbeatReceived) -> None:
         host = self.ctx.hosts.get(fact.host_id)
@@ -144,7 +155,7 @@ class HostFlow:
             self.transition(host, HostEvent.GOODBYE, "agent said goodbye (planned)")
             if self._wants_ha(host):
                 wait_s = self.ctx.config.planned_disconnect_wait_s
-                self.ctx.timers.schedule(("waited", host.id), self.ctx.now + wait_s)
+                self.ctx.timers.schedule(PlannedWaitOver(host.id), self.ctx.now + wait_s)
 
     def on_ready(self, host: HostRecord) -> None:
         """First full power report after connecting: the host is Up and its VMs' power states are fresh."""
@@ -201,25 +212,33 @@ class HostFlow:
                 f"for {config.flap_holdout_s:.0f} s",
             )
 
-    def on_timer(self, kind: str, host_id: HostId) -> None:
-        host = self.ctx.hosts.get(host_id)
+    def on_timer(self, timer: HostTimer) -> None:
+        host = self.ctx.hosts.get(timer.host_id)
         if host is None:
             return
-        if kind == "inv" and host_id in self.investigations:
-            self.conclude(self.investigations[host_id])
-        elif kind == "reinv" and host.status in (S.ALERT, S.INVESTIGATING):
-            if host.status is S.ALERT:
-                self.transition(host, HostEvent.REINVESTIGATE, "investigating again")
-            self.start_investigation(host)
-        elif kind == "rejoin" and host_id in self.awaiting_rejoin and host.status in (S.UP, S.CONNECTING):
-            self.awaiting_rejoin.discard(host_id)
-            # Restored as Up, and its agent has not come back within the startup grace: behind.
-            self._behind(host, self.ctx.now - (host.last_ping_at or self.ctx.now))
-        elif kind == "waited" and host.status is S.DISCONNECTED and self._wants_ha(host):
-            wait_s = self.ctx.config.planned_disconnect_wait_s
-            self.transition(host, HostEvent.WAITED_TOO_LONG, f"did not come back within {wait_s:.0f} s of goodbye")
-            self.sched.schedule_for_host(host, f"{host.name} did not come back after a planned disconnect")
-            self.start_investigation(host)
+        match timer:
+            case InvestigationDeadline(host_id):
+                if host_id in self.investigations:
+                    self.conclude(self.investigations[host_id])
+            case Reinvestigate():
+                if host.status in (S.ALERT, S.INVESTIGATING):
+                    if host.status is S.ALERT:
+                        self.transition(host, HostEvent.REINVESTIGATE, "investigating again")
+                    self.start_investigation(host)
+            case RejoinDeadline(host_id):
+                if host_id in self.awaiting_rejoin and host.status in (S.UP, S.CONNECTING):
+                    self.awaiting_rejoin.discard(host_id)
+                    # Restored as Up, and its agent has not come back within the startup grace: behind.
+                    self._behind(host, self.ctx.now - (host.last_ping_at or self.ctx.now))
+            case PlannedWaitOver():
+                if host.status is S.DISCONNECTED and self._wants_ha(host):
+                    wait_s = self.ctx.config.planned_disconnect_wait_s
+                    why = f"did not come back within {wait_s:.0f} s of goodbye"
+                    self.transition(host, HostEvent.WAITED_TOO_LONG, why)
+                    self.sched.schedule_for_host(host, f"{host.name} did not come back after a planned disconnect")
+                    self.start_investigation(host)
+            case _:
+                assert_never(timer)
 
     # ------------------------------------------------------------ investigation
 
@@ -242,19 +261,19 @@ class HostFlow:
         self.investigations[host.id] = inv
         check = CheckNeighbor(host.id, host.uuid, host.address, config.check_neighbor_timeout_s)
         for neighbor in self._neighbors(host.id):
-            inv.pending.add(ctx.send("neighbor", neighbor, host.id, check, config.check_neighbor_timeout_s))
+            inv.pending.add(ctx.send(NeighborQuery(host.id), neighbor, check, config.check_neighbor_timeout_s))
             inv.neighbors_asked += 1
         if host.has_bmc:
-            request_id = ctx.track("bmc", host.id, host.id, config.check_neighbor_timeout_s)
+            request_id = ctx.track(BmcQuery(host.id), host.id, config.check_neighbor_timeout_s)
             ctx.out.append(QueryBmc(request_id, host.id))
             inv.pending.add(request_id)
         if not inv.pending:
             self.conclude(inv)
         else:
-            ctx.timers.schedule(("inv", host.id), inv.deadline_at)
+            ctx.timers.schedule(InvestigationDeadline(host.id), inv.deadline_at)
 
-    def on_neighbor_answer(self, request_id: RequestId, pending: Pending, done: f.CommandCompleted) -> None:
-        inv = self.investigations.get(HostId(pending.subject))
+    def on_neighbor_answer(self, request_id: RequestId, query: NeighborQuery, done: f.CommandCompleted) -> None:
+        inv = self.investigations.get(query.about)
         if inv is None or request_id not in inv.pending:
             return
         inv.pending.discard(request_id)
@@ -264,18 +283,18 @@ class HostFlow:
         if not inv.pending:
             self.conclude(inv)
 
-    def on_bmc_answer(self, request_id: RequestId, pending: Pending, power: str) -> None:
-        inv = self.investigations.get(HostId(pending.subject))
+    def on_bmc_answer(self, request_id: RequestId, query: BmcQuery, power: Bmc) -> None:
+        inv = self.investigations.get(query.about)
         if inv is None or request_id not in inv.pending:
             return
         inv.pending.discard(request_id)
-        inv.bmc = Bmc(power) if power in ("on", "off") else Bmc.UNKNOWN
+        inv.bmc = power
         if inv.bmc is Bmc.OFF or not inv.pending:
             self.conclude(inv)  # power off is proof enough: no need to wait for the neighbours
 
     def conclude(self, inv: Investigation) -> None:
         self.investigations.pop(inv.host_id, None)
-        self.ctx.timers.cancel(("inv", inv.host_id))
+        self.ctx.timers.cancel(InvestigationDeadline(inv.host_id))
         for request_id in inv.pending:
             self.ctx.settle(request_id)  # late answers are ignored
         host = self.ctx.hosts[inv.host_id]
@@ -297,7 +316,7 @@ class HostFlow:
             self._host_dead(host)
         elif verdict is Verdict.ALIVE:
             self.transition(host, HostEvent.VERDICT_ALIVE, f"{evidence}; its VMs are left running")
-            self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + config.investigate_retry_interval_s)
+            self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now + config.investigate_retry_interval_s)
         else:
             self._fence_or_wait(host, inv, heartbeat, evidence, silent_s)
 
@@ -323,7 +342,7 @@ class HostFlow:
         )
         if host.has_bmc and blocked is None:
             self.transition(host, HostEvent.VERDICT_UNKNOWN, f"{evidence}; fencing")
-            request_id = ctx.track("fence", host.id, host.id, config.fence_timeout_s)
+            request_id = ctx.track(FenceRequest(host.id), host.id, config.fence_timeout_s)
             ctx.out.append(Fence(request_id, host.id))
             self.sched.host_fencing(host)
             return
@@ -340,11 +359,11 @@ class HostFlow:
             blocked += f"; waiting for its heartbeat to stay stale {config.self_fenced_after_s:.0f} s (self-fence)"
         self.ctx.event("alert", f"host:{host.id}", "fence.skipped", f"not fencing: {blocked}; its VMs stay put")
         self.transition(host, HostEvent.FENCE_BLOCKED, f"{evidence}; re-investigating in {delay_s:.1f} s")
-        ctx.timers.schedule(("reinv", host.id), ctx.now + delay_s)
+        ctx.timers.schedule(Reinvestigate(host.id), ctx.now + delay_s)
 
     def _host_dead(self, host: HostRecord) -> None:
         self.fence_failures.pop(host.id, None)
-        self.ctx.timers.cancel(("reinv", host.id))
+        self.ctx.timers.cancel(Reinvestigate(host.id))
         self.power.host_dead(host)
         self.sched.host_resolved(host.id)
 
@@ -356,7 +375,7 @@ class HostFlow:
             return
         if fact.ok and host.status in (S.FENCING, S.ALERT, S.INVESTIGATING):
             self.investigations.pop(host.id, None)
-            self.ctx.timers.cancel(("inv", host.id))
+            self.ctx.timers.cancel(InvestigationDeadline(host.id))
             off = "it was already off" if fact.already_off else "power off confirmed"
             self.transition(host, HostEvent.FENCE_OK, f"{off}{'; ' + fact.detail if fact.detail else ''}")
             self._host_dead(host)
@@ -379,7 +398,7 @@ class HostFlow:
             HostEvent.FENCE_FAILED,
             f"fence attempt {failures} failed: {detail}; its VMs stay put; re-investigating in {delay_s:.1f} s",
         )
-        self.ctx.timers.schedule(("reinv", host.id), self.ctx.now + delay_s)
+        self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now + delay_s)
 
     # ------------------------------------------------------------ operator
 

@@ -8,7 +8,8 @@ from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import DeleteVmRecord, DestroyVm, StopVm
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hostflow import HostFlow
-from kvmha.manager.core.model import HostStatus, PowerState, VmRecord, VmState
+from kvmha.manager.core.model import HostId, HostStatus, PowerState, VmId, VmRecord, VmState
+from kvmha.manager.core.routing import OperatorDestroy, OperatorStop
 from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
 
@@ -19,8 +20,8 @@ class OperatorFlow:
         self.sched = sched
         self.hostflow = hosts
 
-    def _vm(self, vm_id: int, what: str) -> VmRecord | None:
-        vm = self.ctx.vms.get(vm_id)  # type: ignore[arg-type]
+    def _vm(self, vm_id: VmId, what: str) -> VmRecord | None:
+        vm = self.ctx.vms.get(vm_id)
         if vm is None:
             self.ctx.event("warning", f"vm:{vm_id}", "operator.unknown", f"{what} ignored: no such VM")
         return vm
@@ -54,7 +55,7 @@ class OperatorFlow:
         host = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if occupies(vm) and host is not None and host.id in self.ctx.connected:
             timeout_s = self.ctx.config.stop_timeout_s
-            self.ctx.send("stop", host.id, vm.id, StopVm(vm.uuid, timeout_s), timeout_s + 30.0)
+            self.ctx.send(OperatorStop(vm.id), host.id, StopVm(vm.uuid, timeout_s), timeout_s + 30.0)
             self.ctx.vms.update(vm, state=VmState.STOPPING)
             self.ctx.event("info", f"vm:{vm.id}", "vm.stopping", f"stopping on {host.name}")
         elif host is None or host.status in (HostStatus.DOWN, HostStatus.FENCED) or not occupies(vm):
@@ -66,8 +67,8 @@ class OperatorFlow:
             self.ctx.event("warning", f"vm:{vm.id}", "vm.stopping", f"stop requested but {host.name} is unreachable")
         self.ctx.save_vm(vm)
 
-    def stop_result(self, vm_id: int, ok: bool, error: str) -> None:
-        vm = self.ctx.vms.get(vm_id)  # type: ignore[arg-type]
+    def stop_result(self, vm_id: VmId, ok: bool, error: str) -> None:
+        vm = self.ctx.vms.get(vm_id)
         if vm is None or vm.state is not VmState.STOPPING:
             return
         if ok:
@@ -85,12 +86,26 @@ class OperatorFlow:
         # VM ids can be given again to a new VM (the next one above the highest registered): its restart count per
         # window must not start with the deleted VM's restarts.
         self.sched.restarts.pop(vm.id, None)
-        if occupies(vm) and vm.host_id in self.ctx.connected:
-            assert vm.host_id is not None
-            self.ctx.send("destroy", vm.host_id, vm.id, DestroyVm(vm.uuid), self.ctx.config.start_timeout_s)
+        if occupies(vm) and vm.host_id is not None and vm.host_id in self.ctx.connected:
+            owner = OperatorDestroy(vm.id, vm.name)
+            self.ctx.send(owner, vm.host_id, DestroyVm(vm.uuid), self.ctx.config.start_timeout_s)
         self.ctx.vms.remove(vm.id)
         self.ctx.out.append(DeleteVmRecord(vm.id))
         self.ctx.event("info", f"vm:{vm.id}", "vm.deleted", f"{vm.name} deleted")
+
+    def destroy_result(self, owner: OperatorDestroy, host_id: HostId, ok: bool, error: str) -> None:
+        """The answer to the DestroyVm of a deleted VM: its record is gone, the event says what became of it."""
+        where = self.ctx.host_name(host_id)
+        if ok:
+            self.ctx.event("info", f"vm:{owner.vm_id}", "vm.destroyed", f"{owner.vm_name} destroyed on {where}")
+        else:
+            self.ctx.event(
+                "warning",
+                f"vm:{owner.vm_id}",
+                "vm.destroy.failed",
+                f"destroy of deleted {owner.vm_name} on {where} failed: {error}; "
+                "if it still runs there it shows up as Unmanaged",
+            )
 
     def vm_ha(self, fact: f.VmHaChanged) -> None:
         vm = self._vm(fact.vm_id, "HA change")

@@ -23,6 +23,7 @@ from kvmha.manager.core.model import (
     VmRecord,
     VmState,
 )
+from kvmha.manager.core.routing import AbsenceGraceOver
 from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
 
@@ -67,7 +68,7 @@ class PowerSync:
             return
         if self.missing.get(vm.id) == host.id:
             self.missing.pop(vm.id)
-            self.ctx.timers.cancel(("missing", vm.id))
+            self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
         if vm.state is VmState.UNMANAGED:
             self.ctx.vms.update(vm, host_id=host.id, power=domain.power, at=self.ctx.now)
         elif domain.power is PowerState.POWER_ON:
@@ -92,7 +93,8 @@ class PowerSync:
         if not occupies(vm) or vm.power_state is PowerState.POWER_REPORT_MISSING or vm.id in self.missing:
             return
         self.missing[vm.id] = host.id
-        self.ctx.timers.schedule(("missing", vm.id), self.ctx.now + self.ctx.config.power_report_missing_grace_s)
+        grace_s = self.ctx.config.power_report_missing_grace_s
+        self.ctx.timers.schedule(AbsenceGraceOver(vm.id), self.ctx.now + grace_s)
 
     def missing_timeout(self, vm_id: VmId) -> None:
         host_id = self.missing.pop(vm_id, None)
@@ -196,7 +198,7 @@ class PowerSync:
         """The host is Down or Fenced: nothing runs there any more."""
         for vm in self.ctx.vms.on_host(host.id):
             self.missing.pop(vm.id, None)
-            self.ctx.timers.cancel(("missing", vm.id))
+            self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.state in _SHOULD_RUN | _SETTLING and not vm.ha_enabled:
                 self.ctx.vms.update(vm, power=PowerState.POWER_OFF, at=self.ctx.now)
                 self._stopped(vm, f"{host.name} is {host.status.value}: not HA-enabled, Stopped")
@@ -211,7 +213,7 @@ class PowerSync:
         count = 0
         for vm in self.ctx.vms.on_host(host.id):
             self.missing.pop(vm.id, None)
-            self.ctx.timers.cancel(("missing", vm.id))
+            self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.power_state is not PowerState.POWER_UNKNOWN:
                 self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
                 self.ctx.save_vm(vm)

@@ -13,9 +13,10 @@ higher `restart_priority` first.
 
 from __future__ import annotations
 
+import enum
 import heapq
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from kvmha.manager.core.actions import Severity, StartVm
 from kvmha.manager.core.context import Ctx
@@ -34,12 +35,23 @@ from kvmha.manager.core.model import (
     WorkType,
 )
 from kvmha.manager.core.placement import PlacementRequest, choose_host
+from kvmha.manager.core.routing import StartAttempt, StartConfirmDeadline, WorkDue
 from kvmha.manager.core.vmindex import occupies
 
 if TYPE_CHECKING:
     from kvmha.manager.core.hostflow import HostFlow
 
 OPERATOR_START = "operator start"
+
+
+class Clearance(enum.Enum):
+    """What the VM's last host says about starting it elsewhere (step 2 of restart(work))."""
+
+    SAFE = "safe"  # the host is dead or reports the VM off: start it elsewhere
+    CANCEL = "cancel"  # it still runs there, or no proof ever will come: the work ends
+    WAIT_HOST = "wait_host"  # the host is being investigated or fenced: its verdict wakes the work
+    WAIT_POWER = "wait_power"  # the host is up but the VM's power state is not known yet: look again later
+
 _RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 _KNOWN_OFF = frozenset({PowerState.POWER_OFF, PowerState.POWER_REPORT_MISSING})
 
@@ -79,9 +91,9 @@ class Scheduler:
             if vm is not None:
                 self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
             self.in_progress.add(work.id)
-            self.ctx.timers.schedule(("confirm", work.id), self.ctx.now + self.ctx.config.start_timeout_s)
+            self.ctx.timers.schedule(StartConfirmDeadline(work.id), self.ctx.now + self.ctx.config.start_timeout_s)
             return
-        self.ctx.timers.schedule(("work", work.id), self.ctx.now)
+        self.ctx.timers.schedule(WorkDue(work.id), self.ctx.now)
 
     # ------------------------------------------------------------ scheduling
 
@@ -159,26 +171,30 @@ class Scheduler:
         if problem is not None or vm is None:
             self.finish(work, WorkStep.CANCELLED, problem or "VM deleted")
             return
-        verdict, why = self._host_check(vm)
-        if verdict == "cancel":
-            self.finish(work, WorkStep.CANCELLED, why)
-        elif verdict == "wait_host":
-            assert vm.host_id is not None
-            self.waiting_on_host.setdefault(vm.host_id, set()).add(work.id)
-            self._waits_for[work.id] = vm.host_id
-            host = self.ctx.hosts[vm.host_id]
-            step = WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING
-            self._wait(work, step, f"waits for a verdict ({why})")
-        elif verdict == "wait_power":
-            self._wait(work, WorkStep.INVESTIGATING, f"waits: {why}")
-            self.ctx.timers.schedule(("work", work.id), self.ctx.now + self.ctx.config.investigate_retry_interval_s)
-        elif work.time_to_try_at > self.ctx.now:
-            self.ctx.timers.schedule(("work", work.id), work.time_to_try_at)
-        else:
-            vm_priority = vm.restart_priority
-            heapq.heappush(self.ready, (-vm_priority, work.created_at, work.id))
-            if not self._batching:
-                self.pump()
+        clearance, why = self._host_check(vm)
+        match clearance:
+            case Clearance.CANCEL:
+                self.finish(work, WorkStep.CANCELLED, why)
+            case Clearance.WAIT_HOST:
+                assert vm.host_id is not None
+                self.waiting_on_host.setdefault(vm.host_id, set()).add(work.id)
+                self._waits_for[work.id] = vm.host_id
+                host = self.ctx.hosts[vm.host_id]
+                step = WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING
+                self._wait(work, step, f"waits for a verdict ({why})")
+            case Clearance.WAIT_POWER:
+                self._wait(work, WorkStep.INVESTIGATING, f"waits: {why}")
+                retry_at = self.ctx.now + self.ctx.config.investigate_retry_interval_s
+                self.ctx.timers.schedule(WorkDue(work.id), retry_at)
+            case Clearance.SAFE:
+                if work.time_to_try_at > self.ctx.now:
+                    self.ctx.timers.schedule(WorkDue(work.id), work.time_to_try_at)
+                    return
+                heapq.heappush(self.ready, (-vm.restart_priority, work.created_at, work.id))
+                if not self._batching:
+                    self.pump()
+            case _:
+                assert_never(clearance)
 
     def _stale(self, work: HaWorkRecord, vm: VmRecord | None) -> str | None:
         if vm is None:
@@ -189,27 +205,27 @@ class Scheduler:
             return f"VM changed since scheduled (now {vm.state.value} on {self.ctx.host_name(vm.host_id)})"
         return None
 
-    def _host_check(self, vm: VmRecord) -> tuple[str, str]:
+    def _host_check(self, vm: VmRecord) -> tuple[Clearance, str]:
         """Where the VM last ran decides: safe to start elsewhere, wait, or it still runs (cancel)."""
         if vm.host_id is None:
-            return "safe", "not on any host"
+            return Clearance.SAFE, "not on any host"
         host = self.ctx.hosts.get(vm.host_id)
         if host is None or host.status is HostStatus.REMOVED:
-            return "cancel", "its host was removed: not restarted without proof it is off"
+            return Clearance.CANCEL, "its host was removed: not restarted without proof it is off"
         if host.status in DEAD:
-            return "safe", f"{host.name} is {host.status.value}"
+            return Clearance.SAFE, f"{host.name} is {host.status.value}"
         if host.status in SILENT or host.status is HostStatus.CONNECTING:
             # Connecting: its first full report (which settles the VM's power state) is still to come.
-            return "wait_host", f"{host.name} is {host.status.value}"
+            return Clearance.WAIT_HOST, f"{host.name} is {host.status.value}"
         if host.status is HostStatus.DISCONNECTED:
-            return "cancel", f"{host.name} is disconnected without investigation ({host.resource_state.value})"
+            return Clearance.CANCEL, f"{host.name} is disconnected without investigation ({host.resource_state.value})"
         if host.id not in self.ctx.connected or vm.power_state is PowerState.POWER_UNKNOWN:
-            return "wait_power", f"power state on {host.name} unknown"
+            return Clearance.WAIT_POWER, f"power state on {host.name} unknown"
         if self.absence_pending(vm.id):
-            return "wait_power", f"absent from {host.name}'s last full report, inside the grace"
+            return Clearance.WAIT_POWER, f"absent from {host.name}'s last full report, inside the grace"
         if vm.power_state is PowerState.POWER_ON:
-            return "cancel", f"it runs on {host.name}"
-        return "safe", f"{host.name} reports it {vm.power_state.value}"
+            return Clearance.CANCEL, f"it runs on {host.name}"
+        return Clearance.SAFE, f"{host.name} reports it {vm.power_state.value}"
 
     def pump(self) -> None:
         while self.ready and len(self.in_progress) < self.ctx.config.ha_workers:
@@ -221,15 +237,15 @@ class Scheduler:
     def _start(self, work: HaWorkRecord) -> None:
         ctx = self.ctx
         vm = ctx.vms.get(work.vm_id)
-        verdict, why = self._host_check(vm) if vm is not None else ("cancel", "VM deleted")
-        if vm is None or verdict != "safe" or self._stale(work, vm):
+        clearance, why = self._host_check(vm) if vm is not None else (Clearance.CANCEL, "VM deleted")
+        if vm is None or clearance is not Clearance.SAFE or self._stale(work, vm):
             self.evaluate(work)  # something changed while it queued
             return
         target, reason = self._place(vm)
         if target is None:
             work.time_to_try_at = ctx.now + ctx.config.restart_retry_interval_s
             self._set_step(work, WorkStep.SCHEDULED, save=True)
-            ctx.timers.schedule(("work", work.id), work.time_to_try_at)
+            ctx.timers.schedule(WorkDue(work.id), work.time_to_try_at)
             ctx.event(
                 "warning",
                 f"vm:{vm.id}",
@@ -243,7 +259,7 @@ class Scheduler:
         ctx.save_vm(vm)
         self._set_step(work, WorkStep.RESTARTING, save=True)
         self.in_progress.add(work.id)
-        ctx.send("start", target.id, work.id, StartVm(vm.uuid, vm.domain_xml), ctx.config.start_timeout_s)
+        ctx.send(StartAttempt(work.id), target.id, StartVm(vm.uuid, vm.domain_xml), ctx.config.start_timeout_s)
         ctx.event(
             "info",
             f"vm:{vm.id}",
@@ -282,7 +298,8 @@ class Scheduler:
         if work is None or work.step is not WorkStep.RESTARTING:
             return
         if ok:
-            self.ctx.timers.schedule(("confirm", work.id), self.ctx.now + self.ctx.config.start_confirm_timeout_s)
+            confirm_by = self.ctx.now + self.ctx.config.start_confirm_timeout_s
+            self.ctx.timers.schedule(StartConfirmDeadline(work.id), confirm_by)
         else:
             self._start_failed(work, error or "start failed", maybe_running=error.startswith("timed out"))
 
@@ -302,7 +319,7 @@ class Scheduler:
     def _start_failed(self, work: HaWorkRecord, reason: str, *, maybe_running: bool) -> None:
         ctx = self.ctx
         self.in_progress.discard(work.id)
-        ctx.timers.cancel(("confirm", work.id))
+        ctx.timers.cancel(StartConfirmDeadline(work.id))
         vm = ctx.vms.get(work.vm_id)
         if vm is not None and not maybe_running:
             self._own_update(work, vm, state=VmState.STOPPED, host_id=None, power=PowerState.POWER_OFF)
@@ -346,7 +363,7 @@ class Scheduler:
         """Fresh power information about a VM: an item waiting to learn it can move on."""
         work = self._active(vm)
         if work is not None and work.step is WorkStep.INVESTIGATING and work.id not in self.in_progress:
-            self.ctx.timers.cancel(("work", work.id))
+            self.ctx.timers.cancel(WorkDue(work.id))
             self.evaluate(work)
 
     def cancel_for_vm(self, vm: VmRecord, reason: str) -> None:
@@ -377,8 +394,8 @@ class Scheduler:
         if self.active_by_vm.get(work.vm_id) == work.id:
             del self.active_by_vm[work.vm_id]
         self.in_progress.discard(work.id)
-        for kind in ("work", "confirm"):
-            self.ctx.timers.cancel((kind, work.id))
+        self.ctx.timers.cancel(WorkDue(work.id))
+        self.ctx.timers.cancel(StartConfirmDeadline(work.id))
         self._waiting_why.pop(work.id, None)
         waited_host = self._waits_for.pop(work.id, None)
         if waited_host is not None:

@@ -2,30 +2,35 @@
 
 Rescheduling or cancelling a key leaves its old heap entry behind; entries are checked against the live table
 when they come up (lazy deletion), which keeps every operation logarithmic even with thousands of hosts.
+Keys are any hashable values; the core uses the typed keys of `routing.TimerKey`.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class Timers:
+class Timers(Generic[K]):
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._live: dict[Hashable, tuple[float, int]] = {}
+        # The sequence number breaks ties, so keys themselves are never compared (they need not be ordered).
+        self._heap: list[tuple[float, int, K]] = []
+        self._live: dict[K, tuple[float, int]] = {}
         self._seq = 0
 
-    def schedule(self, key: Hashable, at: float) -> None:
+    def schedule(self, key: K, at: float) -> None:
         """Set (or move) the deadline of `key`."""
         self._seq += 1
         self._live[key] = (at, self._seq)
         heapq.heappush(self._heap, (at, self._seq, key))
 
-    def cancel(self, key: Hashable) -> None:
+    def cancel(self, key: K) -> None:
         self._live.pop(key, None)
 
-    def due_at(self, key: Hashable) -> float | None:
+    def due_at(self, key: K) -> float | None:
         entry = self._live.get(key)
         return entry[0] if entry else None
 
@@ -33,9 +38,9 @@ class Timers:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: float) -> list[Hashable]:
+    def pop_due(self, now: float) -> list[K]:
         """Keys whose deadline is at or before `now`, earliest first; they are removed."""
-        due: list[Hashable] = []
+        due: list[K] = []
         while True:
             self._drop_stale()
             if not self._heap or self._heap[0][0] > now:

@@ -36,10 +36,9 @@ def test_crash_report_restarts_once_and_done_needs_a_power_report() -> None:
     assert any("restart already scheduled" in m or "ignored" in m for m in messages(duplicate))
     start = starts(first)[0]
     h.answer(start, payload=f.VmStartConfirmed(VmUuid("v1"), False))
-    work = h.core.works[WorkId(1)]
-    assert work.step is WorkStep.RESTARTING  # the command said ok; Done waits for the target's own report
+    assert h.core.works[WorkId(1)].step is WorkStep.RESTARTING  # the command said ok; Done needs the target's report
     h.report(start.host_id, 1, PowerState.POWER_ON)
-    assert work.step is WorkStep.DONE
+    assert h.core.works[WorkId(1)].step is WorkStep.DONE
     record = h.core.vm(VmId(1))
     assert record is not None and record.state is VmState.RUNNING and record.host_id == start.host_id
 
@@ -312,3 +311,27 @@ def test_a_silent_host_without_bmc_is_dead_only_if_agents_self_fence(self_fence:
     else:
         assert h.core.host_status(HostId(1)) is HostStatus.ALERT and starts(out) == []
         assert any("operator action needed" in m for m in messages(out))
+
+
+@pytest.mark.parametrize(
+    ("ok", "error", "expected"),
+    [(True, "", "vm1 destroyed on h1"), (False, "libvirt: busy", "destroy of deleted vm1 on h1 failed")],
+)
+def test_the_answer_to_a_deleted_vms_destroy_is_recorded(ok: bool, error: str, expected: str) -> None:
+    """A DestroyVm used to be answered into the void: its owner matched no branch, no event was left."""
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    out = h.handle(f.VmDeleted(VmId(1)), at=1.0)
+    [destroy] = [c for c in of_type(out, a.SendCommand) if isinstance(c.command, a.DestroyVm)]
+    assert destroy.host_id == 1 and h.core.vm(VmId(1)) is None
+    answered = h.answer(destroy, ok=ok, error=error, at=2.0)
+    assert [m for m in messages(answered) if m.startswith("vm:1")] == [m for m in messages(answered) if expected in m]
+    assert any(expected in m for m in messages(answered))
+
+
+def test_a_destroy_that_is_never_answered_times_out_with_an_event() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    h.handle(f.VmDeleted(VmId(1)), at=1.0)
+    out = h.tick_until(1.0 + h.core.config.start_timeout_s + 1.0, pinging=(1, 2, 3))
+    assert any("destroy of deleted vm1 on h1 failed: timed out" in m for m in messages(out))

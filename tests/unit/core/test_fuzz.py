@@ -44,13 +44,12 @@ def _random_fact(rng: random.Random, pending: list[a.Action]) -> f.Fact:
     if choice == 8:
         return f.HostMaintenanceChanged(host, rng.random() < 0.5)
     if choice == 9:
-        return rng.choice(
-            [
-                f.VmStartRequested(VmId(vm_n)),
-                f.VmStopRequested(VmId(vm_n)),
-                f.VmHaChanged(VmId(vm_n), rng.random() < 0.7),
-            ]
-        )
+        operator: list[f.Fact] = [
+            f.VmStartRequested(VmId(vm_n)),
+            f.VmStopRequested(VmId(vm_n)),
+            f.VmHaChanged(VmId(vm_n), rng.random() < 0.7),
+        ]
+        return rng.choice(operator)
     return f.HeartbeatReceived(host, 2, True, True)
 
 

@@ -24,7 +24,7 @@ def test_removed_host_is_never_behind() -> None:
 
 
 def test_timers_reschedule_and_cancel() -> None:
-    timers = Timers()
+    timers: Timers[str] = Timers()
     timers.schedule("a", 5.0)
     timers.schedule("b", 3.0)
     timers.schedule("a", 1.0)  # moved earlier
