@@ -8,10 +8,12 @@ from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import DeleteVmRecord, DestroyVm, StopVm
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hostflow import HostFlow
+from kvmha.manager.core.hoststate import TransitionError
 from kvmha.manager.core.model import HostId, HostStatus, PowerState, VmId, VmRecord, VmState
 from kvmha.manager.core.routing import OperatorDestroy, OperatorStop
 from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
+from kvmha.manager.core.vmstate import VmEvent, next_vm_state
 
 
 class OperatorFlow:
@@ -28,6 +30,12 @@ class OperatorFlow:
 
     def vm_registered(self, fact: f.VmRegistered) -> None:
         vm = copy.copy(fact.vm)
+        existing = self.ctx.vms.get(vm.id)
+        if existing is not None:
+            # Adopting a domain the agents reported: the registration replaces its Unmanaged record.
+            adopted = VmEvent.ADOPTED_RUNNING if vm.state is VmState.RUNNING else VmEvent.ADOPTED_STOPPED
+            if next_vm_state(existing.state, adopted) is not vm.state:
+                raise TransitionError(f"VM {vm.id} cannot be registered as {vm.state.value}")
         self.ctx.vms.add(vm)
         self.ctx.save_vm(vm)
         self.ctx.event(
@@ -43,7 +51,7 @@ class OperatorFlow:
             return
         if vm.state is VmState.ERROR:
             # An operator start is the manual clean-up of Error: the work needs the VM's last known power facts.
-            self.ctx.vms.update(vm, state=VmState.STOPPED)
+            self.ctx.vms.update(vm, VmEvent.OPERATOR_RESET)
             self.ctx.save_vm(vm)
         self.sched.schedule_restart(vm, "operator start", operator=True)
 
@@ -51,19 +59,22 @@ class OperatorFlow:
         vm = self._vm(fact.vm_id, "stop")
         if vm is None:
             return
+        if vm.state is VmState.UNMANAGED:
+            self.ctx.event("info", f"vm:{vm.id}", "operator.stop", "stop ignored: the VM is Unmanaged (register it)")
+            return
         self.sched.cancel_for_vm(vm, "operator stop")
         host = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if occupies(vm) and host is not None and host.id in self.ctx.connected:
             timeout_s = self.ctx.config.stop_timeout_s
             self.ctx.send(OperatorStop(vm.id), host.id, StopVm(vm.uuid, timeout_s), timeout_s + 30.0)
-            self.ctx.vms.update(vm, state=VmState.STOPPING)
+            self.ctx.vms.update(vm, VmEvent.STOP_REQUESTED)
             self.ctx.event("info", f"vm:{vm.id}", "vm.stopping", f"stopping on {host.name}")
         elif host is None or host.status in (HostStatus.DOWN, HostStatus.FENCED) or not occupies(vm):
-            self.ctx.vms.update(vm, state=VmState.STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
+            self.ctx.vms.update(vm, VmEvent.OPERATOR_STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
             self.ctx.event("info", f"vm:{vm.id}", "vm.stopped", "stopped by the operator (not running anywhere)")
         else:
             # Its host is unreachable: mark it Stopping; the host's next report (or its death) settles it.
-            self.ctx.vms.update(vm, state=VmState.STOPPING)
+            self.ctx.vms.update(vm, VmEvent.STOP_REQUESTED)
             self.ctx.event("warning", f"vm:{vm.id}", "vm.stopping", f"stop requested but {host.name} is unreachable")
         self.ctx.save_vm(vm)
 
@@ -72,7 +83,7 @@ class OperatorFlow:
         if vm is None or vm.state is not VmState.STOPPING:
             return
         if ok:
-            self.ctx.vms.update(vm, state=VmState.STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
+            self.ctx.vms.update(vm, VmEvent.OPERATOR_STOPPED, power=PowerState.POWER_OFF, at=self.ctx.now)
             self.ctx.event("info", f"vm:{vm.id}", "vm.stopped", "stopped by the operator")
         else:
             self.ctx.event("warning", f"vm:{vm.id}", "vm.stop.failed", f"stop failed: {error}; still Stopping")

@@ -26,6 +26,7 @@ from kvmha.manager.core.model import (
 from kvmha.manager.core.routing import AbsenceGraceOver
 from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
+from kvmha.manager.core.vmstate import VmEvent
 
 UNMANAGED_ID_BASE = 1 << 40  # ids the core gives unregistered domains; the service's own ids stay below
 _MAINTENANCE = frozenset({ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
@@ -87,7 +88,7 @@ class PowerSync:
     def _absent(self, host: HostRecord, vm: VmRecord) -> None:
         if vm.state is VmState.UNMANAGED:
             if vm.power_state is not PowerState.POWER_OFF:
-                self.ctx.vms.update(vm, power=PowerState.POWER_OFF, at=self.ctx.now)
+                self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
                 self.ctx.save_vm(vm)
             return
         if not occupies(vm) or vm.power_state is PowerState.POWER_REPORT_MISSING or vm.id in self.missing:
@@ -124,9 +125,9 @@ class PowerSync:
         if vm.state in (VmState.STOPPED, VmState.ERROR, VmState.STARTING):
             severity: Severity = "info" if vm.state is VmState.STARTING else "warning"
             ctx.event(severity, f"vm:{vm.id}", "vm.state", f"runs on {host.name} although {vm.state.value}: Running")
-            ctx.vms.update(vm, state=VmState.RUNNING)
+            ctx.vms.update(vm, VmEvent.REPORTED_ON)
             changed = True
-        ctx.vms.update(vm, power=PowerState.POWER_ON, at=ctx.now)
+        ctx.vms.set_power(vm, PowerState.POWER_ON, ctx.now)
         if changed:
             ctx.save_vm(vm)
             self.sched.vm_changed(vm)
@@ -155,8 +156,7 @@ class PowerSync:
             f"found running on {host.name} (recorded on {where}): following it, never starting another copy",
         )
         self.sched.cancel_for_vm(vm, f"{vm.name} runs on {host.name}")
-        state = VmState.RUNNING if vm.state is not VmState.STOPPING else vm.state
-        ctx.vms.update(vm, state=state, host_id=host.id, power=PowerState.POWER_ON, at=ctx.now)
+        ctx.vms.update(vm, VmEvent.FOLLOWED, host_id=host.id, power=PowerState.POWER_ON, at=ctx.now)
         ctx.save_vm(vm)
 
     def _off(
@@ -164,7 +164,7 @@ class PowerSync:
     ) -> None:
         ctx = self.ctx
         changed = vm.power_state is not power
-        ctx.vms.update(vm, power=power, at=ctx.now)
+        ctx.vms.set_power(vm, power, ctx.now)
         if self.sched.start_reported_off(vm):
             return
         how = f"{power.value} ({cause.value}) on {host.name}"
@@ -188,7 +188,7 @@ class PowerSync:
         self.sched.vm_changed(vm)
 
     def _stopped(self, vm: VmRecord, message: str) -> None:
-        self.ctx.vms.update(vm, state=VmState.STOPPED)
+        self.ctx.vms.update(vm, VmEvent.POWERED_OFF)
         self.ctx.save_vm(vm)
         self.ctx.event("info", f"vm:{vm.id}", "vm.stopped", message)
 
@@ -200,10 +200,10 @@ class PowerSync:
             self.missing.pop(vm.id, None)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.state in _SHOULD_RUN | _SETTLING and not vm.ha_enabled:
-                self.ctx.vms.update(vm, power=PowerState.POWER_OFF, at=self.ctx.now)
+                self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
                 self._stopped(vm, f"{host.name} is {host.status.value}: not HA-enabled, Stopped")
             elif vm.power_state is not PowerState.POWER_OFF:
-                self.ctx.vms.update(vm, power=PowerState.POWER_OFF, at=self.ctx.now)
+                self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
                 self.ctx.save_vm(vm)
 
     def hypervisor_lost(self, host: HostRecord) -> None:
@@ -215,7 +215,7 @@ class PowerSync:
             self.missing.pop(vm.id, None)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.power_state is not PowerState.POWER_UNKNOWN:
-                self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
+                self.ctx.vms.set_power(vm, PowerState.POWER_UNKNOWN, self.ctx.now)
                 self.ctx.save_vm(vm)
                 count += 1
         self.ctx.event(

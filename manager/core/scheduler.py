@@ -36,7 +36,9 @@ from kvmha.manager.core.model import (
 )
 from kvmha.manager.core.placement import PlacementRequest, choose_host
 from kvmha.manager.core.routing import StartAttempt, StartConfirmDeadline, WorkDue
-from kvmha.manager.core.vmindex import occupies
+from kvmha.manager.core.vmindex import KEEP, Keep, occupies
+from kvmha.manager.core.vmstate import VmEvent
+from kvmha.manager.core.workstep import WorkEvent, next_step
 
 if TYPE_CHECKING:
     from kvmha.manager.core.hostflow import HostFlow
@@ -89,7 +91,7 @@ class Scheduler:
             # start of unknown outcome (the VM stays recorded on the target until that host says otherwise).
             vm = self.ctx.vms.get(work.vm_id)
             if vm is not None:
-                self.ctx.vms.update(vm, power=PowerState.POWER_UNKNOWN, at=self.ctx.now)
+                self.ctx.vms.set_power(vm, PowerState.POWER_UNKNOWN, self.ctx.now)
             self.in_progress.add(work.id)
             self.ctx.timers.schedule(StartConfirmDeadline(work.id), self.ctx.now + self.ctx.config.start_timeout_s)
             return
@@ -150,7 +152,7 @@ class Scheduler:
         self.restarts[vm.id] = recent
         if len(recent) < config.restart_max_per_window:
             return False
-        self.ctx.vms.update(vm, state=VmState.ERROR)
+        self.ctx.vms.update(vm, VmEvent.RESTART_LIMIT)
         self.ctx.save_vm(vm)
         self.ctx.event(
             "alert",
@@ -169,21 +171,21 @@ class Scheduler:
         vm = self.ctx.vms.get(work.vm_id)
         problem = self._stale(work, vm)
         if problem is not None or vm is None:
-            self.finish(work, WorkStep.CANCELLED, problem or "VM deleted")
+            self.finish(work, WorkEvent.CANCEL, problem or "VM deleted")
             return
         clearance, why = self._host_check(vm)
         match clearance:
             case Clearance.CANCEL:
-                self.finish(work, WorkStep.CANCELLED, why)
+                self.finish(work, WorkEvent.CANCEL, why)
             case Clearance.WAIT_HOST:
                 assert vm.host_id is not None
                 self.waiting_on_host.setdefault(vm.host_id, set()).add(work.id)
                 self._waits_for[work.id] = vm.host_id
                 host = self.ctx.hosts[vm.host_id]
-                step = WorkStep.FENCING if host.status is HostStatus.FENCING else WorkStep.INVESTIGATING
-                self._wait(work, step, f"waits for a verdict ({why})")
+                event = WorkEvent.WAIT_FENCE if host.status is HostStatus.FENCING else WorkEvent.WAIT_VERDICT
+                self._wait(work, event, f"waits for a verdict ({why})")
             case Clearance.WAIT_POWER:
-                self._wait(work, WorkStep.INVESTIGATING, f"waits: {why}")
+                self._wait(work, WorkEvent.WAIT_POWER, f"waits: {why}")
                 retry_at = self.ctx.now + self.ctx.config.investigate_retry_interval_s
                 self.ctx.timers.schedule(WorkDue(work.id), retry_at)
             case Clearance.SAFE:
@@ -244,7 +246,7 @@ class Scheduler:
         target, reason = self._place(vm)
         if target is None:
             work.time_to_try_at = ctx.now + ctx.config.restart_retry_interval_s
-            self._set_step(work, WorkStep.SCHEDULED, save=True)
+            self._move(work, WorkEvent.NO_CAPACITY)
             ctx.timers.schedule(WorkDue(work.id), work.time_to_try_at)
             ctx.event(
                 "warning",
@@ -255,9 +257,9 @@ class Scheduler:
             return
         work.tried += 1
         work.taken_by, work.taken_at = "core", ctx.now
-        self._own_update(work, vm, state=VmState.STARTING, host_id=target.id, power=PowerState.POWER_UNKNOWN)
+        self._own_update(work, vm, VmEvent.START_SENT, host_id=target.id, power=PowerState.POWER_UNKNOWN)
         ctx.save_vm(vm)
-        self._set_step(work, WorkStep.RESTARTING, save=True)
+        self._move(work, WorkEvent.START)
         self.in_progress.add(work.id)
         ctx.send(StartAttempt(work.id), target.id, StartVm(vm.uuid, vm.domain_xml), ctx.config.start_timeout_s)
         ctx.event(
@@ -322,17 +324,17 @@ class Scheduler:
         ctx.timers.cancel(StartConfirmDeadline(work.id))
         vm = ctx.vms.get(work.vm_id)
         if vm is not None and not maybe_running:
-            self._own_update(work, vm, state=VmState.STOPPED, host_id=None, power=PowerState.POWER_OFF)
+            self._own_update(work, vm, VmEvent.START_FAILED, host_id=None, power=PowerState.POWER_OFF)
         # maybe_running: the VM stays recorded on the target with an unknown power state, so the next attempt
         # waits for that host to report it off (or to be proven dead) — a late start can never make a second copy.
         if work.tried >= ctx.config.max_retries:
             if vm is not None:
-                self._own_update(work, vm, state=VmState.ERROR)
+                self._own_update(work, vm, VmEvent.GAVE_UP)
                 ctx.save_vm(vm)
-            self.finish(work, WorkStep.ERROR, f"gave up after {work.tried} attempts: {reason}", "alert")
+            self.finish(work, WorkEvent.GIVE_UP, f"gave up after {work.tried} attempts: {reason}", "alert")
         else:
             work.time_to_try_at = ctx.now + ctx.config.restart_retry_interval_s
-            self._set_step(work, WorkStep.SCHEDULED, save=True)
+            self._move(work, WorkEvent.START_FAILED)
             if vm is not None:
                 ctx.save_vm(vm)
             ctx.event(
@@ -349,14 +351,13 @@ class Scheduler:
         work = self._active(vm)
         if work is None or work.step is not WorkStep.RESTARTING or vm.host_id != host_id:
             return False
-        self._own_update(work, vm, state=VmState.RUNNING, power=PowerState.POWER_ON)
+        self._own_update(work, vm, VmEvent.CONFIRMED, power=PowerState.POWER_ON)
         self.ctx.save_vm(vm)
         if not work.reason.startswith(OPERATOR_START):
             self.restarts.setdefault(vm.id, []).append(self.ctx.now)
         took_s = self.ctx.now - work.created_at
-        self.finish(
-            work, WorkStep.DONE, f"{vm.name} runs on {self.ctx.host_name(host_id)} ({took_s:.1f} s after scheduling)"
-        )
+        where = self.ctx.host_name(host_id)
+        self.finish(work, WorkEvent.CONFIRMED, f"{vm.name} runs on {where} ({took_s:.1f} s after scheduling)")
         return True
 
     def vm_changed(self, vm: VmRecord) -> None:
@@ -369,7 +370,7 @@ class Scheduler:
     def cancel_for_vm(self, vm: VmRecord, reason: str) -> None:
         work = self._active(vm)
         if work is not None:
-            self.finish(work, WorkStep.CANCELLED, reason)
+            self.finish(work, WorkEvent.CANCEL, reason)
 
     def host_resolved(self, host_id: HostId) -> None:
         self._batching = True
@@ -386,10 +387,11 @@ class Scheduler:
         for work_id in sorted(self.waiting_on_host.get(host.id, ())):
             work = self.ctx.works.get(work_id)
             if work is not None and work.step.active:
-                self._wait(work, WorkStep.FENCING, f"waits for the fence of {host.name}")
+                self._wait(work, WorkEvent.WAIT_FENCE, f"waits for the fence of {host.name}")
 
-    def finish(self, work: HaWorkRecord, step: WorkStep, reason: str, severity: Severity = "info") -> None:
-        work.step = step
+    def finish(self, work: HaWorkRecord, event: WorkEvent, reason: str, severity: Severity = "info") -> None:
+        work.step = next_step(work.step, event)
+        step = work.step
         work.reason = f"{work.reason}; {step.value}: {reason}"
         if self.active_by_vm.get(work.vm_id) == work.id:
             del self.active_by_vm[work.vm_id]
@@ -410,19 +412,30 @@ class Scheduler:
         work_id = self.active_by_vm.get(vm.id)
         return None if work_id is None else self.ctx.works.get(work_id)
 
-    def _wait(self, work: HaWorkRecord, step: WorkStep, why: str) -> None:
+    def _wait(self, work: HaWorkRecord, event: WorkEvent, why: str) -> None:
         """Park the item; an event tells why whenever what it waits for changes."""
-        if work.step is not step or self._waiting_why.get(work.id) != why:
-            self.ctx.event("info", f"work:{work.id}", "work.waiting", f"{step.value}: {why}")
+        old = work.step
+        work.step = next_step(old, event)
+        if work.step is not old or self._waiting_why.get(work.id) != why:
+            self.ctx.event("info", f"work:{work.id}", "work.waiting", f"{work.step.value}: {why}")
             self._waiting_why[work.id] = why
-        self._set_step(work, step)
-
-    def _set_step(self, work: HaWorkRecord, step: WorkStep, *, save: bool = False) -> None:
-        if work.step is not step or save:
-            work.step = step
+        if work.step is not old:
             self.ctx.save_work(work)
 
-    def _own_update(self, work: HaWorkRecord, vm: VmRecord, **changes: object) -> None:
+    def _move(self, work: HaWorkRecord, event: WorkEvent) -> None:
+        """A step change the work makes itself (to Scheduled or Restarting): always saved, it carries new times."""
+        work.step = next_step(work.step, event)
+        self.ctx.save_work(work)
+
+    def _own_update(
+        self,
+        work: HaWorkRecord,
+        vm: VmRecord,
+        event: VmEvent,
+        *,
+        host_id: HostId | Keep | None = KEEP,
+        power: PowerState | None = None,
+    ) -> None:
         """A change the work itself makes: the VM moves on, the work stays current with it."""
-        self.ctx.vms.update(vm, at=self.ctx.now, **changes)  # type: ignore[arg-type]
+        self.ctx.vms.update(vm, event, host_id=host_id, power=power, at=self.ctx.now)
         work.vm_update_count = vm.update_count

@@ -1,19 +1,28 @@
 """The VM records and the indexes every decision needs: by uuid, by host, by anti-affinity group, and what each host
 has placed on it (memory, vCPUs). All changes of a VM's host or state go through `VmIndex.update`, so the indexes
-and the usage sums can never drift from the records.
+and the usage sums can never drift from the records, and every state change reads the table in `vmstate`.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import defaultdict
 from collections.abc import Iterator
 
 from kvmha.manager.core.model import HostId, PowerState, VmId, VmRecord, VmState, VmUuid
+from kvmha.manager.core.vmstate import VmEvent, next_vm_state
 
 # States in which a VM holds resources on its host (UNMANAGED domains do too: they are really there).
 _OCCUPYING = frozenset({VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.MIGRATING, VmState.UNMANAGED})
 
-_UNSET: object = object()
+
+class Keep(enum.Enum):
+    """`VmIndex.update(host_id=KEEP)`: the VM stays on its host (None would mean: on no host)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 def occupies(vm: VmRecord) -> bool:
@@ -82,35 +91,35 @@ class VmIndex:
             self._by_group[vm.anti_affinity_group].discard(vm.id)
         return vm
 
+    def set_power(self, vm: VmRecord, power: PowerState, at: float) -> None:
+        """What the hypervisor says: no index or usage changes (the common case of a periodic report)."""
+        vm.power_state, vm.power_state_updated_at = power, at
+
     def update(
         self,
         vm: VmRecord,
+        event: VmEvent | None = None,
         *,
-        state: VmState | None = None,
-        host_id: HostId | object | None = _UNSET,
+        host_id: HostId | Keep | None = KEEP,
         power: PowerState | None = None,
         at: float | None = None,
-        bump: bool = True,
     ) -> None:
-        """Change a VM's state, host and/or power state; `bump` increments its update_count when state or host
-        change (an HA work item scheduled before then is stale)."""
-        if state is None and host_id is _UNSET:  # power only: no index or usage changes (the common case)
-            if power is not None:
-                vm.power_state, vm.power_state_updated_at = power, at
-            return
+        """Move a VM through the state table (`event`) and/or to another host, optionally with a new power state.
+        Its update_count goes up when state or host change: an HA work item scheduled before then is stale."""
+        old = vm.state
+        new = next_vm_state(old, event) if event is not None else old  # raises before anything changed
         self._detach(vm)
-        changed = False
-        if state is not None and state != vm.state:
-            vm.state, changed = state, True
-        if host_id is not _UNSET and host_id != vm.host_id:
+        vm.state = new  # (via next_vm_state above: the only assignment of a VM's state)
+        changed = new is not old
+        if not isinstance(host_id, Keep) and host_id != vm.host_id:
             if vm.host_id is not None:
                 vm.last_host_id = vm.host_id
-            vm.host_id = host_id  # type: ignore[assignment]
+            vm.host_id = host_id
             changed = True
         if power is not None:
             vm.power_state = power
             vm.power_state_updated_at = at
-        if changed and bump:
+        if changed:
             vm.update_count += 1
         self._attach(vm)
 

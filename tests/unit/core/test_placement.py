@@ -14,6 +14,7 @@ from kvmha.manager.core.model import (
 )
 from kvmha.manager.core.placement import PlacementRequest, choose_host
 from kvmha.manager.core.vmindex import VmIndex
+from kvmha.manager.core.vmstate import VmEvent
 
 
 def _hosts(*memory_mib: int) -> dict[HostId, HostRecord]:
@@ -90,7 +91,7 @@ def test_stopped_vms_do_not_hold_resources() -> None:
     vm = _vm(1, 2048, host=1)
     index.add(vm)
     assert _choose(_vm(9, 1024), hosts, index)[0] is None
-    index.update(vm, state=VmState.STOPPED)
+    index.update(vm, VmEvent.POWERED_OFF)
     assert _choose(_vm(9, 1024), hosts, index)[0] is not None
     assert index.used_memory_mib[HostId(1)] == 0
 
