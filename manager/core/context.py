@@ -2,7 +2,9 @@
 
 The flows (hosts, power sync, HA work, operator) each own part of the behaviour and reach the records through
 this context; only the flows mutate records, and every mutation goes with a Save* action and, for a state change,
-a RecordEvent with its reason (the audit invariant).
+a RecordEvent with its reason (the audit invariant). `config` is the one copy of the configuration in the core:
+everything reads it from here at the moment it needs a value, so a ConfigChanged takes effect everywhere at once.
+The leaf indexes of `shared` (`up`, `held`, `absent`) carry what one flow learns for another.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvmha.manager.core.actions import (
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, RequestId, VmRecord, WorkId
 from kvmha.manager.core.routing import CommandDeadline, Owner, Pending, TimerKey
+from kvmha.manager.core.shared import Absences, HeldOut, UpHosts
 from kvmha.manager.core.timers import Timers
 from kvmha.manager.core.vmindex import VmIndex
 
@@ -37,6 +40,9 @@ class Ctx:
         self.timers: Timers[TimerKey] = Timers()
         self.pending: dict[RequestId, Pending] = {}
         self.connected: set[HostId] = set()  # hosts whose agent link is open
+        self.up = UpHosts()  # written by HostFlow
+        self.held = HeldOut()  # written by HostFlow
+        self.absent = Absences()  # written by PowerSync
         self.out: list[Action] = []
         self._request_prefix = request_prefix
         self._request_counter = 0

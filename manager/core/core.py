@@ -16,8 +16,12 @@ batch in one transaction before sending its commands). Rebuilding a Core from th
 restart: agents get a ping timeout to reconnect, interrupted investigations start over, and nothing is fenced during
 `startup.grace`.
 
-The composition: hostflow (ping map, monitor, host states, investigation, fencing), powersync (VM power states),
-scheduler (HA work and placement), operator (operator facts). They share one `Ctx`.
+The composition, a DAG (tests/unit/core/test_imports.py fails on a circle): scheduler (HA work and placement)
+depends on nothing but the `Ctx`; powersync (VM power states) asks the scheduler for restarts; hostflow (ping map,
+monitor, host states, investigation, fencing) tells the scheduler and powersync what it learnt; operator (operator
+facts) asks the scheduler and hostflow. Each flow declares what it needs as a Protocol and never imports another
+flow; Core wires them. What one flow learns for another (Up hosts, held-out hosts, pending absences) lives in the
+`Ctx`'s leaf indexes (core/shared.py). The configuration has one owner: `Ctx.config`.
 """
 
 from __future__ import annotations
@@ -69,12 +73,12 @@ class Core:
         self._ctx = ctx = Ctx(config, now, request_prefix)
         for vm in vms:
             ctx.vms.add(vm)
+        # The flows form a DAG through narrow interfaces: each gets, at construction, only what it asks of the
+        # flows below it (Protocols declared by the consumer); shared facts go through the Ctx's leaf indexes.
         self._sched = Scheduler(ctx)
-        self._power = PowerSync(ctx, self._sched)
-        self._hosts = HostFlow(ctx, self._sched, self._power)
-        self._sched.hosts = self._hosts
-        self._sched.absence_pending = self._power.missing.__contains__
-        self._operator = OperatorFlow(ctx, self._sched, self._hosts)
+        self._power = PowerSync(ctx, restarts=self._sched)
+        self._hosts = HostFlow(ctx, work=self._sched, power=self._power)
+        self._operator = OperatorFlow(ctx, work=self._sched, hosts=self._hosts)
         for host in sorted(hosts, key=lambda h: h.id):
             self._hosts.restore(host)
         for work in sorted(works, key=lambda w: w.id):
@@ -265,5 +269,4 @@ class Core:
             self._ctx.event("warning", "manager", "config.rejected", f"{error}; keeping the old value")
             return
         self._ctx.config = config
-        self._hosts.pingmap.timeout_s = config.ping_timeout_s
         self._ctx.event("info", "manager", "config.changed", f"{fact.name} = {fact.value}")

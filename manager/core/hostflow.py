@@ -7,8 +7,7 @@ Alert (alive but unreachable, or fencing impossible/forbidden) keeps them waitin
 
 from __future__ import annotations
 
-import bisect
-from typing import TYPE_CHECKING, assert_never
+from typing import Protocol, assert_never
 
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
@@ -30,29 +29,39 @@ from kvmha.manager.core.routing import (
 )
 from kvmha.manager.core.vmindex import occupies
 
-if TYPE_CHECKING:
-    from kvmha.manager.core.powersync import PowerSync
-    from kvmha.manager.core.scheduler import Scheduler
-
 S = HostStatus
 _NO_HA_RESOURCE = frozenset({ResourceState.DISABLED, ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
 
 
+class HostWork(Protocol):
+    """What host HA asks of the HA work scheduler (implemented by Scheduler)."""
+
+    def schedule_for_host(self, host: HostRecord, reason: str) -> None: ...
+    def host_resolved(self, host_id: HostId) -> None: ...
+    def host_fencing(self, host: HostRecord) -> None: ...
+
+
+class PowerNews(Protocol):
+    """What host HA tells power-state sync (implemented by PowerSync)."""
+
+    def hypervisor_lost(self, host: HostRecord) -> None: ...
+    def storage_status(self, host: HostRecord, ok: bool) -> None: ...
+    def host_dead(self, host: HostRecord) -> None: ...
+
+
 class HostFlow:
-    def __init__(self, ctx: Ctx, sched: Scheduler, power: PowerSync) -> None:
+    def __init__(self, ctx: Ctx, work: HostWork, power: PowerNews) -> None:
         self.ctx = ctx
-        self.sched = sched
+        self.work = work
         self.power = power
-        self.pingmap = PingMap(ctx.config.ping_timeout_s)
+        self.pingmap = PingMap()
         self.awaiting_rejoin: set[HostId] = set()  # restored as Up, agent not back yet since the manager started
         self.investigations: dict[HostId, Investigation] = {}
         self.fence_failures: dict[HostId, int] = {}
         self.failures: dict[HostId, list[float]] = {}  # when each host went silent, for flap detection
-        self.held_until: dict[HostId, float] = {}
         # host -> (freshest heartbeat age seen, when): a failed fence re-checks as soon as the host could be proven
         # dead by silence, instead of only after the fence backoff.
         self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
-        self.up_sorted: list[HostId] = []  # Up, connected routing hosts: neighbours and placement candidates
 
     # ------------------------------------------------------------ status changes
 
@@ -67,16 +76,7 @@ class HostFlow:
 
     def _refresh_membership(self, host: HostRecord) -> None:
         eligible = host.status is S.UP and host.id in self.ctx.connected and host.role is HostRole.ROUTING
-        index = bisect.bisect_left(self.up_sorted, host.id)
-        present = index < len(self.up_sorted) and self.up_sorted[index] == host.id
-        if eligible and not present:
-            self.up_sorted.insert(index, host.id)
-        elif present and not eligible:
-            del self.up_sorted[index]
-
-    def held_out(self) -> frozenset[HostId]:
-        now = self.ctx.now
-        return frozenset(h for h, until in self.held_until.items() if until > now)
+        self.ctx.up.refresh(host.id, eligible)
 
     # ------------------------------------------------------------ restore (manager restart)
 
@@ -135,7 +135,7 @@ class HostFlow:
         if host.status in (S.INVESTIGATING, S.ALERT):
             self._forget_silence(host.id)
             self.transition(host, HostEvent.PING, "pinged again on its open link")
-            self.sched.host_resolved(host.id)
+            self.work.host_resolved(host.id)
         if not fact.hypervisor_connected:
             self.power.hypervisor_lost(host)
         self.power.storage_status(host, fact.storage_ok)
@@ -162,15 +162,15 @@ class HostFlow:
         if host.status is S.CONNECTING:
             self.transition(host, HostEvent.READY, "first full power report received")
             self.fence_failures.pop(host.id, None)
-            self.sched.host_resolved(host.id)
+            self.work.host_resolved(host.id)
 
     # ------------------------------------------------------------ monitor
 
     def next_deadline(self) -> float | None:
-        return self.pingmap.next_behind_at()
+        return self.pingmap.next_behind_at(self.ctx.config.ping_timeout_s)
 
     def monitor(self) -> None:
-        for host_id, silent_s in self.pingmap.take_behind(self.ctx.now):
+        for host_id, silent_s in self.pingmap.take_behind(self.ctx.now, self.ctx.config.ping_timeout_s):
             host = self.ctx.hosts.get(host_id)
             if host is not None and host.status in (S.UP, S.CONNECTING):
                 self._behind(host, silent_s)
@@ -195,7 +195,7 @@ class HostFlow:
             return
         self.transition(host, HostEvent.PING_TIMEOUT, missed, "warning")
         self._note_failure(host)
-        self.sched.schedule_for_host(host, f"{host.name} went silent")
+        self.work.schedule_for_host(host, f"{host.name} went silent")
         self.start_investigation(host)
 
     def _note_failure(self, host: HostRecord) -> None:
@@ -203,7 +203,7 @@ class HostFlow:
         times = [t for t in self.failures.get(host.id, []) if t > now - config.flap_window_s] + [now]
         self.failures[host.id] = times
         if len(times) >= config.flap_max_failures:
-            self.held_until[host.id] = now + config.flap_holdout_s
+            self.ctx.held.hold(host.id, now + config.flap_holdout_s)
             self.ctx.event(
                 "warning",
                 f"host:{host.id}",
@@ -235,32 +235,19 @@ class HostFlow:
                     wait_s = self.ctx.config.planned_disconnect_wait_s
                     why = f"did not come back within {wait_s:.0f} s of goodbye"
                     self.transition(host, HostEvent.WAITED_TOO_LONG, why)
-                    self.sched.schedule_for_host(host, f"{host.name} did not come back after a planned disconnect")
+                    self.work.schedule_for_host(host, f"{host.name} did not come back after a planned disconnect")
                     self.start_investigation(host)
             case _:
                 assert_never(timer)
 
     # ------------------------------------------------------------ investigation
 
-    def _neighbors(self, host_id: HostId) -> list[HostId]:
-        ring = self.up_sorted
-        wanted = self.ctx.config.neighbors_per_investigation
-        start = bisect.bisect_right(ring, host_id)
-        picked: list[HostId] = []
-        for step in range(len(ring)):
-            candidate = ring[(start + step) % len(ring)]
-            if candidate != host_id:
-                picked.append(candidate)
-            if len(picked) >= wanted:
-                break
-        return picked
-
     def start_investigation(self, host: HostRecord) -> None:
         config, ctx = self.ctx.config, self.ctx
         inv = Investigation(host.id, ctx.now, ctx.now + config.investigation_timeout_s)
         self.investigations[host.id] = inv
         check = CheckNeighbor(host.id, host.uuid, host.address, config.check_neighbor_timeout_s)
-        for neighbor in self._neighbors(host.id):
+        for neighbor in self.ctx.up.after(host.id, config.neighbors_per_investigation):
             inv.pending.add(ctx.send(NeighborQuery(host.id), neighbor, check, config.check_neighbor_timeout_s))
             inv.neighbors_asked += 1
         if host.has_bmc:
@@ -344,7 +331,7 @@ class HostFlow:
             self.transition(host, HostEvent.VERDICT_UNKNOWN, f"{evidence}; fencing")
             request_id = ctx.track(FenceRequest(host.id), host.id, config.fence_timeout_s)
             ctx.out.append(Fence(request_id, host.id))
-            self.sched.host_fencing(host)
+            self.work.host_fencing(host)
             return
         delay_s = config.investigate_retry_interval_s
         if blocked is None and not config.isolation_self_fence:
@@ -365,7 +352,7 @@ class HostFlow:
         self.fence_failures.pop(host.id, None)
         self.ctx.timers.cancel(Reinvestigate(host.id))
         self.power.host_dead(host)
-        self.sched.host_resolved(host.id)
+        self.work.host_resolved(host.id)
 
     # ------------------------------------------------------------ fencing
 

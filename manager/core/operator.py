@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import DeleteVmRecord, DestroyVm, StopVm
 from kvmha.manager.core.context import Ctx
-from kvmha.manager.core.hostflow import HostFlow
 from kvmha.manager.core.hoststate import TransitionError
-from kvmha.manager.core.model import HostId, HostStatus, PowerState, VmId, VmRecord, VmState
+from kvmha.manager.core.model import HostId, HostRecord, HostStatus, PowerState, VmId, VmRecord, VmState, WorkId
 from kvmha.manager.core.routing import OperatorDestroy, OperatorStop
-from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
 from kvmha.manager.core.vmstate import VmEvent, next_vm_state
 
 
+class OperatorWork(Protocol):
+    """What operator facts ask of the HA work scheduler (implemented by Scheduler)."""
+
+    def schedule_restart(self, vm: VmRecord, reason: str, *, operator: bool = False) -> WorkId | None: ...
+    def cancel_for_vm(self, vm: VmRecord, reason: str) -> None: ...
+    def forget_vm(self, vm_id: VmId) -> None: ...
+
+
+class HostOperations(Protocol):
+    """What operator facts ask of host HA (implemented by HostFlow)."""
+
+    def set_maintenance(self, host: HostRecord, on: bool) -> None: ...
+    def remove(self, host: HostRecord) -> None: ...
+
+
 class OperatorFlow:
-    def __init__(self, ctx: Ctx, sched: Scheduler, hosts: HostFlow) -> None:
+    def __init__(self, ctx: Ctx, work: OperatorWork, hosts: HostOperations) -> None:
         self.ctx = ctx
-        self.sched = sched
-        self.hostflow = hosts
+        self.work = work
+        self.hosts = hosts
 
     def _vm(self, vm_id: VmId, what: str) -> VmRecord | None:
         vm = self.ctx.vms.get(vm_id)
@@ -53,7 +67,7 @@ class OperatorFlow:
             # An operator start is the manual clean-up of Error: the work needs the VM's last known power facts.
             self.ctx.vms.update(vm, VmEvent.OPERATOR_RESET)
             self.ctx.save_vm(vm)
-        self.sched.schedule_restart(vm, "operator start", operator=True)
+        self.work.schedule_restart(vm, "operator start", operator=True)
 
     def vm_stop(self, fact: f.VmStopRequested) -> None:
         vm = self._vm(fact.vm_id, "stop")
@@ -62,7 +76,7 @@ class OperatorFlow:
         if vm.state is VmState.UNMANAGED:
             self.ctx.event("info", f"vm:{vm.id}", "operator.stop", "stop ignored: the VM is Unmanaged (register it)")
             return
-        self.sched.cancel_for_vm(vm, "operator stop")
+        self.work.cancel_for_vm(vm, "operator stop")
         host = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if occupies(vm) and host is not None and host.id in self.ctx.connected:
             timeout_s = self.ctx.config.stop_timeout_s
@@ -93,10 +107,10 @@ class OperatorFlow:
         vm = self._vm(fact.vm_id, "delete")
         if vm is None:
             return
-        self.sched.cancel_for_vm(vm, "VM deleted")
+        self.work.cancel_for_vm(vm, "VM deleted")
         # VM ids can be given again to a new VM (the next one above the highest registered): its restart count per
         # window must not start with the deleted VM's restarts.
-        self.sched.restarts.pop(vm.id, None)
+        self.work.forget_vm(vm.id)
         if occupies(vm) and vm.host_id is not None and vm.host_id in self.ctx.connected:
             owner = OperatorDestroy(vm.id, vm.name)
             self.ctx.send(owner, vm.host_id, DestroyVm(vm.uuid), self.ctx.config.start_timeout_s)
@@ -125,7 +139,7 @@ class OperatorFlow:
         vm.ha_enabled = fact.enabled
         vm.update_count += 1
         if not fact.enabled:
-            self.sched.cancel_for_vm(vm, "HA switched off")
+            self.work.cancel_for_vm(vm, "HA switched off")
         self.ctx.save_vm(vm)
         self.ctx.event("info", f"vm:{vm.id}", "vm.ha", f"HA {'enabled' if fact.enabled else 'disabled'}")
 
@@ -138,12 +152,12 @@ class OperatorFlow:
     def host_removed(self, fact: f.HostRemoved) -> None:
         host = self.ctx.hosts.get(fact.host_id)
         if host is not None and host.status is not HostStatus.REMOVED:
-            self.hostflow.remove(host)
+            self.hosts.remove(host)
 
     def host_maintenance(self, fact: f.HostMaintenanceChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)
         if host is not None:
-            self.hostflow.set_maintenance(host, fact.on)
+            self.hosts.set_maintenance(host, fact.on)
 
     def host_bmc(self, fact: f.HostBmcChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)

@@ -2,7 +2,8 @@
 
 Pings arrive in time order, so re-inserting a host on every ping keeps the dict ordered by last ping: the oldest
 host is always first. Finding the hosts that are behind, and the time the next one will be, costs O(1) per host
-found; the driver sleeps until `next_behind_at()` instead of scanning every ping interval.
+found; the driver sleeps until `next_behind_at()` instead of scanning every ping interval. The timeout is passed in
+by the caller at every question: it belongs to the configuration, which has one owner (the core's `Ctx.config`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from kvmha.manager.core.model import HostId
 
 
 class PingMap:
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self) -> None:
         self._last: dict[HostId, float] = {}
 
     def ping(self, host_id: HostId, at: float) -> None:
@@ -32,18 +32,18 @@ class PingMap:
     def __len__(self) -> int:
         return len(self._last)
 
-    def next_behind_at(self) -> float | None:
+    def next_behind_at(self, timeout_s: float) -> float | None:
         """When the least recently pinged host will be behind, or None for an empty map."""
         for last in self._last.values():
-            return last + self.timeout_s
+            return last + timeout_s
         return None
 
-    def take_behind(self, now: float) -> list[tuple[HostId, float]]:
+    def take_behind(self, now: float, timeout_s: float) -> list[tuple[HostId, float]]:
         """Remove and return the hosts behind at `now` (last ping < now - timeout) with their silence in seconds."""
         behind: list[tuple[HostId, float]] = []
         while self._last:
             host_id, last = next(iter(self._last.items()))
-            if last + self.timeout_s > now:  # the very expression next_behind_at() returns: no float mismatch
+            if last + timeout_s > now:  # the very expression next_behind_at() returns: no float mismatch
                 break
             del self._last[host_id]
             behind.append((host_id, now - last))

@@ -9,6 +9,8 @@ restart cannot trigger a restart storm. Domains nobody registered become Unmanag
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.context import Ctx
@@ -22,9 +24,9 @@ from kvmha.manager.core.model import (
     VmId,
     VmRecord,
     VmState,
+    WorkId,
 )
 from kvmha.manager.core.routing import AbsenceGraceOver
-from kvmha.manager.core.scheduler import Scheduler
 from kvmha.manager.core.vmindex import occupies
 from kvmha.manager.core.vmstate import VmEvent
 
@@ -34,11 +36,21 @@ _SHOULD_RUN = frozenset({VmState.RUNNING})
 _SETTLING = frozenset({VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 
 
+class Restarts(Protocol):
+    """What power-state sync asks of the HA work scheduler (implemented by Scheduler)."""
+
+    def schedule_restart(self, vm: VmRecord, reason: str) -> WorkId | None: ...
+    def cancel_for_vm(self, vm: VmRecord, reason: str) -> None: ...
+    def has_active(self, vm_id: VmId) -> bool: ...
+    def vm_confirmed(self, vm: VmRecord, host_id: HostId) -> bool: ...
+    def vm_changed(self, vm: VmRecord) -> None: ...
+    def start_reported_off(self, vm: VmRecord) -> bool: ...
+
+
 class PowerSync:
-    def __init__(self, ctx: Ctx, sched: Scheduler) -> None:
+    def __init__(self, ctx: Ctx, restarts: Restarts) -> None:
         self.ctx = ctx
-        self.sched = sched
-        self.missing: dict[VmId, HostId] = {}
+        self.restarts = restarts
         self.hypervisor_down: set[HostId] = set()
         self.storage_bad: set[HostId] = set()
         self._next_unmanaged = max(UNMANAGED_ID_BASE, ctx.vms.max_id()) + 1
@@ -67,8 +79,8 @@ class PowerSync:
             if domain.power is PowerState.POWER_ON:
                 self._register_unmanaged(host, domain)
             return
-        if self.missing.get(vm.id) == host.id:
-            self.missing.pop(vm.id)
+        if self.ctx.absent.host_of(vm.id) == host.id:
+            self.ctx.absent.pop(vm.id)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
         if vm.state is VmState.UNMANAGED:
             self.ctx.vms.update(vm, host_id=host.id, power=domain.power, at=self.ctx.now)
@@ -91,14 +103,14 @@ class PowerSync:
                 self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
                 self.ctx.save_vm(vm)
             return
-        if not occupies(vm) or vm.power_state is PowerState.POWER_REPORT_MISSING or vm.id in self.missing:
+        if not occupies(vm) or vm.power_state is PowerState.POWER_REPORT_MISSING or vm.id in self.ctx.absent:
             return
-        self.missing[vm.id] = host.id
+        self.ctx.absent.add(vm.id, host.id)
         grace_s = self.ctx.config.power_report_missing_grace_s
         self.ctx.timers.schedule(AbsenceGraceOver(vm.id), self.ctx.now + grace_s)
 
     def missing_timeout(self, vm_id: VmId) -> None:
-        host_id = self.missing.pop(vm_id, None)
+        host_id = self.ctx.absent.pop(vm_id)
         vm = self.ctx.vms.get(vm_id)
         host = self.ctx.hosts.get(host_id) if host_id is not None else None
         if vm is None or host is None or vm.host_id != host.id:
@@ -119,7 +131,7 @@ class PowerSync:
         if vm.host_id != host.id:
             self._found_elsewhere(host, vm)
             return
-        if self.sched.vm_confirmed(vm, host.id):
+        if self.restarts.vm_confirmed(vm, host.id):
             return
         changed = vm.power_state is not PowerState.POWER_ON
         if vm.state in (VmState.STOPPED, VmState.ERROR, VmState.STARTING):
@@ -130,7 +142,7 @@ class PowerSync:
         ctx.vms.set_power(vm, PowerState.POWER_ON, ctx.now)
         if changed:
             ctx.save_vm(vm)
-            self.sched.vm_changed(vm)
+            self.restarts.vm_changed(vm)
 
     def _found_elsewhere(self, host: HostRecord, vm: VmRecord) -> None:
         ctx = self.ctx
@@ -155,7 +167,7 @@ class PowerSync:
             "vm.moved",
             f"found running on {host.name} (recorded on {where}): following it, never starting another copy",
         )
-        self.sched.cancel_for_vm(vm, f"{vm.name} runs on {host.name}")
+        self.restarts.cancel_for_vm(vm, f"{vm.name} runs on {host.name}")
         ctx.vms.update(vm, VmEvent.FOLLOWED, host_id=host.id, power=PowerState.POWER_ON, at=ctx.now)
         ctx.save_vm(vm)
 
@@ -165,7 +177,7 @@ class PowerSync:
         ctx = self.ctx
         changed = vm.power_state is not power
         ctx.vms.set_power(vm, power, ctx.now)
-        if self.sched.start_reported_off(vm):
+        if self.restarts.start_reported_off(vm):
             return
         how = f"{power.value} ({cause.value}) on {host.name}"
         if vm.state in _SHOULD_RUN:
@@ -180,12 +192,12 @@ class PowerSync:
             elif changed or duplicate_matters:
                 if changed:
                     ctx.save_vm(vm)
-                self.sched.schedule_restart(vm, how)
-        elif vm.state in _SETTLING and self.sched.active_by_vm.get(vm.id) is None:
+                self.restarts.schedule_restart(vm, how)
+        elif vm.state in _SETTLING and not self.restarts.has_active(vm.id):
             self._stopped(vm, f"{how} while {vm.state.value}: Stopped")
         elif changed:
             ctx.save_vm(vm)
-        self.sched.vm_changed(vm)
+        self.restarts.vm_changed(vm)
 
     def _stopped(self, vm: VmRecord, message: str) -> None:
         self.ctx.vms.update(vm, VmEvent.POWERED_OFF)
@@ -197,7 +209,7 @@ class PowerSync:
     def host_dead(self, host: HostRecord) -> None:
         """The host is Down or Fenced: nothing runs there any more."""
         for vm in self.ctx.vms.on_host(host.id):
-            self.missing.pop(vm.id, None)
+            self.ctx.absent.pop(vm.id)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.state in _SHOULD_RUN | _SETTLING and not vm.ha_enabled:
                 self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
@@ -212,7 +224,7 @@ class PowerSync:
         self.hypervisor_down.add(host.id)
         count = 0
         for vm in self.ctx.vms.on_host(host.id):
-            self.missing.pop(vm.id, None)
+            self.ctx.absent.pop(vm.id)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
             if vm.power_state is not PowerState.POWER_UNKNOWN:
                 self.ctx.vms.set_power(vm, PowerState.POWER_UNKNOWN, self.ctx.now)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Callable
-from typing import TYPE_CHECKING, assert_never
+from typing import assert_never
 
 from kvmha.manager.core.actions import Severity, StartVm
 from kvmha.manager.core.context import Ctx
@@ -40,9 +39,6 @@ from kvmha.manager.core.vmindex import KEEP, Keep, occupies
 from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
 
-if TYPE_CHECKING:
-    from kvmha.manager.core.hostflow import HostFlow
-
 OPERATOR_START = "operator start"
 
 
@@ -61,18 +57,15 @@ _KNOWN_OFF = frozenset({PowerState.POWER_OFF, PowerState.POWER_REPORT_MISSING})
 class Scheduler:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
-        self.hosts: HostFlow | None = None  # set by Core (placement needs the Up list and held-out hosts)
         self.active_by_vm: dict[int, WorkId] = {}
         self.ready: list[tuple[int, float, WorkId]] = []  # (-priority, created_at, id)
         self.in_progress: set[WorkId] = set()
         self.waiting_on_host: dict[HostId, set[WorkId]] = {}
         self._waits_for: dict[WorkId, HostId] = {}
         self._waiting_why: dict[WorkId, str] = {}
-        self.restarts: dict[int, list[float]] = {}  # vm id → times of completed HA restarts
+        self.restarts: dict[VmId, list[float]] = {}  # times of completed HA restarts, per VM
         self._next_work_id = 1
         self._batching = False  # while a host's items are released together, so priorities order them
-        # Set by Core: is this VM absent from its host's last full report, inside the PowerReportMissing grace?
-        self.absence_pending: Callable[[VmId], bool] = lambda _vm_id: False
         self._cursor = 0
 
     # ------------------------------------------------------------ restore
@@ -223,7 +216,7 @@ class Scheduler:
             return Clearance.CANCEL, f"{host.name} is disconnected without investigation ({host.resource_state.value})"
         if host.id not in self.ctx.connected or vm.power_state is PowerState.POWER_UNKNOWN:
             return Clearance.WAIT_POWER, f"power state on {host.name} unknown"
-        if self.absence_pending(vm.id):
+        if vm.id in self.ctx.absent:
             return Clearance.WAIT_POWER, f"absent from {host.name}'s last full report, inside the grace"
         if vm.power_state is PowerState.POWER_ON:
             return Clearance.CANCEL, f"it runs on {host.name}"
@@ -270,8 +263,7 @@ class Scheduler:
         )
 
     def _place(self, vm: VmRecord) -> tuple[HostRecord | None, str]:
-        assert self.hosts is not None
-        exclude = set(self.hosts.held_out())
+        exclude = set(self.ctx.held.at(self.ctx.now))
         old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if old is not None and old.status is not HostStatus.UP:
             exclude.add(old.id)
@@ -285,7 +277,7 @@ class Scheduler:
         self._cursor += 1
         return choose_host(
             request,
-            self.hosts.up_sorted,
+            self.ctx.up.ids,
             self.ctx.hosts,
             self.ctx.vms,
             start=self._cursor,
@@ -366,6 +358,13 @@ class Scheduler:
         if work is not None and work.step is WorkStep.INVESTIGATING and work.id not in self.in_progress:
             self.ctx.timers.cancel(WorkDue(work.id))
             self.evaluate(work)
+
+    def has_active(self, vm_id: VmId) -> bool:
+        return vm_id in self.active_by_vm
+
+    def forget_vm(self, vm_id: VmId) -> None:
+        """A deleted VM's restart history goes with it: its id may be given to a new VM."""
+        self.restarts.pop(vm_id, None)
 
     def cancel_for_vm(self, vm: VmRecord, reason: str) -> None:
         work = self._active(vm)
