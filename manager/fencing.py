@@ -12,8 +12,8 @@ from typing import Literal
 
 from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, PowerStatus, race_delay_s
 from kvmha.manager.adapters.ipmi import IpmiFencer
-from kvmha.manager.adapters.repository import BmcCredentials
 from kvmha.manager.core import actions, facts
+from kvmha.manager.store import BmcCredentials
 
 FencerFactory = Callable[[BmcCredentials], FencerChain]
 

@@ -1,4 +1,5 @@
-"""`kvmha-manager`: the composition root. Wires settings, database, core service, gRPC servers and metrics."""
+"""`kvmha-manager`: the composition root. Wires settings, database, the service (driver + production environment),
+gRPC servers and metrics, and stops the process if the driver fails."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from kvmha.manager import logs
 from kvmha.manager.adapters.admin import AdminServicer
 from kvmha.manager.adapters.agent_link import AgentLinkServicer
 from kvmha.manager.adapters.db import make_engine, migrate
-from kvmha.manager.adapters.repository import Store
+from kvmha.manager.adapters.repository import SqlStore
 from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
 from kvmha.manager.service import ManagerService, ServiceSettings
@@ -68,7 +69,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
     await _migrate_when_reachable(engine)
     metrics = Metrics()
     service = ManagerService(
-        Store(engine),
+        SqlStore(engine),
         ServiceSettings(manager_id=settings.manager_id, address=settings.listen, version=VERSION,
                         auto_register_hosts=settings.auto_register_hosts,
                         config_overrides=settings.config_overrides),
@@ -104,9 +105,17 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     refresher = asyncio.create_task(_refresh_metrics(service))
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await stop.wait()
+        # The driver ends only with a core bug (an impossible transition): stop the manager loudly; a restart
+        # rebuilds the core from its records.
+        await asyncio.wait([stopping, service.driver.task], return_when=asyncio.FIRST_COMPLETED)
+        if service.driver.task.done() and not service.driver.task.cancelled():
+            error = service.driver.task.exception()
+            log.critical("event=driver_failed error=%r", error)
+            raise RuntimeError("the manager's driver failed") from error
     finally:
+        stopping.cancel()
         log.info("event=manager_stopping")
         for name in ("", HEALTH_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -26,8 +26,9 @@ import grpc
 
 from kvmha.manager.adapters import translate
 from kvmha.manager.adapters.translate import WireError
-from kvmha.manager.core import facts
+from kvmha.manager.core import actions, facts
 from kvmha.manager.core.model import HostId, RequestId
+from kvmha.manager.hub import AgentHello, UnknownHost, WelcomeTerms
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
 
@@ -46,10 +47,10 @@ class RejectError(Exception):
 
 
 class LinkHub(Protocol):
-    """What a stream needs from the manager service."""
+    """What a stream needs from the manager (implemented by kvmha.manager.hub.AgentHub): plain values, no wire."""
 
-    async def register_agent(self, hello: pb.Hello, peer: str) -> HostId: ...
-    def welcome(self, host_id: HostId) -> pb.Welcome: ...
+    async def register_agent(self, hello: AgentHello, peer: str) -> HostId: ...
+    def welcome(self, host_id: HostId) -> WelcomeTerms: ...
     def submit(self, fact: facts.Fact) -> None: ...
 
 
@@ -95,6 +96,21 @@ class LinkRegistry:
 
     def get(self, host_id: HostId) -> AgentSession | None:
         return self._by_host.get(host_id)
+
+    def send_command(self, action: actions.SendCommand) -> bool:
+        """Queue a core command on its host's stream; False when there is no open stream to take it."""
+        session = self._by_host.get(action.host_id)
+        if session is None:
+            return False
+        session.awaiting.add(action.request_id)
+        if isinstance(action.command, actions.CheckNeighbor):
+            session.neighbor_targets[action.request_id] = action.command.target_host_id
+        return session.send(translate.command_message(action.request_id, action.command, action.timeout_s))
+
+    def disconnect(self, host_id: HostId, reason: str) -> None:
+        session = self._by_host.get(host_id)
+        if session is not None:
+            session.close(reason)
 
     def __len__(self) -> int:
         return len(self._by_host)
@@ -182,7 +198,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                                                      retry_after_s=rejected.retry_after_s))
             await context.abort(rejected.status, rejected.reason)
             return
-        yield pb.ManagerMessage(welcome=self._hub.welcome(session.host_id))
+        yield pb.ManagerMessage(welcome=translate.welcome(self._hub.welcome(session.host_id)))
         log.info("event=agent_connected host_id=%s uuid=%s peer=%s", session.host_id, session.uuid, peer)
         reader = asyncio.create_task(self._read(request_iterator, session))
         try:
@@ -214,7 +230,11 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         # One spelling per host: "ABCD..." and "abcd..." are the same uuid, never two hosts.
         first.hello.host_uuid = translate.check_uuid(first.hello.host_uuid, "host_uuid")
         self._registry.refuse_duplicate(first.hello.host_uuid, peer)
-        host_id = await self._hub.register_agent(first.hello, peer)
+        try:
+            host_id = await self._hub.register_agent(translate.hello(first.hello), peer)
+        except UnknownHost as unknown:
+            raise RejectError(pb.REJECT_UNKNOWN_HOST, unknown.reason, grpc.StatusCode.PERMISSION_DENIED,
+                              retry_after_s=unknown.retry_after_s) from None
         session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
         self._registry.claim(session)
         return session

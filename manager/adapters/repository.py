@@ -1,14 +1,15 @@
-"""Repositories and a unit of work over the SQLAlchemy session (cosmicpython's shape).
+"""The store port (kvmha.manager.store) on SQLAlchemy: repositories and a unit of work over one session
+(cosmicpython's shape).
 
 The caller owns the transaction: ``with store.unit_of_work() as uow: ...; uow.commit()``; leaving the block without
-commit rolls back. Repositories translate between database rows and the core's records (kvmha.manager.core.model)
-so that nothing above this module sees SQLAlchemy.
+commit rolls back. Repositories translate between database rows and the port's plain records; rows never leave this
+module, so nothing above it sees SQLAlchemy or can change a column the repository did not mean to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -35,70 +36,39 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkStep,
 )
+from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
 
 _Row = TypeVar("_Row", Host, VmInstance)
 ACTIVE_STEPS = [step for step in WorkStep if step.active]
 
 
-@dataclass(frozen=True, slots=True)
-class BmcCredentials:
-    address: str
-    port: int
-    user: str
-    password: str
-
-    def __repr__(self) -> str:
-        return f"BmcCredentials(address={self.address!r}, port={self.port}, user={self.user!r}, password='***')"
-
-
-@dataclass(frozen=True, slots=True)
-class EventRow:
-    id: int
-    at: float
-    severity: str
-    subject: str
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigRow:
-    name: str
-    value: str | None
-    default_value: str
-    description: str
-    scope: str
-
-    @property
-    def effective(self) -> str:
-        return self.default_value if self.value is None else self.value
-
-
-class HostRepository:
+class SqlHosts:
     def __init__(self, session: Session) -> None:
         self._session = session
 
     def all(self) -> list[HostRecord]:
         return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
 
-    def rows(self) -> Sequence[Host]:
-        return self._session.scalars(select(Host).order_by(Host.id)).all()
+    def details(self) -> list[HostDetails]:
+        return [_host_details(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
 
-    def get_row(self, host_id: int) -> Host | None:
-        return self._session.get(Host, host_id)
+    def get(self, host_id: HostId) -> HostRecord | None:
+        row = self._session.get(Host, host_id)
+        return _host_record(row) if row is not None else None
 
-    def by_uuid(self, uuid: str) -> Host | None:
-        return self._session.scalars(select(Host).where(Host.uuid == uuid)).one_or_none()
+    def find(self, ref: str) -> HostDetails | None:
+        row = _find(self._session, Host, ref)
+        return _host_details(row) if row is not None else None
 
-    def find(self, ref: str) -> Host | None:
-        """A host by id, uuid or name."""
-        return _find(self._session, Host, ref)
+    def id_of(self, uuid: str) -> HostId | None:
+        found = self._session.scalar(select(Host.id).where(Host.uuid == uuid))
+        return HostId(found) if found is not None else None
 
-    def add(self, uuid: str, name: str, address: str, now: float) -> Host:
+    def add(self, uuid: str, name: str, address: str, now: float) -> HostId:
         row = Host(uuid=uuid, name=name, address=address, created_at=now, updated_at=now)
         self._session.add(row)
         self._session.flush()
-        return row
+        return HostId(row.id)
 
     def save(self, record: HostRecord, now: float) -> None:
         row = self._session.get(Host, record.id)
@@ -109,34 +79,58 @@ class HostRepository:
         row.cpus, row.memory_mib = record.capacity.cpus, record.capacity.memory_mib
         row.last_ping_at, row.updated_at = record.last_ping_at, now
 
-    def bmc(self, host_id: int) -> BmcCredentials | None:
+    def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
+        row = self._session.get(Host, host_id)
+        if row is None:
+            return False
+        row.agent_version, row.libvirt_version = agent.agent_version[:64], agent.libvirt_version[:64]
+        row.qemu_version, row.boot_id = agent.qemu_version[:64], agent.boot_id[:64]
+        row.manager_id, row.updated_at = manager_id, now
+        self._session.flush()
+        return True
+
+    def set_bmc(self, host_id: HostId, credentials: BmcCredentials | None, now: float) -> None:
+        row = self._session.get(Host, host_id)
+        if row is None:
+            raise LookupError(f"host {host_id} is not in the database")
+        if credentials is None:
+            row.bmc_address = row.bmc_port = row.bmc_user = row.bmc_password = None
+        else:
+            row.bmc_address, row.bmc_port = credentials.address, credentials.port
+            row.bmc_user, row.bmc_password = credentials.user, credentials.password
+        row.updated_at = now
+        self._session.flush()
+
+    def bmc(self, host_id: HostId) -> BmcCredentials | None:
         row = self._session.get(Host, host_id)
         if row is None or not row.bmc_address:
             return None
         return BmcCredentials(row.bmc_address, row.bmc_port or 623, row.bmc_user or "", row.bmc_password or "")
 
 
-class VmRepository:
+class SqlVms:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def all(self) -> list[VmRecord]:
-        return [_vm_record(row) for row in self._session.scalars(select(VmInstance).order_by(VmInstance.id))]
-
-    def rows(self, host_id: int | None = None) -> Sequence[VmInstance]:
+    def all(self, host_id: HostId | None = None) -> list[VmRecord]:
         query = select(VmInstance).order_by(VmInstance.id)
         if host_id is not None:
             query = query.where(VmInstance.host_id == host_id)
-        return self._session.scalars(query).all()
+        return [_vm_record(row) for row in self._session.scalars(query)]
 
-    def find(self, ref: str) -> VmInstance | None:
-        return _find(self._session, VmInstance, ref)
+    def get(self, vm_id: VmId) -> VmRecord | None:
+        row = self._session.get(VmInstance, vm_id)
+        return _vm_record(row) if row is not None else None
 
-    def by_uuid(self, uuid: str) -> VmInstance | None:
-        return self._session.scalars(select(VmInstance).where(VmInstance.uuid == uuid)).one_or_none()
+    def find(self, ref: str) -> VmRecord | None:
+        row = _find(self._session, VmInstance, ref)
+        return _vm_record(row) if row is not None else None
+
+    def by_uuid(self, uuid: VmUuid | str) -> VmRecord | None:
+        row = self._session.scalars(select(VmInstance).where(VmInstance.uuid == uuid)).one_or_none()
+        return _vm_record(row) if row is not None else None
 
     def add(self, record: VmRecord, now: float) -> VmRecord:
-        """Insert a new VM with its own id (the manager numbers VMs; see UNMANAGED_ID_BASE in the core)."""
         if record.id <= 0:
             raise ValueError("a VM needs an id before it is stored")
         row = VmInstance(id=record.id, uuid=record.uuid, name=record.name, created_at=now, updated_at=now)
@@ -144,12 +138,6 @@ class VmRepository:
         self._session.add(row)
         self._session.flush()
         return _vm_record(row)
-
-    def save(self, record: VmRecord, now: float) -> None:
-        row = self._session.get(VmInstance, record.id)
-        if row is None:
-            raise LookupError(f"vm {record.id} is not in the database")
-        _copy_vm(record, row, now)
 
     def upsert(self, record: VmRecord, now: float) -> None:
         """Update, or insert with the record's own id (the core numbers the unmanaged VMs it discovers)."""
@@ -166,12 +154,12 @@ class VmRepository:
             query = query.where(VmInstance.id < below)
         return int(self._session.scalar(query) or 0)
 
-    def delete(self, vm_id: int) -> None:
+    def delete(self, vm_id: VmId) -> None:
         self._session.execute(delete(HaWork).where(HaWork.instance_id == vm_id))
         self._session.execute(delete(VmInstance).where(VmInstance.id == vm_id))
 
 
-class WorkRepository:
+class SqlWorks:
     def __init__(self, session: Session) -> None:
         self._session = session
 
@@ -220,7 +208,7 @@ class WorkRepository:
         return [_work_record(row) for row in self._session.scalars(mine.order_by(HaWork.id))]
 
 
-class EventRepository:
+class SqlEvents:
     def __init__(self, session: Session) -> None:
         self._session = session
 
@@ -241,7 +229,7 @@ class EventRepository:
         return int(self._session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0)
 
 
-class ConfigRepository:
+class SqlConfig:
     def __init__(self, session: Session) -> None:
         self._session = session
 
@@ -269,7 +257,7 @@ class ConfigRepository:
         return ConfigRow(row.name, row.value, row.default_value, row.description, row.scope)
 
 
-class ManagerRepository:
+class SqlManagers:
     def __init__(self, session: Session) -> None:
         self._session = session
 
@@ -292,20 +280,21 @@ class ManagerRepository:
         return list(self._session.scalars(query))
 
 
-class UnitOfWork:
-    """One transaction; repositories share its session."""
+class SqlUnitOfWork:
+    """One transaction; the repositories share its session."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
-        self._factory = session_factory
+    def __init__(self, session_factory: sessionmaker[Session], wall: Callable[[], float]) -> None:
+        self._factory, self._wall = session_factory, wall
 
     def __enter__(self) -> Self:
+        self.now = self._wall()
         self.session = self._factory()
-        self.hosts = HostRepository(self.session)
-        self.vms = VmRepository(self.session)
-        self.works = WorkRepository(self.session)
-        self.events = EventRepository(self.session)
-        self.config = ConfigRepository(self.session)
-        self.managers = ManagerRepository(self.session)
+        self.hosts = SqlHosts(self.session)
+        self.vms = SqlVms(self.session)
+        self.works = SqlWorks(self.session)
+        self.events = SqlEvents(self.session)
+        self.config = SqlConfig(self.session)
+        self.managers = SqlManagers(self.session)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
@@ -316,13 +305,16 @@ class UnitOfWork:
         self.session.commit()
 
 
-class Store:
-    def __init__(self, engine: Engine) -> None:
+class SqlStore:
+    """The store port on SQLAlchemy (SQLite, PostgreSQL, MariaDB)."""
+
+    def __init__(self, engine: Engine, wall: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self._factory = sessionmaker(engine, expire_on_commit=False)
+        self._wall = wall
 
-    def unit_of_work(self) -> UnitOfWork:
-        return UnitOfWork(self._factory)
+    def unit_of_work(self) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self._factory, self._wall)
 
 
 def _find(session: Session, model: type[_Row], ref: str) -> _Row | None:
@@ -344,6 +336,11 @@ def _host_record(row: Host) -> HostRecord:
         capacity=HostCapacity(cpus=row.cpus, memory_mib=row.memory_mib), last_ping_at=row.last_ping_at,
         has_bmc=bool(row.bmc_address),
     )
+
+
+def _host_details(row: Host) -> HostDetails:
+    agent = AgentInfo(row.agent_version, row.libvirt_version, row.qemu_version, row.boot_id)
+    return HostDetails(_host_record(row), agent, row.manager_id, row.bmc_address, row.bmc_port)
 
 
 def _vm_record(row: VmInstance) -> VmRecord:

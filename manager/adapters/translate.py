@@ -1,7 +1,8 @@
 """Wire messages <-> core facts and commands. Pure functions; every malformed message becomes a WireError.
 
 The agent speaks libvirt's vocabulary decoded into proto enums (PowerState, StateCause); the core speaks
-CloudStack's (PowerOn/PowerOff, StopCause). This module is the one place that maps between them.
+CloudStack's (PowerOn/PowerOff, StopCause). This module is the one place that maps between them, and between the
+Hello/Welcome messages and the hub's plain AgentHello/WelcomeTerms.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import uuid as uuid_module
 
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.hub import AgentHello, WelcomeTerms
+from kvmha.manager.store import AgentInfo
 from kvmha.proto.v1 import agent_pb2 as pb
 
 MAX_NAME_CHARS = 255
@@ -67,6 +70,20 @@ def validate_hello(hello: pb.Hello) -> None:
 
 def capacity(message: pb.Capacity) -> HostCapacity:
     return HostCapacity(cpus=int(message.cpus), memory_mib=int(message.memory_mib))
+
+
+def hello(message: pb.Hello) -> AgentHello:
+    """A validated Hello (see validate_hello; host_uuid already in its canonical spelling) as the hub takes it."""
+    agent = AgentInfo(agent_version=message.agent_version[:64], libvirt_version=message.libvirt_version[:64],
+                      qemu_version=message.qemu_version[:64], boot_id=message.boot_id[:64])
+    return AgentHello(host_uuid=message.host_uuid, hostname=message.hostname,
+                      management_address=message.management_address, capacity=capacity(message.capacity), agent=agent)
+
+
+def welcome(terms: WelcomeTerms) -> pb.Welcome:
+    return pb.Welcome(host_id=terms.host_id, ping_interval_s=terms.ping_interval_s, ping_timeout_s=terms.ping_timeout_s,
+                      protocol_version=pb.PROTOCOL_VERSION_CURRENT, manager_id=terms.manager_id,
+                      isolation_after_s=terms.isolation_after_s)
 
 
 def heartbeat(host_id: HostId, ping: pb.Ping) -> facts.HeartbeatReceived:

@@ -309,8 +309,8 @@ class HostFlow:
 
     def _silent_s(self, host: HostRecord) -> float:
         """Seconds since the manager last heard the host's agent. The record saved when the host went silent carries
-        its last ping, so a restarted manager keeps counting from there (times are the driver's epoch seconds);
-        without one, the count starts when this manager started."""
+        its last ping, so a restarted manager keeps counting from there (stored on the wall clock, converted back to
+        the core's monotonic clock when loaded); without one, the count starts when this manager started."""
         last = host.last_ping_at if host.last_ping_at is not None else self.ctx.started_at
         return self.ctx.now - last
 

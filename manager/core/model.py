@@ -4,9 +4,10 @@ Shared by the pure core, the database models (manager/adapters/db_models.py stor
 operator CLI. Enum values are the names shown to operators and stored in the database, after CloudStack's, so an
 operator who knows CloudStack reads them at once.
 
-Nothing here does I/O. Times (``at`` / ``*_at`` floats) are seconds on the driver's clock: epoch seconds in the
-service (so they survive a manager restart in the database), simulated seconds in the simulator. Durations carry
-their unit in the name (``timeout_s``).
+Nothing here does I/O. Times (``at`` / ``*_at`` floats) are the core's monotonic seconds (the driver's
+`Clock.monotonic`; simulated seconds in the simulator): a wall-clock step never moves a deadline. Records leave and
+enter the process on the wall clock, converted in one place (manager/adapters/clock.py). Durations carry their unit
+in the name (``timeout_s``).
 """
 
 from __future__ import annotations

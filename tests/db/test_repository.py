@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Engine
 
 from kvmha.manager.adapters.db import migrate
-from kvmha.manager.adapters.repository import Store
+from kvmha.manager.adapters.repository import SqlStore
 from kvmha.manager.core.model import (
     HaWorkRecord,
     HostCapacity,
@@ -28,9 +28,9 @@ NOW = 1_764_057_600.5
 
 
 @pytest.fixture
-def store(engine: Engine) -> Store:
+def store(engine: Engine) -> SqlStore:
     migrate(engine)
-    return Store(engine)
+    return SqlStore(engine)
 
 
 def _vm(name: str, host_id: int | None) -> VmRecord:
@@ -61,17 +61,17 @@ def _work(work_id: int, vm_id: int, step: WorkStep = WorkStep.SCHEDULED) -> HaWo
     )
 
 
-def test_host_and_vm_records_round_trip(store: Store) -> None:
+def test_host_and_vm_records_round_trip(store: SqlStore) -> None:
     with store.unit_of_work() as uow:
-        host = uow.hosts.add("uuid-h1", "h1", "10.251.0.11", NOW)
-        vm = uow.vms.add(_vm("vm1", host.id), NOW)
+        host_id = uow.hosts.add("uuid-h1", "h1", "10.251.0.11", NOW)
+        vm = uow.vms.add(_vm("vm1", host_id), NOW)
         uow.commit()
     with store.unit_of_work() as uow:
         [record] = uow.hosts.all()
         record.status, record.capacity, record.last_ping_at = HostStatus.UP, HostCapacity(4, 8192), NOW + 1
         uow.hosts.save(record, NOW + 1)
         changed = dataclasses.replace(vm, state=VmState.STOPPED, power_state=PowerState.POWER_OFF, update_count=5)
-        uow.vms.save(changed, NOW + 1)
+        uow.vms.upsert(changed, NOW + 1)
         uow.commit()
     with store.unit_of_work() as uow:
         assert uow.hosts.all() == [record]
@@ -81,14 +81,14 @@ def test_host_and_vm_records_round_trip(store: Store) -> None:
         assert uow.hosts.find("nope") is None
 
 
-def test_uncommitted_unit_of_work_leaves_nothing(store: Store) -> None:
+def test_uncommitted_unit_of_work_leaves_nothing(store: SqlStore) -> None:
     with store.unit_of_work() as uow:
         uow.hosts.add("uuid-h1", "h1", "", NOW)
     with store.unit_of_work() as uow:
         assert uow.hosts.all() == []
 
 
-def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: Store) -> None:
+def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: SqlStore) -> None:
     with store.unit_of_work() as uow:
         vm = uow.vms.add(_vm("vm1", None), NOW)
         uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
@@ -105,7 +105,7 @@ def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: Store) -> Non
         assert uow.works.max_id() == 2
 
 
-def test_events_and_config(store: Store) -> None:
+def test_events_and_config(store: SqlStore) -> None:
     with store.unit_of_work() as uow:
         uow.config.sync_defaults([("ping.interval", "2", "agent ping period")], NOW)
         first = uow.events.add(NOW, "info", "host:1", "host.status", "Up -> Investigating")
@@ -124,7 +124,7 @@ def test_events_and_config(store: Store) -> None:
             uow.config.set("no.such.key", "1", NOW)
 
 
-def test_two_managers_claim_disjoint_work(store: Store) -> None:
+def test_two_managers_claim_disjoint_work(store: SqlStore) -> None:
     with store.unit_of_work() as uow:
         vms = [uow.vms.add(_vm(f"vm{i}", None), NOW) for i in range(4)]
         for manager in ("m1", "m2"):

@@ -30,7 +30,7 @@ from kvmha.lab.testing.databases import DatabaseUnavailable, fresh_database
 from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
 from kvmha.manager.adapters.db import make_engine, migrate
-from kvmha.manager.adapters.repository import Store
+from kvmha.manager.adapters.repository import SqlStore
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
@@ -514,7 +514,7 @@ def test_unknown_host_is_rejected_when_auto_registration_is_off(
     known = str(uuid_module.uuid4())
     engine = make_engine(url)
     migrate(engine)
-    with Store(engine).unit_of_work() as uow:
+    with SqlStore(engine).unit_of_work() as uow:
         uow.hosts.add(known, "known", "127.0.0.1", time.time())
         uow.commit()
     engine.dispose()

@@ -5,14 +5,15 @@ from __future__ import annotations
 from kvmha.manager.adapters.agent_link import AgentLinkServicer, AgentSession, LinkRegistry
 from kvmha.manager.core import facts
 from kvmha.manager.core.model import HostId, RequestId
+from kvmha.manager.hub import AgentHello, WelcomeTerms
 from kvmha.proto.v1 import agent_pb2 as pb
 
 
 class NullHub:
-    async def register_agent(self, hello: pb.Hello, peer: str) -> HostId:
+    async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
         raise AssertionError("not used")
 
-    def welcome(self, host_id: HostId) -> pb.Welcome:
+    def welcome(self, host_id: HostId) -> WelcomeTerms:
         raise AssertionError("not used")
 
     def submit(self, fact: facts.Fact) -> None:

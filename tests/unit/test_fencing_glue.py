@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, FenceResult, PowerStatus
-from kvmha.manager.adapters.repository import BmcCredentials
 from kvmha.manager.core import actions
 from kvmha.manager.core.model import HostId, RequestId
 from kvmha.manager.fencing import fence_host, ipmi_factory, query_bmc
+from kvmha.manager.store import BmcCredentials
 
 CREDS = BmcCredentials("127.0.0.1", 6230, "admin", "s3cret-pw")
 FENCE = actions.Fence(request_id=RequestId("r1"), host_id=HostId(3))

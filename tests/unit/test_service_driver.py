@@ -13,20 +13,21 @@ from sqlalchemy.exc import OperationalError
 from kvmha.manager.adapters.agent_link import AgentSession
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.fencer import FencerChain
-from kvmha.manager.adapters.repository import Store, UnitOfWork
+from kvmha.manager.adapters.repository import SqlStore, SqlUnitOfWork
 from kvmha.manager.core import facts
-from kvmha.manager.core.model import HostStatus, VmId, VmRecord, VmState, VmUuid, WorkStep
+from kvmha.manager.core.model import HostCapacity, HostStatus, VmId, VmRecord, VmState, VmUuid, WorkStep
+from kvmha.manager.hub import AgentHello
 from kvmha.manager.service import ManagerService, ServiceSettings
-from kvmha.proto.v1 import agent_pb2 as pb
+from kvmha.manager.store import AgentInfo, UnitOfWork
 
 
-class FlakyStore(Store):
+class FlakyStore(SqlStore):
     """A store whose database can be switched off: every transaction then fails as a lost connection would."""
 
     failing = False
     refused = 0
 
-    def unit_of_work(self) -> UnitOfWork:
+    def unit_of_work(self) -> SqlUnitOfWork:
         if self.failing:
             self.refused += 1
             raise OperationalError("SELECT 1", {}, Exception("connection refused (test)"))
@@ -53,8 +54,8 @@ async def _started_service(tmp_path: Path) -> tuple[ManagerService, FlakyStore, 
     service = ManagerService(store, ServiceSettings(manager_id="m1", address="127.0.0.1:1", version="test"),
                              fencer_factory=lambda _c: FencerChain([]))
     await service.start()
-    hello = pb.Hello(host_uuid=str(uuid.uuid4()), hostname="h1", management_address="127.0.0.1",
-                     capacity=pb.Capacity(cpus=8, memory_mib=8192), protocol_version=pb.PROTOCOL_VERSION_CURRENT)
+    hello = AgentHello(host_uuid=str(uuid.uuid4()), hostname="h1", management_address="127.0.0.1",
+                       capacity=HostCapacity(cpus=8, memory_mib=8192), agent=AgentInfo())
     host_id = await service.register_agent(hello, "test")
     session = AgentSession(host_id=host_id, uuid=hello.host_uuid, peer="test")
     service.links.claim(session)

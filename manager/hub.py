@@ -1,0 +1,100 @@
+"""The agents' side of the manager, without the wire: registering a connecting agent, the terms of its Welcome,
+and its facts into the driver. The gRPC servicer (adapters/agent_link.py) translates Hello/Welcome/Reject and
+gRPC statuses to and from these plain values; the simulator's agents connect through the very same code.
+
+A known host's reconnect stores what only the agent knows (versions, boot id) outside the driver's queue, so that a
+thousand agents reconnecting after a manager restart are not registered one transaction at a time behind each
+other's pings (bench/manager_load.py --restart-at); a new host is registered in the driver's order, so the core
+never hears of a host the store does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kvmha.manager.core import facts
+from kvmha.manager.core.model import HostCapacity, HostId
+from kvmha.manager.driver import Driver
+from kvmha.manager.store import AgentInfo, UnitOfWork
+
+log = logging.getLogger("kvmha.manager.hub")
+UNKNOWN_HOST_RETRY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHello:
+    host_uuid: str  # canonical spelling (the adapter checked it)
+    hostname: str
+    management_address: str
+    capacity: HostCapacity
+    agent: AgentInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WelcomeTerms:
+    host_id: HostId
+    ping_interval_s: float
+    ping_timeout_s: float
+    manager_id: str
+    isolation_after_s: float  # the agents use the manager's value
+
+
+class UnknownHost(Exception):
+    """Automatic registration is off and the host is not registered: the agent is refused."""
+
+    def __init__(self, reason: str, retry_after_s: float = UNKNOWN_HOST_RETRY_S) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+
+class AgentHub:
+    def __init__(self, driver: Driver, auto_register_hosts: bool = True) -> None:
+        self._driver = driver
+        self._auto_register = auto_register_hosts
+        self._host_ids: dict[str, HostId] = {}  # host uuid -> id, for hosts already stored
+
+    def remember_hosts(self) -> None:
+        """After the driver started: the hosts it loaded are known."""
+        self._host_ids = {host.uuid: host.id for host in self._driver.core.hosts.values()}
+
+    async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
+        manager_id = self._driver.settings.manager_id
+        known = self._host_ids.get(hello.host_uuid)
+
+        def record(uow: UnitOfWork) -> bool:
+            assert known is not None
+            stored = uow.hosts.record_agent(known, hello.agent, manager_id, uow.now)
+            uow.commit()
+            return stored
+
+        if known is not None and await self._driver.read(record):
+            host_id = known
+        else:
+            host_id, created = await self._driver.run(lambda uow: self._register(uow, hello, peer))
+            self._host_ids[hello.host_uuid] = host_id
+            if created:
+                log.info("event=host_registered host_id=%s uuid=%s name=%s", host_id, hello.host_uuid, hello.hostname)
+        self.submit(facts.AgentConnected(host_id=host_id, uuid=hello.host_uuid, name=hello.hostname,
+                                         address=hello.management_address or peer, capacity=hello.capacity,
+                                         boot_id=hello.agent.boot_id))
+        return host_id
+
+    def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:
+        host_id = uow.hosts.id_of(hello.host_uuid)
+        created = host_id is None
+        if host_id is None:
+            if not self._auto_register:
+                raise UnknownHost(f"host {hello.host_uuid} is not registered")
+            host_id = uow.hosts.add(hello.host_uuid, hello.hostname, hello.management_address or peer, uow.now)
+        uow.hosts.record_agent(host_id, hello.agent, self._driver.settings.manager_id, uow.now)
+        uow.commit()
+        return host_id, created
+
+    def welcome(self, host_id: HostId) -> WelcomeTerms:
+        config = self._driver.config
+        return WelcomeTerms(host_id, config.ping_interval_s, config.ping_timeout_s, self._driver.settings.manager_id,
+                            config.isolation_after_s)
+
+    def submit(self, fact: facts.Fact) -> None:
+        self._driver.submit(fact)

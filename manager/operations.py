@@ -1,0 +1,189 @@
+"""Operator operations: what the admin API (and the simulator's scripts) may ask of the manager, as functions over
+the store port. No gRPC, no protobuf: the admin servicer translates requests into these calls and their results
+(plain records) or `OperationError`s back into wire messages and status codes.
+
+A change is an `Operation` (a function of one unit of work) run by the driver in order with the agents' facts
+(`OperatorPort.run`), plus the operator facts derived from its result, which the core then handles; the call
+returns once the core's reaction is recorded, so the caller reads its own writes. Reads (`OperatorPort.read`) run
+outside that order: the driver records every change before it acts, so the store is current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn, Protocol, TypeVar
+
+from kvmha.manager.core import facts
+from kvmha.manager.core.config import ConfigError, CoreConfig
+from kvmha.manager.core.model import HostId, PowerState, VmId, VmRecord, VmState
+from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
+from kvmha.manager.store import BmcCredentials, ConfigRow, HostDetails, UnitOfWork
+
+T = TypeVar("T")
+Operation = Callable[[UnitOfWork], T]
+ACTIVE_VM_STATES = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING)
+
+
+class Refusal(enum.Enum):
+    """Why an operation was refused; the admin API maps each to a gRPC status."""
+
+    NOT_FOUND = "not found"
+    INVALID = "invalid argument"
+    ALREADY_EXISTS = "already exists"
+    FAILED_PRECONDITION = "failed precondition"
+
+
+class OperationError(Exception):
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+def refuse(refusal: Refusal, message: str) -> NoReturn:
+    raise OperationError(refusal, message)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveHosts:
+    """What only the driver's memory knows about hosts: open agent streams, and each host's last ping (wall-clock
+    seconds; the core does not store every ping, so the stored last_ping_at is only as new as its last save)."""
+
+    connected: frozenset[HostId]
+    last_ping_at: Mapping[HostId, float]
+
+
+class OperatorPort(Protocol):
+    """What the admin API needs from the manager (implemented by ManagerService)."""
+
+    async def run(self, operation: Operation[T], then: Callable[[T], Sequence[facts.Fact]] | None = None) -> T: ...
+    async def read(self, operation: Operation[T]) -> T: ...
+    def live_hosts(self) -> LiveHosts: ...
+    @property
+    def config_overrides(self) -> Mapping[str, str]:
+        """manager.toml's [config] values: they win over the stored ones."""
+    def on_events_recorded(self, listener: Callable[[], None]) -> None: ...
+
+
+# ---------------------------------------------------------------------- lookups
+
+
+def host(uow: UnitOfWork, ref: str) -> HostDetails:
+    found = uow.hosts.find(ref) if ref else None
+    if found is None:
+        refuse(Refusal.NOT_FOUND, f"no host {ref!r} (give its id, uuid or name)")
+    return found
+
+
+def vm(uow: UnitOfWork, ref: str) -> VmRecord:
+    found = uow.vms.find(ref) if ref else None
+    if found is None:
+        refuse(Refusal.NOT_FOUND, f"no VM {ref!r} (give its id, uuid or name)")
+    return found
+
+
+# ---------------------------------------------------------------------- hosts
+
+
+def maintenance(ref: str, on: bool) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
+    return (lambda uow: host(uow, ref).host.id), (lambda host_id: [facts.HostMaintenanceChanged(host_id, on)])
+
+
+def set_bmc(
+    ref: str, credentials: BmcCredentials | None
+) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
+    """Configure (or with None, clear) a host's BMC; the core learns only whether it has one."""
+    if credentials is not None and (not credentials.address or not 0 < credentials.port < 65536):
+        refuse(Refusal.INVALID, "a BMC needs an address and a port between 1 and 65535")
+
+    def store(uow: UnitOfWork) -> HostId:
+        host_id = host(uow, ref).host.id
+        uow.hosts.set_bmc(host_id, credentials, uow.now)
+        uow.commit()
+        return host_id
+
+    return store, lambda host_id: [facts.HostBmcChanged(host_id, credentials is not None)]
+
+
+# ---------------------------------------------------------------------- VMs
+
+
+def register_vm(record: VmRecord, start: bool) -> tuple[Operation[VmRecord], Callable[[VmRecord], list[facts.Fact]]]:
+    """Register a VM (or adopt the Unmanaged domain with its uuid); start it when asked and it is off."""
+
+    def register(uow: UnitOfWork) -> VmRecord:
+        same_name = uow.vms.find(record.name)
+        if same_name is not None and same_name.uuid != record.uuid and same_name.name == record.name:
+            refuse(Refusal.ALREADY_EXISTS, f"a VM named {record.name} is already registered "
+                                           f"(uuid {same_name.uuid}); names must be unique")
+        existing = uow.vms.by_uuid(record.uuid)
+        if existing is not None and existing.state is not VmState.UNMANAGED:
+            refuse(Refusal.ALREADY_EXISTS, f"a VM with uuid {record.uuid} is already registered ({existing.name})")
+        if existing is not None:  # adopt a domain the agents reported: it keeps its host and power state
+            state = VmState.RUNNING if existing.power_state is PowerState.POWER_ON else VmState.STOPPED
+            return dataclasses.replace(record, id=existing.id, host_id=existing.host_id,
+                                       power_state=existing.power_state, state=state)
+        # Registered VMs are numbered below UNMANAGED_ID_BASE; the core numbers discovered domains above it. The
+        # driver records every change before it runs an operation, so the store knows every id in use.
+        return dataclasses.replace(record, id=VmId(uow.vms.max_id(below=UNMANAGED_ID_BASE) + 1))
+
+    def then(registered: VmRecord) -> list[facts.Fact]:
+        wanted: list[facts.Fact] = [facts.VmRegistered(registered)]
+        if start and registered.state is VmState.STOPPED:
+            wanted.append(facts.VmStartRequested(registered.id))
+        return wanted
+
+    return register, then
+
+
+def managed_vm(ref: str) -> Operation[VmId]:
+    """The id of a registered VM, for a start, stop or HA change (an Unmanaged one must be adopted first)."""
+
+    def find(uow: UnitOfWork) -> VmId:
+        found = vm(uow, ref)
+        if found.state is VmState.UNMANAGED:
+            refuse(Refusal.FAILED_PRECONDITION, f"VM {found.name} is unmanaged: register it with `kvmha vm create` "
+                                                "(same uuid) to adopt it first")
+        return found.id
+
+    return find
+
+
+def deletable_vm(ref: str) -> Operation[VmId]:
+    def find(uow: UnitOfWork) -> VmId:
+        found = vm(uow, ref)
+        if found.state in ACTIVE_VM_STATES or found.power_state is PowerState.POWER_ON:
+            refuse(Refusal.FAILED_PRECONDITION, f"VM {found.name} is {found.state} ({found.power_state}): "
+                                                "stop it before deleting it")
+        return found.id
+
+    return find
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def set_config(
+    name: str, value: str, overrides: Mapping[str, str]
+) -> tuple[Operation[ConfigRow], Callable[[ConfigRow], list[facts.Fact]]]:
+    def store(uow: UnitOfWork) -> ConfigRow:
+        rows = {row.name: row.effective for row in uow.config.all()}
+        if name not in rows:
+            refuse(Refusal.NOT_FOUND, f"no setting named {name!r}")
+        # The [config] table of manager.toml wins over the database: a value set here would not be used.
+        if name in overrides:
+            refuse(Refusal.FAILED_PRECONDITION,
+                   f"{name} is set to {overrides[name]} in this manager's manager.toml ([config]), which wins over "
+                   "`kvmha config set`: change it there")
+        try:
+            # Checked against the configuration in effect (file overrides included), which the core runs on.
+            CoreConfig.from_mapping({**rows, name: value, **overrides})
+        except ConfigError as error:
+            refuse(Refusal.INVALID, str(error))
+        row = uow.config.set(name, value, uow.now)
+        uow.commit()
+        return row
+
+    return store, lambda row: [facts.ConfigChanged(row.name, row.effective)]
