@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, assert_never
 
 from kvmha.manager.adapters.clock import to_mono_fact, to_mono_host, to_mono_vm, to_mono_work, to_wall_action
@@ -50,6 +50,10 @@ DB_RETRY_MAX_S = 10.0
 MAX_FACTS_PER_BATCH = 500
 
 
+class ManagerStopped(RuntimeError):
+    """An operator operation was still waiting when the driver stopped."""
+
+
 @dataclass(frozen=True)
 class DriverSettings:
     manager_id: str
@@ -66,13 +70,16 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
 
 
-@dataclass
 class _Inbox:
-    """Facts and jobs in arrival order, and the driver's wake-up: cheaper than asyncio.Queue + wait_for (one future
-    and one loop timer per sleep), which matters when the simulator pushes millions of pings through it."""
+    """Facts and jobs in arrival order, and the driver's wake-up. Cheaper than asyncio.Queue + wait_for: one future
+    per sleep, and one loop timer that is moved only when the core's next deadline moves (most facts do not move
+    it) — it matters when the simulator pushes millions of pings through here."""
 
-    items: deque[facts.Fact | _Job[Any]] = field(default_factory=deque)
-    _waiter: asyncio.Future[None] | None = None
+    def __init__(self) -> None:
+        self.items: deque[facts.Fact | _Job[Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     def put(self, item: facts.Fact | _Job[Any]) -> None:
         self.items.append(item)
@@ -80,24 +87,32 @@ class _Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, delay_s: float | None) -> None:
-        """Return when an item is there or `delay_s` has passed (None: no deadline)."""
-        if self.items or (delay_s is not None and delay_s <= 0):
+    async def wait(self, deadline: float | None, now: float) -> None:
+        """Return when an item is there or the loop's clock reaches `deadline` (None: no deadline)."""
+        if self.items or (deadline is not None and deadline <= now):
             return
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = None if delay_s is None else loop.call_later(delay_s, _wake, waiter)
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if deadline is None else loop.call_at(deadline, self._ring)
+            self._timer_at = deadline
+        self._waiter = loop.create_future()
         try:
-            await waiter
+            await self._waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
+    def _ring(self) -> None:
+        self._timer, self._timer_at = None, None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, None
 
 
 class Driver:
@@ -111,7 +126,7 @@ class Driver:
 
     async def start(self) -> None:
         """Load the records (waiting for the store if it is down), build the Core and start the loop."""
-        (config, hosts, vms, works), _ = await self._retrying(self._load)
+        (config, hosts, vms, works, next_work_id), _ = await self._retrying(self._load)
         clock = self.env.clock
         prefix = f"{self.settings.manager_id}.{int(clock.wall() * 1000):x}."
         self._core = Core(
@@ -120,27 +135,40 @@ class Driver:
             hosts=[to_mono_host(h, clock) for h in hosts],
             vms=[to_mono_vm(v, clock) for v in vms],
             works=[to_mono_work(w, clock) for w in works],
+            next_work_id=next_work_id,
             request_prefix=prefix,
         )
         log.info("event=manager_started manager_id=%s hosts=%d vms=%d active_work=%d", self.settings.manager_id,
                  len(hosts), len(vms), len(works))
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"driver-{self.settings.manager_id}")
 
-    def _load(self, uow: UnitOfWork) -> tuple[CoreConfig, list[HostRecord], list[VmRecord], list[HaWorkRecord]]:
+    def _load(
+        self, uow: UnitOfWork
+    ) -> tuple[CoreConfig, list[HostRecord], list[VmRecord], list[HaWorkRecord], int]:
+        """Everything a new core needs: the active work this manager takes over, and the finished work of the
+        restart window (restart.max.per.window counts across manager restarts); work ids continue above the
+        highest ever stored, so a finished item is never overwritten."""
         s, now = self.settings, uow.now
         uow.managers.register(s.manager_id, s.address, s.version, now)
         uow.config.sync_defaults(((spec.name, spec.default, spec.description) for spec in CONFIG_SPECS), now)
         config = effective_config(uow.config.all(), dict(s.config_overrides))
         live = uow.managers.live(now, s.manager_stale_after_s)
         works = uow.works.claim_active(s.manager_id, now, live)
+        works += uow.works.finished_since(now - config.restart_window_s)
         hosts, vms = uow.hosts.all(), uow.vms.all()
+        next_work_id = uow.works.max_id() + 1
         uow.commit()
-        return config, hosts, vms, works
+        return config, hosts, vms, works, next_work_id
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._inbox.close()
+        for item in self._inbox.items:  # operator operations that will never run: their callers must hear it
+            if isinstance(item, _Job) and not item.future.done():
+                item.future.set_exception(ManagerStopped("the manager stopped before it ran the operation"))
+        self._inbox.items.clear()
 
     @property
     def task(self) -> asyncio.Task[None]:
@@ -182,10 +210,12 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
-        core, clock, inbox = self.core, self.env.clock, self._inbox
+        core, clock, inbox, journal = self.core, self.env.clock, self._inbox, self.env.journal
+        deadline = core.next_deadline()
         while True:
-            deadline = core.next_deadline()
-            await inbox.wait(None if deadline is None else deadline - clock.monotonic())
+            # The loop's timers run on clock.monotonic() (the Env's contract), so the deadline is a loop time.
+            if not inbox.items:
+                await inbox.wait(deadline, clock.monotonic())
             now = clock.monotonic()
             received, inbox.items = inbox.items, deque()
             batch: list[a.Action] = []
@@ -193,21 +223,30 @@ class Driver:
             for item in received:
                 if isinstance(item, _Job):
                     # An operator's operation reads the store: what the facts before it changed goes first.
-                    await self._execute(batch, now, handled)
+                    if batch:
+                        await self._execute(batch, now, handled)
                     batch, handled = [], 0
-                    await self._run_job(item, now)
+                    try:
+                        await self._run_job(item, now)
+                    except asyncio.CancelledError:
+                        if not item.future.done():
+                            item.future.set_exception(ManagerStopped("the manager stopped during the operation"))
+                        raise
                     continue
-                self.env.journal.fact_handled(item)
+                journal.fact_handled(item)
                 batch += core.handle(item, now)
                 handled += 1
                 if handled >= MAX_FACTS_PER_BATCH:
-                    await self._execute(batch, now, handled)
+                    if batch:
+                        await self._execute(batch, now, handled)
                     batch, handled = [], 0
-            due = core.next_deadline()
-            ticked = due is not None and due <= now
+            deadline = core.next_deadline()
+            ticked = deadline is not None and deadline <= now
             if ticked:
                 batch += core.tick(now)
-            await self._execute(batch, now, handled, ticked)
+                deadline = core.next_deadline()
+            if batch:
+                await self._execute(batch, now, handled, ticked)
 
     async def _run_job(self, job: _Job[Any], now: float) -> None:
         try:
@@ -234,24 +273,31 @@ class Driver:
         persisted = [to_wall_action(action, env.clock) for action in batch if isinstance(action, PERSISTED)]
         if persisted:
             attempts = await self._persist(persisted)
-            env.journal.committed(_summary(persisted, batch, now, handled, ticked, attempts))
-        answer = self.submit
+            env.journal.committed(_summary(persisted, batch, now, env.clock.monotonic(), handled, ticked, attempts))
+        answer, sent = self.submit, []
         for action in batch:
             env.journal.action_taken(action, now)
             match action:
                 case a.SendCommand():
                     env.transport.send_command(action, answer)
+                    sent.append(action.request_id)
                 case a.Fence():
                     env.transport.fence(action, config.fence_timeout_s, answer)
+                    sent.append(action.request_id)
                 case a.QueryBmc():
                     timeout_s = min(config.investigation_timeout_s, config.fence_timeout_s)
                     env.transport.query_bmc(action, timeout_s, answer)
+                    sent.append(action.request_id)
                 case a.DisconnectAgent():
                     env.transport.disconnect(action)
                 case a.SaveHost() | a.SaveVm() | a.SaveWork() | a.DeleteVmRecord() | a.RecordEvent():
                     pass  # recorded above, before anything left
                 case _:
                     assert_never(action)
+        sent_at = env.clock.monotonic()
+        if sent and sent_at > now:
+            # They left later than the core decided (the store was slow): their deadlines count from now.
+            await self._execute(self.core.handle(facts.CommandsDispatched(tuple(sent)), sent_at), sent_at, 1)
 
     async def _persist(self, batch: list[a.Action]) -> int:
         """Record the batch; retry until the store takes it. Returns the number of attempts."""
@@ -301,10 +347,11 @@ def effective_config(rows: Sequence[ConfigRow], overrides: Mapping[str, str]) ->
     return CoreConfig()
 
 
-def _summary(persisted: list[a.Action], batch: list[a.Action], now: float, handled: int, ticked: bool,
-             attempts: int) -> Commit:
+def _summary(persisted: list[a.Action], batch: list[a.Action], decided_at: float, committed_at: float, handled: int,
+             ticked: bool, attempts: int) -> Commit:
     kinds = [type(action) for action in persisted]
     sent = sum(isinstance(action, (a.SendCommand, a.Fence, a.QueryBmc)) for action in batch)
-    return Commit(at=now, facts=handled, ticked=ticked, hosts=kinds.count(a.SaveHost), vms=kinds.count(a.SaveVm),
-                  works=kinds.count(a.SaveWork), events=kinds.count(a.RecordEvent),
-                  deleted=kinds.count(a.DeleteVmRecord), commands=sent, attempts=attempts)
+    return Commit(decided_at=decided_at, committed_at=committed_at, facts=handled, ticked=ticked,
+                  hosts=kinds.count(a.SaveHost), vms=kinds.count(a.SaveVm), works=kinds.count(a.SaveWork),
+                  events=kinds.count(a.RecordEvent), deleted=kinds.count(a.DeleteVmRecord), commands=sent,
+                  attempts=attempts)

@@ -54,7 +54,8 @@ class Transport(Protocol):
 class Commit:
     """One transaction of the driver: how many facts and timers it records, what it stored, what then left."""
 
-    at: float  # the core's time of the batch
+    decided_at: float  # the core's time of the batch
+    committed_at: float  # later than decided_at when the store was slow or down
     facts: int
     ticked: bool
     hosts: int

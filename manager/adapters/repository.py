@@ -184,6 +184,10 @@ class SqlWorks:
             row.taken_by, row.taken_at = manager_id, record.taken_at or now
         self._session.flush()
 
+    def finished_since(self, since: float) -> list[HaWorkRecord]:
+        query = select(HaWork).where(HaWork.step.not_in(ACTIVE_STEPS), HaWork.updated_at >= since)
+        return [_work_record(row) for row in self._session.scalars(query.order_by(HaWork.id))]
+
     def max_id(self) -> int:
         return int(self._session.scalar(select(func.coalesce(func.max(HaWork.id), 0))) or 0)
 

@@ -83,9 +83,19 @@ class Ctx:
 
     def track(self, owner: Owner, host_id: HostId, timeout_s: float) -> RequestId:
         request_id = self.new_request_id()
-        self.pending[request_id] = Pending(owner, host_id, self.now)
+        self.pending[request_id] = Pending(owner, host_id, self.now, timeout_s)
         self.timers.schedule(CommandDeadline(request_id), self.now + timeout_s)
         return request_id
+
+    def dispatched(self, request_id: RequestId) -> Pending | None:
+        """The command left only now (its batch waited for the store): its deadline counts from now. Returns it
+        when it was moved."""
+        pending = self.pending.get(request_id)
+        if pending is None or pending.sent_at >= self.now:
+            return None
+        pending.sent_at = self.now
+        self.timers.schedule(CommandDeadline(request_id), self.now + pending.timeout_s)
+        return pending
 
     def settle(self, request_id: RequestId) -> Pending | None:
         """Forget a command that was answered (or timed out); None when it is unknown or already settled."""

@@ -68,14 +68,17 @@ class Core:
         hosts: Iterable[HostRecord] = (),
         vms: Iterable[VmRecord] = (),
         works: Iterable[HaWorkRecord] = (),
+        next_work_id: int = 1,
         request_prefix: str = "",
     ) -> None:
+        """`works`: the active items this manager holds and the finished ones of the restart window (their restarts
+        count towards restart.max.per.window); `next_work_id`: above every id ever stored."""
         self._ctx = ctx = Ctx(config, now, request_prefix)
         for vm in vms:
             ctx.vms.add(vm)
         # The flows form a DAG through narrow interfaces: each gets, at construction, only what it asks of the
         # flows below it (Protocols declared by the consumer); shared facts go through the Ctx's leaf indexes.
-        self._sched = Scheduler(ctx)
+        self._sched = Scheduler(ctx, next_work_id)
         self._power = PowerSync(ctx, restarts=self._sched)
         self._hosts = HostFlow(ctx, work=self._sched, power=self._power)
         self._operator = OperatorFlow(ctx, work=self._sched, hosts=self._hosts)
@@ -103,8 +106,10 @@ class Core:
         return self._end(ctx)
 
     def next_deadline(self) -> float | None:
-        deadlines = [at for at in (self._hosts.next_deadline(), self._ctx.timers.next_at()) if at is not None]
-        return min(deadlines, default=None)
+        behind_at, timer_at = self._hosts.next_deadline(), self._ctx.timers.next_at()
+        if behind_at is None or timer_at is None:
+            return timer_at if behind_at is None else behind_at
+        return min(behind_at, timer_at)
 
     # ------------------------------------------------------------ read-only views
 
@@ -167,6 +172,8 @@ class Core:
                 self._on_fence_completed(fact)
             case f.BmcPowerReported():
                 self._on_bmc_reported(fact)
+            case f.CommandsDispatched():
+                self._on_dispatched(fact)
             case f.HostRegistered():
                 operator.host_registered(fact)
             case f.HostRemoved():
@@ -261,6 +268,15 @@ class Core:
         if isinstance(owner, BmcQuery) and owner.about == fact.host_id:
             self._ctx.settle(fact.request_id)
             self._hosts.on_bmc_answer(fact.request_id, owner, Bmc(fact.power))
+
+    def _on_dispatched(self, fact: f.CommandsDispatched) -> None:
+        investigated: set[HostId] = set()
+        for request_id in fact.request_ids:
+            pending = self._ctx.dispatched(request_id)
+            if pending is not None and isinstance(pending.owner, (NeighborQuery, BmcQuery)):
+                investigated.add(pending.owner.about)
+        for host_id in sorted(investigated):
+            self._hosts.investigation_dispatched(host_id)
 
     def _on_config_changed(self, fact: f.ConfigChanged) -> None:
         try:

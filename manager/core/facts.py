@@ -111,6 +111,18 @@ class BmcPowerReported:
     detail: str = ""
 
 
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True, slots=True)
+class CommandsDispatched:
+    """The commands, fences and queries of an earlier batch left only now: the driver records a batch before it
+    acts, and the store made it wait. Their deadlines (and the investigations waiting on them) count from now, so
+    a slow database never turns into answers that "did not come" — a verdict without evidence."""
+
+    request_ids: tuple[RequestId, ...]
+
+
 # ---------------------------------------------------------------- operator
 
 
@@ -176,6 +188,7 @@ Fact = (
     | CommandCompleted
     | FenceCompleted
     | BmcPowerReported
+    | CommandsDispatched
     | HostRegistered
     | HostRemoved
     | HostMaintenanceChanged

@@ -259,6 +259,13 @@ class HostFlow:
         else:
             ctx.timers.schedule(InvestigationDeadline(host.id), inv.deadline_at)
 
+    def investigation_dispatched(self, host_id: HostId) -> None:
+        """Its questions left late (the store was slow): the answers get the whole investigation timeout."""
+        inv = self.investigations.get(host_id)
+        if inv is not None:
+            inv.deadline_at = max(inv.deadline_at, self.ctx.now + self.ctx.config.investigation_timeout_s)
+            self.ctx.timers.schedule(InvestigationDeadline(host_id), inv.deadline_at)
+
     def on_neighbor_answer(self, request_id: RequestId, query: NeighborQuery, done: f.CommandCompleted) -> None:
         inv = self.investigations.get(query.about)
         if inv is None or request_id not in inv.pending:

@@ -128,4 +128,5 @@ class Pending:
 
     owner: Owner
     host_id: HostId  # where it runs (the agent's host, or the host being fenced / queried)
-    sent_at: float
+    sent_at: float  # when it left: the decision's time, moved by CommandsDispatched when it left later
+    timeout_s: float

@@ -55,7 +55,7 @@ _KNOWN_OFF = frozenset({PowerState.POWER_OFF, PowerState.POWER_REPORT_MISSING})
 
 
 class Scheduler:
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, next_work_id: int = 1) -> None:
         self.ctx = ctx
         self.active_by_vm: dict[int, WorkId] = {}
         self.ready: list[tuple[int, float, WorkId]] = []  # (-priority, created_at, id)
@@ -64,7 +64,7 @@ class Scheduler:
         self._waits_for: dict[WorkId, HostId] = {}
         self._waiting_why: dict[WorkId, str] = {}
         self.restarts: dict[VmId, list[float]] = {}  # times of completed HA restarts, per VM
-        self._next_work_id = 1
+        self._next_work_id = next_work_id
         self._batching = False  # while a host's items are released together, so priorities order them
         self._cursor = 0
 

@@ -1,6 +1,6 @@
-"""Simulated agents, hypervisors and BMCs: they answer the core's commands and report facts, as the real ones would,
-but only through the simulated network. Ping rounds are bucketed by phase so the heap holds a handful of repeating
-events, not one per host.
+"""Simulated agents, hypervisors and BMCs: they connect through the manager's hub, answer the driver's commands
+(SimTransport hands them over) and report facts, as the real ones would, but only through the simulated network.
+Ping rounds are bucketed by phase so the agenda holds a handful of repeating events, not one per host.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
-from kvmha.manager.core.model import HostCapacity, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.hub import AgentHello
 from kvmha.manager.sim.invariants import FENCED, HOST_LOST, VM_LEVEL
 from kvmha.manager.sim.world import SimHost
+from kvmha.manager.store import AgentInfo
 
 if TYPE_CHECKING:
     from kvmha.manager.sim.simulator import Simulator
@@ -57,17 +59,14 @@ class Agents:
             self.schedule_connect(host, RECONNECT_S)
             return
         host.stream_open = True
+        agent = AgentInfo("sim", "sim", "sim", f"boot-{host.boot_no}")
         capacity = HostCapacity(host.cpus, host.memory_mib)
-        self.sim.to_core(
-            f.AgentConnected(
-                host.id, f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, f"boot-{host.boot_no}"
-            ),
-            stream=host.id,
-        )
+        hello = AgentHello(f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, agent)
+        self.sim.to_core(hello, stream=host.id)
         self.sim.checker.host_booted(host.id)
         self.full_report(host)
 
-    def _drop_stream(self, host: SimHost) -> None:
+    def drop_stream(self, host: SimHost) -> None:
         host.stream_open = False
         if host.powered and host.agent_running:
             self.schedule_connect(host, RECONNECT_S)
@@ -99,7 +98,7 @@ class Agents:
             if not (host.powered and host.agent_running):
                 continue
             if host.stream_open and not self.world.link_up(host):
-                self._drop_stream(host)
+                self.drop_stream(host)
             elif not host.stream_open:
                 self.schedule_connect(host, RECONNECT_S)
             self._isolation_check(host)
@@ -131,31 +130,27 @@ class Agents:
     def manager_lost(self) -> None:
         for host in self.world.hosts.values():
             if host.stream_open:
-                self._drop_stream(host)
+                self.drop_stream(host)
 
     def manager_back(self) -> None:
         pass  # agents find it on their next reconnect attempt
 
-    # ------------------------------------------------------------ commands from the core
+    # ------------------------------------------------------------ commands from the manager (SimTransport)
 
-    def carry_out(self, action: a.Action, epoch: int) -> None:
-        if isinstance(action, a.SendCommand):
-            host = self.world.hosts[action.host_id]
-            if host.stream_open and self.world.link_up(host):
-                if host.drop_rate and self.sim.rng.random() < host.drop_rate:
-                    return  # lost on a lossy link: the core times it out
-                at = self.sim.now + self.sim.latency() + host.extra_delay_s
-                self.sim.schedule(at, self._execute, epoch, host, action)
-            else:
-                self.sim.to_core(f.CommandCompleted(action.request_id, False, "agent not connected"), 0.001)
-        elif isinstance(action, a.Fence):
-            self._fence(action)
-        elif isinstance(action, a.QueryBmc):
-            self._query_bmc(action)
-        elif isinstance(action, a.DisconnectAgent):
-            host = self.world.hosts[action.host_id]
-            if host.stream_open:
-                self._drop_stream(host)
+    def send_command(self, action: a.SendCommand, epoch: int) -> None:
+        host = self.world.hosts[action.host_id]
+        if host.stream_open and self.world.link_up(host):
+            if host.drop_rate and self.sim.rng.random() < host.drop_rate:
+                return  # lost on a lossy link: the core times it out
+            at = self.sim.now + self.sim.latency() + host.extra_delay_s
+            self.sim.schedule(at, self._execute, epoch, host, action)
+        else:
+            self.sim.to_core(f.CommandCompleted(action.request_id, False, "agent not connected"), 0.001)
+
+    def disconnect(self, host_id: HostId) -> None:
+        host = self.world.hosts[host_id]
+        if host.stream_open:
+            self.drop_stream(host)
 
     def _reply(self, epoch: int, host: SimHost, fact: f.Fact) -> None:
         if epoch == self.sim.epoch and host.stream_open and self.world.link_up(host):
@@ -215,7 +210,7 @@ class Agents:
     def _bmc_answers(self, host: SimHost) -> bool:
         return host.has_bmc and host.bmc_alive and self.world.manager_net_up
 
-    def _query_bmc(self, action: a.QueryBmc) -> None:
+    def query_bmc(self, action: a.QueryBmc, epoch: int) -> None:
         host = self.world.hosts[action.host_id]
         if self._bmc_answers(host):
             fact = f.BmcPowerReported(action.request_id, host.id, "on" if host.powered else "off")
@@ -223,14 +218,14 @@ class Agents:
         else:
             self.sim.to_core(f.BmcPowerReported(action.request_id, host.id, "unknown", "no answer"), BMC_DEAD_S)
 
-    def _fence(self, action: a.Fence) -> None:
+    def fence(self, action: a.Fence, epoch: int) -> None:
         host = self.world.hosts[action.host_id]
         if not self._bmc_answers(host):
             self.sim.to_core(
                 f.FenceCompleted(action.request_id, host.id, False, False, "BMC does not answer"), BMC_DEAD_S
             )
             return
-        self.sim.schedule(self.sim.now + BMC_FENCE_S, self._fence_done, self.sim.epoch, host, action.request_id)
+        self.sim.schedule(self.sim.now + BMC_FENCE_S, self._fence_done, epoch, host, action.request_id)
 
     def _fence_done(self, epoch: int, host: SimHost, rid: str) -> None:
         if host.bmc_fail_next > 0:

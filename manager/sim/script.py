@@ -13,6 +13,10 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     drop h2 0.3 (lose 30% of h2's manager-link messages)   delay h2 1.5 (extra seconds)   partition h1 h2 [off]
     maintenance h4 on|off      restart manager   network manager off|on
     ha vm3 on|off              start vm3         stop vm3
+    database down|up           database stall 8 (every transaction waits until 8 s from now)
+
+Operator commands (maintenance, ha, start, stop) run as the admin API runs them: an operation over the store in the
+driver's order (kvmha.manager.operations), then the operator fact; a refusal is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmha.manager import operations as ops
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, StopCause, VmId, VmUuid
@@ -119,7 +124,10 @@ def run(scenario: Scenario) -> Simulator:
     sim = Simulator(scenario.hosts, scenario.vms, seed=scenario.seed, config=CoreConfig.from_mapping(scenario.config))
     for at, command in scenario.commands:
         sim.schedule(at, apply, sim, command)
-    sim.run_until(scenario.end_s)
+    try:
+        sim.run_until(scenario.end_s)
+    finally:
+        sim.close()
     return sim
 
 
@@ -140,18 +148,28 @@ def apply(sim: Simulator, command: str) -> None:
             agents.stop_vm(world.hosts[host_id], uuid, cause)
     elif verb in ("ha", "start", "stop"):
         _operator_vm(sim, verb, target, arg)
+    elif verb == "database":
+        _database(sim, target, arg)
     else:
         _host_command(sim, verb, world.hosts_by_name[target], arg, words[3:])
 
 
 def _operator_vm(sim: Simulator, verb: str, name: str, arg: str) -> None:
-    vm_id = sim.world.vms_by_name[name].id
-    if verb == "ha":
-        sim.to_core(f.VmHaChanged(vm_id, arg == "on"), 0.0)
-    elif verb == "start":
-        sim.to_core(f.VmStartRequested(vm_id), 0.0)
+    def fact(vm_id: VmId) -> list[f.Fact]:
+        if verb == "ha":
+            return [f.VmHaChanged(vm_id, arg == "on")]
+        return [f.VmStartRequested(vm_id) if verb == "start" else f.VmStopRequested(vm_id)]
+
+    sim.operate(ops.managed_vm(name), fact)
+
+
+def _database(sim: Simulator, what: str, arg: str) -> None:
+    if what in ("down", "up"):
+        sim.store.down = what == "down"
+    elif what == "stall":
+        sim.store.stalled_until = sim.now + float(arg)
     else:
-        sim.to_core(f.VmStopRequested(vm_id), 0.0)
+        raise ScriptError(f"unknown database command: {what}")
 
 
 def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list[str]) -> None:
@@ -193,7 +211,7 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
         if report is not None:
             agents.send(host, report)
     elif verb == "maintenance":
-        sim.to_core(f.HostMaintenanceChanged(host.id, arg == "on"), 0.0)
+        sim.operate(*ops.maintenance(host.name, arg == "on"))
     else:
         raise ScriptError(f"unknown command: {verb}")
 

@@ -4,6 +4,8 @@ A storm injects faults at random times (a Poisson process from the simulator's o
 good, some back later), network cuts, manager-link cuts, storage loss, full isolation, BMCs dying with their host,
 fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes, lossy and slow links, and manager
 restarts. At most `max_concurrent_share` of the hosts are faulted at once: the mass-silence guard is not under test.
+The manager's own dependencies fail too: the database goes down (every transaction fails, the driver retries with
+back-off and nothing acts before it is recorded) and stalls (every transaction waits), while the faults go on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "agent-crash": (2, (10.0, 60.0)),
     "lossy-link": (2, (30.0, 120.0)),
 }
+
+
+DATABASE_OUTAGE_S = (5.0, 30.0)
+DATABASE_STALL_S = (2.0, 10.0)
 
 
 def build_cluster(
@@ -70,6 +76,8 @@ class Storm:
     until_s: float  # no new faults after this
     max_concurrent_share: float = 0.05
     manager_restarts: int = 1
+    database_outages: int = 1  # the database refuses every transaction for DATABASE_OUTAGE_S
+    database_stalls: int = 1  # every transaction waits for DATABASE_STALL_S
     busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
     dead: set[str] = field(default_factory=set)  # hosts down for good
     injected: dict[str, int] = field(default_factory=dict)
@@ -78,6 +86,13 @@ class Storm:
         self._next(self.sim.now)
         for _ in range(self.manager_restarts):
             self.sim.schedule(self.rng.uniform(60.0, self.until_s), self._do, "restart manager", None, "restart")
+        for _ in range(self.database_outages):
+            down_at = self.rng.uniform(60.0, self.until_s)
+            self.sim.schedule(down_at, self._do, "database down", None, "database")
+            self.sim.schedule(down_at + self.rng.uniform(*DATABASE_OUTAGE_S), self._do, "database up", None, "db")
+        for _ in range(self.database_stalls):
+            stall = f"database stall {self.rng.uniform(*DATABASE_STALL_S):.1f}"
+            self.sim.schedule(self.rng.uniform(60.0, self.until_s), self._do, stall, None, "database")
 
     def _next(self, now: float) -> None:
         at = now + self.rng.expovariate(self.rate_per_s)

@@ -1,4 +1,6 @@
-"""Repositories and the unit of work on SQLite, PostgreSQL and MariaDB."""
+"""The store port's contract, on SQLite, PostgreSQL and MariaDB (here) and on the simulator's in-memory store
+(tests/sim/test_memstore.py runs these same functions): plain records in and out, commands for changes,
+transactions that roll back, and the database's guard against two active HA items for one VM."""
 
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
+from kvmha.manager.store import AgentInfo, BmcCredentials, Store
 
 NOW = 1_764_057_600.5
 
 
 @pytest.fixture
-def store(engine: Engine) -> SqlStore:
+def store(engine: Engine) -> Store:
     migrate(engine)
     return SqlStore(engine)
 
@@ -61,7 +64,7 @@ def _work(work_id: int, vm_id: int, step: WorkStep = WorkStep.SCHEDULED) -> HaWo
     )
 
 
-def test_host_and_vm_records_round_trip(store: SqlStore) -> None:
+def test_host_and_vm_records_round_trip(store: Store) -> None:
     with store.unit_of_work() as uow:
         host_id = uow.hosts.add("uuid-h1", "h1", "10.251.0.11", NOW)
         vm = uow.vms.add(_vm("vm1", host_id), NOW)
@@ -81,14 +84,14 @@ def test_host_and_vm_records_round_trip(store: SqlStore) -> None:
         assert uow.hosts.find("nope") is None
 
 
-def test_uncommitted_unit_of_work_leaves_nothing(store: SqlStore) -> None:
+def test_uncommitted_unit_of_work_leaves_nothing(store: Store) -> None:
     with store.unit_of_work() as uow:
         uow.hosts.add("uuid-h1", "h1", "", NOW)
     with store.unit_of_work() as uow:
         assert uow.hosts.all() == []
 
 
-def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: SqlStore) -> None:
+def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: Store) -> None:
     with store.unit_of_work() as uow:
         vm = uow.vms.add(_vm("vm1", None), NOW)
         uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
@@ -105,7 +108,7 @@ def test_work_save_keeps_one_active_item_per_vm_and_ends_it(store: SqlStore) -> 
         assert uow.works.max_id() == 2
 
 
-def test_events_and_config(store: SqlStore) -> None:
+def test_events_and_config(store: Store) -> None:
     with store.unit_of_work() as uow:
         uow.config.sync_defaults([("ping.interval", "2", "agent ping period")], NOW)
         first = uow.events.add(NOW, "info", "host:1", "host.status", "Up -> Investigating")
@@ -124,7 +127,7 @@ def test_events_and_config(store: SqlStore) -> None:
             uow.config.set("no.such.key", "1", NOW)
 
 
-def test_two_managers_claim_disjoint_work(store: SqlStore) -> None:
+def test_two_managers_claim_disjoint_work(store: Store) -> None:
     with store.unit_of_work() as uow:
         vms = [uow.vms.add(_vm(f"vm{i}", None), NOW) for i in range(4)]
         for manager in ("m1", "m2"):
@@ -134,8 +137,8 @@ def test_two_managers_claim_disjoint_work(store: SqlStore) -> None:
         uow.commit()
     # m1 died (its heartbeat is stale). m2 claims and still holds its row locks when m3, which also thinks the
     # items are free (it has not seen m2's heartbeat), claims: SKIP LOCKED hands m3 nothing instead of a copy.
-    if store.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite has one writer at a time: a concurrent claim waits instead of skipping")
+    if not isinstance(store, SqlStore) or store.engine.dialect.name == "sqlite":
+        pytest.skip("one writer at a time (SQLite, the simulator's store): a concurrent claim waits, never skips")
     first, second = store.unit_of_work(), store.unit_of_work()
     with first, second:
         taken_by_m2 = first.works.claim_active("m2", NOW + 60, live_managers=["m2"])
@@ -146,3 +149,89 @@ def test_two_managers_claim_disjoint_work(store: SqlStore) -> None:
     assert taken_by_m3 == []
     with store.unit_of_work() as uow:
         assert {w.taken_by for w in uow.works.all()} == {"m2"}
+
+
+def test_hosts_take_commands_and_hand_out_details(store: Store) -> None:
+    with store.unit_of_work() as uow:
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        host_id = uow.hosts.add("uuid-h1", "h1", "10.251.0.11", NOW)
+        assert uow.hosts.id_of("uuid-h1") == host_id and uow.hosts.id_of("uuid-nope") is None
+        assert uow.hosts.record_agent(host_id, AgentInfo("0.1.0", "9.0", "8.0", "boot-1"), "m1", NOW)
+        assert not uow.hosts.record_agent(HostId(999), AgentInfo(), "m1", NOW)
+        uow.hosts.set_bmc(host_id, BmcCredentials("10.0.0.1", 6230, "admin", "secret"), NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        details = uow.hosts.find("h1")
+        assert details is not None and details.host.has_bmc and details.agent.boot_id == "boot-1"
+        assert (details.bmc_address, details.bmc_port, details.manager_id) == ("10.0.0.1", 6230, "m1")
+        assert uow.hosts.bmc(host_id) == BmcCredentials("10.0.0.1", 6230, "admin", "secret")
+        record = uow.hosts.get(host_id)
+        assert record is not None
+        record.status = HostStatus.DOWN
+        uow.hosts.save(record, NOW + 1)  # the core's save keeps the operator's BMC
+        uow.hosts.set_bmc(host_id, None, NOW + 1)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        [details] = uow.hosts.details()
+        assert details.host.status is HostStatus.DOWN and not details.host.has_bmc and details.bmc_address is None
+        assert uow.hosts.bmc(host_id) is None
+        with pytest.raises(LookupError):
+            uow.hosts.save(dataclasses.replace(details.host, id=HostId(999)), NOW)
+
+
+def test_records_handed_out_are_copies(store: Store) -> None:
+    with store.unit_of_work() as uow:
+        uow.vms.add(_vm("vm1", None), NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        [vm] = uow.vms.all()
+        vm.state = VmState.ERROR  # editing a record changes nothing stored
+        assert uow.vms.get(vm.id) == dataclasses.replace(vm, state=VmState.RUNNING)
+        assert uow.vms.by_uuid(vm.uuid) is not None and uow.vms.max_id(below=2) == 0 and uow.vms.max_id() == 2
+
+
+def test_deleting_a_vm_deletes_its_work_and_a_rollback_undoes_it(store: Store) -> None:
+    with store.unit_of_work() as uow:
+        vm = uow.vms.add(_vm("vm1", None), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        uow.works.save(_work(1, vm.id), "m1", NOW)
+        uow.events.add(NOW, "info", "vm:2", "vm.registered", "registered")
+        uow.commit()
+    with store.unit_of_work() as uow:
+        uow.vms.delete(vm.id)
+        uow.events.add(NOW, "info", "vm:2", "vm.deleted", "deleted")
+        assert uow.vms.all() == [] and uow.works.all() == []
+        # no commit: rolled back
+    with store.unit_of_work() as uow:
+        assert [v.id for v in uow.vms.all()] == [vm.id] and [w.id for w in uow.works.all()] == [1]
+        assert [e.kind for e in uow.events.all()] == ["vm.registered"] and uow.events.last_id() == 1
+        uow.vms.delete(vm.id)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert uow.vms.all() == [] and uow.works.all() == []
+
+
+def test_two_active_items_for_one_vm_are_refused(store: Store) -> None:
+    with store.unit_of_work() as uow:
+        vm = uow.vms.add(_vm("vm1", None), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        uow.works.save(_work(1, vm.id), "m1", NOW)
+        uow.commit()
+    with pytest.raises(Exception), store.unit_of_work() as uow:  # noqa: B017 - IntegrityError / StoreError
+        uow.works.save(_work(2, vm.id), "m1", NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert [w.id for w in uow.works.all()] == [1]
+
+
+def test_finished_work_of_a_window(store: Store) -> None:
+    with store.unit_of_work() as uow:
+        vm = uow.vms.add(_vm("vm1", None), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        uow.works.save(_work(1, vm.id, WorkStep.DONE), "m1", NOW - 7200)
+        uow.works.save(_work(2, vm.id, WorkStep.CANCELLED), "m1", NOW - 60)
+        uow.works.save(_work(3, vm.id), "m1", NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert [w.id for w in uow.works.finished_since(NOW - 3600)] == [2]
+        assert uow.works.max_id() == 3

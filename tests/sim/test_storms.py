@@ -1,9 +1,11 @@
 """Seeded fault storms over 1,000 simulated hosts (issue 7's proof in the simulator).
 
-Each storm: 1,000 hosts x 10 VMs, faults of every kind for 10 simulated minutes (and a manager restart), then a
-quiet period. Asserted: the invariant checker saw no VM on two hosts and no VM started elsewhere while its old host
-was neither fenced nor proven dead; every HA VM whose host lost power runs again within the bound; every HA VM not
-running at the end has a reason the operator can read (Stopped by its guest, Error, or a no-capacity event).
+Each storm: 1,000 hosts x 10 VMs, faults of every kind for 10 simulated minutes (and a manager restart, a database
+outage and a database stall), then a quiet period, all through the production driver (batching, persist-first,
+retries while the store is down). Asserted: the invariant checker saw no VM on two hosts and no VM started elsewhere
+while its old host was neither fenced nor proven dead; every HA VM whose host lost power runs again within the
+bound; every HA VM not running at the end has a reason the operator can read (Stopped by its guest, Error, or a
+no-capacity event); the driver's retry path ran and batched facts.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from kvmha.manager.core import hostflow
+from kvmha.manager.core.actions import Action
 from kvmha.manager.core.investigation import Verdict
-from kvmha.manager.sim.script import load, run
+from kvmha.manager.driver import PERSISTED, Driver
+from kvmha.manager.sim.script import Scenario, load, parse_script, parse_setup, run
 from kvmha.manager.sim.storm import Storm, storm_simulator, unexplained_down_vms
 
 HOSTS = 1000
@@ -31,7 +35,10 @@ def test_storm_keeps_fencing_safety_and_restarts(seed: int) -> None:
     sim, rng = storm_simulator(HOSTS, VMS_PER_HOST, seed)
     storm = Storm(sim, rng, rate_per_s=0.2, until_s=FAULTS_UNTIL_S)
     storm.start()
-    sim.run_until(FAULTS_UNTIL_S + QUIET_S)
+    try:
+        sim.run_until(FAULTS_UNTIL_S + QUIET_S)
+    finally:
+        sim.close()
 
     assert sim.checker.violations == []
     assert sum(storm.injected.values()) >= 80, storm.injected  # the storm really happened
@@ -43,6 +50,8 @@ def test_storm_keeps_fencing_safety_and_restarts(seed: int) -> None:
         f"{len(sim.metrics.failed_at)} HA VMs of failed hosts never ran again"
     )
     assert unexplained_down_vms(sim) == []
+    assert sim.journal.write_failures > 0, "the database outage never reached the driver's retry path"
+    assert sim.journal.largest_batch > 1, "no transaction ever recorded more than one fact"
 
 
 def test_the_checker_catches_a_core_that_restarts_on_hope(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,3 +77,50 @@ def test_the_checker_catches_a_start_before_the_old_host_is_resolved(monkeypatch
     scenario = load(Path(__file__).parents[1] / "scenarios" / "bmc_dead_with_host")
     sim = run(scenario)
     assert any("neither fenced nor proven dead" in violation for violation in sim.checker.violations)
+
+
+# One candidate per placement, from a rotating start: the restarted manager (its rotation starts over) picks another
+# host than the first one did, as a real cluster's changing load would make it do.
+ACT_FIRST_SETUP = """
+hosts h1-h4 cpus=16 mem=16384 bmc=yes
+vm vm1 host=h1 mem=2048 cpus=2 ha=yes
+vm vm2 host=h2 mem=2048 cpus=2 ha=yes
+config placement.candidates 1
+"""
+# The database is down when vm1 crashes; the manager restarts before it is back, so whatever the first manager did
+# not record is forgotten.
+ACT_FIRST_SCRIPT = """
+10 kill-vm vm2
+30 database down
+30.5 kill-vm vm1
+40 restart manager
+60 database up
+150 end
+"""
+
+
+def _act_first_scenario() -> Scenario:
+    scenario = Scenario()
+    parse_setup(ACT_FIRST_SETUP, scenario)
+    parse_script(ACT_FIRST_SCRIPT, scenario)
+    return scenario
+
+
+def test_the_checker_catches_a_driver_that_acts_before_it_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator runs the production driver: a driver that sends its commands before the store has them starts
+    a VM the restarted manager knows nothing about, and the restart makes a second copy."""
+    correct = run(_act_first_scenario())
+    assert correct.checker.violations == [] and correct.journal.write_failures > 0
+
+    original = Driver._execute
+
+    async def act_first(self: Driver, batch: list[Action], now: float, handled: int, ticked: bool = False) -> None:
+        acts: list[Action] = [action for action in batch if not isinstance(action, PERSISTED)]
+        records: list[Action] = [action for action in batch if isinstance(action, PERSISTED)]
+        for part in (acts, records):
+            if part:
+                await original(self, part, now, handled, ticked)
+
+    monkeypatch.setattr(Driver, "_execute", act_first)
+    broken = run(_act_first_scenario())
+    assert any("while running on" in violation for violation in broken.checker.violations), broken.log

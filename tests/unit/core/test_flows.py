@@ -335,3 +335,20 @@ def test_a_destroy_that_is_never_answered_times_out_with_an_event() -> None:
     h.handle(f.VmDeleted(VmId(1)), at=1.0)
     out = h.tick_until(1.0 + h.core.config.start_timeout_s + 1.0, pinging=(1, 2, 3))
     assert any("destroy of deleted vm1 on h1 failed: timed out" in m for m in messages(out))
+
+
+def test_questions_that_left_late_get_their_whole_timeout() -> None:
+    """Found by running the driver in the simulator with the database down: an investigation's questions left only
+    when its record was written, 15 s after the decision, and the deadlines counted from the decision had already
+    passed — the host was fenced on "no proof either way" without a single answer awaited."""
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    out = h.tick_until(8.0, pinging=(2, 3))  # h1 behind: neighbours and its BMC asked at 8.0 (decided)
+    asked = [c.request_id for c in of_type(out, a.SendCommand)] + [q.request_id for q in of_type(out, a.QueryBmc)]
+    assert asked and h.core.host_status(HostId(1)) is HostStatus.INVESTIGATING
+    assert h.handle(f.CommandsDispatched(tuple(asked)), at=23.0) == []  # the store was down until 23.0
+    late = h.tick_until(25.0, pinging=(2, 3))
+    assert h.core.host_status(HostId(1)) is HostStatus.INVESTIGATING and of_type(late, a.Fence) == []
+    query = of_type(out, a.QueryBmc)[0]
+    h.handle(f.BmcPowerReported(query.request_id, HostId(1), "off"), at=25.5)
+    assert h.core.host_status(HostId(1)) is HostStatus.DOWN  # decided on evidence, not on a deadline

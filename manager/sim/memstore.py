@@ -1,0 +1,333 @@
+"""The store port in memory, for the simulator: the same contract as the SQL store (tests/db/test_repository.py
+runs on both), transactions that really roll back, and the database's own guards (one active HA item per VM,
+unique uuids), so a driver bug that the database would refuse is refused here too.
+
+A unit of work changes the tables in place and keeps an undo log; leaving it without commit undoes every change in
+reverse. The simulator is single-threaded, so there is no isolation to provide. Records are copied in and out: no
+caller holds a reference into the tables.
+
+Faults on demand (the simulator's `database` commands, storms): `down` makes every transaction fail as a lost
+connection would; `stalled_until` makes every transaction wait until then (simulated time; see sim/env.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self, TypeVar
+
+from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostUuid, VmId, VmRecord, VmUuid, WorkId
+from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
+
+
+class StoreError(RuntimeError):
+    """What a database error would be: the transaction did not happen."""
+
+
+@dataclass(slots=True)
+class _Host:
+    record: HostRecord
+    agent: AgentInfo = field(default_factory=AgentInfo)
+    manager_id: str | None = None
+    bmc: BmcCredentials | None = None
+
+
+@dataclass(slots=True)
+class _Manager:
+    address: str
+    version: str
+    started_at: float
+    last_heartbeat_at: float
+
+
+@dataclass(slots=True)
+class Tables:
+    hosts: dict[HostId, _Host] = field(default_factory=dict)
+    vms: dict[VmId, VmRecord] = field(default_factory=dict)
+    works: dict[WorkId, HaWorkRecord] = field(default_factory=dict)
+    events: list[EventRow] = field(default_factory=list)
+    config: dict[str, ConfigRow] = field(default_factory=dict)
+    managers: dict[str, _Manager] = field(default_factory=dict)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class MemoryStore:
+    def __init__(self, wall: Callable[[], float]) -> None:
+        self.tables = Tables()
+        self.wall = wall
+        self.down = False
+        self.stalled_until = 0.0
+        self.commits = 0
+        # Called after each commit with the events it added (the simulator's log is what was recorded).
+        self.event_listeners: list[Callable[[list[EventRow]], None]] = []
+
+    def unit_of_work(self) -> MemoryUnitOfWork:
+        if self.down:
+            raise StoreError("database unreachable (simulated outage)")
+        return MemoryUnitOfWork(self)
+
+
+class MemoryUnitOfWork:
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._undo: list[Callable[[], None]] = []
+        self._new_events: list[EventRow] = []
+
+    def __enter__(self) -> Self:
+        self.now = self._store.wall()
+        t = self._store.tables
+        self.hosts = MemoryHosts(t, self._undo)
+        self.vms = MemoryVms(t, self._undo)
+        self.works = MemoryWorks(t, self._undo)
+        self.events = MemoryEvents(t, self._undo, self._new_events)
+        self.config = MemoryConfig(t, self._undo)
+        self.managers = MemoryManagers(t, self._undo)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        for undo in reversed(self._undo):  # nothing left after a commit
+            undo()
+        self._undo.clear()
+        self._new_events.clear()
+
+    def commit(self) -> None:
+        self._undo.clear()
+        self._store.commits += 1
+        added, self._new_events[:] = list(self._new_events), []
+        for listener in list(self._store.event_listeners):
+            listener(added)
+
+
+def _set(table: dict[K, V], key: K, value: V, undo: list[Callable[[], None]]) -> None:
+    if key in table:
+        old = table[key]
+        undo.append(lambda: table.__setitem__(key, old))
+    else:
+        undo.append(lambda: table.__delitem__(key))
+    table[key] = value
+
+
+def _delete(table: dict[K, V], key: K, undo: list[Callable[[], None]]) -> None:
+    if key in table:
+        old = table.pop(key)
+        undo.append(lambda: table.__setitem__(key, old))
+
+
+def _by_ref(items: Iterable[tuple[int, str, str]], ref: str) -> int | None:
+    """id, uuid or name (the lowest id of that name), as the SQL store's find."""
+    ref = ref.strip()
+    rows = sorted(items)
+    if ref.isdigit():
+        for row_id, _, _ in rows:
+            if row_id == int(ref):
+                return row_id
+    for getter in (1, 2):
+        for row in rows:
+            if row[getter] == ref:
+                return row[0]
+    return None
+
+
+class MemoryHosts:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
+        self._t, self._undo = tables, undo
+
+    def _put(self, host_id: HostId, row: _Host) -> None:
+        _set(self._t.hosts, host_id, row, self._undo)
+
+    def all(self) -> list[HostRecord]:
+        return [copy.copy(self._t.hosts[h].record) for h in sorted(self._t.hosts)]
+
+    def details(self) -> list[HostDetails]:
+        return [_details(self._t.hosts[h]) for h in sorted(self._t.hosts)]
+
+    def get(self, host_id: HostId) -> HostRecord | None:
+        row = self._t.hosts.get(host_id)
+        return copy.copy(row.record) if row else None
+
+    def find(self, ref: str) -> HostDetails | None:
+        found = _by_ref(((h, r.record.uuid, r.record.name) for h, r in self._t.hosts.items()), ref)
+        return _details(self._t.hosts[HostId(found)]) if found is not None else None
+
+    def id_of(self, uuid: str) -> HostId | None:
+        return next((h for h, row in self._t.hosts.items() if row.record.uuid == uuid), None)
+
+    def add(self, uuid: str, name: str, address: str, now: float) -> HostId:
+        if self.id_of(uuid) is not None:
+            raise StoreError(f"duplicate host uuid {uuid}")
+        host_id = HostId(max(self._t.hosts, default=0) + 1)
+        self._put(host_id, _Host(HostRecord(host_id, HostUuid(uuid), name, address)))
+        return host_id
+
+    def save(self, record: HostRecord, now: float) -> None:
+        row = self._t.hosts.get(record.id)
+        if row is None:
+            raise LookupError(f"host {record.id} is not in the database")
+        stored = copy.copy(record)
+        stored.has_bmc = row.bmc is not None  # the BMC column is the operator's, not the core's
+        self._put(record.id, _Host(stored, row.agent, row.manager_id, row.bmc))
+
+    def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
+        row = self._t.hosts.get(host_id)
+        if row is None:
+            return False
+        self._put(host_id, _Host(row.record, agent, manager_id, row.bmc))
+        return True
+
+    def set_bmc(self, host_id: HostId, credentials: BmcCredentials | None, now: float) -> None:
+        row = self._t.hosts.get(host_id)
+        if row is None:
+            raise LookupError(f"host {host_id} is not in the database")
+        record = copy.copy(row.record)
+        record.has_bmc = credentials is not None
+        self._put(host_id, _Host(record, row.agent, row.manager_id, credentials))
+
+    def bmc(self, host_id: HostId) -> BmcCredentials | None:
+        row = self._t.hosts.get(host_id)
+        return row.bmc if row else None
+
+
+def _details(row: _Host) -> HostDetails:
+    bmc = row.bmc
+    return HostDetails(copy.copy(row.record), row.agent, row.manager_id, bmc.address if bmc else None,
+                       bmc.port if bmc else None)
+
+
+class MemoryVms:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
+        self._t, self._undo = tables, undo
+
+    def all(self, host_id: HostId | None = None) -> list[VmRecord]:
+        vms = self._t.vms
+        return [copy.copy(vms[v]) for v in sorted(vms) if host_id is None or vms[v].host_id == host_id]
+
+    def get(self, vm_id: VmId) -> VmRecord | None:
+        vm = self._t.vms.get(vm_id)
+        return copy.copy(vm) if vm else None
+
+    def find(self, ref: str) -> VmRecord | None:
+        found = _by_ref(((v, r.uuid, r.name) for v, r in self._t.vms.items()), ref)
+        return self.get(VmId(found)) if found is not None else None
+
+    def by_uuid(self, uuid: VmUuid | str) -> VmRecord | None:
+        return next((copy.copy(v) for v in self._t.vms.values() if v.uuid == uuid), None)
+
+    def add(self, record: VmRecord, now: float) -> VmRecord:
+        if record.id <= 0:
+            raise ValueError("a VM needs an id before it is stored")
+        if record.id in self._t.vms:
+            raise StoreError(f"duplicate VM id {record.id}")
+        self.upsert(record, now)
+        return copy.copy(record)
+
+    def upsert(self, record: VmRecord, now: float) -> None:
+        current = self._t.vms.get(record.id)
+        if (current is None or current.uuid != record.uuid) and self.by_uuid(record.uuid) is not None:
+            raise StoreError(f"duplicate VM uuid {record.uuid}")
+        _set(self._t.vms, record.id, copy.copy(record), self._undo)
+
+    def delete(self, vm_id: VmId) -> None:
+        for work_id in [w.id for w in self._t.works.values() if w.vm_id == vm_id]:
+            _delete(self._t.works, work_id, self._undo)
+        _delete(self._t.vms, vm_id, self._undo)
+
+    def max_id(self, below: int | None = None) -> int:
+        return max((v for v in self._t.vms if below is None or v < below), default=0)
+
+
+class MemoryWorks:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
+        self._t, self._undo = tables, undo
+
+    def all(self, active_only: bool = False) -> list[HaWorkRecord]:
+        works = self._t.works
+        return [copy.copy(works[w]) for w in sorted(works) if not active_only or works[w].step.active]
+
+    def save(self, record: HaWorkRecord, manager_id: str, now: float) -> None:
+        stored = copy.copy(record)
+        current = self._t.works.get(record.id)
+        stored.created_at = current.created_at if current else (record.created_at or now)
+        stored.reason, stored.updated_at = record.reason[:4000], now
+        stored.taken_by = manager_id if record.step.active else (current.taken_by if current else None)
+        stored.taken_at = (record.taken_at or now) if record.step.active else (current.taken_at if current else None)
+        if stored.step.active and any(w.vm_id == record.vm_id and w.step.active and w.id != record.id
+                                      for w in self._t.works.values()):
+            # The SQL store's UNIQUE active_instance_id (cloudstack#10367): never two active HA items for one VM.
+            raise StoreError(f"a second active HA item for VM {record.vm_id}")
+        _set(self._t.works, record.id, stored, self._undo)
+
+    def finished_since(self, since: float) -> list[HaWorkRecord]:
+        return [w for w in self.all() if not w.step.active and w.updated_at >= since]
+
+    def max_id(self) -> int:
+        return max(self._t.works, default=0)
+
+    def claim_active(self, manager_id: str, now: float, live_managers: Iterable[str]) -> list[HaWorkRecord]:
+        others = {m for m in live_managers if m != manager_id}
+        for work in list(self._t.works.values()):
+            if work.step.active and (work.taken_by is None or work.taken_by not in others):
+                claimed = copy.copy(work)
+                claimed.taken_by, claimed.taken_at = manager_id, now
+                _set(self._t.works, work.id, claimed, self._undo)
+        return [w for w in self.all(active_only=True) if w.taken_by == manager_id]
+
+
+class MemoryEvents:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]], added: list[EventRow]) -> None:
+        self._t, self._undo, self._added = tables, undo, added
+
+    def add(self, at: float, severity: str, subject: str, kind: str, message: str) -> int:
+        row = EventRow(len(self._t.events) + 1, at, severity[:16], subject[:64], kind[:64], message)
+        self._t.events.append(row)
+        self._added.append(row)
+        events = self._t.events
+        self._undo.append(lambda: events.__delitem__(-1))
+        return row.id
+
+    def all(self, after_id: int = 0, limit: int = 200, subject: str = "") -> list[EventRow]:
+        rows = [e for e in self._t.events[after_id:] if not subject or e.subject == subject]
+        return rows[:limit]
+
+    def last_id(self) -> int:
+        return len(self._t.events)
+
+
+class MemoryConfig:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
+        self._t, self._undo = tables, undo
+
+    def sync_defaults(self, specs: Iterable[tuple[str, str, str]], now: float) -> None:
+        for name, default, description in specs:
+            row = self._t.config.get(name)
+            value, scope = (row.value, row.scope) if row else (None, "global")
+            _set(self._t.config, name, ConfigRow(name, value, default, description, scope), self._undo)
+
+    def all(self) -> list[ConfigRow]:
+        return [self._t.config[name] for name in sorted(self._t.config)]
+
+    def set(self, name: str, value: str | None, now: float) -> ConfigRow:
+        row = self._t.config[name]  # KeyError for an unknown name, as the port says
+        changed = ConfigRow(name, value, row.default_value, row.description, row.scope)
+        _set(self._t.config, name, changed, self._undo)
+        return changed
+
+
+class MemoryManagers:
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
+        self._t, self._undo = tables, undo
+
+    def register(self, manager_id: str, address: str, version: str, now: float) -> None:
+        _set(self._t.managers, manager_id, _Manager(address, version, now, now), self._undo)
+
+    def heartbeat(self, manager_id: str, now: float) -> None:
+        row = self._t.managers.get(manager_id)
+        if row is not None:
+            _set(self._t.managers, manager_id, _Manager(row.address, row.version, row.started_at, now), self._undo)
+
+    def live(self, now: float, stale_after_s: float) -> list[str]:
+        return sorted(m for m, row in self._t.managers.items() if row.last_heartbeat_at >= now - stale_after_s)
