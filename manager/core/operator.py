@@ -1,4 +1,12 @@
-"""Operator facts: registering, starting, stopping, deleting VMs, switching HA, hosts in and out of maintenance."""
+"""Operator facts: registering, starting, stopping, deleting VMs, switching HA, hosts in and out of maintenance.
+
+Invariants: an operator fact about a VM or host the core does not know changes nothing and leaves a warning event;
+an Unmanaged VM is only ever adopted (registered), never started, stopped or destroyed by these paths; an operator
+stop or delete cancels the VM's HA work first, so no restart races the operator; a deleted VM's domain is destroyed
+where it runs and the answer to that DestroyVm is recorded (the record itself is gone by then); a deleted VM's
+restart history goes with it (its id may be given to a new VM). The checks an operator gets an error for (unknown
+names, running VMs that cannot be deleted, ...) are made before the fact exists, by kvmha.manager.operations.
+"""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """HA work: scheduleRestart / scheduleRestartForVmsOnHost, and restart(work) in CloudStack's order.
 
 restart(work): (1) drop it if the VM is gone, its HA was switched off or it changed since (update_count);
-(2) check where it last ran: a Down/Fenced host, or an Up host that reports it off, is safe; a host still being
-investigated or fenced means wait (the host's verdict wakes the work); an Up host that reports it on means it
-runs: cancel; (3) pick a target (placement); (4) StartVm; (5) Done only when the target's power report shows it on.
-Failed starts retry after `restart.retry.interval` up to `max.retries`, then Error with an alert. A VM that does not
-fit anywhere waits (retried later, no attempt used) with an event that says why.
+(2) check where it last ran (core/clearance.py): a Down/Fenced host, or an Up host that reports it off, is safe; a
+host still being investigated or fenced means wait (the host's verdict wakes the work); an Up host that reports it
+on means it runs: cancel; (3) pick a target (placement); (4) StartVm; (5) Done only when the target's power report
+shows it on. Every step change reads core/workstep.py's table. Failed starts retry after `restart.retry.interval`
+up to `max.retries`, then Error with an alert. A VM that does not fit anywhere waits (retried later, no attempt
+used) with an event that says why.
 
 At most one active item per VM (a duplicate report only adds an event), at most `ha.workers` items starting at once,
 higher `restart_priority` first.
@@ -13,13 +14,12 @@ higher `restart_priority` first.
 
 from __future__ import annotations
 
-import enum
 import heapq
 from typing import assert_never
 
 from kvmha.manager.core.actions import Severity, StartVm
+from kvmha.manager.core.clearance import Clearance, host_clearance
 from kvmha.manager.core.context import Ctx
-from kvmha.manager.core.hoststate import DEAD, SILENT
 from kvmha.manager.core.model import (
     HaWorkRecord,
     HostId,
@@ -40,18 +40,7 @@ from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
 
 OPERATOR_START = "operator start"
-
-
-class Clearance(enum.Enum):
-    """What the VM's last host says about starting it elsewhere (step 2 of restart(work))."""
-
-    SAFE = "safe"  # the host is dead or reports the VM off: start it elsewhere
-    CANCEL = "cancel"  # it still runs there, or no proof ever will come: the work ends
-    WAIT_HOST = "wait_host"  # the host is being investigated or fenced: its verdict wakes the work
-    WAIT_POWER = "wait_power"  # the host is up but the VM's power state is not known yet: look again later
-
 _RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
-_KNOWN_OFF = frozenset({PowerState.POWER_OFF, PowerState.POWER_REPORT_MISSING})
 
 
 class Scheduler:
@@ -166,7 +155,7 @@ class Scheduler:
         if problem is not None or vm is None:
             self.finish(work, WorkEvent.CANCEL, problem or "VM deleted")
             return
-        clearance, why = self._host_check(vm)
+        clearance, why = host_clearance(vm, self.ctx)
         match clearance:
             case Clearance.CANCEL:
                 self.finish(work, WorkEvent.CANCEL, why)
@@ -200,28 +189,6 @@ class Scheduler:
             return f"VM changed since scheduled (now {vm.state.value} on {self.ctx.host_name(vm.host_id)})"
         return None
 
-    def _host_check(self, vm: VmRecord) -> tuple[Clearance, str]:
-        """Where the VM last ran decides: safe to start elsewhere, wait, or it still runs (cancel)."""
-        if vm.host_id is None:
-            return Clearance.SAFE, "not on any host"
-        host = self.ctx.hosts.get(vm.host_id)
-        if host is None or host.status is HostStatus.REMOVED:
-            return Clearance.CANCEL, "its host was removed: not restarted without proof it is off"
-        if host.status in DEAD:
-            return Clearance.SAFE, f"{host.name} is {host.status.value}"
-        if host.status in SILENT or host.status is HostStatus.CONNECTING:
-            # Connecting: its first full report (which settles the VM's power state) is still to come.
-            return Clearance.WAIT_HOST, f"{host.name} is {host.status.value}"
-        if host.status is HostStatus.DISCONNECTED:
-            return Clearance.CANCEL, f"{host.name} is disconnected without investigation ({host.resource_state.value})"
-        if host.id not in self.ctx.connected or vm.power_state is PowerState.POWER_UNKNOWN:
-            return Clearance.WAIT_POWER, f"power state on {host.name} unknown"
-        if vm.id in self.ctx.absent:
-            return Clearance.WAIT_POWER, f"absent from {host.name}'s last full report, inside the grace"
-        if vm.power_state is PowerState.POWER_ON:
-            return Clearance.CANCEL, f"it runs on {host.name}"
-        return Clearance.SAFE, f"{host.name} reports it {vm.power_state.value}"
-
     def pump(self) -> None:
         while self.ready and len(self.in_progress) < self.ctx.config.ha_workers:
             _, _, work_id = heapq.heappop(self.ready)
@@ -232,7 +199,7 @@ class Scheduler:
     def _start(self, work: HaWorkRecord) -> None:
         ctx = self.ctx
         vm = ctx.vms.get(work.vm_id)
-        clearance, why = self._host_check(vm) if vm is not None else (Clearance.CANCEL, "VM deleted")
+        clearance, why = host_clearance(vm, self.ctx) if vm is not None else (Clearance.CANCEL, "VM deleted")
         if vm is None or clearance is not Clearance.SAFE or self._stale(work, vm):
             self.evaluate(work)  # something changed while it queued
             return

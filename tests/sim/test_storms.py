@@ -65,15 +65,15 @@ def test_the_checker_catches_a_core_that_restarts_on_hope(monkeypatch: pytest.Mo
 def test_the_checker_catches_a_start_before_the_old_host_is_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
     """A scheduler that starts VMs while their host is still being investigated breaks rule 2 (host lost power)."""
     from kvmha.manager.core import scheduler
+    from kvmha.manager.core.clearance import Clearance, host_clearance
+    from kvmha.manager.core.context import Ctx
     from kvmha.manager.core.model import VmRecord
 
-    original = scheduler.Scheduler._host_check
+    def hasty(vm: VmRecord, ctx: Ctx) -> tuple[Clearance, str]:
+        clearance, why = host_clearance(vm, ctx)
+        return (Clearance.SAFE, why) if clearance is Clearance.WAIT_HOST else (clearance, why)
 
-    def hasty(self: scheduler.Scheduler, vm: VmRecord) -> tuple[scheduler.Clearance, str]:
-        clearance, why = original(self, vm)
-        return (scheduler.Clearance.SAFE, why) if clearance is scheduler.Clearance.WAIT_HOST else (clearance, why)
-
-    monkeypatch.setattr(scheduler.Scheduler, "_host_check", hasty)
+    monkeypatch.setattr(scheduler, "host_clearance", hasty)
     scenario = load(Path(__file__).parents[1] / "scenarios" / "bmc_dead_with_host")
     sim = run(scenario)
     assert any("neither fenced nor proven dead" in violation for violation in sim.checker.violations)
