@@ -204,7 +204,11 @@ class Driver:
         return await job.future
 
     async def read(self, operation: Operation[T]) -> T:
-        """A transaction outside the driver's order: listings, and writes of columns the core never writes."""
+        """A transaction outside the driver's order, for listings: the store is current (persist first)."""
+        return await self.env.persistence.transact(operation)
+
+    async def transact(self, operation: Operation[T]) -> T:
+        """A write outside the driver's order, only for columns the core never writes (an agent's versions)."""
         return await self.env.persistence.transact(operation)
 
     # ------------------------------------------------------------------ the loop

@@ -68,7 +68,7 @@ class AgentHub:
             uow.commit()
             return stored
 
-        if known is not None and await self._driver.read(record):
+        if known is not None and await self._driver.transact(record):
             host_id = known
         else:
             host_id, created = await self._driver.run(lambda uow: self._register(uow, hello, peer))

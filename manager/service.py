@@ -85,7 +85,11 @@ class AgentTransport:
         self._links.disconnect(action.host_id, action.reason)
 
     async def _out_of_band(self, host_id: HostId, call: Callable[[Any], facts.Fact], answer: Submit) -> None:
-        credentials = await self._persistence.transact(lambda uow: uow.hosts.bmc(host_id))
+        try:
+            credentials = await self._persistence.transact(lambda uow: uow.hosts.bmc(host_id))
+        except Exception as error:  # no answer: the core times the fence or query out and tries again later
+            log.error("event=bmc_credentials_unavailable host_id=%s error=%s", host_id, type(error).__name__)
+            return
         fact = await asyncio.get_running_loop().run_in_executor(self._pool, call, credentials)
         answer(fact)
 
@@ -117,8 +121,8 @@ class ProductionJournal:
                 listener()
 
     def write_failed(self, error: BaseException, retry_in_s: float) -> None:
-        log.error("event=db_write_failed error=%s retry_in_s=%.1f", str(error).splitlines()[0][:300] if str(error)
-                  else type(error).__name__, retry_in_s)
+        text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        log.error("event=db_write_failed error=%s retry_in_s=%.1f", text, retry_in_s)
         self.metrics.db_errors.inc()
 
 

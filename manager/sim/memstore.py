@@ -50,6 +50,10 @@ class Tables:
     events: list[EventRow] = field(default_factory=list)
     config: dict[str, ConfigRow] = field(default_factory=dict)
     managers: dict[str, _Manager] = field(default_factory=dict)
+    # Indexes, kept with the tables (and undone with them): a 100,000-VM world is seeded and queried in O(1).
+    host_by_uuid: dict[str, HostId] = field(default_factory=dict)
+    vm_by_uuid: dict[str, VmId] = field(default_factory=dict)
+    active_work_by_vm: dict[VmId, WorkId] = field(default_factory=dict)
 
 
 K = TypeVar("K")
@@ -155,13 +159,14 @@ class MemoryHosts:
         return _details(self._t.hosts[HostId(found)]) if found is not None else None
 
     def id_of(self, uuid: str) -> HostId | None:
-        return next((h for h, row in self._t.hosts.items() if row.record.uuid == uuid), None)
+        return self._t.host_by_uuid.get(uuid)
 
     def add(self, uuid: str, name: str, address: str, now: float) -> HostId:
         if self.id_of(uuid) is not None:
             raise StoreError(f"duplicate host uuid {uuid}")
-        host_id = HostId(max(self._t.hosts, default=0) + 1)
+        host_id = HostId(len(self._t.hosts) + 1)  # hosts are never deleted: ids are 1..n
         self._put(host_id, _Host(HostRecord(host_id, HostUuid(uuid), name, address)))
+        _set(self._t.host_by_uuid, uuid, host_id, self._undo)
         return host_id
 
     def save(self, record: HostRecord, now: float) -> None:
@@ -215,7 +220,8 @@ class MemoryVms:
         return self.get(VmId(found)) if found is not None else None
 
     def by_uuid(self, uuid: VmUuid | str) -> VmRecord | None:
-        return next((copy.copy(v) for v in self._t.vms.values() if v.uuid == uuid), None)
+        vm_id = self._t.vm_by_uuid.get(uuid)
+        return None if vm_id is None else self.get(vm_id)
 
     def add(self, record: VmRecord, now: float) -> VmRecord:
         if record.id <= 0:
@@ -227,13 +233,21 @@ class MemoryVms:
 
     def upsert(self, record: VmRecord, now: float) -> None:
         current = self._t.vms.get(record.id)
-        if (current is None or current.uuid != record.uuid) and self.by_uuid(record.uuid) is not None:
-            raise StoreError(f"duplicate VM uuid {record.uuid}")
+        if current is None or current.uuid != record.uuid:
+            if record.uuid in self._t.vm_by_uuid:
+                raise StoreError(f"duplicate VM uuid {record.uuid}")
+            if current is not None:
+                _delete(self._t.vm_by_uuid, current.uuid, self._undo)
+            _set(self._t.vm_by_uuid, record.uuid, record.id, self._undo)
         _set(self._t.vms, record.id, copy.copy(record), self._undo)
 
     def delete(self, vm_id: VmId) -> None:
         for work_id in [w.id for w in self._t.works.values() if w.vm_id == vm_id]:
             _delete(self._t.works, work_id, self._undo)
+        _delete(self._t.active_work_by_vm, vm_id, self._undo)
+        vm = self._t.vms.get(vm_id)
+        if vm is not None:
+            _delete(self._t.vm_by_uuid, vm.uuid, self._undo)
         _delete(self._t.vms, vm_id, self._undo)
 
     def max_id(self, below: int | None = None) -> int:
@@ -255,10 +269,14 @@ class MemoryWorks:
         stored.reason, stored.updated_at = record.reason[:4000], now
         stored.taken_by = manager_id if record.step.active else (current.taken_by if current else None)
         stored.taken_at = (record.taken_at or now) if record.step.active else (current.taken_at if current else None)
-        if stored.step.active and any(w.vm_id == record.vm_id and w.step.active and w.id != record.id
-                                      for w in self._t.works.values()):
-            # The SQL store's UNIQUE active_instance_id (cloudstack#10367): never two active HA items for one VM.
-            raise StoreError(f"a second active HA item for VM {record.vm_id}")
+        active = self._t.active_work_by_vm
+        if stored.step.active:
+            if active.get(record.vm_id, record.id) != record.id:
+                # The SQL store's UNIQUE active_instance_id (cloudstack#10367): never two active HA items per VM.
+                raise StoreError(f"a second active HA item for VM {record.vm_id}")
+            _set(active, record.vm_id, record.id, self._undo)
+        elif active.get(record.vm_id) == record.id:
+            _delete(active, record.vm_id, self._undo)
         _set(self._t.works, record.id, stored, self._undo)
 
     def finished_since(self, since: float) -> list[HaWorkRecord]:
