@@ -139,7 +139,7 @@ class Driver:
             request_prefix=prefix,
         )
         log.info("event=manager_started manager_id=%s hosts=%d vms=%d active_work=%d", self.settings.manager_id,
-                 len(hosts), len(vms), len(works))
+                 len(hosts), len(vms), sum(work.step.active for work in works))
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"driver-{self.settings.manager_id}")
 
     def _load(
