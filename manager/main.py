@@ -19,6 +19,7 @@ from kvmha.manager import logs
 from kvmha.manager.adapters.admin import AdminServicer
 from kvmha.manager.adapters.agent_link import AgentLinkServicer
 from kvmha.manager.adapters.db import make_engine, migrate
+from kvmha.manager.adapters.ipmi_zygote import close_shared_zygote, shared_zygote
 from kvmha.manager.adapters.repository import SqlStore
 from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
@@ -75,6 +76,8 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
                         config_overrides=settings.config_overrides),
         fencer_factory=ipmi_factory(settings.manager_id), metrics=metrics)
     await service.start()
+    # The IPMI zygote pays the interpreter start and the pyghmi import now, not during the first investigation.
+    shared_zygote().start()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
@@ -121,6 +124,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         refresher.cancel()
         await service.stop()
+        await asyncio.to_thread(close_shared_zygote)  # its children (fences in flight) are killed with it
         await asyncio.gather(agents.stop(grace=3), admin.stop(grace=3))
         engine.dispose()
         log.info("event=manager_stopped")
