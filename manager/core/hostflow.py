@@ -13,6 +13,7 @@ from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
+from kvmha.manager.core.flap import FlapLog
 from kvmha.manager.core.hoststate import DEAD, SILENT, HostEvent, next_status
 from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Verdict, classify_heartbeat, decide
 from kvmha.manager.core.model import HostId, HostRecord, HostRole, HostStatus, HostUuid, RequestId, ResourceState
@@ -58,7 +59,8 @@ class HostFlow:
         self.awaiting_rejoin: set[HostId] = set()  # restored as Up, agent not back yet since the manager started
         self.investigations: dict[HostId, Investigation] = {}
         self.fence_failures: dict[HostId, int] = {}
-        self.failures: dict[HostId, list[float]] = {}  # when each host went silent, for flap detection
+        config = ctx.config
+        self.flaps = FlapLog(config.flap_window_s, config.flap_max_failures)
         # host -> (freshest heartbeat age seen, when): a failed fence re-checks as soon as the host could be proven
         # dead by silence, instead of only after the fence backoff.
         self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
@@ -200,16 +202,34 @@ class HostFlow:
 
     def _note_failure(self, host: HostRecord) -> None:
         config, now = self.ctx.config, self.ctx.now
-        times = [t for t in self.failures.get(host.id, []) if t > now - config.flap_window_s] + [now]
-        self.failures[host.id] = times
-        if len(times) >= config.flap_max_failures:
+        silent, managed = silent_share(self.ctx.hosts.values())
+        if managed and silent / managed > config.fence_max_silent_ratio:
+            # Most hosts at once: the manager or the network failed, not this host. Those that went silent with it
+            # (within a ping timeout) are forgiven too, and lose a hold-out it gave them.
+            for host_id in self.flaps.forgive_since(now - config.ping_timeout_s):
+                self.ctx.held.release(host_id)
+                self.ctx.event(
+                    "info",
+                    f"host:{host_id}",
+                    "host.flapping",
+                    "no longer flapping: its last failure was part of an incident that silenced most hosts",
+                )
+            self.ctx.event(
+                "info",
+                f"host:{host.id}",
+                "host.flap.ignored",
+                f"silent with {silent} of {managed} hosts at once: not counted as its own failure",
+            )
+            return
+        failures = self.flaps.note(host.id, now)
+        if failures >= config.flap_max_failures:
             self.ctx.held.hold(host.id, now + config.flap_holdout_s)
             self.ctx.event(
                 "warning",
                 f"host:{host.id}",
                 "host.flapping",
-                f"flapping ({len(times)} failures in {config.flap_window_s:.0f} s): held out of placement "
-                f"for {config.flap_holdout_s:.0f} s",
+                f"flapping ({failures} failures in {config.flap_window_s:.0f} s): avoided as a restart target "
+                f"for {config.flap_holdout_s:.0f} s (used only when no stable host fits)",
             )
 
     def on_timer(self, timer: HostTimer) -> None:

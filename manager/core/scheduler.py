@@ -230,10 +230,29 @@ class Scheduler:
         )
 
     def _place(self, vm: VmRecord) -> tuple[HostRecord | None, str]:
-        exclude = set(self.ctx.held.at(self.ctx.now))
+        """A target for the VM. Held-out (flapping) hosts are a preference, not an exclusion: they are chosen only
+        when no stable host fits, and then with an event — a VM left down while a host could run it is the worse
+        outcome (issue 12: eight VMs waited seven minutes beside two Up hosts with room)."""
+        held = self.ctx.held.at(self.ctx.now)
+        exclude: set[HostId] = set()
         old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if old is not None and old.status is not HostStatus.UP:
             exclude.add(old.id)
+        self._cursor += 1
+        target, why = self._choose(vm, exclude | held)
+        if target is not None or not held - exclude:
+            return target, why
+        fallback, _ = self._choose(vm, exclude)
+        if fallback is not None:
+            self.ctx.event(
+                "warning",
+                f"vm:{vm.id}",
+                "vm.placed.held",
+                f"no stable host fits: placed on {fallback.name}, held out as flapping ({why})",
+            )
+        return fallback, why
+
+    def _choose(self, vm: VmRecord, exclude: set[HostId]) -> tuple[HostRecord | None, str]:
         group = vm.anti_affinity_group
         request = PlacementRequest(
             vm,
@@ -241,7 +260,6 @@ class Scheduler:
             frozenset(self.ctx.vms.group_hosts(group, vm.id) if group else ()),
             vm.host_id if occupies(vm) else None,
         )
-        self._cursor += 1
         return choose_host(
             request,
             self.ctx.up.ids,

@@ -5,7 +5,8 @@ nothing of the flows, which keeps the core's module graph a DAG:
 
 - `UpHosts` (written by HostFlow): the Up, connected ROUTING hosts in id order — neighbours to ask about a silent
   host, and placement candidates for the scheduler.
-- `HeldOut` (written by HostFlow): hosts that flapped, kept out of placement until a time.
+- `HeldOut` (written by HostFlow): hosts that flapped, avoided by placement until a time (used only when no stable
+  host fits).
 - `Absences` (written by PowerSync): VMs missing from their host's last full report, inside the grace after which
   they count as PowerReportMissing; the scheduler waits instead of deciding on a report that is about to change.
 """
@@ -55,6 +56,9 @@ class HeldOut:
 
     def hold(self, host_id: HostId, until: float) -> None:
         self._until[host_id] = until
+
+    def release(self, host_id: HostId) -> None:
+        self._until.pop(host_id, None)
 
     def at(self, now: float) -> frozenset[HostId]:
         return frozenset(host_id for host_id, until in self._until.items() if until > now)

@@ -12,6 +12,7 @@ from kvmha.manager.core import facts as f
 from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
 from kvmha.manager.hub import AgentHello
 from kvmha.manager.sim.invariants import FENCED, HOST_LOST, VM_LEVEL
+from kvmha.manager.sim.liveness import CRASH, FENCE, SELF_FENCE
 from kvmha.manager.sim.world import SimHost
 from kvmha.manager.store import AgentInfo
 
@@ -121,6 +122,7 @@ class Agents:
             count = len(host.running)
             for uuid in sorted(host.running):
                 self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
+                self.sim.liveness.lost(uuid, SELF_FENCE)  # the manager must wait out the self-fence time
             host.running.clear()
             self.sim.note(
                 f"sim: {host.name} agent isolated for {self.sim.now - host.isolated_since:.1f} s: "
@@ -195,6 +197,7 @@ class Agents:
         if not (host.powered and host.hypervisor_ok):
             return
         self.sim.checker.started(uuid, host.id, self.sim.now)
+        self.sim.liveness.started(uuid)
         host.running.add(uuid)
         self.sim.vm_started(uuid, host.id)
         self._reply(epoch, host, f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, False)))
@@ -203,7 +206,14 @@ class Agents:
     def stop_vm(self, host: SimHost, uuid: VmUuid, cause: StopCause) -> None:
         host.running.discard(uuid)
         self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
+        self.sim.liveness.lost(uuid, self._restart_owed(cause))
         self.delta(host, uuid, PowerState.POWER_OFF, cause)
+
+    def _restart_owed(self, cause: StopCause) -> str | None:
+        """Which liveness bound a VM-level stop starts (None: the VM is not to be restarted)."""
+        if cause is StopCause.GUEST_SHUTDOWN:
+            return CRASH if self.sim.config.guest_shutdown_restart else None
+        return None if cause is StopCause.DESTROYED else CRASH
 
     # ------------------------------------------------------------ BMC
 
@@ -245,8 +255,11 @@ class Agents:
         if not host.powered:
             return
         self.sim.host_failed(host)
+        cause = FENCE if how == FENCED else self.sim.liveness.host_cause(host)
+        self.sim.liveness.host_lost(host, cause)
         for uuid in sorted(host.running):
             self.sim.checker.stopped(uuid, host.id, how)
+            self.sim.liveness.lost(uuid, cause)
         host.running.clear()
         host.powered = host.agent_running = host.stream_open = False
         host.isolated_since = None

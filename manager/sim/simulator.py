@@ -31,6 +31,7 @@ from kvmha.manager.operations import Operation, OperationError
 from kvmha.manager.sim.agents import Agents
 from kvmha.manager.sim.env import SimClock, SimJournal, SimPersistence, SimTransport
 from kvmha.manager.sim.invariants import Checker
+from kvmha.manager.sim.liveness import Liveness
 from kvmha.manager.sim.loop import VirtualLoop
 from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.sim.world import SimHost, SimVm, World
@@ -86,9 +87,11 @@ class Simulator:
         for host in self.world.hosts.values():
             for uuid in host.running:
                 self.checker.running_on.setdefault(uuid, set()).add(host.id)
+        self.liveness = Liveness(self, self.checker.violations)  # one list: safety and liveness violations
         self.agents = Agents(self)
         self.loop.run_until_complete(self._start_manager())
         self.agents.boot_all()
+        self.liveness.start()
 
     # ------------------------------------------------------------ setup
 
@@ -269,6 +272,8 @@ class Simulator:
 
     def _manager_started(self) -> None:
         self.note(f"manager started again from {len(self.store.tables.works)} saved work items")
+        # Agents reconnect and nothing is fenced during the startup grace: the liveness promise counts from its end.
+        self.liveness.pause(self.now + max(self.config.startup_grace_s, self.config.ping_timeout_s))
         self._spawn(self._start_manager())
 
     # ------------------------------------------------------------ measurements

@@ -7,6 +7,7 @@ import pytest
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.flap import FlapLog
 from kvmha.manager.core.model import (
     HaWorkRecord,
     HostId,
@@ -352,3 +353,13 @@ def test_questions_that_left_late_get_their_whole_timeout() -> None:
     query = of_type(out, a.QueryBmc)[0]
     h.handle(f.BmcPowerReported(query.request_id, HostId(1), "off"), at=25.5)
     assert h.core.host_status(HostId(1)) is HostStatus.DOWN  # decided on evidence, not on a deadline
+
+
+def test_flap_log_forgives_the_failures_of_a_mass_incident() -> None:
+    log = FlapLog(window_s=600.0, max_failures=3)
+    assert [log.note(HostId(1), t) for t in (10.0, 100.0)] == [1, 2]
+    assert log.note(HostId(2), 195.0) == 1
+    assert log.note(HostId(1), 200.0) == 3  # flapping
+    assert log.forgive_since(193.0) == [HostId(1)]  # both went silent with the incident; only h1 was flapping
+    assert log.failures == {HostId(1): [10.0, 100.0], HostId(2): []}
+    assert log.note(HostId(1), 650.0) == 2  # 10.0 fell out of the window
