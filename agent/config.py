@@ -5,6 +5,7 @@ The file schema is a contract with the lab and the deploy docs (deploy/config/ag
     [agent]      host_uuid (required), hostname, management_address, managers, libvirt_uri, storage_paths,
                  heartbeat_interval_s, resync_interval_s, neighbor_port, log_format, libvirt_config_dir
     [isolation]  policy (none | destroy-vms | reboot-host), after_s
+    [tls]        ca, cert, key (mutual TLS, the default), allow_insecure_plaintext (false)
     [watchdog]   enabled (true), socket (kvmha-watchdog's, /run/kvmha/watchdog.sock), timeout_s (20: the host
                  resets at most this long after the agent's last sign of life; see docs/watchdog.md)
 
@@ -62,6 +63,12 @@ class AgentConfig:
     # otherwise, and the longest pause between two connection attempts.
     ping_interval_s: float = 2.0
     reconnect_max_s: float = 8.0  # below the manager's startup.grace (20 s): a restarted manager sees us in time
+    # [tls]: mutual TLS with the manager (kvmha pki host NAME --uuid <host_uuid>); the files are read again on
+    # every connection, so renewed certificates are picked up without a restart.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    allow_insecure_plaintext: bool = False
 
 
 _AGENT_KEYS = {
@@ -71,7 +78,9 @@ _AGENT_KEYS = {
 }
 _ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
 _WATCHDOG_KEYS = {"enabled": "watchdog_enabled", "socket": "watchdog_socket", "timeout_s": "watchdog_timeout_s"}
-_SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS}  # [section] key -> field
+_TLS_KEYS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
+             "allow_insecure_plaintext": "allow_insecure_plaintext"}
+_SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS, "tls": _TLS_KEYS}  # [section] key -> field
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 
 
@@ -209,6 +218,9 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     for path in cfg.storage_paths:
         if not os.path.isabs(path):
             raise ConfigError(f"storage path {path!r} must be absolute")
+    tls = (cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+    if any(tls) and not all(tls):
+        raise ConfigError("[tls] needs ca, cert and key (kvmha pki host NAME --uuid <host_uuid>)")
     for key in ("watchdog_socket", "libvirt_config_dir"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigError(f"{key} {getattr(cfg, key)!r} must be an absolute path")

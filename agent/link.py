@@ -65,6 +65,18 @@ class LinkSettings:
     reconnect_base_s: float = 0.5
     reconnect_max_s: float = 8.0
     hello_timeout_s: float = 10.0
+    tls_ca: str = ""  # with tls_cert and tls_key: mutual TLS; "" = plaintext (only when explicitly allowed)
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to `address`; the certificate files are read now, so a renewed one is used at the next
+        connection."""
+        if not self.tls_ca:
+            return grpc.aio.insecure_channel(address, options=_GRPC_OPTIONS)
+        with open(self.tls_ca, "rb") as ca, open(self.tls_cert, "rb") as cert, open(self.tls_key, "rb") as key:
+            credentials = grpc.ssl_channel_credentials(ca.read(), key.read(), cert.read())
+        return grpc.aio.secure_channel(address, credentials, options=_GRPC_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -268,7 +280,7 @@ class AgentLink:
         log.info("event=manager_connecting manager=%s", address)
         session = _Session()
         session.queue.put_nowait(await self._hello())
-        async with grpc.aio.insecure_channel(address, options=_GRPC_OPTIONS) as channel:
+        async with self.settings.channel(address) as channel:
             call = pb_grpc.AgentLinkStub(channel).Connect(self._requests(session))
             responses = call.__aiter__()
             try:

@@ -98,7 +98,8 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
         managers=cfg.managers, host_uuid=cfg.host_uuid, hostname=cfg.hostname,
         management_address=cfg.management_address, storage_paths=cfg.storage_paths,
         agent_version=_agent_version(), boot_id=str(uuid.uuid4()), ping_interval_s=cfg.ping_interval_s,
-        resync_interval_s=cfg.resync_interval_s, reconnect_max_s=cfg.reconnect_max_s)
+        resync_interval_s=cfg.resync_interval_s, reconnect_max_s=cfg.reconnect_max_s, tls_ca=cfg.tls_ca,
+        tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
     isolation = IsolationMonitor(hypervisor, cfg.isolation_policy, cfg.isolation_after_s,
                                  storage_configured=bool(cfg.storage_paths), started_at=started_at)
     # Issue 11: kvmha-watchdog backs the agent's liveness and its isolation response (kvmha.agent.watchdog_agent).

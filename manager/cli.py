@@ -21,7 +21,8 @@ from google.protobuf.message import Message
 from rich.text import Text
 
 from kvmha.manager import cli_render as render
-from kvmha.manager.cli_client import DEFAULT_ADMIN_PORT, Exit, Link, connect, fail
+from kvmha.manager.cli_client import DEFAULT_ADMIN_PORT, Exit, Link, TlsFiles, connect, fail
+from kvmha.manager.cli_pki import pki_app
 from kvmha.proto.v1 import admin_pb2 as pb
 
 DEFAULT_MANAGER = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
@@ -37,12 +38,12 @@ class Session:
 
     manager: str
     timeout_s: float
-    tls_ca: Path | None = None
+    tls: TlsFiles = field(default_factory=lambda: TlsFiles(None, None, None))
     _link: Link | None = field(default=None, repr=False)
 
     def link(self, ctx: typer.Context) -> Link:
         if self._link is None:
-            self._link = connect(self.manager, self.timeout_s, self.tls_ca)
+            self._link = connect(self.manager, self.timeout_s, self.tls)
             ctx.call_on_close(self._link.close)
         return self._link
 
@@ -71,6 +72,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(ha_app, name="ha")
 app.add_typer(config_app, name="config")
+app.add_typer(pki_app, name="pki")
 
 
 class Switch(enum.StrEnum):
@@ -101,8 +103,15 @@ def _options(
             "--tls-ca", envvar="KVMHA_TLS_CA", metavar="FILE", help="CA certificate of the manager's TLS (PEM)."
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--cert", envvar="KVMHA_TLS_CERT", metavar="FILE", help="Your operator certificate (PEM)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--key", envvar="KVMHA_TLS_KEY", metavar="FILE", help="Its private key (PEM).")
+    ] = None,
 ) -> None:
-    ctx.obj = Session(manager=manager, timeout_s=timeout, tls_ca=tls_ca)
+    ctx.obj = Session(manager=manager, timeout_s=timeout, tls=TlsFiles(tls_ca, tls_cert, tls_key))
 
 
 def _vm_line(vm: pb.VmInfo, as_json: bool, verb: str = "") -> None:

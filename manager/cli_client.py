@@ -6,7 +6,8 @@ Exit codes are part of the CLI's interface, so scripts can react without parsing
     1  any other error reported by the manager (INTERNAL, UNIMPLEMENTED, ...)
     2  the manager cannot be reached (UNAVAILABLE, or no connection before the deadline); also typer's usage errors
     3  no such host / VM / item (NOT_FOUND)
-    4  the manager (or the CLI) refused the request (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, ...)
+    4  the manager (or the CLI) refused the request (INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, ...),
+       or the caller (UNAUTHENTICATED: no operator certificate; PERMISSION_DENIED: a role too low for the request)
     5  connected, but no answer before the deadline: a change may or may not have been applied
 
 Every error is one line on stderr, never a traceback.
@@ -18,6 +19,7 @@ import enum
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -48,6 +50,8 @@ REFUSED_CODES = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -155,19 +159,38 @@ class Link:
             self.channel.close()
 
 
-def connect(address: str, timeout_s: float, tls_ca: Path | None = None) -> Link:
-    """The only place a channel is built: TLS when given the CA that signed the manager's certificate.
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA that signed the manager's certificate, and the operator's own certificate and key."""
 
-    Plaintext otherwise, which the manager only allows on loopback (or an isolated lab network).
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+
+def connect(address: str, timeout_s: float, tls: TlsFiles | None = None) -> Link:
+    """The only place a channel is built: mutual TLS when given the CA (and, for the admin API, the operator's
+    certificate: `kvmha pki operator`).
+
+    Plaintext otherwise, which a manager accepts only when it was explicitly started without TLS.
     """
     address = with_port(address)
-    if tls_ca is None:
+    if tls is None or tls.ca is None:
+        if tls is not None and (tls.cert or tls.key):
+            fail("--cert/--key need --tls-ca (KVMHA_TLS_CA): the CA that signed the manager's certificate",
+                 Exit.REFUSED)
         return Link(address, timeout_s, grpc.insecure_channel(address))
-    try:
-        root = tls_ca.read_bytes()
-    except OSError as err:
-        fail(f"cannot read the CA certificate {tls_ca}: {err.strerror}", Exit.REFUSED)
-    credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    if bool(tls.cert) != bool(tls.key):
+        fail("--cert and --key go together (KVMHA_TLS_CERT, KVMHA_TLS_KEY)", Exit.REFUSED)
+    files = {"CA certificate": tls.ca, "certificate": tls.cert, "key": tls.key}
+    data: dict[str, bytes | None] = {}
+    for what, path in files.items():
+        try:
+            data[what] = path.read_bytes() if path is not None else None
+        except OSError as err:
+            fail(f"cannot read the {what} {path}: {err.strerror}", Exit.REFUSED)
+    credentials = grpc.ssl_channel_credentials(root_certificates=data["CA certificate"], private_key=data["key"],
+                                               certificate_chain=data["certificate"])
     return Link(address, timeout_s, grpc.secure_channel(address, credentials))
 
 

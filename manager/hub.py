@@ -10,16 +10,20 @@ never hears of a host the store does not have.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from kvmha.manager.core import facts
+from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.model import HostCapacity, HostId
 from kvmha.manager.driver import Driver
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
 log = logging.getLogger("kvmha.manager.hub")
 UNKNOWN_HOST_RETRY_S = 60.0
+EVENT_BURST, EVENT_WINDOW_S = 20, 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,8 @@ class AgentHub:
         self._driver = driver
         self._auto_register = auto_register_hosts
         self._host_ids: dict[str, HostId] = {}  # host uuid -> id, for hosts already stored
+        self._event_times: list[float] = []
+        self._recording: set[asyncio.Task[None]] = set()
 
     def remember_hosts(self) -> None:
         """After the driver started: the hosts it loaded are known."""
@@ -98,3 +104,26 @@ class AgentHub:
 
     def submit(self, fact: facts.Fact) -> None:
         self._driver.submit(fact)
+
+    def record_event(self, severity: Severity, kind: str, message: str) -> None:
+        """An event about the wire (a refused identity, a malformed message), recorded in the driver's order
+        without waiting. At most EVENT_BURST per EVENT_WINDOW_S: a flood of bad streams must not flood the event
+        table (the log still has every one)."""
+        now = time.monotonic()
+        self._event_times = [at for at in self._event_times if now - at < EVENT_WINDOW_S]
+        if len(self._event_times) >= EVENT_BURST:
+            return
+        self._event_times.append(now)
+
+        def record(uow: UnitOfWork) -> None:
+            uow.events.add(uow.now, severity, "manager", kind, message[:2000])
+            uow.commit()
+
+        task = asyncio.get_running_loop().create_task(self._driver.run(record))
+        self._recording.add(task)
+        task.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event=event_not_recorded error=%r", task.exception())

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,8 @@ from kvmha.manager.adapters.ipmi_zygote import close_shared_zygote, shared_zygot
 from kvmha.manager.adapters.repository import SqlStore
 from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
+from kvmha.manager.security.auth import RoleInterceptor, server_credentials
+from kvmha.manager.security.roles import Role
 from kvmha.manager.service import ManagerService, ServiceSettings
 from kvmha.manager.settings import ManagerSettings, SettingsError, environment, load, parse_args, split_address
 from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc
@@ -54,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _credentials(settings: ManagerSettings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
+        log.warning("event=plaintext_listeners agents=%s admin=%s warning=%s", settings.listen, settings.admin_listen,
+                    "NO TLS: any peer can claim to be any host and every admin caller is an admin")
         return None
-    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+    return server_credentials(Path(settings.tls_cert), Path(settings.tls_key), Path(settings.tls_ca))
 
 
 def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
@@ -84,11 +88,14 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
                ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
     credentials = _credentials(settings)
     agents = grpc.aio.server(options=options)
-    agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(service, service.links), agents)
+    agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(service, service.links,
+                                                                  host_certificates=credentials is not None), agents)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, agents)
     _add_port(agents, settings.listen, credentials)
-    admin = grpc.aio.server(options=options)
+    # Roles are checked in one place (security/auth.py); plaintext has no identities, so its callers are admins.
+    plaintext_role = Role.ADMIN if credentials is None else None
+    admin = grpc.aio.server(options=options, interceptors=[RoleInterceptor(plaintext_role)])
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service), admin)
     _add_port(admin, settings.admin_listen, credentials)
     if settings.metrics_listen:

@@ -171,6 +171,9 @@ class ManagerService:
     def submit(self, fact: facts.Fact) -> None:
         self.driver.submit(fact)
 
+    def record_event(self, severity: actions.Severity, kind: str, message: str) -> None:
+        self.hub.record_event(severity, kind, message)
+
     # ------------------------------------------------------------------ OperatorPort
 
     async def run(self, operation: Operation[T], then: Callable[[T], Sequence[facts.Fact]] | None = None) -> T:

@@ -13,9 +13,10 @@ Example (deploy/config/manager.toml):
     database = "sqlite:////var/lib/kvmha/manager.sqlite"
     auto_register_hosts = true
     log_format = "kv"                 # or "json"
-    [tls]                              # optional; without it only loopback listeners are allowed
-    cert = "/etc/kvmha/manager.crt"
-    key = "/etc/kvmha/manager.key"
+    [tls]                              # mutual TLS (kvmha pki); without it only loopback listeners are allowed
+    cert = "/etc/kvmha/pki/manager-mgr1.crt"
+    key = "/etc/kvmha/pki/manager-mgr1.key"
+    ca = "/etc/kvmha/pki/ca.crt"
     [config]
     "ping.interval" = "2"
 """
@@ -51,6 +52,7 @@ class ManagerSettings:
     log_level: str = "INFO"
     tls_cert: str = ""
     tls_key: str = ""
+    tls_ca: str = ""  # the CA whose certificates (hosts, operators) may connect: mutual TLS
     # Plaintext on a non-loopback address needs this (the lab's own bridge does); real deployments use TLS.
     allow_insecure_plaintext: bool = False
     config_overrides: tuple[tuple[str, str], ...] = ()
@@ -63,8 +65,9 @@ class ManagerSettings:
                                     "(or allow_insecure_plaintext = true on an isolated network)")
         if self.log_format not in ("kv", "json"):
             raise SettingsError(f"log_format must be 'kv' or 'json', not {self.log_format!r}")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise SettingsError("[tls] needs both cert and key")
+        if bool(self.tls_cert) != bool(self.tls_key) or bool(self.tls_cert) != bool(self.tls_ca):
+            raise SettingsError("[tls] needs cert, key and ca (the CA that signed the hosts' and operators' "
+                                "certificates: kvmha pki init)")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -115,7 +118,11 @@ def _from_toml(settings: ManagerSettings, path: Path) -> ManagerSettings:
         raise SettingsError(f"{path}: unknown keys in [manager]: {sorted(unknown)}")
     changes = {_KEYS[k]: _coerce(_KEYS[k], v) for k, v in manager.items()}
     tls = data.get("tls", {})
+    unknown_tls = set(tls) - {"cert", "key", "ca"}
+    if unknown_tls:
+        raise SettingsError(f"{path}: unknown keys in [tls]: {sorted(unknown_tls)}")
     changes["tls_cert"], changes["tls_key"] = str(tls.get("cert", "")), str(tls.get("key", ""))
+    changes["tls_ca"] = str(tls.get("ca", ""))
     overrides = tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v))
                       for k, v in data.get("config", {}).items())
     return replace(settings, config_overrides=overrides, **changes)  # type: ignore[arg-type]

@@ -6,6 +6,9 @@ written by this stream. A bad stream is ended with a gRPC status that says why (
 message, FAILED_PRECONDITION for messages out of order, ALREADY_EXISTS for a duplicate host, RESOURCE_EXHAUSTED for
 a flood); other agents' streams are never affected.
 
+With mutual TLS (the default) a Hello must name the host uuid bound in the peer's certificate, or the stream is
+refused with a `security` event naming the peer's address; certificates of another CA never get past the handshake.
+
 A second stream for a host that is already connected: if the first stream was heard from recently, the second is
 rejected as a duplicate (two agents claiming one uuid is a configuration error that must not flap the host); if the
 first has gone quiet, the second replaces it (an agent that reconnects before the manager noticed its old TCP
@@ -27,8 +30,11 @@ import grpc
 from kvmha.manager.adapters import translate
 from kvmha.manager.adapters.translate import WireError
 from kvmha.manager.core import actions, facts
+from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.model import HostId, RequestId
 from kvmha.manager.hub import AgentHello, UnknownHost, WelcomeTerms
+from kvmha.manager.security.auth import peer_identity
+from kvmha.manager.security.pki import Identity
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
 
@@ -52,6 +58,8 @@ class LinkHub(Protocol):
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId: ...
     def welcome(self, host_id: HostId) -> WelcomeTerms: ...
     def submit(self, fact: facts.Fact) -> None: ...
+    def record_event(self, severity: Severity, kind: str, message: str) -> None:
+        """An event about a stream (a refused identity, a malformed message), outside the core's facts."""
 
 
 @dataclass
@@ -181,8 +189,13 @@ class StreamError(Exception):
 
 
 class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
-    def __init__(self, hub: LinkHub, registry: LinkRegistry, hello_timeout_s: float = 10.0) -> None:
+    """`host_certificates`: the manager runs mutual TLS, so every stream's Hello must name the host uuid bound in
+    its certificate (kvmha pki host); False only on explicitly allowed plaintext."""
+
+    def __init__(self, hub: LinkHub, registry: LinkRegistry, hello_timeout_s: float = 10.0,
+                 host_certificates: bool = False) -> None:
         self._hub, self._registry, self._hello_timeout_s = hub, registry, hello_timeout_s
+        self._host_certificates = host_certificates
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext[
@@ -190,7 +203,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
     ) -> AsyncIterator[pb.ManagerMessage]:
         peer = context.peer()
         try:
-            session = await self._open(request_iterator, peer)
+            session = await self._open(request_iterator, peer, peer_identity(context))
         except RejectError as rejected:
             log.warning("event=agent_rejected peer=%s code=%s reason=%s", peer,
                         pb.RejectCode.Name(rejected.code), rejected.reason)
@@ -214,7 +227,8 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         if isinstance(planned, StreamError):
             await context.abort(planned.status, str(planned))
 
-    async def _open(self, request_iterator: AsyncIterator[pb.AgentMessage], peer: str) -> AgentSession:
+    async def _open(self, request_iterator: AsyncIterator[pb.AgentMessage], peer: str,
+                    identity: Identity | None) -> AgentSession:
         try:
             first = await asyncio.wait_for(anext(request_iterator), self._hello_timeout_s)
         except (TimeoutError, StopAsyncIteration):
@@ -229,6 +243,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             raise RejectError(code, str(error), grpc.StatusCode.INVALID_ARGUMENT) from None
         # One spelling per host: "ABCD..." and "abcd..." are the same uuid, never two hosts.
         first.hello.host_uuid = translate.check_uuid(first.hello.host_uuid, "host_uuid")
+        self._check_identity(first.hello.host_uuid, identity, peer)
         self._registry.refuse_duplicate(first.hello.host_uuid, peer)
         try:
             host_id = await self._hub.register_agent(translate.hello(first.hello), peer)
@@ -238,6 +253,20 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
         self._registry.claim(session)
         return session
+
+    def _check_identity(self, uuid: str, identity: Identity | None, peer: str) -> None:
+        """Before anything is registered: a host speaks only for the uuid in its certificate."""
+        if not self._host_certificates:
+            return
+        proven = identity.host_uuid if identity is not None else None
+        if proven == uuid:
+            return
+        who = (f"certificate {identity.common_name!r} ({identity.kind}"
+               f"{' ' + proven if proven else ''})" if identity else "no certificate")
+        reason = f"Hello names host {uuid} but the peer's {who} does not prove it"
+        log.warning("event=security peer=%s uuid=%s reason=%s", peer, uuid, reason)
+        self._hub.record_event("alert", "security", f"refused a stream from {peer}: {reason}")
+        raise RejectError(pb.REJECT_UNKNOWN_HOST, reason, grpc.StatusCode.PERMISSION_DENIED, retry_after_s=60.0)
 
     async def _read(
         self, request_iterator: AsyncIterator[pb.AgentMessage], session: AgentSession

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvmha.manager.adapters.agent_link import AgentLinkServicer, AgentSession, LinkRegistry
 from kvmha.manager.core import facts
+from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.model import HostId, RequestId
 from kvmha.manager.hub import AgentHello, WelcomeTerms
 from kvmha.proto.v1 import agent_pb2 as pb
@@ -17,6 +18,9 @@ class NullHub:
         raise AssertionError("not used")
 
     def submit(self, fact: facts.Fact) -> None:
+        raise AssertionError("not used")
+
+    def record_event(self, severity: Severity, kind: str, message: str) -> None:
         raise AssertionError("not used")
 
 
