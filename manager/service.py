@@ -70,8 +70,8 @@ class AgentTransport:
 
     def send_command(self, action: actions.SendCommand, answer: Submit) -> None:
         if not self._links.send_command(action):
-            answer(facts.CommandCompleted(request_id=action.request_id, ok=False,
-                                          error=f"host {action.host_id} has no open agent stream"))
+            error = f"{facts.NOT_DELIVERED}: host {action.host_id} has no open agent stream"
+            answer(facts.CommandCompleted(request_id=action.request_id, ok=False, error=error))
 
     def fence(self, action: actions.Fence, timeout_s: float, answer: Submit) -> None:
         self._spawn(self._out_of_band(action.host_id, lambda c: fence_host(self._factory, c, action, timeout_s),

@@ -25,6 +25,9 @@ from kvmha.manager.core.model import (
 # ---------------------------------------------------------------- agent link
 
 
+NOT_DELIVERED = "not delivered"  # CommandCompleted.error prefix: the command never reached its host
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConnected:
     """An agent said Hello and was accepted; host_id is resolved by the service (new uuids get a fresh id)."""
@@ -85,6 +88,9 @@ class VmStartConfirmed:
 
 @dataclass(frozen=True, slots=True)
 class CommandCompleted:
+    """An agent's answer to a command, or the transport's: an error starting with NOT_DELIVERED means the command never
+    left the manager (no open stream to its host), so it certainly did nothing."""
+
     request_id: RequestId
     ok: bool
     error: str = ""

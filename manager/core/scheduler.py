@@ -20,12 +20,14 @@ from typing import assert_never
 from kvmha.manager.core.actions import Severity, StartVm
 from kvmha.manager.core.clearance import Clearance, host_clearance
 from kvmha.manager.core.context import Ctx
+from kvmha.manager.core.facts import NOT_DELIVERED
 from kvmha.manager.core.model import (
     HaWorkRecord,
     HostId,
     HostRecord,
     HostStatus,
     PowerState,
+    RequestId,
     VmId,
     VmRecord,
     VmState,
@@ -43,6 +45,14 @@ OPERATOR_START = "operator start"
 _RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 
 
+def own_death(reason: str) -> bool:
+    """Was the item scheduled because the VM itself died? Power-state sync's reasons start with the power state its
+    Up host reported (PowerOff, PowerReportMissing); host HA's name the host that went silent, and an operator start
+    is neither. Only the VM's own deaths count toward its crash loop (`restart.max.per.window`): a VM that was unlucky
+    with its hosts never ends in Error for it."""
+    return reason.startswith((PowerState.POWER_OFF.value, PowerState.POWER_REPORT_MISSING.value))
+
+
 class Scheduler:
     def __init__(self, ctx: Ctx, next_work_id: int = 1) -> None:
         self.ctx = ctx
@@ -56,13 +66,16 @@ class Scheduler:
         self._next_work_id = next_work_id
         self._batching = False  # while a host's items are released together, so priorities order them
         self._cursor = 0
+        self._attempts: dict[WorkId, RequestId] = {}  # the StartVm in flight of each item in progress
+        # Hosts a command could not be delivered to (no open agent stream), until when: not a target meanwhile.
+        self._undeliverable: dict[HostId, float] = {}
 
     # ------------------------------------------------------------ restore
 
     def restore(self, work: HaWorkRecord) -> None:
         self.ctx.works[work.id] = work
         self._next_work_id = max(self._next_work_id, work.id + 1)
-        if work.step is WorkStep.DONE and work.type is WorkType.HA and not work.reason.startswith(OPERATOR_START):
+        if work.step is WorkStep.DONE and work.type is WorkType.HA and own_death(work.reason):
             self.restarts.setdefault(work.vm_id, []).append(work.updated_at)
         if not work.step.active:
             return
@@ -101,7 +114,7 @@ class Scheduler:
                 f"restart already scheduled (work {existing}); ignoring: {reason}",
             )
             return None
-        if not operator and self._over_restart_limit(vm):
+        if not operator and own_death(reason) and self._over_restart_limit(vm):
             return None
         work = HaWorkRecord(
             id=WorkId(self._next_work_id),
@@ -140,7 +153,8 @@ class Scheduler:
             "alert",
             f"vm:{vm.id}",
             "vm.restart.limit",
-            f"restarted {len(recent)} times in {config.restart_window_s:.0f} s: not restarted again, state Error",
+            f"restarted {len(recent)} times in {config.restart_window_s:.0f} s after dying itself (restarts after "
+            "host failures do not count): a crash loop, not restarted again, state Error",
         )
         return True
 
@@ -221,7 +235,8 @@ class Scheduler:
         ctx.save_vm(vm)
         self._move(work, WorkEvent.START)
         self.in_progress.add(work.id)
-        ctx.send(StartAttempt(work.id), target.id, StartVm(vm.uuid, vm.domain_xml), ctx.config.start_timeout_s)
+        request = StartVm(vm.uuid, vm.domain_xml)
+        self._attempts[work.id] = ctx.send(StartAttempt(work.id), target.id, request, ctx.config.start_timeout_s)
         ctx.event(
             "info",
             f"vm:{vm.id}",
@@ -234,7 +249,8 @@ class Scheduler:
         when no stable host fits, and then with an event — a VM left down while a host could run it is the worse
         outcome (issue 12: eight VMs waited seven minutes beside two Up hosts with room)."""
         held = self.ctx.held.at(self.ctx.now)
-        exclude: set[HostId] = set()
+        now = self.ctx.now
+        exclude = {host_id for host_id, until in self._undeliverable.items() if until > now}
         old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if old is not None and old.status is not HostStatus.UP:
             exclude.add(old.id)
@@ -276,9 +292,16 @@ class Scheduler:
         work = self.ctx.works.get(work_id)
         if work is None or work.step is not WorkStep.RESTARTING:
             return
+        self._attempts.pop(work.id, None)
         if ok:
             confirm_by = self.ctx.now + self.ctx.config.start_confirm_timeout_s
             self.ctx.timers.schedule(StartConfirmDeadline(work.id), confirm_by)
+        elif error.startswith(NOT_DELIVERED):
+            # The command never left the manager: nothing can have started. Another host, at once.
+            vm = self.ctx.vms.get(work.vm_id)
+            if vm is not None and vm.host_id is not None:
+                self._undeliverable[vm.host_id] = self.ctx.now + self.ctx.config.ping_timeout_s
+            self._attempt_void(work, error)
         else:
             self._start_failed(work, error or "start failed", maybe_running=error.startswith("timed out"))
 
@@ -297,6 +320,7 @@ class Scheduler:
 
     def _start_failed(self, work: HaWorkRecord, reason: str, *, maybe_running: bool) -> None:
         ctx = self.ctx
+        self._attempts.pop(work.id, None)
         self.in_progress.discard(work.id)
         ctx.timers.cancel(StartConfirmDeadline(work.id))
         vm = ctx.vms.get(work.vm_id)
@@ -323,6 +347,26 @@ class Scheduler:
             self.evaluate(work)
         self.pump()
 
+    def _attempt_void(self, work: HaWorkRecord, reason: str) -> None:
+        """The attempt certainly started nothing (never delivered, or its target is proven dead): it does not count
+        against `max.retries`, and the VM is placed again at once."""
+        ctx = self.ctx
+        request_id = self._attempts.pop(work.id, None)
+        if request_id is not None:
+            ctx.settle(request_id)  # a late answer to it must not be read as the next attempt's
+        self.in_progress.discard(work.id)
+        ctx.timers.cancel(StartConfirmDeadline(work.id))
+        work.tried = max(work.tried - 1, 0)
+        work.time_to_try_at = ctx.now
+        vm = ctx.vms.get(work.vm_id)
+        if vm is not None and vm.state is VmState.STARTING:  # otherwise it moved on: evaluate() cancels the item
+            self._own_update(work, vm, VmEvent.START_FAILED, host_id=None, power=PowerState.POWER_OFF)
+            ctx.save_vm(vm)
+        self._move(work, WorkEvent.START_FAILED)
+        ctx.event("warning", f"work:{work.id}", "work.replace", f"attempt void: {reason}; placing it again now")
+        self.evaluate(work)
+        self.pump()
+
     def vm_confirmed(self, vm: VmRecord, host_id: HostId) -> bool:
         """A power report from `host_id` shows the VM on: completes a restart that targeted that host."""
         work = self._active(vm)
@@ -330,7 +374,7 @@ class Scheduler:
             return False
         self._own_update(work, vm, VmEvent.CONFIRMED, power=PowerState.POWER_ON)
         self.ctx.save_vm(vm)
-        if not work.reason.startswith(OPERATOR_START):
+        if own_death(work.reason):
             self.restarts.setdefault(vm.id, []).append(self.ctx.now)
         took_s = self.ctx.now - work.created_at
         where = self.ctx.host_name(host_id)
@@ -357,6 +401,15 @@ class Scheduler:
             self.finish(work, WorkEvent.CANCEL, reason)
 
     def host_resolved(self, host_id: HostId) -> None:
+        host = self.ctx.hosts.get(host_id)
+        if host is not None and host.status in (HostStatus.DOWN, HostStatus.FENCED):
+            for work_id in sorted(self.in_progress):
+                work, vm = self.ctx.works.get(work_id), None
+                vm = self.ctx.vms.get(work.vm_id) if work is not None else None
+                if work is not None and vm is not None and vm.host_id == host_id and work.step is WorkStep.RESTARTING:
+                    # A start of unknown outcome stays tied to its target's verdict: proven dead, nothing of it
+                    # runs there, so the VM goes elsewhere now rather than after start.timeout.
+                    self._attempt_void(work, f"its target {host.name} is {host.status.value}")
         self._batching = True
         for work_id in sorted(self.waiting_on_host.pop(host_id, ())):
             self._waits_for.pop(work_id, None)
@@ -380,6 +433,7 @@ class Scheduler:
         if self.active_by_vm.get(work.vm_id) == work.id:
             del self.active_by_vm[work.vm_id]
         self.in_progress.discard(work.id)
+        self._attempts.pop(work.id, None)
         self.ctx.timers.cancel(WorkDue(work.id))
         self.ctx.timers.cancel(StartConfirmDeadline(work.id))
         self._waiting_why.pop(work.id, None)

@@ -147,7 +147,8 @@ class Agents:
             at = self.sim.now + self.sim.latency() + host.extra_delay_s
             self.sim.schedule(at, self._execute, epoch, host, action)
         else:
-            self.sim.to_core(f.CommandCompleted(action.request_id, False, "agent not connected"), 0.001)
+            error = f"{f.NOT_DELIVERED}: agent not connected"
+            self.sim.to_core(f.CommandCompleted(action.request_id, False, error), 0.001)
 
     def disconnect(self, host_id: HostId) -> None:
         host = self.world.hosts[host_id]

@@ -100,3 +100,18 @@ def test_hosts_in_maintenance_are_outside_the_promise() -> None:
     assert not sim.world.where(sim.world.vms_by_name["vm1"].uuid)
     assert sim.liveness.dropped == {"host in Maintenance": 1} and not sim.liveness.owed
     assert any("vm1 not restarted: no HA while the host is Maintenance" in line for line in sim.log)
+
+
+def test_the_checker_catches_a_core_that_counts_host_failures_as_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(load(SCENARIOS / "crash_loop_per_cause")).checker.violations == []
+    monkeypatch.setattr(scheduler, "own_death", lambda reason: not reason.startswith(scheduler.OPERATOR_START))
+    broken = run(load(SCENARIOS / "crash_loop_per_cause"))
+    assert any("liveness: vm1 (crash at 80.0)" in v for v in broken.checker.violations), broken.checker.violations
+
+
+def test_own_death_tells_power_sync_reasons_from_host_failures() -> None:
+    assert scheduler.own_death("PowerOff (Crashed) on h2")
+    assert scheduler.own_death("PowerReportMissing (Other) on h2; Done: vm1 runs on h3 (1.0 s after scheduling)")
+    assert not scheduler.own_death("h1 went silent")
+    assert not scheduler.own_death("h1 did not come back after a planned disconnect")
+    assert not scheduler.own_death(scheduler.OPERATOR_START)
