@@ -23,6 +23,7 @@ from rich.text import Text
 from kvmha.manager import cli_render as render
 from kvmha.manager.cli_client import DEFAULT_ADMIN_PORT, Exit, Link, TlsFiles, connect, fail
 from kvmha.manager.cli_pki import pki_app
+from kvmha.manager.dashboard.cli import dashboard_app
 from kvmha.proto.v1 import admin_pb2 as pb
 
 DEFAULT_MANAGER = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
@@ -73,6 +74,7 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(ha_app, name="ha")
 app.add_typer(config_app, name="config")
 app.add_typer(pki_app, name="pki")
+app.add_typer(dashboard_app, name="dashboard")
 
 
 class Switch(enum.StrEnum):

@@ -22,6 +22,7 @@ from kvmha.manager.adapters.agent_link import AgentLinkServicer
 from kvmha.manager.adapters.db import make_engine, migrate
 from kvmha.manager.adapters.ipmi_zygote import close_shared_zygote, shared_zygote
 from kvmha.manager.adapters.repository import SqlStore
+from kvmha.manager.dashboard.wiring import dashboard_settings, start_dashboard
 from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
 from kvmha.manager.security.auth import RoleInterceptor, server_credentials
@@ -73,8 +74,9 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
     engine = make_engine(settings.database)
     await _migrate_when_reachable(engine)
     metrics = Metrics()
+    store = SqlStore(engine)
     service = ManagerService(
-        SqlStore(engine),
+        store,
         ServiceSettings(manager_id=settings.manager_id, address=settings.listen, version=VERSION,
                         auto_register_hosts=settings.auto_register_hosts,
                         config_overrides=settings.config_overrides),
@@ -103,10 +105,13 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
         metrics.serve(port, host)
     await agents.start()
     await admin.start()
+    # The dashboard runs in its own threads and reads through the store port: it never delays the driver.
+    dashboard = start_dashboard(dashboard_settings(settings), store, service) if settings.dashboard_listen else None
     for name in ("", HEALTH_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("event=listening agents=%s admin=%s metrics=%s database=%s", settings.listen, settings.admin_listen,
-             settings.metrics_listen or "off", engine.url.render_as_string(hide_password=True))
+    log.info("event=listening agents=%s admin=%s metrics=%s dashboard=%s database=%s", settings.listen,
+             settings.admin_listen, settings.metrics_listen or "off", dashboard.url if dashboard else "off",
+             engine.url.render_as_string(hide_password=True))
     if ready is not None:
         ready.set()
     stop = asyncio.Event()
@@ -130,6 +135,8 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
         for name in ("", HEALTH_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         refresher.cancel()
+        if dashboard is not None:
+            await asyncio.to_thread(dashboard.stop)
         await service.stop()
         await asyncio.to_thread(close_shared_zygote)  # its children (fences in flight) are killed with it
         await asyncio.gather(agents.stop(grace=3), admin.stop(grace=3))

@@ -17,6 +17,11 @@ Example (deploy/config/manager.toml):
     cert = "/etc/kvmha/pki/manager-mgr1.crt"
     key = "/etc/kvmha/pki/manager-mgr1.key"
     ca = "/etc/kvmha/pki/ca.crt"
+    [dashboard]                        # optional: the read-only web dashboard and JSON API (docs/dashboard.md)
+    listen = "127.0.0.1:8443"          # HTTPS only; "" or no [dashboard] = off (the default)
+    cert = "/etc/kvmha/dashboard.crt"  # default: [tls] cert/key
+    key = "/etc/kvmha/dashboard.key"
+    tokens = "/etc/kvmha/dashboard-tokens.json"  # `kvmha dashboard token --role reader` adds to it
     [config]
     "ping.interval" = "2"
 """
@@ -34,6 +39,7 @@ from typing import Any
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvmha/manager.toml")
 DEFAULT_DATABASE = "sqlite:////var/lib/kvmha/manager.sqlite"
+DEFAULT_DASHBOARD_TOKENS = "/etc/kvmha/dashboard-tokens.json"
 
 
 class SettingsError(ValueError):
@@ -56,6 +62,10 @@ class ManagerSettings:
     # Plaintext on a non-loopback address needs this (the lab's own bridge does); real deployments use TLS.
     allow_insecure_plaintext: bool = False
     config_overrides: tuple[tuple[str, str], ...] = ()
+    dashboard_listen: str = ""  # off unless configured
+    dashboard_cert: str = ""
+    dashboard_key: str = ""
+    dashboard_tokens: str = DEFAULT_DASHBOARD_TOKENS
 
     def check(self) -> None:
         for name in ("listen", "admin_listen"):
@@ -68,6 +78,10 @@ class ManagerSettings:
         if bool(self.tls_cert) != bool(self.tls_key) or bool(self.tls_cert) != bool(self.tls_ca):
             raise SettingsError("[tls] needs cert, key and ca (the CA that signed the hosts' and operators' "
                                 "certificates: kvmha pki init)")
+        if self.dashboard_listen:
+            split_address(self.dashboard_listen)
+            if not (self.dashboard_cert and self.dashboard_key):
+                raise SettingsError("[dashboard] is served over HTTPS only: give cert and key (or configure [tls])")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -123,9 +137,24 @@ def _from_toml(settings: ManagerSettings, path: Path) -> ManagerSettings:
         raise SettingsError(f"{path}: unknown keys in [tls]: {sorted(unknown_tls)}")
     changes["tls_cert"], changes["tls_key"] = str(tls.get("cert", "")), str(tls.get("key", ""))
     changes["tls_ca"] = str(tls.get("ca", ""))
+    changes.update(_dashboard(path, data.get("dashboard", {}), str(changes["tls_cert"]), str(changes["tls_key"])))
     overrides = tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v))
                       for k, v in data.get("config", {}).items())
     return replace(settings, config_overrides=overrides, **changes)  # type: ignore[arg-type]
+
+
+_DASHBOARD_KEYS = {"listen": "dashboard_listen", "cert": "dashboard_cert", "key": "dashboard_key",
+                   "tokens": "dashboard_tokens"}
+
+
+def _dashboard(path: Path, table: dict[str, Any], tls_cert: str, tls_key: str) -> dict[str, str]:
+    unknown = set(table) - set(_DASHBOARD_KEYS)
+    if unknown:
+        raise SettingsError(f"{path}: unknown keys in [dashboard]: {sorted(unknown)}")
+    values = {_DASHBOARD_KEYS[k]: str(v) for k, v in table.items()}
+    values.setdefault("dashboard_cert", tls_cert)
+    values.setdefault("dashboard_key", tls_key)
+    return values
 
 
 def _coerce(attribute: str, value: object) -> object:

@@ -122,6 +122,7 @@ class ManagerHarness:
         self.allow_insecure_plaintext = allow_insecure_plaintext
         self.manager: ChildProcess | None = None
         self._channel: grpc.Channel | None = None
+        self.dashboard_toml = ""  # a [dashboard] table (kvmha.lab.dashboard.LabDashboard.toml()) turns it on
 
     @property
     def admin_address(self) -> str:
@@ -138,7 +139,7 @@ class ManagerHarness:
         plaintext = "allow_insecure_plaintext = true\n" if self.allow_insecure_plaintext else ""
         return (f'[manager]\nid = "{self.manager_id}"\nlisten = "{self.agent_listen}"\n'
                 f'admin_listen = "{self.admin_address}"\nmetrics_listen = "{self.metrics_listen}"\n'
-                f'database = "{self.database}"\n{plaintext}[config]\n{overrides}\n')
+                f'database = "{self.database}"\n{plaintext}{self.dashboard_toml}[config]\n{overrides}\n')
 
     def start_manager(self) -> ChildProcess:
         """Write manager.toml, start the manager and wait until its admin port answers."""
