@@ -17,8 +17,8 @@ def test_off_by_default(tmp_path: Path) -> None:
 def test_own_certificate_or_the_tls_one(tmp_path: Path) -> None:
     own = load(_write(tmp_path, '[dashboard]\nlisten = "127.0.0.1:8443"\ncert = "/c"\nkey = "/k"\n'), {}, {})
     assert (own.dashboard_listen, own.dashboard_cert, own.dashboard_key) == ("127.0.0.1:8443", "/c", "/k")
-    shared = load(_write(tmp_path, '[tls]\ncert = "/t.crt"\nkey = "/t.key"\nca = "/ca.crt"\n[dashboard]\nlisten = "127.0.0.1:1"\n'
-                                   'tokens = "/x.json"\n'), {}, {})
+    shared = load(_write(tmp_path, '[tls]\ncert = "/t.crt"\nkey = "/t.key"\nca = "/ca.crt"\n'
+                                   '[dashboard]\nlisten = "127.0.0.1:1"\ntokens = "/x.json"\n'), {}, {})
     assert (shared.dashboard_cert, shared.dashboard_key, shared.dashboard_tokens) == ("/t.crt", "/t.key", "/x.json")
 
 
