@@ -212,6 +212,7 @@ def print_vm(v: pb.VmInfo, now: float | None = None) -> None:
             ("Last host", _or_dash(v.last_host)), ("HA", _yes(v.ha_enabled)),
             ("Restart priority", str(v.restart_priority)), ("Anti-affinity group", _or_dash(v.anti_affinity_group)),
             ("Memory MiB", str(v.memory_mib)), ("vCPUs", str(v.vcpus)), ("Update count", str(v.update_count)),
+            ("Why here", _or_dash(v.reason)),
         ],
     )  # fmt: skip
 

@@ -84,6 +84,19 @@ def vm(uow: UnitOfWork, ref: str) -> VmRecord:
     return found
 
 
+def vm_reason(uow: UnitOfWork, record: VmRecord) -> str:
+    """Why the VM is where it is, for `kvmha vm show`: the newest of the core's events about the VM (placed on a
+    flapping host, no host fits, crash loop, followed elsewhere, ...) and the reason of its latest HA work item (what
+    scheduled it and how it ended)."""
+    events = uow.events.all(0, 10_000, f"vm:{record.id}")
+    last_event = events[-1] if events else None
+    works = [w for w in uow.works.all() if w.vm_id == record.id]
+    last_work = max(works, key=lambda w: (w.updated_at, w.id)) if works else None
+    if last_work is not None and (last_event is None or last_work.updated_at >= last_event.at):
+        return f"work {last_work.id}: {last_work.reason}"
+    return last_event.message if last_event is not None else ""
+
+
 # ---------------------------------------------------------------------- hosts
 
 

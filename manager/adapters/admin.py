@@ -101,7 +101,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._guard(context, self._vm_info(request.ref))
 
     async def _vm_info(self, ref: str) -> pb.VmInfo:
-        return await self._port.read(lambda uow: _vm_info(ops.vm(uow, ref), _host_names(uow)))
+        def read(uow: UnitOfWork) -> pb.VmInfo:
+            record = ops.vm(uow, ref)
+            return _vm_info(record, _host_names(uow), ops.vm_reason(uow, record))
+
+        return await self._port.read(read)
 
     async def CreateVm(self, request: pb.CreateVmRequest, context: Context) -> pb.VmInfo:
         async def create() -> pb.VmInfo:
@@ -200,12 +204,12 @@ def _host_info(details: HostDetails, live: LiveHosts, running: Counter[int]) -> 
                        manager_id=details.manager_id or "", agent_version=details.agent.agent_version)
 
 
-def _vm_info(vm: VmRecord, host_names: dict[int, str]) -> pb.VmInfo:
+def _vm_info(vm: VmRecord, host_names: dict[int, str], reason: str = "") -> pb.VmInfo:
     return pb.VmInfo(id=vm.id, uuid=vm.uuid, name=vm.name, state=vm.state.value, power_state=vm.power_state.value,
                      power_state_updated_at=vm.power_state_updated_at or 0.0, host=host_names.get(vm.host_id or 0, ""),
                      last_host=host_names.get(vm.last_host_id or 0, ""), ha_enabled=vm.ha_enabled,
                      restart_priority=vm.restart_priority, anti_affinity_group=vm.anti_affinity_group or "",
-                     memory_mib=vm.memory_mib, vcpus=vm.vcpus, update_count=vm.update_count)
+                     memory_mib=vm.memory_mib, vcpus=vm.vcpus, update_count=vm.update_count, reason=reason)
 
 
 def _work_info(work: HaWorkRecord, vms: dict[VmId, VmRecord], hosts: dict[int, str]) -> pb.HaWorkInfo:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmha/proto/v1/admin.proto\x12\x08kvmha.v1\"\x12\n\x03Ref\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\xaa\x02\n\x08HostInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x16\n\x0eresource_state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x14\n\x0clast_ping_at\x18\x08 \x01(\x01\x12\x0c\n\x04\x63pus\x18\t \x01(\r\x12\x12\n\nmemory_mib\x18\n \x01(\x04\x12\x13\n\x0bvms_running\x18\x0b \x01(\r\x12\x11\n\tconnected\x18\x0c \x01(\x08\x12\x0f\n\x07has_bmc\x18\r \x01(\x08\x12\x13\n\x0b\x62mc_address\x18\x0e \x01(\t\x12\x12\n\nmanager_id\x18\x0f \x01(\t\x12\x15\n\ragent_version\x18\x10 \x01(\t\"\x12\n\x10ListHostsRequest\"6\n\x11ListHostsResponse\x12!\n\x05hosts\x18\x01 \x03(\x0b\x32\x12.kvmha.v1.HostInfo\"1\n\x15SetMaintenanceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02on\x18\x02 \x01(\x08\"o\n\x11SetHostBmcRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\r\n\x05\x63lear\x18\x06 \x01(\x08\"\x99\x02\n\x06VmInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bpower_state\x18\x05 \x01(\t\x12\x1e\n\x16power_state_updated_at\x18\x06 \x01(\x01\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\tlast_host\x18\x08 \x01(\t\x12\x12\n\nha_enabled\x18\t \x01(\x08\x12\x18\n\x10restart_priority\x18\n \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x0b \x01(\t\x12\x12\n\nmemory_mib\x18\x0c \x01(\x04\x12\r\n\x05vcpus\x18\r \x01(\r\x12\x14\n\x0cupdate_count\x18\x0e \x01(\x04\"\x1e\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"0\n\x0fListVmsResponse\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.kvmha.v1.VmInfo\"\x9b\x01\n\x0f\x43reateVmRequest\x12\x12\n\ndomain_xml\x18\x01 \x01(\t\x12\x12\n\nha_enabled\x18\x02 \x01(\x08\x12\x18\n\x10restart_priority\x18\x03 \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"\x1e\n\x10\x44\x65leteVmResponse\x12\n\n\x02id\x18\x01 \x01(\x04\"-\n\x0eSetVmHaRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\xd0\x01\n\nHaWorkInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\r\n\x05tried\x18\x07 \x01(\r\x12\x16\n\x0etime_to_try_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nupdated_at\x18\x0b \x01(\x01\x12\x10\n\x08taken_by\x18\x0c \x01(\t\"(\n\x11ListHaWorkRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\"9\n\x12ListHaWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.HaWorkInfo\"e\n\tEventInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"E\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07subject\x18\x03 \x01(\t\"9\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvmha.v1.EventInfo\"d\n\nConfigItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\t\"\x13\n\x11ListConfigRequest\"9\n\x12ListConfigResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.ConfigItem\"/\n\x10SetConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t2\xce\x07\n\x0c\x41\x64minService\x12\x44\n\tListHosts\x12\x1a.kvmha.v1.ListHostsRequest\x1a\x1b.kvmha.v1.ListHostsResponse\x12,\n\x07GetHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetMaintenance\x12\x1f.kvmha.v1.SetMaintenanceRequest\x1a\x12.kvmha.v1.HostInfo\x12=\n\nSetHostBmc\x12\x1b.kvmha.v1.SetHostBmcRequest\x1a\x12.kvmha.v1.HostInfo\x12>\n\x07ListVms\x12\x18.kvmha.v1.ListVmsRequest\x1a\x19.kvmha.v1.ListVmsResponse\x12(\n\x05GetVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x37\n\x08\x43reateVm\x12\x19.kvmha.v1.CreateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12*\n\x07StartVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12)\n\x06StopVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x35\n\x08\x44\x65leteVm\x12\r.kvmha.v1.Ref\x1a\x1a.kvmha.v1.DeleteVmResponse\x12\x35\n\x07SetVmHa\x12\x18.kvmha.v1.SetVmHaRequest\x1a\x10.kvmha.v1.VmInfo\x12G\n\nListHaWork\x12\x1b.kvmha.v1.ListHaWorkRequest\x1a\x1c.kvmha.v1.ListHaWorkResponse\x12G\n\nListEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x1c.kvmha.v1.ListEventsResponse\x12\x42\n\x0c\x46ollowEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x13.kvmha.v1.EventInfo0\x01\x12G\n\nListConfig\x12\x1b.kvmha.v1.ListConfigRequest\x1a\x1c.kvmha.v1.ListConfigResponse\x12=\n\tSetConfig\x12\x1a.kvmha.v1.SetConfigRequest\x1a\x14.kvmha.v1.ConfigItemb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmha/proto/v1/admin.proto\x12\x08kvmha.v1\"\x12\n\x03Ref\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\xaa\x02\n\x08HostInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x16\n\x0eresource_state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x14\n\x0clast_ping_at\x18\x08 \x01(\x01\x12\x0c\n\x04\x63pus\x18\t \x01(\r\x12\x12\n\nmemory_mib\x18\n \x01(\x04\x12\x13\n\x0bvms_running\x18\x0b \x01(\r\x12\x11\n\tconnected\x18\x0c \x01(\x08\x12\x0f\n\x07has_bmc\x18\r \x01(\x08\x12\x13\n\x0b\x62mc_address\x18\x0e \x01(\t\x12\x12\n\nmanager_id\x18\x0f \x01(\t\x12\x15\n\ragent_version\x18\x10 \x01(\t\"\x12\n\x10ListHostsRequest\"6\n\x11ListHostsResponse\x12!\n\x05hosts\x18\x01 \x03(\x0b\x32\x12.kvmha.v1.HostInfo\"1\n\x15SetMaintenanceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02on\x18\x02 \x01(\x08\"o\n\x11SetHostBmcRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\r\n\x05\x63lear\x18\x06 \x01(\x08\"\xa9\x02\n\x06VmInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bpower_state\x18\x05 \x01(\t\x12\x1e\n\x16power_state_updated_at\x18\x06 \x01(\x01\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\tlast_host\x18\x08 \x01(\t\x12\x12\n\nha_enabled\x18\t \x01(\x08\x12\x18\n\x10restart_priority\x18\n \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x0b \x01(\t\x12\x12\n\nmemory_mib\x18\x0c \x01(\x04\x12\r\n\x05vcpus\x18\r \x01(\r\x12\x14\n\x0cupdate_count\x18\x0e \x01(\x04\x12\x0e\n\x06reason\x18\x0f \x01(\t\"\x1e\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\"0\n\x0fListVmsResponse\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.kvmha.v1.VmInfo\"\x9b\x01\n\x0f\x43reateVmRequest\x12\x12\n\ndomain_xml\x18\x01 \x01(\t\x12\x12\n\nha_enabled\x18\x02 \x01(\x08\x12\x18\n\x10restart_priority\x18\x03 \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"\x1e\n\x10\x44\x65leteVmResponse\x12\n\n\x02id\x18\x01 \x01(\x04\"-\n\x0eSetVmHaRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\xd0\x01\n\nHaWorkInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\r\n\x05tried\x18\x07 \x01(\r\x12\x16\n\x0etime_to_try_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nupdated_at\x18\x0b \x01(\x01\x12\x10\n\x08taken_by\x18\x0c \x01(\t\"(\n\x11ListHaWorkRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\"9\n\x12ListHaWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.HaWorkInfo\"e\n\tEventInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"E\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07subject\x18\x03 \x01(\t\"9\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvmha.v1.EventInfo\"d\n\nConfigItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\t\"\x13\n\x11ListConfigRequest\"9\n\x12ListConfigResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.ConfigItem\"/\n\x10SetConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t2\xce\x07\n\x0c\x41\x64minService\x12\x44\n\tListHosts\x12\x1a.kvmha.v1.ListHostsRequest\x1a\x1b.kvmha.v1.ListHostsResponse\x12,\n\x07GetHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetMaintenance\x12\x1f.kvmha.v1.SetMaintenanceRequest\x1a\x12.kvmha.v1.HostInfo\x12=\n\nSetHostBmc\x12\x1b.kvmha.v1.SetHostBmcRequest\x1a\x12.kvmha.v1.HostInfo\x12>\n\x07ListVms\x12\x18.kvmha.v1.ListVmsRequest\x1a\x19.kvmha.v1.ListVmsResponse\x12(\n\x05GetVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x37\n\x08\x43reateVm\x12\x19.kvmha.v1.CreateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12*\n\x07StartVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12)\n\x06StopVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x35\n\x08\x44\x65leteVm\x12\r.kvmha.v1.Ref\x1a\x1a.kvmha.v1.DeleteVmResponse\x12\x35\n\x07SetVmHa\x12\x18.kvmha.v1.SetVmHaRequest\x1a\x10.kvmha.v1.VmInfo\x12G\n\nListHaWork\x12\x1b.kvmha.v1.ListHaWorkRequest\x1a\x1c.kvmha.v1.ListHaWorkResponse\x12G\n\nListEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x1c.kvmha.v1.ListEventsResponse\x12\x42\n\x0c\x46ollowEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x13.kvmha.v1.EventInfo0\x01\x12G\n\nListConfig\x12\x1b.kvmha.v1.ListConfigRequest\x1a\x1c.kvmha.v1.ListConfigResponse\x12=\n\tSetConfig\x12\x1a.kvmha.v1.SetConfigRequest\x1a\x14.kvmha.v1.ConfigItemb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,37 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETHOSTBMCREQUEST']._serialized_start=488
   _globals['_SETHOSTBMCREQUEST']._serialized_end=599
   _globals['_VMINFO']._serialized_start=602
-  _globals['_VMINFO']._serialized_end=883
-  _globals['_LISTVMSREQUEST']._serialized_start=885
-  _globals['_LISTVMSREQUEST']._serialized_end=915
-  _globals['_LISTVMSRESPONSE']._serialized_start=917
-  _globals['_LISTVMSRESPONSE']._serialized_end=965
-  _globals['_CREATEVMREQUEST']._serialized_start=968
-  _globals['_CREATEVMREQUEST']._serialized_end=1123
-  _globals['_DELETEVMRESPONSE']._serialized_start=1125
-  _globals['_DELETEVMRESPONSE']._serialized_end=1155
-  _globals['_SETVMHAREQUEST']._serialized_start=1157
-  _globals['_SETVMHAREQUEST']._serialized_end=1202
-  _globals['_HAWORKINFO']._serialized_start=1205
-  _globals['_HAWORKINFO']._serialized_end=1413
-  _globals['_LISTHAWORKREQUEST']._serialized_start=1415
-  _globals['_LISTHAWORKREQUEST']._serialized_end=1455
-  _globals['_LISTHAWORKRESPONSE']._serialized_start=1457
-  _globals['_LISTHAWORKRESPONSE']._serialized_end=1514
-  _globals['_EVENTINFO']._serialized_start=1516
-  _globals['_EVENTINFO']._serialized_end=1617
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1619
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1688
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1690
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1747
-  _globals['_CONFIGITEM']._serialized_start=1749
-  _globals['_CONFIGITEM']._serialized_end=1849
-  _globals['_LISTCONFIGREQUEST']._serialized_start=1851
-  _globals['_LISTCONFIGREQUEST']._serialized_end=1870
-  _globals['_LISTCONFIGRESPONSE']._serialized_start=1872
-  _globals['_LISTCONFIGRESPONSE']._serialized_end=1929
-  _globals['_SETCONFIGREQUEST']._serialized_start=1931
-  _globals['_SETCONFIGREQUEST']._serialized_end=1978
-  _globals['_ADMINSERVICE']._serialized_start=1981
-  _globals['_ADMINSERVICE']._serialized_end=2955
+  _globals['_VMINFO']._serialized_end=899
+  _globals['_LISTVMSREQUEST']._serialized_start=901
+  _globals['_LISTVMSREQUEST']._serialized_end=931
+  _globals['_LISTVMSRESPONSE']._serialized_start=933
+  _globals['_LISTVMSRESPONSE']._serialized_end=981
+  _globals['_CREATEVMREQUEST']._serialized_start=984
+  _globals['_CREATEVMREQUEST']._serialized_end=1139
+  _globals['_DELETEVMRESPONSE']._serialized_start=1141
+  _globals['_DELETEVMRESPONSE']._serialized_end=1171
+  _globals['_SETVMHAREQUEST']._serialized_start=1173
+  _globals['_SETVMHAREQUEST']._serialized_end=1218
+  _globals['_HAWORKINFO']._serialized_start=1221
+  _globals['_HAWORKINFO']._serialized_end=1429
+  _globals['_LISTHAWORKREQUEST']._serialized_start=1431
+  _globals['_LISTHAWORKREQUEST']._serialized_end=1471
+  _globals['_LISTHAWORKRESPONSE']._serialized_start=1473
+  _globals['_LISTHAWORKRESPONSE']._serialized_end=1530
+  _globals['_EVENTINFO']._serialized_start=1532
+  _globals['_EVENTINFO']._serialized_end=1633
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1635
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1704
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1706
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1763
+  _globals['_CONFIGITEM']._serialized_start=1765
+  _globals['_CONFIGITEM']._serialized_end=1865
+  _globals['_LISTCONFIGREQUEST']._serialized_start=1867
+  _globals['_LISTCONFIGREQUEST']._serialized_end=1886
+  _globals['_LISTCONFIGRESPONSE']._serialized_start=1888
+  _globals['_LISTCONFIGRESPONSE']._serialized_end=1945
+  _globals['_SETCONFIGREQUEST']._serialized_start=1947
+  _globals['_SETCONFIGREQUEST']._serialized_end=1994
+  _globals['_ADMINSERVICE']._serialized_start=1997
+  _globals['_ADMINSERVICE']._serialized_end=2971
 # @@protoc_insertion_point(module_scope)

@@ -225,6 +225,7 @@ class VmInfo(_message.Message):
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     VCPUS_FIELD_NUMBER: _builtins.int
     UPDATE_COUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -242,6 +243,8 @@ class VmInfo(_message.Message):
     memory_mib: _builtins.int
     vcpus: _builtins.int
     update_count: _builtins.int
+    reason: _builtins.str
+    """why it is where it is (GetVm only): its latest event or HA work item"""
     def __init__(
         self,
         *,
@@ -259,10 +262,11 @@ class VmInfo(_message.Message):
         memory_mib: _builtins.int = ...,
         vcpus: _builtins.int = ...,
         update_count: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anti_affinity_group", b"anti_affinity_group", "ha_enabled", b"ha_enabled", "host", b"host", "id", b"id", "last_host", b"last_host", "memory_mib", b"memory_mib", "name", b"name", "power_state", b"power_state", "power_state_updated_at", b"power_state_updated_at", "restart_priority", b"restart_priority", "state", b"state", "update_count", b"update_count", "uuid", b"uuid", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anti_affinity_group", b"anti_affinity_group", "ha_enabled", b"ha_enabled", "host", b"host", "id", b"id", "last_host", b"last_host", "memory_mib", b"memory_mib", "name", b"name", "power_state", b"power_state", "power_state_updated_at", b"power_state_updated_at", "reason", b"reason", "restart_priority", b"restart_priority", "state", b"state", "update_count", b"update_count", "uuid", b"uuid", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,7 +56,7 @@ def test_json_keys_are_proto_field_names_with_every_field() -> None:
     assert render.to_dict(pb.VmInfo(id=3)) == {
         "id": 3, "uuid": "", "name": "", "state": "", "power_state": "", "power_state_updated_at": 0.0, "host": "",
         "last_host": "", "ha_enabled": False, "restart_priority": 0, "anti_affinity_group": "", "memory_mib": 0,
-        "vcpus": 0, "update_count": 0,
+        "vcpus": 0, "update_count": 0, "reason": "",
     }  # fmt: skip
 
 

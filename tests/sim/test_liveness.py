@@ -115,3 +115,18 @@ def test_own_death_tells_power_sync_reasons_from_host_failures() -> None:
     assert not scheduler.own_death("h1 went silent")
     assert not scheduler.own_death("h1 did not come back after a planned disconnect")
     assert not scheduler.own_death(scheduler.OPERATOR_START)
+
+
+def test_vm_show_says_why_a_vm_is_where_it_is() -> None:
+    """`kvmha vm show` reads ops.vm_reason: the newest event about the VM or its latest HA work item's reason."""
+    from kvmha.manager import operations as ops
+
+    looping = run(load(SCENARIOS / "crash_loop_per_cause"))
+    with looping.store.unit_of_work() as uow:
+        assert "a crash loop, not restarted again" in ops.vm_reason(uow, ops.vm(uow, "vm1"))
+    flapping = run(load(SCENARIOS / "flapping_survivors_then_power_loss"))
+    with flapping.store.unit_of_work() as uow:
+        why = ops.vm_reason(uow, ops.vm(uow, "vm1"))
+        assert why.startswith("work ") and "h1 went silent; Done: vm1 runs on" in why, why
+        # vm4's host h2 went silent (link cut) and came back: the restart was cancelled because it still ran there
+        assert ops.vm_reason(uow, ops.vm(uow, "vm4")).endswith("h2 went silent; Cancelled: it runs on h2")
