@@ -36,6 +36,13 @@ VERSION = "0.1.0"
 MAX_MESSAGE_BYTES = 8 << 20  # a full report of thousands of domains fits; a larger message is refused
 METRICS_REFRESH_S = 5.0
 HEALTH_SERVICE = "kvmha.v1.AgentLink"
+# Evidence at once (core/linkloss.py): a host that loses its power or its cable closes nothing, so the manager pings
+# every agent itself, every second, and drops a link that does not answer within a second; the broken stream makes
+# the core ask the BMC at once instead of waiting for ping.timeout. The manager sends little data on these streams,
+# so pings without data must not be capped (gRPC's default stops after two). Agents accept server pings at any rate
+# (gRPC enforces ping rates on servers only); a false alarm costs a reconnect and one BMC query that reads "on".
+AGENT_KEEPALIVE = [("grpc.keepalive_time_ms", 1_000), ("grpc.keepalive_timeout_ms", 1_000),
+                   ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +96,8 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
     credentials = _credentials(settings)
-    agents = grpc.aio.server(options=options)
+    keepalive = dict(AGENT_KEEPALIVE)
+    agents = grpc.aio.server(options=[*(o for o in options if o[0] not in keepalive), *AGENT_KEEPALIVE])
     agent_pb2_grpc.add_AgentLinkServicer_to_server(AgentLinkServicer(service, service.links,
                                                                   host_certificates=credentials is not None), agents)
     health_servicer = health_aio.HealthServicer()

@@ -19,7 +19,8 @@ restart: agents get a ping timeout to reconnect, interrupted investigations star
 The composition, a DAG (tests/unit/core/test_imports.py fails on a circle): scheduler (HA work and placement)
 depends on nothing but the `Ctx`; powersync (VM power states) asks the scheduler for restarts; hostflow (ping map,
 monitor, host states, investigation, fencing) tells the scheduler and powersync what it learnt; operator (operator
-facts) asks the scheduler and hostflow. Each flow declares what it needs as a Protocol and never imports another
+facts) asks the scheduler and hostflow; linkloss (evidence at once: the BMC asked when an agent link breaks) asks
+hostflow. Each flow declares what it needs as a Protocol and never imports another
 flow; Core wires them. What one flow learns for another (Up hosts, held-out hosts, pending absences) lives in the
 `Ctx`'s leaf indexes (core/shared.py). The configuration has one owner: `Ctx.config`.
 """
@@ -35,6 +36,7 @@ from kvmha.manager.core.config import ConfigError, CoreConfig
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hostflow import HostFlow
 from kvmha.manager.core.investigation import Bmc
+from kvmha.manager.core.linkloss import LinkLoss
 from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostStatus, RequestId, VmId, VmRecord, WorkId
 from kvmha.manager.core.operator import OperatorFlow
 from kvmha.manager.core.powersync import PowerSync
@@ -44,6 +46,7 @@ from kvmha.manager.core.routing import (
     CommandDeadline,
     FenceRequest,
     InvestigationDeadline,
+    LinkLossQuery,
     NeighborQuery,
     OperatorDestroy,
     OperatorStop,
@@ -81,6 +84,7 @@ class Core:
         self._sched = Scheduler(ctx, next_work_id)
         self._power = PowerSync(ctx, restarts=self._sched)
         self._hosts = HostFlow(ctx, work=self._sched, power=self._power)
+        self._linkloss = LinkLoss(ctx, hosts=self._hosts)
         self._operator = OperatorFlow(ctx, work=self._sched, hosts=self._hosts)
         for host in sorted(hosts, key=lambda h: h.id):
             self._hosts.restore(host)
@@ -167,6 +171,7 @@ class Core:
             case f.AgentConnected():
                 hosts.on_agent_connected(fact)
             case f.AgentDisconnected():
+                self._linkloss.on_disconnected(fact)  # first: it reads whether this link was the open one
                 hosts.on_agent_disconnected(fact)
             case f.FenceCompleted():
                 self._on_fence_completed(fact)
@@ -228,7 +233,7 @@ class Core:
 
     def _on_command_completed(self, fact: f.CommandCompleted) -> None:
         pending = self._ctx.pending.get(fact.request_id)
-        if pending is not None and not isinstance(pending.owner, (FenceRequest, BmcQuery)):
+        if pending is not None and not isinstance(pending.owner, (FenceRequest, BmcQuery, LinkLossQuery)):
             # Fences and BMC queries are answered by the fencing adapter (FenceCompleted / BmcPowerReported) or
             # time out here; an agent's CommandCompleted with their id settles nothing.
             self._ctx.settle(fact.request_id)
@@ -242,6 +247,8 @@ class Core:
                 self._hosts.on_neighbor_answer(request_id, owner, done)
             case BmcQuery():
                 self._hosts.on_bmc_answer(request_id, owner, Bmc.UNKNOWN)  # only its timeout comes this way
+            case LinkLossQuery():
+                self._linkloss.on_answer(request_id, owner, Bmc.UNKNOWN)  # likewise
             case FenceRequest(host_id):
                 host = self._ctx.hosts.get(host_id)
                 if host is not None and host.status is HostStatus.FENCING:
@@ -268,6 +275,9 @@ class Core:
         if isinstance(owner, BmcQuery) and owner.about == fact.host_id:
             self._ctx.settle(fact.request_id)
             self._hosts.on_bmc_answer(fact.request_id, owner, Bmc(fact.power))
+        elif isinstance(owner, LinkLossQuery) and owner.about == fact.host_id:
+            self._ctx.settle(fact.request_id)
+            self._linkloss.on_answer(fact.request_id, owner, Bmc(fact.power))
 
     def _on_dispatched(self, fact: f.CommandsDispatched) -> None:
         investigated: set[HostId] = set()

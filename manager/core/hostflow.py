@@ -96,7 +96,7 @@ class HostFlow:
         elif host.status in SILENT:
             self.transition(host, HostEvent.MANAGER_RESTARTED, "manager restarted mid-investigation: starting over")
             self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now)
-        elif host.status is S.DISCONNECTED and self._wants_ha(host):
+        elif host.status is S.DISCONNECTED and self.wants_ha(host):
             wait_s = self.ctx.config.planned_disconnect_wait_s
             self.ctx.timers.schedule(PlannedWaitOver(host.id), self.ctx.now + wait_s)
 
@@ -155,7 +155,7 @@ class HostFlow:
         self.pingmap.remove(host.id)
         if host.status in (S.UP, S.CONNECTING):
             self.transition(host, HostEvent.GOODBYE, "agent said goodbye (planned)")
-            if self._wants_ha(host):
+            if self.wants_ha(host):
                 wait_s = self.ctx.config.planned_disconnect_wait_s
                 self.ctx.timers.schedule(PlannedWaitOver(host.id), self.ctx.now + wait_s)
 
@@ -177,12 +177,12 @@ class HostFlow:
             if host is not None and host.status in (S.UP, S.CONNECTING):
                 self._behind(host, silent_s)
 
-    def _wants_ha(self, host: HostRecord) -> bool:
+    def wants_ha(self, host: HostRecord) -> bool:
         return host.role is HostRole.ROUTING and host.resource_state not in _NO_HA_RESOURCE
 
     def _behind(self, host: HostRecord, silent_s: float) -> None:
         missed = f"missed pings for {silent_s:.1f} s"
-        if not self._wants_ha(host):
+        if not self.wants_ha(host):
             why = f"role {host.role.value}" if host.role is not HostRole.ROUTING else host.resource_state.value
             self.transition(host, HostEvent.NO_HA_TIMEOUT, f"{missed}; {why}: disconnected without investigation")
             stranded = [vm.name for vm in self.ctx.vms.on_host(host.id) if vm.ha_enabled and occupies(vm)]
@@ -251,7 +251,7 @@ class HostFlow:
                     # Restored as Up, and its agent has not come back within the startup grace: behind.
                     self._behind(host, self.ctx.now - (host.last_ping_at or self.ctx.now))
             case PlannedWaitOver():
-                if host.status is S.DISCONNECTED and self._wants_ha(host):
+                if host.status is S.DISCONNECTED and self.wants_ha(host):
                     wait_s = self.ctx.config.planned_disconnect_wait_s
                     why = f"did not come back within {wait_s:.0f} s of goodbye"
                     self.transition(host, HostEvent.WAITED_TOO_LONG, why)
@@ -374,6 +374,15 @@ class HostFlow:
         self.ctx.event("alert", f"host:{host.id}", "fence.skipped", f"not fencing: {blocked}; its VMs stay put")
         self.transition(host, HostEvent.FENCE_BLOCKED, f"{evidence}; re-investigating in {delay_s:.1f} s")
         ctx.timers.schedule(Reinvestigate(host.id), ctx.now + delay_s)
+
+    def down_at_link_loss(self, host: HostRecord, evidence: str) -> None:
+        """Evidence at once (linkloss.py): its link broke and its BMC reads off — Down now, not after ping.timeout.
+        The host is Down (and its VMs recorded off) before its HA VMs get work items, so they find it dead."""
+        self.pingmap.remove(host.id)
+        self.transition(host, HostEvent.LINK_LOST_POWER_OFF, evidence)
+        self._note_failure(host)
+        self._host_dead(host)
+        self.work.schedule_for_host(host, f"{host.name} lost its link and its power")
 
     def _host_dead(self, host: HostRecord) -> None:
         self.fence_failures.pop(host.id, None)

@@ -4,7 +4,8 @@ Anything not in the table is impossible and raises `TransitionError`: a dead end
 NoTransitionException stalls, #8326), never a silent stall. Every transition is audited by the caller with a reason.
 
     Connecting --READY--> Up --PING_TIMEOUT--> Investigating --VERDICT_DOWN--> Down
-         ^                 |                        |  \\--VERDICT_ALIVE / FENCE_BLOCKED--> Alert --REINVESTIGATE--^
+         ^                 |--LINK_LOST_POWER_OFF (link broke, BMC off at once)--> Down
+         |                 |                        |  \\--VERDICT_ALIVE / FENCE_BLOCKED--> Alert --REINVESTIGATE--^
          |                 |                        \\--VERDICT_UNKNOWN--> Fencing --FENCE_OK--> Fenced
     AGENT_CONNECTED        \\--NO_HA_TIMEOUT / GOODBYE--> Disconnected        \\--FENCE_FAILED--> Alert
 """
@@ -26,6 +27,7 @@ class HostEvent(enum.StrEnum):
     NO_HA_TIMEOUT = "NoHaTimeout"  # behind, but its resource state or role says: no investigation
     GOODBYE = "Goodbye"  # planned agent shutdown
     WAITED_TOO_LONG = "WaitedTooLong"  # a planned disconnect that did not come back
+    LINK_LOST_POWER_OFF = "LinkLostPowerOff"  # its agent link broke and its BMC says off at once (linkloss.py)
     VERDICT_ALIVE = "VerdictAlive"
     VERDICT_DOWN = "VerdictDown"
     VERDICT_UNKNOWN = "VerdictUnknown"  # → fence
@@ -54,6 +56,8 @@ TRANSITIONS: dict[tuple[HostStatus, HostEvent], HostStatus] = {
     (S.UP, HostEvent.PING_TIMEOUT): S.INVESTIGATING,
     (S.UP, HostEvent.NO_HA_TIMEOUT): S.DISCONNECTED,
     (S.UP, HostEvent.GOODBYE): S.DISCONNECTED,
+    (S.UP, HostEvent.LINK_LOST_POWER_OFF): S.DOWN,
+    (S.CONNECTING, HostEvent.LINK_LOST_POWER_OFF): S.DOWN,
     (S.DISCONNECTED, HostEvent.WAITED_TOO_LONG): S.INVESTIGATING,
     (S.INVESTIGATING, HostEvent.PING): S.UP,
     (S.ALERT, HostEvent.PING): S.UP,

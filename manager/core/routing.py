@@ -95,6 +95,13 @@ class BmcQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkLossQuery:
+    """QueryBmc sent the moment the agent link of host `about` broke (evidence at once, `core/linkloss.py`)."""
+
+    about: HostId
+
+
+@dataclass(frozen=True, slots=True)
 class FenceRequest:
     host_id: HostId
 
@@ -119,7 +126,7 @@ class OperatorDestroy:
     vm_name: str
 
 
-Owner = NeighborQuery | BmcQuery | FenceRequest | StartAttempt | OperatorStop | OperatorDestroy
+Owner = NeighborQuery | BmcQuery | LinkLossQuery | FenceRequest | StartAttempt | OperatorStop | OperatorDestroy
 
 
 @dataclass(slots=True)

@@ -27,6 +27,10 @@ FULL_REPORT_EVERY = 30  # pings: a full resync every minute, as Welcome.resync_i
 BMC_QUERY_S = 0.3
 BMC_FENCE_S = 1.5
 BMC_DEAD_S = 5.0  # an unanswering BMC fails after the fencer's own timeout
+# A link that dies without a FIN (power loss, cut cable, the manager's network gone): the manager's HTTP/2
+# keepalive pings each agent every second and gives it a second to answer (manager/main.py), so it notices within
+# about 2 s. An agent process that dies is noticed at once (its kernel closes the socket): `agent crash`.
+KEEPALIVE_NOTICE_S = 2.0
 
 
 class Agents:
@@ -60,6 +64,7 @@ class Agents:
             self.schedule_connect(host, RECONNECT_S)
             return
         host.stream_open = True
+        host.stream_no += 1
         agent = AgentInfo("sim", "sim", "sim", f"boot-{host.boot_no}")
         capacity = HostCapacity(host.cpus, host.memory_mib)
         hello = AgentHello(f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, agent)
@@ -71,6 +76,18 @@ class Agents:
         host.stream_open = False
         if host.powered and host.agent_running:
             self.schedule_connect(host, RECONNECT_S)
+
+    def vanished(self, host: SimHost) -> None:
+        """The host's open stream died without closing (call before clearing `stream_open`): the manager's
+        keepalive notices it KEEPALIVE_NOTICE_S later, unless that agent has opened a new stream meanwhile."""
+        if host.stream_open:
+            self.sim.schedule(self.sim.now + KEEPALIVE_NOTICE_S, self._keepalive_failed, host, host.stream_no)
+
+    def _keepalive_failed(self, host: SimHost, stream_no: int) -> None:
+        if host.stream_no == stream_no and self.sim.world.manager_running:
+            if host.stream_open:
+                self.drop_stream(host)  # the manager closes its end; the agent reconnects when it can
+            self.sim.to_core(f.AgentDisconnected(host.id, planned=False), 0.0)
 
     def send(self, host: SimHost, fact: f.Fact) -> None:
         if host.stream_open and self.world.link_up(host):
@@ -256,6 +273,7 @@ class Agents:
         if not host.powered:
             return
         self.sim.host_failed(host)
+        self.vanished(host)
         cause = FENCE if how == FENCED else self.sim.liveness.host_cause(host)
         self.sim.liveness.host_lost(host, cause)
         for uuid in sorted(host.running):

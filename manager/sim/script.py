@@ -141,6 +141,9 @@ def apply(sim: Simulator, command: str) -> None:
         sim.restart_manager()
     elif verb == "network" and target == "manager":
         world.manager_net_up = arg == "on"
+        if arg == "off":
+            for host in world.hosts.values():
+                agents.vanished(host)  # every stream dies without a FIN: the keepalive notices
     elif verb in ("kill-vm", "guest-shutdown"):
         uuid = world.vms_by_name[target].uuid
         cause = StopCause.CRASHED if verb == "kill-vm" else StopCause.GUEST_SHUTDOWN
@@ -182,6 +185,7 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
         else:
             host.manager_link_up = arg == "on"
         if arg == "off" and host.stream_open:
+            agents.vanished(host)  # the manager notices through its keepalive
             host.stream_open = False  # the agent notices at once and keeps trying to reconnect
         agents.schedule_connect(host, 2.0)
     elif verb == "drop":

@@ -43,6 +43,7 @@ class SimHost:
     storage_ok: bool = True
     hypervisor_ok: bool = True
     stream_open: bool = False  # the agent's link to the manager
+    stream_no: int = 0  # counts the streams opened: a keepalive failure concerns one stream, not a later one
     connecting: bool = False  # a connection attempt is scheduled
     boot_no: int = 1
     bucket: int = 0  # ping phase

@@ -10,7 +10,7 @@ import kvmha.manager.core
 
 CORE = Path(kvmha.manager.core.__file__).parent
 PACKAGE = "kvmha.manager.core"
-FLOWS = {"hostflow", "powersync", "scheduler", "operator"}
+FLOWS = {"hostflow", "powersync", "scheduler", "operator", "linkloss"}
 FORBIDDEN = {"asyncio", "grpc", "sqlalchemy", "libvirt", "time", "threading", "socket", "kvmha.proto", "random"}
 
 
