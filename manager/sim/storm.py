@@ -35,9 +35,9 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "agent-crash": (2, (10.0, 60.0)),
     "lossy-link": (2, (30.0, 120.0)),
     # A host that vanishes without closing its connections (cable cut, then its power): the keepalive and an early
-    # BMC query decide; and the same with the host powered straight back on (the early BMC reads on: nothing early).
+    # BMC query decide; and the same host coming back later (power and cable).
     "vanish": (2, None),
-    "vanish-reboot": (2, (20.0, 120.0)),
+    "vanish-return": (2, (20.0, 120.0)),
 }
 
 
@@ -137,7 +137,7 @@ class Storm:
             "agent-crash": (["agent {h} crash"], ["agent {h} start"]),
             "lossy-link": (["drop {h} 0.3", "delay {h} 0.5"], ["drop {h} 0", "delay {h} 0"]),
             "vanish": (["network {h} off", "power {h} off"], []),
-            "vanish-reboot": (["network {h} off", "power {h} off", "power {h} on"], ["network {h} on"]),
+            "vanish-return": (["network {h} off", "power {h} off"], ["power {h} on", "network {h} on"]),
         }[kind]
         for command in commands[0]:
             apply(self.sim, command.format(h=host))
