@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, VmId, VmUuid
 from kvmha.manager.sim.script import apply
+from kvmha.manager.sim.sequences import SEQUENCES, start_sequence
 from kvmha.manager.sim.simulator import Simulator
 from kvmha.manager.sim.world import SimHost, SimVm
 
@@ -46,15 +47,27 @@ DATABASE_STALL_S = (2.0, 10.0)
 
 
 def build_cluster(
-    host_count: int, vms_per_host: int, rng: random.Random, *, bmc_share: float = 0.8, ha_share: float = 0.9
+    host_count: int,
+    vms_per_host: int,
+    rng: random.Random,
+    *,
+    bmc_share: float = 0.8,
+    ha_share: float = 0.9,
+    big_vms: int = 0,
 ) -> tuple[list[SimHost], list[SimVm]]:
-    """Hosts with room for about 2.5x their initial load, so one failure at a time always fits elsewhere."""
+    """Hosts with room for about 2.5x their initial load, so one failure at a time always fits elsewhere. The last
+    `big_vms` hosts each hold one big HA VM (90% of a host's memory) instead: it fits only on an empty host."""
     hosts = [
         SimHost(HostId(n), f"h{n}", cpus=32, memory_mib=vms_per_host * 2048 * 5 // 2, has_bmc=rng.random() < bmc_share)
         for n in range(1, host_count + 1)
     ]
     vms: list[SimVm] = []
-    for host in hosts:
+    for index, host in enumerate(hosts):
+        if index >= host_count - big_vms:
+            n = len(vms) + 1
+            vms.append(SimVm(VmId(n), f"vm{n}", VmUuid(f"uuid-vm{n}"), memory_mib=host.memory_mib * 9 // 10, vcpus=4,
+                             ha=True, host=host.name))  # fmt: skip
+            continue
         for _ in range(vms_per_host):
             n = len(vms) + 1
             vms.append(
@@ -82,6 +95,8 @@ class Storm:
     manager_restarts: int = 1
     database_outages: int = 1  # the database refuses every transaction for DATABASE_OUTAGE_S
     database_stalls: int = 1  # every transaction waits for DATABASE_STALL_S
+    compound: int = 0  # how many of each compound sequence (sim/sequences.py) to start
+    big_hosts: list[str] = field(default_factory=list)  # hosts holding one big VM (build_cluster's big_vms)
     busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
     dead: set[str] = field(default_factory=set)  # hosts down for good
     injected: dict[str, int] = field(default_factory=dict)
@@ -97,6 +112,23 @@ class Storm:
         for _ in range(self.database_stalls):
             stall = f"database stall {self.rng.uniform(*DATABASE_STALL_S):.1f}"
             self.sim.schedule(self.rng.uniform(60.0, self.until_s), self._do, stall, None, "database")
+        for kind in SEQUENCES:
+            for _ in range(self.compound):
+                self.sim.schedule(self.rng.uniform(30.0, self.until_s), start_sequence, self, kind)
+
+    # ------------------------------------------------------------ for the compound sequences
+
+    def room_for(self, count: int) -> bool:
+        return len(self.busy) + len(self.dead) + count <= self.max_concurrent_share * len(self.sim.world.hosts)
+
+    def reserved(self, host: str) -> bool:
+        return host in self.big_hosts
+
+    def run_command(self, command: str) -> None:
+        apply(self.sim, command)
+
+    def release(self, host: str) -> None:
+        self.busy.discard(host)
 
     def _next(self, now: float) -> None:
         at = now + self.rng.expovariate(self.rate_per_s)
@@ -105,7 +137,11 @@ class Storm:
 
     def _fire(self) -> None:
         self._next(self.sim.now)
-        hosts = [name for name in self.sim.world.hosts_by_name if name not in self.busy and name not in self.dead]
+        hosts = [
+            name
+            for name in self.sim.world.hosts_by_name
+            if name not in self.busy and name not in self.dead and not self.reserved(name)
+        ]
         limit = self.max_concurrent_share * len(self.sim.world.hosts)
         if not hosts or len(self.busy) + len(self.dead) >= limit:
             return
@@ -155,10 +191,16 @@ class Storm:
 
 
 def storm_simulator(
-    host_count: int, vms_per_host: int, seed: int, *, config: CoreConfig | None = None, keep_log: bool = False
+    host_count: int,
+    vms_per_host: int,
+    seed: int,
+    *,
+    config: CoreConfig | None = None,
+    keep_log: bool = False,
+    big_vms: int = 0,
 ) -> tuple[Simulator, random.Random]:
     rng = random.Random(seed)
-    hosts, vms = build_cluster(host_count, vms_per_host, rng)
+    hosts, vms = build_cluster(host_count, vms_per_host, rng, big_vms=big_vms)
     sim = Simulator(hosts, vms, seed=seed, config=config, jitter_s=0.05, keep_log=keep_log)
     return sim, rng
 

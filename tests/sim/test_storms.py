@@ -124,3 +124,44 @@ def test_the_checker_catches_a_driver_that_acts_before_it_records(monkeypatch: p
     monkeypatch.setattr(Driver, "_execute", act_first)
     broken = run(_act_first_scenario())
     assert any("while running on" in violation for violation in broken.checker.violations), broken.log
+
+
+BIG_VMS = 10
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_compound_storm_keeps_safety_and_liveness(seed: int) -> None:
+    """Issue 12: the storm plus compound sequences (sim/sequences.py: cascades, flapping hosts then a real failure,
+    a partition then a power loss, a manager restart mid-recovery, big VMs that fit only when capacity frees up later).
+    No VM on two hosts, and every HA VM that lost its run is running again within its bound whenever a host could
+    take it (sim/liveness.py); at the end no HA VM is still owed a restart."""
+    sim, rng = storm_simulator(HOSTS, VMS_PER_HOST, seed, big_vms=BIG_VMS)
+    big_hosts = [f"h{n}" for n in range(HOSTS - BIG_VMS + 1, HOSTS + 1)]
+    storm = Storm(sim, rng, rate_per_s=0.2, until_s=FAULTS_UNTIL_S, compound=3, big_hosts=big_hosts)
+    storm.start()
+    try:
+        sim.run_until(FAULTS_UNTIL_S + QUIET_S)
+    finally:
+        sim.close()
+
+    assert sim.checker.violations == []
+    for kind in ("cascade: target lost", "flap-then-fail", "partition-then-power", "restart-mid-recovery: restarted",
+                 "capacity-later"):  # fmt: skip
+        assert storm.injected.get(kind, 0) >= 1, (kind, storm.injected)
+    assert sim.liveness.owed == {}, sim.liveness.owed
+    assert sum(len(times) for times in sim.liveness.recovered_s.values()) >= 100
+    assert unexplained_down_vms(sim) == []
+
+
+def test_the_liveness_checker_bites_in_a_storm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core that never finds a target leaves every lost HA VM down: the checker reports them."""
+    from kvmha.manager.core import scheduler
+
+    monkeypatch.setattr(scheduler.Scheduler, "_place", lambda self, vm: (None, "broken on purpose"))
+    sim, rng = storm_simulator(100, 5, 7)
+    Storm(sim, rng, rate_per_s=0.1, until_s=300.0, max_concurrent_share=0.1).start()
+    try:
+        sim.run_until(500.0)
+    finally:
+        sim.close()
+    assert any("liveness:" in violation for violation in sim.checker.violations)
