@@ -17,6 +17,9 @@ What it does, step by step (each printed as it happens):
    VM runs elsewhere and the non-HA VM is Stopped. Exit status 1 if that takes longer than the bound.
 4. Prints how to look around and how to tear the lab down.
 
+The manager serves its dashboard (docs/dashboard.md) on https://127.0.0.1:8443/ (another free port if that one is
+taken): step 1 prints its address and a reader token, and the page shows the power loss and the recovery live.
+
 Nothing here reaches beyond loopback and the lab's own subnet.
 """
 
@@ -60,6 +63,7 @@ RECOVERY_BOUND_S = 120.0
 UP_BOUND_S = 300.0
 PLACE_BOUND_S = 120.0
 READY_FILE = "demo.json"  # in <state>/manager/, written by the keeper once the manager sees every host Up
+DASHBOARD_PORT = 8443
 BIN = Path(sys.executable).parent
 
 
@@ -159,7 +163,8 @@ def run_keeper(params: Mapping[str, Any]) -> int:
     signal.signal(signal.SIGINT, on_stop)
     state_dir = Path(params["state_dir"])
     cluster = LabCluster.start(HOSTS, state_dir=state_dir, prefix=params["prefix"], subnet=params["subnet"],
-                               admin_port=params["admin_port"], as_keeper=True)
+                               admin_port=params["admin_port"], as_keeper=True,
+                               dashboard_port=params.get("dashboard_port", 0))
     try:
         assert cluster.manager is not None
         info = proc.info(cluster.manager.pid)
@@ -167,6 +172,9 @@ def run_keeper(params: Mapping[str, Any]) -> int:
         ready = {"manager_pid": info.pid,
                  "manager_started_at": started_at_epoch(info.start_ticks, boot_time(), os.sysconf("SC_CLK_TCK")),
                  "admin": cluster.admin_address, "keeper_pid": os.getpid()}
+        if cluster.dashboard is not None:
+            ready |= {"dashboard_url": cluster.dashboard.url, "dashboard_token": cluster.dashboard.token,
+                      "dashboard_cert": str(cluster.dashboard.cert)}
         (cluster.workdir / READY_FILE).write_text(json.dumps(ready))
         print(f"lab and manager up (manager pid {info.pid}); waiting for `kvmha-lab down`", flush=True)
         while not stop.wait(0.5):
@@ -245,7 +253,7 @@ def _existing_lab(state_dir: Path) -> str | None:
 
 def start_keeper(out: Out, args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
     params = {"state_dir": str(state_dir), "prefix": args.prefix, "subnet": args.subnet,
-              "admin_port": args.admin_port}
+              "admin_port": args.admin_port, "dashboard_port": DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else 0}
     log_path = keeper_log(state_dir)
     with log_path.open("wb") as log:
         keeper = subprocess.Popen([sys.executable, "-m", "kvmha.lab.demo", "--keeper", json.dumps(params)],
@@ -491,7 +499,8 @@ def venv_bin() -> str:
     return os.path.relpath(BIN, Path.cwd()) if str(BIN).startswith(str(Path.cwd()) + os.sep) else str(BIN)
 
 
-def hint(out: Out, args: argparse.Namespace, dead: str | None = None) -> None:
+def hint(out: Out, args: argparse.Namespace, dead: str | None = None,
+         ready: Mapping[str, Any] | None = None) -> None:
     venv = venv_bin()
     flags = "" if args.admin_port == DEFAULT_ADMIN_PORT else f" --manager 127.0.0.1:{args.admin_port}"
     lab_flags = "" if args.state_dir == str(DEFAULT_STATE_DIR) else f" --state-dir {args.state_dir}"
@@ -506,6 +515,9 @@ def hint(out: Out, args: argparse.Namespace, dead: str | None = None) -> None:
     out.head("The lab stays up. Look around:")
     for command, what in commands:
         out.say(f"  {command:<58} {what}")
+    if ready and "dashboard_url" in ready:
+        out.say(f"  {ready['dashboard_url'] + 'failures':<58} the recovery timeline, drawn from the events")
+        show_dashboard(out, ready)
     out.say(f"Tear it all down (hosts, manager, bridge, mounts): {venv}/kvmha-lab{lab_flags} down", "bold")
 
 
@@ -571,7 +583,18 @@ def bring_up(out: Out, args: argparse.Namespace,
     out.say("manager config: " + ", ".join(f"{k} {config.get(k, '?')} s" for k in
                                             ("ping.interval", "ping.timeout", "investigation.timeout",
                                              "fence.timeout", "startup.grace")))
+    show_dashboard(out, ready)
     return cluster, config, ready
+
+
+def show_dashboard(out: Out, ready: Mapping[str, Any]) -> None:
+    """Where to watch: the dashboard's address, a reader token, and a link that signs a browser in."""
+    if "dashboard_url" not in ready:
+        return
+    url, token = ready["dashboard_url"], ready["dashboard_token"]
+    out.say(f"dashboard: {url}  (reader token {token})", "bold")
+    out.say(f"  open {url}?token={token} to watch the failover live (self-signed certificate "
+            f"{ready['dashboard_cert']}: accept it in the browser, or curl --cacert it)")
 
 
 def run_story(out: Out, args: argparse.Namespace, cluster: LabCluster, config: Mapping[str, str],
@@ -591,6 +614,8 @@ def run_story(out: Out, args: argparse.Namespace, cluster: LabCluster, config: M
     on_victim = sorted(vm for vm, host in placed.items() if host == victim)
     out.head(f"3. Power loss: {victim} runs {', '.join(on_victim)}; its BMC turns it off")
     moving = [vm for vm in on_victim if vm in ha]
+    if "dashboard_url" in ready:
+        out.say(f"watch it live: {ready['dashboard_url']} (cluster) and {ready['dashboard_url']}failures (timeline)")
     with DuplicateWatch(cluster.lab) as watch:
         done, story, running = recover(out, cluster, victim, moving, args.bound)
     if not done:
@@ -598,7 +623,7 @@ def run_story(out: Out, args: argparse.Namespace, cluster: LabCluster, config: M
         out.say(f"recovery did not complete within {args.bound:.0f} s: not yet running elsewhere: "
                 f"{', '.join(missing) or '-'}", "bold red")
         out.say(f"manager log: {cluster.workdir / 'manager.log'}; the lab stays up for a look", "bold red")
-        hint(out, args, victim)
+        hint(out, args, victim, ready)
         return 1
 
     after = cluster.wait_running(ha, 10, not_on=victim)  # every HA VM, moved or not, checked with virsh again
@@ -611,12 +636,12 @@ def run_story(out: Out, args: argparse.Namespace, cluster: LabCluster, config: M
     if watch.duplicates:
         at, vm, hosts = watch.duplicates[0]
         out.say(f"SPLIT BRAIN: {vm} ran on {' and '.join(hosts)} at once ({at - story.t0:+.2f} s)", "bold red")
-        hint(out, args, victim)
+        hint(out, args, victim, ready)
         return 1
     out.say(f"Recovered in {total:.1f} s: every HA VM of {victim} runs on another host ({moved}), verified with "
             f"virsh on those hosts; {NON_HA_VM} (not HA) is Stopped. No VM ran on two hosts at once "
             f"({watch.samples} samples of every host's QEMUs).", "bold green")
-    hint(out, args, victim)
+    hint(out, args, victim, ready)
     return 0
 
 

@@ -33,6 +33,7 @@ import grpc
 
 from kvmha.lab import proc
 from kvmha.lab.bmc import find_free_port
+from kvmha.lab.dashboard import LabDashboard
 from kvmha.lab.lab import Lab
 from kvmha.lab.state import DEFAULT_STATE_DIR, PidRef
 from kvmha.lab.wait import wait_for
@@ -268,6 +269,7 @@ class LabCluster(ManagerHarness):
                          agent_listen=f"{lab.spec.bridge_address}:{MANAGER_AGENT_PORT}", admin_port=admin_port,
                          allow_insecure_plaintext=True)
         self.lab = lab
+        self.dashboard: LabDashboard | None = None
 
     @classmethod
     def start(
@@ -284,6 +286,7 @@ class LabCluster(ManagerHarness):
         cache_dir: Path | None = None,
         as_keeper: bool = False,
         watchdog_device_timeout_s: int = 0,  # > 0: a hardware watchdog per host (kvmha.lab.watchdog)
+        dashboard_port: int | None = 0,  # the lab's manager serves its dashboard: 0 = on a free port, None = off
     ) -> LabCluster:
         """Bring up a lab of `hosts` hosts and the manager, wait until every host is Up, register the BMCs."""
         lab = Lab.up(hosts, state_dir=state_dir, prefix=prefix, subnet=subnet, manager="default",
@@ -293,6 +296,9 @@ class LabCluster(ManagerHarness):
         workdir.mkdir(exist_ok=True)
         cluster = cls(lab, workdir, database or f"sqlite:///{workdir / 'manager.sqlite'}", core_config,
                       admin_port=admin_port)
+        if dashboard_port is not None:
+            cluster.dashboard = LabDashboard.make(workdir / "dashboard", dashboard_port or find_free_port())
+            cluster.dashboard_toml = cluster.dashboard.toml()
         try:
             cluster.start_manager()
             cluster.wait_hosts_up()
