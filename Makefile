@@ -7,7 +7,8 @@ PY      := $(VENV)/bin/python
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 APT_PACKAGES := libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-dev pkg-config \
                 libvirt-clients openipmi ipmitool iproute2 iputils-ping gcc \
-                pacemaker pacemaker-cli-utils corosync fence-agents resource-agents
+                pacemaker pacemaker-cli-utils corosync fence-agents resource-agents \
+                chromium chromium-driver
 # The peer stack (kvmha-lab up --stack pacemaker) runs these daemons only inside lab hosts. Installing them must
 # start nothing on the machine itself: a policy-rc.d that denies every start during the install (removed after, if
 # we made it), and their systemd units disabled so that a machine booted with systemd does not start them either.

@@ -29,6 +29,11 @@ def clock(at: float | None) -> str:
     return "-" if not at else time.strftime("%H:%M:%S", time.localtime(at))
 
 
+def clock_tenths(at: float | None) -> str:
+    """Seconds with tenths: the steps of one recovery are often within the same second."""
+    return "-" if not at else time.strftime("%H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 10)}"
+
+
 def stamp(at: float | None) -> str:
     return "-" if not at else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
@@ -101,7 +106,8 @@ def host_tile(host: HostTile) -> str:
             f'<h3>{e(host.name)}</h3><p class="status-line"><span class="status">{e(host.status)}</span> {marks}</p>'
             f'<p class="ping">last ping {e(age(host.last_ping_age_s))}</p>{cpu}{mem}'
             f'<ul class="health" aria-label="health of {e(host.name)}">{health}</ul>'
-            f'<details><summary>{len(host.vms)} VMs</summary><ul class="vm-list">{vms}</ul></details></li>')
+            f'<details><summary>{len(host.vms)} VM{"" if len(host.vms) == 1 else "s"}</summary>'
+            f'<ul class="vm-list">{vms}</ul></details></li>')
 
 
 def _meter(label: str, used: int, total: int, unit: str) -> str:
@@ -169,7 +175,8 @@ def work_page(items: Sequence[WorkItem], principal: Principal | None, last_event
 def work_list(items: Iterable[WorkItem], empty: str) -> str:
     parts = []
     for w in items:
-        steps = "".join(f'<li><time>{clock(s.at)}</time> <span class="sev-{css_token(s.severity)}">{e(s.kind)}</span> '
+        steps = "".join(f'<li><time>{clock_tenths(s.at)}</time> '
+                        f'<span class="sev-{css_token(s.severity)}">{e(s.kind)}</span> '
                         f'{e(s.message)}</li>' for s in w.steps)
         steps_html = f'<ol class="steps">{steps}</ol>' if steps else ""
         parts.append(f'<li class="work step-{css_token(w.step)}"><strong>work {w.id}</strong> {e(w.type)} of '
@@ -228,8 +235,9 @@ def failure_section(failure: Failure, now: float) -> str:
                    for k, v in figures.items())
     evidence = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in failure.evidence.items())
     vms = "".join(
-        f'<tr><th scope="row">{e(v.vm)}</th><td>{clock(v.scheduled_at)}</td><td>{clock(v.started_at)}</td>'
-        f'<td>{e(v.target or "-")}</td><td>{clock(v.confirmed_at)}</td><td>{e(v.outcome)}</td></tr>'
+        f'<tr><th scope="row">{e(v.vm)}</th><td>{clock_tenths(v.scheduled_at)}</td>'
+        f'<td>{clock_tenths(v.started_at)}</td><td>{e(v.target or "-")}</td><td>{clock_tenths(v.confirmed_at)}</td>'
+        f'<td>{e(v.outcome)}</td></tr>'
         for v in failure.vms)
     ident = f"failure-{failure.id}"
     return (f'<section class="failure" id="{ident}" aria-labelledby="{ident}-h">'

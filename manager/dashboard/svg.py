@@ -48,8 +48,11 @@ class _Canvas:
 
     def mark(self, row: int, at: float, text: str) -> None:
         x, y = self.x(at), TOP_PX + row * ROW_PX
+        # Near the right edge the label goes to the left of its line, so it is never cut off.
+        anchor, text_x = ("end", x - 3) if x > WIDTH_PX - 170 else ("start", x + 3)
         self.parts.append(f'<line x1="{x:.1f}" y1="{y + 2}" x2="{x:.1f}" y2="{y + 28}" stroke="#222" />'
-                          f'<text x="{x + 3:.1f}" y="{y + 33}" font-size="10" fill="#222">{escape(text)}</text>')
+                          f'<text x="{text_x:.1f}" y="{y + 33}" font-size="10" fill="#222" text-anchor="{anchor}">'
+                          f'{escape(text)}</text>')
 
     def label(self, row: int, text: str) -> None:
         y = TOP_PX + row * ROW_PX + 19

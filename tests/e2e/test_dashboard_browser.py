@@ -165,8 +165,9 @@ def test_power_loss_shows_live_and_its_timeline_renders(e2e: E2E, chrome: Any, t
     c.lab.power(victim, "off", wait=False)
     try:
         # The cluster page follows without a reload: the victim's tile turns Down, its HA VMs run elsewhere.
-        wait_for(lambda: chrome.find_element("css selector", tile).get_attribute("data-status") == "Down", 40,
-                 f"{victim}'s tile Down")
+        # (the live region is replaced on each refresh: the tile is looked up afresh every time)
+        status = f"const t = document.querySelector('{tile}'); return t ? t.dataset.status : null;"
+        wait_for(lambda: chrome.execute_script(status) == "Down", 40, f"{victim}'s tile Down")
         screenshot(chrome, tmp_path, "cluster-host-down")
         placed = c.wait_running(["br-ha1", "br-ha2"], 40, not_on=victim)
         wait_for(lambda: all(vm_is(e2e, n, "Running", placed[n], "PowerOn") for n in placed), 30, "both Running")
