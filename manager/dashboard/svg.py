@@ -60,15 +60,16 @@ class _Canvas:
 
 
 def render(failure: Failure, now: float, element_id: str = "") -> str:
-    origin = failure.last_ping_at if failure.last_ping_at is not None else failure.detected_at
+    origin = failure.origin
     ends = [failure.detected_at, failure.verdict_at or now]
     for vm in failure.vms:
         ends += [t for t in (vm.started_at, vm.confirmed_at, vm.ended_at) if t is not None]
     finished = failure.verdict_at is not None and all(v.ended_at is not None for v in failure.vms)
     canvas = _Canvas(origin, max(ends) if finished else max([*ends, now]))
     canvas.label(0, f"host {failure.host}")
-    if failure.last_ping_at is not None:
-        canvas.bar(0, failure.last_ping_at, failure.detected_at, now, "silent", "silent")
+    if failure.origin < failure.detected_at:
+        label = "silent" if failure.last_ping_at is not None else "link lost"
+        canvas.bar(0, failure.origin, failure.detected_at, now, "silent", label)
     investigated_until = failure.fencing_at or failure.verdict_at
     canvas.bar(0, failure.detected_at, investigated_until, now, "investigating", "investigating")
     if failure.fencing_at is not None:
@@ -118,15 +119,16 @@ def describe(failure: Failure) -> str:
     parts = [f"Host {failure.host}"]
     figures = failure.durations_s()
     if "detection_s" in figures:
-        parts.append(f"was detected silent {_fmt(figures['detection_s'])} after its last ping")
+        since = "its last ping" if failure.last_ping_at is not None else "its agent link broke"
+        parts.append(f"was detected failing {_fmt(figures['detection_s'])} after {since}")
     else:
-        parts.append("was detected silent")
+        parts.append("was detected failing")
     if failure.verdict_at is not None:
         parts.append(f"and found {failure.verdict} {_fmt(figures['verdict_s'])} later")
     else:
         parts.append(f"and is {failure.verdict}")
     text = " ".join(parts) + "."
-    origin = failure.last_ping_at or failure.detected_at
+    origin = failure.origin
     for vm in failure.vms:
         if vm.confirmed_at is not None:
             text += f" {vm.vm} ran again on {vm.target} at +{_fmt(vm.confirmed_at - origin)}."

@@ -3,8 +3,10 @@
 Pure: events (EventRow), HA work records and names in, `Failure` records out; no clock, no I/O. Times are the
 events' wall-clock seconds.
 
-A failure opens when a host goes from Up (or Connecting, Disconnected) to Investigating — the event says how long it
-had missed pings, which gives its last ping — and closes when the host comes back (Connecting/Up) or is Removed.
+A failure opens when a host goes from Up (or Connecting, Disconnected) to a failing status: Investigating — the event
+says how long it had missed pings, which gives its last ping — or straight to Down when its link broke and its BMC
+read off at once (the link-loss event before it gives when the link broke). It closes when the host comes back
+(Connecting/Up) or is Removed.
 In between, every host.status event is a mark (Investigating, Alert, Fencing, Fenced, Down) and the verdict's message
 carries the evidence the investigation gathered (`bmc=..., heartbeat=... (age ...), reach=... (n/m neighbours
 answered)`). Each HA work item scheduled for the host while the failure was open is one VM's recovery: scheduled,
@@ -29,6 +31,8 @@ _EVIDENCE = re.compile(r"bmc=(?P<bmc>\w+), heartbeat=(?P<hb>\w+) \(age (?P<age>[
                        r"\((?P<answered>[^)]*)\)")
 _STARTING = re.compile(r"^starting on (?P<host>\S+)")
 OPENING_FROM = frozenset({"Up", "Connecting", "Disconnected"})
+FAILING = frozenset({"Investigating", "Alert", "Fencing", "Fenced", "Down"})
+LINK_LOST_KINDS = frozenset({"link.lost", "agent.link"})
 VERDICTS = frozenset({"Down", "Fenced"})
 CLOSING = frozenset({"Connecting", "Up", "Removed"})
 
@@ -67,6 +71,13 @@ class Failure:
     evidence: Mapping[str, str]
     vms: tuple[VmRecovery, ...] = field(default_factory=tuple)
     closed_at: float | None = None
+    link_lost_at: float | None = None  # the agent's stream broke (before the detection), when the manager saw it
+
+    @property
+    def origin(self) -> float:
+        """The first sign of the failure: its last ping, else its link breaking, else its detection."""
+        known = [t for t in (self.last_ping_at, self.link_lost_at) if t is not None]
+        return min(known) if known else self.detected_at
 
     @property
     def recovered_at(self) -> float | None:
@@ -79,13 +90,13 @@ class Failure:
     def durations_s(self) -> dict[str, float]:
         """The figures an incident report quotes, only those whose two ends are known."""
         out: dict[str, float] = {}
-        if self.last_ping_at is not None:
-            out["detection_s"] = self.detected_at - self.last_ping_at
+        if self.origin < self.detected_at:
+            out["detection_s"] = self.detected_at - self.origin
         if self.verdict_at is not None:
             out["verdict_s"] = self.verdict_at - self.detected_at
         recovered = self.recovered_at
         if recovered is not None:
-            out["recovery_s"] = recovered - (self.last_ping_at or self.detected_at)
+            out["recovery_s"] = recovered - self.origin
         return out
 
 
@@ -101,6 +112,7 @@ class _Open:
     fencing_at: float | None = None
     evidence: dict[str, str] = field(default_factory=dict)
     closed_at: float | None = None
+    link_lost_at: float | None = None
 
 
 def host_id_of(subject: str, prefix: str = "host:") -> int | None:
@@ -124,8 +136,11 @@ def failures(events: Iterable[EventRow], works: Sequence[HaWorkRecord], host_nam
     rows = sorted(events, key=lambda e: e.id)
     opened: dict[int, _Open] = {}
     done: list[_Open] = []
+    link_lost: dict[int, float] = {}  # host -> when its link broke, since it was last Up
     for row in rows:
         host_id = host_id_of(row.subject)
+        if host_id is not None and row.kind in LINK_LOST_KINDS and host_id not in opened:
+            link_lost.setdefault(host_id, row.at)
         if host_id is None or row.kind != "host.status":
             continue
         parsed = _STATUS.match(row.message)
@@ -133,31 +148,44 @@ def failures(events: Iterable[EventRow], works: Sequence[HaWorkRecord], host_nam
             continue
         old, new, reason = parsed["old"], parsed["new"], parsed["reason"]
         current = opened.get(host_id)
-        if new == "Investigating" and old in OPENING_FROM:
+        if new in ("Up", "Connecting"):
+            link_lost.pop(host_id, None)
+        if new in FAILING and old in OPENING_FROM:
             if current is not None:
                 current.closed_at = row.at
                 done.append(opened.pop(host_id))
             missed = _MISSED.search(reason)
-            opened[host_id] = _Open(row.id, host_id, row.at, row.at - float(missed["s"]) if missed else None,
-                                    [Mark(row.at, new, reason)])
+            current = _Open(row.id, host_id, row.at, row.at - float(missed["s"]) if missed else None,
+                            [Mark(row.at, new, reason)], link_lost_at=link_lost.pop(host_id, None))
+            opened[host_id] = current
+            _verdict(current, row.at, new, reason)
             continue
         if current is None:
             continue
         current.marks.append(Mark(row.at, new, reason))
-        if evidence_of(reason):
-            current.evidence = evidence_of(reason)
-        if new == "Fencing":
-            current.fencing_at = row.at
-        if new in VERDICTS and current.verdict_at is None:
-            current.verdict_at = row.at
         if new in CLOSING:
             current.closed_at = row.at
             current.verdict = new if current.verdict_at is None else current.verdict
             done.append(opened.pop(host_id))
-        elif current.verdict not in VERDICTS:
-            current.verdict = new
+        else:
+            _verdict(current, row.at, new, reason)
     done.extend(opened.values())
     return [_finish(o, rows, works, host_names, vm_names) for o in sorted(done, key=lambda o: o.event_id)]
+
+
+def _verdict(item: _Open, at: float, status: str, reason: str) -> None:
+    """What a failing status tells: the evidence gathered, fencing started, the verdict (Down or Fenced)."""
+    evidence = evidence_of(reason)
+    if evidence:
+        item.evidence = evidence
+    elif status in VERDICTS and not item.evidence:
+        item.evidence = {"verdict": reason}
+    if status == "Fencing":
+        item.fencing_at = at
+    if status in VERDICTS and item.verdict_at is None:
+        item.verdict_at = at
+    if item.verdict not in VERDICTS:
+        item.verdict = status
 
 
 def _finish(item: _Open, rows: Sequence[EventRow], works: Sequence[HaWorkRecord], host_names: Mapping[int, str],
@@ -169,7 +197,7 @@ def _finish(item: _Open, rows: Sequence[EventRow], works: Sequence[HaWorkRecord]
                    detected_at=item.detected_at, last_ping_at=item.last_ping_at, marks=tuple(item.marks),
                    verdict=item.verdict, verdict_at=item.verdict_at, fencing_at=item.fencing_at,
                    evidence=item.evidence, vms=tuple(_recovery(w, rows, vm_names) for w in sorted(mine, key=_id)),
-                   closed_at=end)
+                   closed_at=end, link_lost_at=item.link_lost_at)
 
 
 def _id(work: HaWorkRecord) -> int:

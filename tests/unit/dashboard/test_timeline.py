@@ -36,15 +36,16 @@ def power_loss() -> Simulator:
 
 
 def test_power_loss_timeline(power_loss: Simulator) -> None:
-    # The golden log: h3 powered off at 30, Investigating at 36.5 after 7.0 s of missed pings, Down at 36.8 on the
-    # BMC's "off", vm3 and vm4 started on h4 and h1, both confirmed at 38.0; vm5 (not HA) has no work item.
+    # The golden log: h3 powered off at 30; its link breaks at 32.0 and the manager asks its BMC at once; at 32.3 the
+    # BMC reads off: Up -> Down without waiting for ping.timeout; vm3 and vm4 start on h4 and h1, both confirmed at
+    # 33.4; vm5 (not HA) has no work item.
     [failure] = failures_of(power_loss)
     assert failure.host == "h3" and failure.verdict == "Down" and failure.fencing_at is None
-    assert failure.last_ping_at == pytest.approx(failure.detected_at - 7.0)
-    assert failure.verdict_at is not None and failure.verdict_at - failure.detected_at == pytest.approx(0.3, abs=0.05)
-    assert failure.evidence["bmc"] == "off" and failure.evidence["verdict"] == "BMC says power is off"
-    assert "neighbours" in failure.evidence and "heartbeat" in failure.evidence
-    assert [m.status for m in failure.marks] == ["Investigating", "Down"]
+    assert failure.last_ping_at is None and failure.link_lost_at is not None
+    assert failure.detected_at - failure.link_lost_at == pytest.approx(0.3, abs=0.05)
+    assert failure.verdict_at == failure.detected_at and failure.origin == failure.link_lost_at
+    assert failure.evidence == {"verdict": "agent link broke and BMC says power is off"}
+    assert [m.status for m in failure.marks] == ["Down"]
     by_vm = {v.vm: v for v in failure.vms}
     assert set(by_vm) == {"vm3", "vm4"}
     assert (by_vm["vm3"].target, by_vm["vm4"].target) == ("h4", "h1")
@@ -53,9 +54,25 @@ def test_power_loss_timeline(power_loss: Simulator) -> None:
         assert vm.started_at is not None and vm.confirmed_at is not None
         assert failure.detected_at <= vm.scheduled_at <= vm.started_at <= vm.confirmed_at
     figures = failure.durations_s()
-    assert figures["detection_s"] == pytest.approx(7.0)
+    assert figures["detection_s"] == pytest.approx(0.3, abs=0.05)
     assert failure.recovered_at == max(v.confirmed_at or 0 for v in failure.vms)
-    assert figures["recovery_s"] > figures["detection_s"]
+    assert figures["recovery_s"] == pytest.approx(1.4, abs=0.05)
+
+
+def test_silent_host_timeline_with_evidence() -> None:
+    # database_outage: h3 loses its power while the database is down; the manager finds it silent (Investigating,
+    # with the missed seconds), its BMC says off (Down), and vm3, vm4 run on h4 and h1.
+    [failure] = failures_of(simulated("database_outage"))
+    investigating = failure.marks[0]
+    missed = float(investigating.reason.removeprefix("missed pings for ").split(" s")[0])
+    assert failure.last_ping_at == pytest.approx(failure.detected_at - missed)
+    assert failure.link_lost_at is not None and failure.origin == failure.last_ping_at
+    assert failure.verdict == "Down" and failure.verdict_at is not None and failure.verdict_at >= failure.detected_at
+    assert failure.evidence["bmc"] == "off" and failure.evidence["verdict"] == "BMC says power is off"
+    assert "neighbours answered" in failure.evidence["neighbours"]
+    assert [m.status for m in failure.marks] == ["Investigating", "Down"]
+    assert {(v.vm, v.target, v.outcome) for v in failure.vms} == {("vm3", "h4", "Done"), ("vm4", "h1", "Done")}
+    assert failure.durations_s()["detection_s"] == pytest.approx(missed)
 
 
 def test_fenced_host_timeline_has_a_fencing_phase() -> None:
@@ -86,9 +103,11 @@ def test_svg_is_well_formed_and_described(power_loss: Simulator) -> None:
     assert title is not None and "h3" in (title.text or "")
     desc = root.find(f"{SVG}desc")
     assert desc is not None and "vm3 ran again on h4" in (desc.text or "")
+    assert "after its agent link broke" in (desc.text or "")
     phases = [r.get("class") for r in root.iter(f"{SVG}rect") if (r.get("class") or "").startswith("phase")]
     assert phases.count("phase confirmed") == 0  # confirmed is a mark, not a bar
     assert {"phase silent", "phase investigating", "phase waiting", "phase starting"} <= set(phases)
+    assert "link lost" in text
     # Finished: nothing drawn as still open (dashed).
     assert "stroke-dasharray" not in text
 
