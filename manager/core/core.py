@@ -47,6 +47,7 @@ from kvmha.manager.core.routing import (
     FenceRequest,
     InvestigationDeadline,
     LinkLossQuery,
+    LinkLossRecheck,
     NeighborQuery,
     OperatorDestroy,
     OperatorStop,
@@ -212,6 +213,8 @@ class Core:
                     self._route_answer(request_id, pending, timed_out)
             case InvestigationDeadline() | Reinvestigate() | PlannedWaitOver() | RejoinDeadline():
                 self._hosts.on_timer(key)
+            case LinkLossRecheck(host_id):
+                self._linkloss.recheck(host_id)
             case WorkDue(work_id):
                 work = self._ctx.works.get(work_id)
                 if work is not None:

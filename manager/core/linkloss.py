@@ -8,9 +8,15 @@ the investigation table's "BMC off → dead" row. Every other answer (on, unknow
 nothing: the host stays as it is and is investigated if it misses `ping.timeout`, exactly as without this rule. So
 the rule can only make a proven death known sooner; it never turns silence into a verdict.
 
+A BMC that answers "on" is asked again every RECHECK_INTERVAL_S for RECHECK_FOR_S after the link broke: the link
+can break a moment before the BMC's own reading turns off (a BMC-initiated power-off kills the host's processes —
+closing their sockets — before the BMC reports the chassis off; seen with ipmi_sim in the lab). A BMC that does not
+answer is not asked again (a dead BMC or a manager cut off from the BMC network would only pile up timeouts).
+
 Invariants:
-* at most one early query per host in flight; it is asked only for an Up/Connecting host with a BMC and HA, whose
-  link was open (a duplicate or stale disconnect asks nothing);
+* at most one early query per host in flight, at most 1 + RECHECK_FOR_S / RECHECK_INTERVAL_S per broken link,
+  only for an Up/Connecting host with a BMC and HA whose link was open (a duplicate or stale disconnect asks
+  nothing);
 * its answer is used only while the host is still Up/Connecting and its agent has not reconnected: a reconnected
   agent or an investigation already under way owns the host, and an "off" then is only reported (a contradiction
   for the operator), never acted upon.
@@ -19,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvmha.manager.core import facts as f
@@ -26,9 +33,11 @@ from kvmha.manager.core.actions import QueryBmc
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.investigation import Bmc
 from kvmha.manager.core.model import HostId, HostRecord, HostStatus, RequestId
-from kvmha.manager.core.routing import LinkLossQuery
+from kvmha.manager.core.routing import LinkLossQuery, LinkLossRecheck
 
 S = HostStatus
+RECHECK_INTERVAL_S = 0.5
+RECHECK_FOR_S = 3.0
 
 
 class Early(enum.StrEnum):
@@ -51,11 +60,20 @@ class HostDeath(Protocol):
     def down_at_link_loss(self, host: HostRecord, evidence: str) -> None: ...
 
 
+@dataclass(slots=True)
+class _Watch:
+    """A host whose link broke and whose BMC is being asked."""
+
+    broke_at: float
+    told: bool = False  # the "nothing decided" event was recorded (once per broken link, not per recheck)
+
+
 class LinkLoss:
     def __init__(self, ctx: Ctx, hosts: HostDeath) -> None:
         self.ctx = ctx
         self.hosts = hosts
         self.asked: dict[HostId, RequestId] = {}
+        self.watched: dict[HostId, _Watch] = {}
 
     def on_disconnected(self, fact: f.AgentDisconnected) -> None:
         """Called before host HA handles the fact: `connected` still says whether this link was the open one."""
@@ -65,22 +83,30 @@ class LinkLoss:
             return
         if host.status not in (S.UP, S.CONNECTING) or not host.has_bmc or not self.hosts.wants_ha(host):
             return
-        request_id = ctx.track(LinkLossQuery(host.id), host.id, ctx.config.check_neighbor_timeout_s)
-        ctx.out.append(QueryBmc(request_id, host.id))
-        self.asked[host.id] = request_id
+        self.watched[host.id] = _Watch(ctx.now)
+        ctx.timers.cancel(LinkLossRecheck(host.id))
+        self._ask(host)
         ctx.event("info", f"host:{host.id}", "link.lost", "agent link broke without goodbye: asking its BMC now")
+
+    def recheck(self, host_id: HostId) -> None:
+        host = self.ctx.hosts.get(host_id)
+        if host is None or host_id in self.asked or host_id not in self.watched:
+            return
+        if host.has_bmc and self._still_silent(host):
+            self._ask(host)
+        else:
+            del self.watched[host_id]
 
     def on_answer(self, request_id: RequestId, query: LinkLossQuery, power: Bmc) -> None:
         if self.asked.get(query.about) != request_id:
             return
         del self.asked[query.about]
         host = self.ctx.hosts.get(query.about)
-        if host is None:
-            return
+        watch = self.watched.pop(query.about, None)
+        if host is None or watch is None or host.status not in (S.UP, S.CONNECTING):
+            return  # gone, or an investigation owns the host now and asks the BMC itself
         early, reason = RULES[power]
         subject = f"host:{host.id}"
-        if host.status not in (S.UP, S.CONNECTING):
-            return  # an investigation owns the host now and asks the BMC itself
         if host.id in self.ctx.connected:
             if early is Early.DOWN:
                 why = f"{reason} but its agent is connected again: not acted upon"
@@ -88,5 +114,18 @@ class LinkLoss:
             return
         if early is Early.DOWN:
             self.hosts.down_at_link_loss(host, f"agent link broke and {reason}")
-        else:
+            return
+        if not watch.told:
+            watch.told = True
             self.ctx.event("info", subject, "link.wait", reason)
+        if power is Bmc.ON and self.ctx.now + RECHECK_INTERVAL_S <= watch.broke_at + RECHECK_FOR_S:
+            self.watched[host.id] = watch
+            self.ctx.timers.schedule(LinkLossRecheck(host.id), self.ctx.now + RECHECK_INTERVAL_S)
+
+    def _ask(self, host: HostRecord) -> None:
+        request_id = self.ctx.track(LinkLossQuery(host.id), host.id, self.ctx.config.check_neighbor_timeout_s)
+        self.ctx.out.append(QueryBmc(request_id, host.id))
+        self.asked[host.id] = request_id
+
+    def _still_silent(self, host: HostRecord) -> bool:
+        return host.status in (S.UP, S.CONNECTING) and host.id not in self.ctx.connected

@@ -53,6 +53,13 @@ class RejoinDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkLossRecheck:
+    """Ask the BMC of a host whose link broke again: its first answer said on (core/linkloss.py)."""
+
+    host_id: HostId
+
+
+@dataclass(frozen=True, slots=True)
 class WorkDue:
     """An HA work item is due for another look (retry time, or a wait for power information)."""
 
@@ -74,7 +81,7 @@ class AbsenceGraceOver:
 
 
 HostTimer = InvestigationDeadline | Reinvestigate | PlannedWaitOver | RejoinDeadline
-TimerKey = CommandDeadline | HostTimer | WorkDue | StartConfirmDeadline | AbsenceGraceOver
+TimerKey = CommandDeadline | HostTimer | LinkLossRecheck | WorkDue | StartConfirmDeadline | AbsenceGraceOver
 HOST_TIMERS: tuple[type[HostTimer], ...] = (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline)
 
 # ---------------------------------------------------------------- owners of commands in flight

@@ -7,7 +7,7 @@ import pytest
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.investigation import Bmc
-from kvmha.manager.core.linkloss import RULES, Early
+from kvmha.manager.core.linkloss import RECHECK_FOR_S, RECHECK_INTERVAL_S, RULES, Early
 from kvmha.manager.core.model import HostId, HostStatus, RequestId
 from tests.unit.core.harness import Harness, messages, of_type, starts, vm
 
@@ -109,3 +109,45 @@ def test_an_answer_that_comes_after_the_investigation_started_is_left_to_it() ->
 
     assert h.core.host_status(H3) is HostStatus.INVESTIGATING
     assert not starts(out)
+
+
+def test_a_bmc_that_reads_on_is_asked_again_for_a_few_seconds_and_off_then_decides() -> None:
+    # A BMC-initiated power-off can close the host's sockets a moment before the BMC reads the chassis off.
+    h = cluster()
+    [query] = lost_link(h)
+    h.handle(f.BmcPowerReported(query.request_id, H3, "on"), at=10.05)
+
+    [again] = of_type(h.tick_until(10.05 + RECHECK_INTERVAL_S, pinging=[1, 2]), a.QueryBmc)
+    out = h.handle(f.BmcPowerReported(again.request_id, H3, "off"), at=10.6)
+
+    assert h.core.host_status(H3) is HostStatus.DOWN
+    assert starts(out)
+
+
+def test_rechecks_stop_after_their_window_and_at_a_reconnect() -> None:
+    h = cluster()
+    [query] = lost_link(h)
+    asked = [query]
+    while asked:
+        h.handle(f.BmcPowerReported(asked[-1].request_id, H3, "on"), at=h.now + 0.05)
+        asked = of_type(h.tick_until(h.now + RECHECK_INTERVAL_S, pinging=[1, 2]), a.QueryBmc)
+        if asked:
+            query = asked[-1]
+        assert h.now < 10.0 + RECHECK_FOR_S + 1.0
+    assert h.core.host_status(H3) is HostStatus.UP
+    # Only one "nothing decided" event per broken link, however often the BMC was asked again.
+    assert sum("BMC says power is on" in m for m in messages(h.log)) == 1
+
+    h2 = cluster()
+    [first] = lost_link(h2)
+    h2.handle(f.BmcPowerReported(first.request_id, H3, "on"), at=10.05)
+    h2.connect(3, running=[1], at=10.2)
+    assert of_type(h2.tick_until(12.0, pinging=[1, 2, 3]), a.QueryBmc) == []
+
+
+def test_a_bmc_that_does_not_answer_is_not_asked_again() -> None:
+    h = cluster()
+    [query] = lost_link(h)
+    h.handle(f.BmcPowerReported(query.request_id, H3, "unknown"), at=13.0)
+
+    assert of_type(h.tick_until(16.0, pinging=[1, 2]), a.QueryBmc) == []
