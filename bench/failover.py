@@ -3,12 +3,16 @@
 One lab of 3 hosts (prefix kvmhab, subnet 10.251.0.64/26, state in /run/kvmha-bench) with `kvmha-manager` in front
 and 4 HA VMs (32 MiB each) placed by the manager, reused across runs:
 
-1. Power-off runs: the busiest host is powered off through its BMC (ipmitool chassis power off). Measured from
-   the IPMI command: detect (until the manager moves the host out of Up), investigate/fence (until Down or Fenced),
-   start (until every HA VM of that host runs on another host, as that host's virsh says; QEMUs sampled in /proc
-   every 0.1 s). In the same run, a bare `virsh define` + `virsh start` of the same VM definition (another name) on
+1. Power-off runs, two kinds alternating on the same lab: "power" — the busiest host is powered off through its BMC
+   (ipmitool chassis power off); in this lab every host shares the machine's kernel, so its dying processes' sockets
+   are closed (FIN) and the manager hears the agent's stream end at once. "vanish" — the host vanishes without
+   closing anything, as a real power loss does: its cable is cut first (the bridge side of its link goes down), then
+   its power, so the FINs are lost and only the manager's own keepalive can notice. Measured from the IPMI command:
+   detect (until the manager moves the host out of Up), investigate/fence (until Down or Fenced), start (until
+   every HA VM of that host runs on another host, as that host's virsh says; QEMUs sampled in /proc every 0.1 s).
+   In the same run, a bare `virsh define` + `virsh start` of the same VM definition (another name) on
    the host that took the last VM, timed until `domstate` says running. Then the host is powered on again and the
-   run ends when the manager has it Up (with no stale VM restarted on it).
+   run ends when the manager has it Up (with no stale VM restarted on it; a vanished host gets its cable back first).
 2. Kill runs: one HA VM's QEMU is SIGKILLed (a crash as libvirt sees it); detect (until the manager's first event
    about it), start (until a new QEMU runs it, as virsh says).
 
@@ -16,7 +20,7 @@ The manager runs with the product's defaults for every timing (ping 2 s, ping.ti
 only the per-VM restart cap and the flapping-host count are lifted, so that repeating the same failover does not
 turn into "this host flaps". `--fast` adds a second series with a faster detection (ping 1 s, ping.timeout 3 s).
 
-Usage: bench/failover.py [--runs 5] [--kills 5] [--fast]
+Usage: bench/failover.py [--runs 5] [--kills 5] [--fast] [--modes power,vanish]
 Prints per-run figures and medians, and the ratio failover / (ping.timeout + bare start); writes
 bench/results/failover.json and the timeline plot bench/results/failover.png. Root only; tears everything down,
 also on failure or Ctrl-C.
@@ -66,11 +70,16 @@ SERIES: dict[str, dict[str, str]] = {
 }
 
 
+MODES = ("power", "vanish")
+
+
 @dataclass
 class PowerRun:
     index: int
     victim: str
     moved: list[str]
+    mode: str = "power"  # "power": BMC power-off; "vanish": cable cut, then BMC power-off
+    cut_before_s: float | None = None  # vanish: how long before the power-off the cable was cut
     detect_s: float | None = None  # power-off -> the manager's host.status "Up -> ..."
     down_s: float | None = None  # -> Down or Fenced
     down_status: str = ""
@@ -160,15 +169,20 @@ class Bench:
 
     # ----- power-off runs
 
-    def power_run(self, index: int) -> PowerRun:
+    def power_run(self, index: int, mode: str) -> PowerRun:
         lab = self.lab
         where = self.cluster.where()
         victim = busiest({vm: hosts for vm, hosts in where.items() if vm in VMS}, VMS)
         moved = sorted(vm for vm, hosts in where.items() if vm in VMS and victim in hosts)
-        run = PowerRun(index, victim, moved)
+        run = PowerRun(index, victim, moved, mode)
         after_id = self.last_event_id()
         with DuplicateWatch(lab) as watch:
+            cut_at = time.time()
+            if mode == "vanish":
+                lab.fail(victim, "network")  # no FIN of the dying host reaches the manager
             t0 = time.time()
+            if mode == "vanish":
+                run.cut_before_s = t0 - cut_at
             lab.power(victim, "off", wait=False)
             while time.time() - t0 < FAILOVER_BOUND_S and len(run.running_s) < len(moved):
                 now = time.time()
@@ -192,7 +206,10 @@ class Bench:
         run.bare_host = max(run.new_host.items(), key=lambda item: run.running_s[item[0]])[1]
         run.bare_define_start_s, run.bare_start_s = self.bare_start(run.bare_host)
         on = time.monotonic()
-        lab.power(victim, "on")
+        if mode == "vanish":
+            lab.heal(victim)  # its cable back, then its power
+        else:
+            lab.power(victim, "on")
         self.cluster.wait_hosts_up([victim], 120)
         run.rejoin_s = time.monotonic() - on
         time.sleep(1.0)  # a stale restart, if the manager were to make one, would show by now
@@ -250,7 +267,10 @@ class Bench:
         return run
 
 
-def run_series(name: str, overrides: dict[str, str], runs: int, kills: int) -> dict[str, Any]:
+def run_series(name: str, overrides: dict[str, str], runs: int, kills: int,
+               modes: tuple[str, ...] = ("power",)) -> list[dict[str, Any]]:
+    """One lab; `runs` power-off runs of each mode, alternating (power, vanish, power, ...), then the kills.
+    One result per mode (the kills go with the first)."""
     core_config = {**NO_CAPS, **overrides}
     if (STATE_DIR / STATE_FILE).exists():
         print(f"a lab from an earlier bench is still in {STATE_DIR}: tearing it down first")
@@ -273,18 +293,13 @@ def run_series(name: str, overrides: dict[str, str], runs: int, kills: int) -> d
         bench = Bench(cluster, config)
         bench.wait_grace()
         power_runs: list[PowerRun] = []
-        print("  power-off runs (s after `ipmitool chassis power off`):")
-        print("    run victim moved    dead   detect  down   start  failover | bare def+start start | rejoin")
+        print("  power-off runs (s after `ipmitool chassis power off`; vanish: the cable was cut just before):")
+        print("    run mode   victim moved    dead   detect  down   start  failover | bare def+start start | rejoin")
         for i in range(1, runs + 1):
-            run = bench.power_run(i)
-            power_runs.append(run)
-            start = None if run.failover_s is None or run.down_s is None else run.failover_s - run.down_s
-            print(f"    {i:>3} {run.victim:<6} {','.join(run.moved):<9} {fmt(run.host_dead_s)} {fmt(run.detect_s)} "
-                  f"{fmt(run.down_s)} {fmt(start)} {fmt(run.failover_s)}   | {run.bare_host:<4} "
-                  f"{fmt(run.bare_define_start_s)}    {fmt(run.bare_start_s)} | {fmt(run.rejoin_s)}"
-                  + (f"  {run.down_status}" if run.down_status != "Down" else "")
-                  + (f"  DUPLICATES {run.duplicates}" if run.duplicates else "")
-                  + (f"  STALE {run.stale_on_rejoin}" if run.stale_on_rejoin else ""))
+            for mode in modes:
+                run = bench.power_run(i, mode)
+                power_runs.append(run)
+                print_power_run(run)
         kill_runs: list[KillRun] = []
         print("  QEMU-kill runs (s after SIGKILL):")
         print("    run vm   host -> new   detect  done   restart")
@@ -294,9 +309,26 @@ def run_series(name: str, overrides: dict[str, str], runs: int, kills: int) -> d
             print(f"    {i:>3} {run_k.vm:<4} {run_k.host:<4} -> {run_k.new_host:<4} {fmt(run_k.detect_s)} "
                   f"{fmt(run_k.manager_done_s)} {fmt(run_k.restart_s)}"
                   + (f"  DUPLICATES {run_k.duplicates}" if run_k.duplicates else ""))
-        return summarize(name, config, overrides, cluster.lab.spec.domain_type, power_runs, kill_runs)
+        domain_type = cluster.lab.spec.domain_type
+        results = []
+        for n, mode in enumerate(modes):
+            label = name if mode == "power" else f"{name}, {mode}"
+            print(f"  -- {label}:")
+            results.append(summarize(label, config, overrides, domain_type,
+                                     [r for r in power_runs if r.mode == mode], kill_runs if n == 0 else []))
+        return results
     finally:
         cluster.stop()
+
+
+def print_power_run(run: PowerRun) -> None:
+    start = None if run.failover_s is None or run.down_s is None else run.failover_s - run.down_s
+    print(f"    {run.index:>3} {run.mode:<6} {run.victim:<6} {','.join(run.moved):<9} {fmt(run.host_dead_s)} "
+          f"{fmt(run.detect_s)} {fmt(run.down_s)} {fmt(start)} {fmt(run.failover_s)}   | {run.bare_host:<4} "
+          f"{fmt(run.bare_define_start_s)}    {fmt(run.bare_start_s)} | {fmt(run.rejoin_s)}"
+          + (f"  {run.down_status}" if run.down_status != "Down" else "")
+          + (f"  DUPLICATES {run.duplicates}" if run.duplicates else "")
+          + (f"  STALE {run.stale_on_rejoin}" if run.stale_on_rejoin else ""))
 
 
 def summarize(name: str, config: dict[str, str], overrides: dict[str, str], domain_type: str,
@@ -367,7 +399,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             if detect is not None and down is not None and failover is not None:
                 segments = [(0.0, detect, "detect"), (detect, down - detect, "investigate/fence"),
                             (down, failover - down, "start")]
-            rows.append((f"{tag}power-off {run['index']} ({run['victim']}, {len(run['moved'])} VMs)", segments,
+            kind = "power-off" if run.get("mode", "power") == "power" else "cable cut + power-off"
+            rows.append((f"{tag}{kind} {run['index']} ({run['victim']}, {len(run['moved'])} VMs)", segments,
                          run["host_dead_s"]))
         bare = series["summary"]["bare_define_start"]
         if bare:
@@ -401,8 +434,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds after the fault (BMC power-off through IPMI / SIGKILL of the VM's QEMU)")
     title = "\n".join(f"{s['series']}: power-off -> all HA VMs running elsewhere, median "
-                      f"{s['summary']['failover'].get('median', 0):.2f} s; QEMU kill -> running, median "
-                      f"{s['summary']['kill_restart'].get('median', 0):.2f} s" for s in results)
+                      f"{s['summary']['failover'].get('median', 0):.2f} s"
+                      + (f"; QEMU kill -> running, median {s['summary']['kill_restart']['median']:.2f} s"
+                         if s["summary"]["kill_restart"] else "") for s in results)
     ax.set_title(f"kvmha failover in a 3-host lab ({results[0]['domain_type']}, real manager, real IPMI)\n{title}",
                  fontsize=9, pad=16)
     ax.legend(loc="lower right", fontsize=8)
@@ -417,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="power-off runs per series (default 5)")
     parser.add_argument("--kills", type=int, default=5, help="QEMU-kill runs per series (default 5)")
     parser.add_argument("--fast", action="store_true", help="add a series with a faster detection config")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="power-off kinds, alternating on one lab: power (BMC power-off), vanish (cable cut, "
+                             "then power-off); default both")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/failover.py needs root (it builds a lab: namespaces, mounts, libvirtd); skipped")
@@ -427,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     began = time.monotonic()
-    results = [run_series(name, SERIES[name], args.runs, args.kills) for name in (["defaults", "fast"] if args.fast
-                                                                                   else ["defaults"])]
+    modes = tuple(args.modes.split(","))
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes: a comma-separated list of {', '.join(MODES)}")
+    results = [result for name in (["defaults", "fast"] if args.fast else ["defaults"])
+               for result in run_series(name, SERIES[name], args.runs, args.kills, modes)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     document = {"bench": "failover", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
