@@ -10,6 +10,7 @@ Exit codes and the gRPC client are in cli_client.py, the tables and JSON in cli_
 from __future__ import annotations
 
 import enum
+import getpass
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,6 +178,27 @@ def host_maintenance(ctx: typer.Context, host: HostRef, state: Switch, as_json: 
     request = pb.SetMaintenanceRequest(host=host, on=state is Switch.ON)
     link = _link(ctx)
     _host_line(link.call(link.stub.SetMaintenance, request), as_json)
+
+
+@host_app.command("confirm-down")
+def host_confirm_down(
+    ctx: typer.Context,
+    host: HostRef,
+    by: Annotated[str, typer.Option(metavar="NAME", help="Who confirms (default: your login name).")] = "",
+    as_json: Json = False,
+) -> None:
+    """State that a silent host is powered off (admin). Its HA VMs may then be restarted elsewhere: use it only when
+    you know the host is off and it cannot be fenced (no working BMC, no armed watchdog). Signs of life still win."""
+    request = pb.ConfirmHostDownRequest(host=host, confirmed_by=by or _login_name())
+    link = _link(ctx)
+    _host_line(link.call(link.stub.ConfirmHostDown, request), as_json, ": confirmed down, investigating")
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid
+        return ""
 
 
 @host_app.command("bmc")

@@ -171,13 +171,29 @@ def _print_rows(title: str, rows: Iterable[tuple[str, str | Text]]) -> None:
 
 def print_hosts(hosts: Iterable[pb.HostInfo], now: float | None = None) -> None:
     # CPUs and memory are left to `host show` and --json, so that the list fits a terminal.
-    table = _table("ID", "Name", "Address", "Status", "Resource", "Agent", "Last ping", "VMs", "BMC")
+    # Watchdog "no" and Leases "none": a silence of that host proves nothing / its VMs' disks cannot be probed.
+    table = _table("ID", "Name", "Address", "Status", "Resource", "Agent", "Last ping", "VMs", "BMC", "Watchdog",
+                   "Leases")
     for h in hosts:
         table.add_row(
             str(h.id), h.name, h.address, styled(h.status), styled(h.resource_state), _yes(h.connected),
-            when(h.last_ping_at, now), str(h.vms_running), _yes(h.has_bmc),
+            when(h.last_ping_at, now), str(h.vms_running), _yes(h.has_bmc), watchdog_text(h, short=True),
+            _leases_text(h),
         )  # fmt: skip
     console().print(table)
+
+
+def watchdog_text(h: pb.HostInfo, *, short: bool) -> Text:
+    """Armed with its bound, or why not: a host without an armed watchdog is never declared dead by silence."""
+    if h.watchdog_armed:
+        return Text(f"{h.watchdog_timeout_s:g} s" if short else f"armed, resets within {h.watchdog_timeout_s:g} s")
+    if short:
+        return Text("no", style=YELLOW)
+    return Text(f"not armed ({h.watchdog_detail or 'never reported'}): silence never proves it dead", style=YELLOW)
+
+
+def _leases_text(h: pb.HostInfo) -> Text:
+    return Text(h.lease_manager) if h.lease_manager else Text("none", style=YELLOW)
 
 
 def print_host(h: pb.HostInfo, now: float | None = None) -> None:
@@ -188,7 +204,8 @@ def print_host(h: pb.HostInfo, now: float | None = None) -> None:
             ("Resource state", styled(h.resource_state)), ("Role", h.role), ("Agent connected", _yes(h.connected)),
             ("Agent version", _or_dash(h.agent_version)), ("Last ping", when(h.last_ping_at, now)),
             ("CPUs", str(h.cpus)), ("Memory MiB", str(h.memory_mib)), ("VMs running", str(h.vms_running)),
-            ("BMC", h.bmc_address if h.has_bmc else "none"), ("Manager", _or_dash(h.manager_id)),
+            ("BMC", h.bmc_address if h.has_bmc else "none"), ("Watchdog", watchdog_text(h, short=False)),
+            ("Disk leases", _leases_text(h)), ("Manager", _or_dash(h.manager_id)),
         ],
     )  # fmt: skip
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.actions import Severity
-from kvmha.manager.core.model import HostCapacity, HostId
+from kvmha.manager.core.model import NO_WATCHDOG, HostCapacity, HostId, WatchdogReport
 from kvmha.manager.driver import Driver
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
@@ -33,6 +33,8 @@ class AgentHello:
     management_address: str
     capacity: HostCapacity
     agent: AgentInfo
+    watchdog: WatchdogReport = NO_WATCHDOG
+    lease_manager: str = ""  # libvirt's lock manager on the host ("" = no disk leases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,8 @@ class AgentHub:
                 log.info("event=host_registered host_id=%s uuid=%s name=%s", host_id, hello.host_uuid, hello.hostname)
         self.submit(facts.AgentConnected(host_id=host_id, uuid=hello.host_uuid, name=hello.hostname,
                                          address=hello.management_address or peer, capacity=hello.capacity,
-                                         boot_id=hello.agent.boot_id))
+                                         boot_id=hello.agent.boot_id, watchdog=hello.watchdog,
+                                         lease_manager=hello.lease_manager))
         return host_id
 
     def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:

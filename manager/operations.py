@@ -18,7 +18,7 @@ from typing import NoReturn, Protocol, TypeVar
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.config import ConfigError, CoreConfig
-from kvmha.manager.core.model import HostId, PowerState, VmId, VmRecord, VmState
+from kvmha.manager.core.model import HostId, HostStatus, PowerState, VmId, VmRecord, VmState
 from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
 from kvmha.manager.store import BmcCredentials, ConfigRow, HostDetails, UnitOfWork
 
@@ -118,6 +118,28 @@ def set_bmc(
         return host_id
 
     return store, lambda host_id: [facts.HostBmcChanged(host_id, credentials is not None)]
+
+
+CONFIRMABLE = (HostStatus.INVESTIGATING, HostStatus.ALERT)
+MAX_CONFIRMER_CHARS = 128
+
+
+def confirm_down(ref: str, by: str) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
+    """An operator states that a silent host is powered off (admin role). Only for a host that is silent
+    (Investigating or Alert: its agent does not report); `by` (who confirmed) goes into the events. The core takes it
+    as evidence: a host that shows signs of life (fresh heartbeat, reached by a neighbour, BMC on) is not Down."""
+    who = by.strip()[:MAX_CONFIRMER_CHARS]
+    if not who:
+        refuse(Refusal.INVALID, "confirm-down needs the name of whoever confirms")
+
+    def check(uow: UnitOfWork) -> HostId:
+        found = host(uow, ref).host
+        if found.status not in CONFIRMABLE:
+            refuse(Refusal.FAILED_PRECONDITION, f"host {found.name} is {found.status.value}: confirm-down is only "
+                                                "for a silent host (Investigating or Alert) you know is powered off")
+        return found.id
+
+    return check, lambda host_id: [facts.HostConfirmedDown(host_id, who)]
 
 
 # ---------------------------------------------------------------------- VMs

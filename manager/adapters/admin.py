@@ -21,6 +21,7 @@ from kvmha.manager.core import facts
 from kvmha.manager.core.model import HaWorkRecord, HostId, PowerState, VmId, VmRecord
 from kvmha.manager.domainxml import vm_from_xml
 from kvmha.manager.operations import LiveHosts, OperationError, OperatorPort, Refusal
+from kvmha.manager.security.auth import peer_identity
 from kvmha.manager.store import BmcCredentials, ConfigRow, EventRow, HostDetails, UnitOfWork
 from kvmha.proto.v1 import admin_pb2 as pb
 from kvmha.proto.v1 import admin_pb2_grpc
@@ -79,6 +80,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         async def change() -> pb.HostInfo:
             return await self._host_change(*ops.set_bmc(request.host, credentials))
+
+        return await self._guard(context, change())
+
+    async def ConfirmHostDown(self, request: pb.ConfirmHostDownRequest, context: Context) -> pb.HostInfo:
+        async def change() -> pb.HostInfo:
+            return await self._host_change(*ops.confirm_down(request.host, _confirmer(request, context)))
 
         return await self._guard(context, change())
 
@@ -181,6 +188,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._guard(context, change())
 
 
+def _confirmer(request: pb.ConfirmHostDownRequest, context: Context) -> str:
+    """Who confirms a host down, for the record: the client certificate's name when the link has one (it cannot be
+    made up), with the name the operator gave; without TLS identities, the given name and where the call came from."""
+    claimed = request.confirmed_by.strip()[:64]
+    identity = peer_identity(context)
+    certified = identity.common_name[:64] if identity is not None else ""
+    if certified:
+        return certified if claimed in ("", certified) else f"{claimed} (certificate {certified})"
+    return f"{claimed or 'an unnamed operator'} from {context.peer()[:64]}"
+
+
 # ---------------------------------------------------------------------- records -> wire messages
 
 
@@ -201,7 +219,10 @@ def _host_info(details: HostDetails, live: LiveHosts, running: Counter[int]) -> 
                        resource_state=host.resource_state.value, role=host.role.value, last_ping_at=last_ping_at,
                        cpus=host.capacity.cpus, memory_mib=host.capacity.memory_mib, vms_running=running[host.id],
                        connected=host.id in live.connected, has_bmc=host.has_bmc, bmc_address=bmc,
-                       manager_id=details.manager_id or "", agent_version=details.agent.agent_version)
+                       manager_id=details.manager_id or "", agent_version=details.agent.agent_version,
+                       watchdog_armed=host.watchdog_timeout_s is not None,
+                       watchdog_timeout_s=host.watchdog_timeout_s or 0.0, watchdog_detail=host.watchdog_detail,
+                       lease_manager=host.lease_manager)
 
 
 def _vm_info(vm: VmRecord, host_names: dict[int, str], reason: str = "") -> pb.VmInfo:

@@ -99,6 +99,10 @@ class Host(Base):
     )
     role: Mapped[HostRole] = mapped_column(enum_column(HostRole), default=HostRole.ROUTING)
     last_ping_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # The self-fence guarantee at the agent's last contact (kvmha-watchdog's bound; NULL: not armed, and why).
+    watchdog_timeout_s: Mapped[float | None] = mapped_column(Double, nullable=True)
+    watchdog_detail: Mapped[str] = mapped_column(String(255), default="")
+    lease_manager: Mapped[str] = mapped_column(String(32), default="")  # libvirt's lock manager; "" = no leases
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     memory_mib: Mapped[int] = mapped_column(Integer, default=0)
     manager_id: Mapped[str | None] = mapped_column(

@@ -78,6 +78,8 @@ class SqlHosts:
         row.resource_state, row.role = record.resource_state, record.role
         row.cpus, row.memory_mib = record.capacity.cpus, record.capacity.memory_mib
         row.last_ping_at, row.updated_at = record.last_ping_at, now
+        row.watchdog_timeout_s, row.watchdog_detail = record.watchdog_timeout_s, record.watchdog_detail[:255]
+        row.lease_manager = record.lease_manager[:32]
 
     def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
         row = self._session.get(Host, host_id)
@@ -338,7 +340,8 @@ def _host_record(row: Host) -> HostRecord:
         id=HostId(row.id), uuid=HostUuid(row.uuid), name=row.name, address=row.address, status=row.status,
         resource_state=row.resource_state, role=row.role,
         capacity=HostCapacity(cpus=row.cpus, memory_mib=row.memory_mib), last_ping_at=row.last_ping_at,
-        has_bmc=bool(row.bmc_address),
+        has_bmc=bool(row.bmc_address), watchdog_timeout_s=row.watchdog_timeout_s,
+        watchdog_detail=row.watchdog_detail or "", lease_manager=row.lease_manager or "",
     )
 
 

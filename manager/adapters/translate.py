@@ -7,11 +7,12 @@ Hello/Welcome messages and the hub's plain AgentHello/WelcomeTerms.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid as uuid_module
 
 from kvmha.manager.core import actions, facts
-from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid, WatchdogReport
 from kvmha.manager.hub import AgentHello, WelcomeTerms
 from kvmha.manager.store import AgentInfo
 from kvmha.proto.v1 import agent_pb2 as pb
@@ -20,6 +21,8 @@ MAX_NAME_CHARS = 255
 MAX_DOMAINS_PER_REPORT = 10_000
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 _HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+MAX_WATCHDOG_TIMEOUT_S = 3600.0  # a longer bound is a misconfiguration, not a guarantee the manager waits out
+MAX_DETAIL_CHARS = 200
 
 
 class WireError(ValueError):
@@ -76,8 +79,26 @@ def hello(message: pb.Hello) -> AgentHello:
     """A validated Hello (see validate_hello; host_uuid already in its canonical spelling) as the hub takes it."""
     agent = AgentInfo(agent_version=message.agent_version[:64], libvirt_version=message.libvirt_version[:64],
                       qemu_version=message.qemu_version[:64], boot_id=message.boot_id[:64])
+    leases = message.disk_leases
+    lease_manager = "" if leases.error or not leases.auto_disk_leases else leases.lock_manager[:32]
     return AgentHello(host_uuid=message.host_uuid, hostname=message.hostname,
-                      management_address=message.management_address, capacity=capacity(message.capacity), agent=agent)
+                      management_address=message.management_address, capacity=capacity(message.capacity), agent=agent,
+                      watchdog=watchdog(message.watchdog) if message.HasField("watchdog") else _UNREPORTED,
+                      lease_manager=lease_manager)
+
+
+_UNREPORTED = WatchdogReport(armed=False, detail="the agent reports no watchdog (an agent older than kvmha-watchdog)")
+
+
+def watchdog(status: pb.WatchdogStatus) -> WatchdogReport:
+    """The self-fence guarantee as the core counts on it: armed only with a usable, finite bound."""
+    detail = status.detail[:MAX_DETAIL_CHARS]
+    if not status.armed:
+        return WatchdogReport(armed=False, detail=detail or "not armed")
+    timeout_s = status.timeout_s
+    if not math.isfinite(timeout_s) or not 0 < timeout_s <= MAX_WATCHDOG_TIMEOUT_S:
+        return WatchdogReport(armed=False, detail=f"armed with an unusable timeout ({timeout_s!r} s)")
+    return WatchdogReport(armed=True, timeout_s=timeout_s)
 
 
 def welcome(terms: WelcomeTerms) -> pb.Welcome:
@@ -88,8 +109,10 @@ def welcome(terms: WelcomeTerms) -> pb.Welcome:
 
 def heartbeat(host_id: HostId, ping: pb.Ping) -> facts.HeartbeatReceived:
     storage_ok = all(status.ok for status in ping.storage)  # no configured paths: nothing is failing
+    report = watchdog(ping.watchdog) if ping.HasField("watchdog") else _UNREPORTED
     return facts.HeartbeatReceived(host_id=host_id, sequence=int(ping.sequence),
-                                   hypervisor_connected=ping.hypervisor_connected, storage_ok=storage_ok)
+                                   hypervisor_connected=ping.hypervisor_connected, storage_ok=storage_ok,
+                                   watchdog=report)
 
 
 def power_report(host_id: HostId, report: pb.PowerStateReport) -> facts.PowerStateReported:

@@ -3,8 +3,10 @@
 Defaults are tuned for fast failover without false fencing: a host is behind after 7 s without a ping (three and a
 half missed 2 s pings, so one lost ping never starts an investigation), an investigation answers within 4 s, and a
 host with a working BMC is fenced and its VMs restarted within ~20 s of its death (Proxmox ~2 min, CloudStack 15 min).
-A host without a BMC is waited out: its agent self-fences after `isolation.after`, the manager restarts its VMs only
-after that plus `isolation.margin` of stale storage heartbeat.
+A host without a BMC is waited out only when its self-fence is guaranteed: its agent reported an armed watchdog
+(kvmha-watchdog) at its last contact, so it destroys its VMs after `isolation.after` or its host is reset at most the
+watchdog's timeout later; the manager restarts its VMs only after that plus `isolation.margin` of stale storage
+heartbeat (and `isolation.link.slack` more of agent silence). Without an armed watchdog, silence proves nothing.
 """
 
 from __future__ import annotations
@@ -51,14 +53,9 @@ class CoreConfig:
     isolation_after_s: float = 30.0
     isolation_margin_s: float = 10.0
     isolation_self_fence: bool = True
+    isolation_link_slack_s: float = 10.0
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
-
-    @property
-    def self_fenced_after_s(self) -> float:
-        """Heartbeat age (and agent silence) after which an unreachable host must have self-fenced its VMs;
-        infinite when the agents do not self-fence: then only a BMC can prove such a host dead."""
-        return self.isolation_after_s + self.isolation_margin_s if self.isolation_self_fence else math.inf
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str], base: CoreConfig | None = None) -> CoreConfig:
@@ -222,8 +219,17 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
         "isolation.self.fence",
         "isolation_self_fence",
         _B,
-        "the agents stop their VMs when isolated (agent isolation policy destroy-vms or reboot-host); false: a host "
-        "without a working BMC is never taken for dead by its silence, it stays in Alert for the operator",
+        "count on the agents' self-fence when their watchdog is armed (kvmha-watchdog resets a host whose agent "
+        "died, hangs or did not complete its isolation response); a host without an armed watchdog is never taken "
+        "for dead by its silence either way. false: only a BMC (or `kvmha host confirm-down`) proves a silent host "
+        "dead",
+    ),
+    (
+        "isolation.link.slack",
+        "isolation_link_slack_s",
+        _Z,
+        "seconds an agent may still count its manager link alive after the manager's last received ping (its HTTP/2 "
+        "keepalive must end the stream first): added to the agent silence a self-fence verdict needs",
     ),
     ("cpu.overcommit.ratio", "cpu_overcommit_ratio", _F, "vCPUs placed per host CPU"),
     ("placement.candidates", "placement_candidates", _I, "fitting hosts compared per placement (spread)"),

@@ -1,10 +1,11 @@
 """The manager's decision core: facts and the time in, actions out. No I/O, no clock, no threads.
 
 Invariants (fencing safety above all):
-- A VM is started on a new host only after its old host is proven dead (BMC says off, or unreachable with a storage
-  heartbeat stale beyond the agent's self-fence time) or fenced (power off confirmed), or its Up host reported it
-  off. Never two running copies: a VM found running elsewhere is followed, a StartVm whose outcome is unknown keeps
-  the VM recorded on its target until that host says otherwise.
+- A VM is started on a new host only after its old host is proven dead (BMC says off; or unreachable with a storage
+  heartbeat stale beyond the agent's self-fence time, when a watchdog armed at its last contact guarantees that
+  self-fence; or confirmed off by an operator, with nothing showing it alive) or fenced (power off confirmed), or
+  its Up host reported it off. Never two running copies: a VM found running elsewhere is followed, a StartVm whose
+  outcome is unknown keeps the VM recorded on its target until that host says otherwise.
 - Every state change and every skipped action yields a RecordEvent with its reason.
 - Work is idempotent: every command and fence has a request id unique across manager restarts (request_prefix +
   counter); answers to settled or unknown ids are ignored; every command times out inside the core at its deadline.
@@ -188,6 +189,8 @@ class Core:
                 operator.host_maintenance(fact)
             case f.HostBmcChanged():
                 operator.host_bmc(fact)
+            case f.HostConfirmedDown():
+                hosts.on_confirmed_down(fact)
             case f.VmRegistered():
                 operator.vm_registered(fact)
             case f.VmStartRequested():

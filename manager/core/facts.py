@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvmha.manager.core.model import (
+    NO_WATCHDOG,
     HostCapacity,
     HostId,
     HostRecord,
@@ -20,6 +21,7 @@ from kvmha.manager.core.model import (
     VmId,
     VmRecord,
     VmUuid,
+    WatchdogReport,
 )
 
 # ---------------------------------------------------------------- agent link
@@ -38,6 +40,8 @@ class AgentConnected:
     address: str
     capacity: HostCapacity
     boot_id: str
+    watchdog: WatchdogReport = NO_WATCHDOG  # an agent that says nothing has no self-fence the manager counts on
+    lease_manager: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,7 @@ class HeartbeatReceived:
     sequence: int
     hypervisor_connected: bool
     storage_ok: bool
+    watchdog: WatchdogReport = NO_WATCHDOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,15 @@ class HostBmcChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class HostConfirmedDown:
+    """An operator (`by`) states that a silent host is powered off (`kvmha host confirm-down`): evidence for the
+    investigation, which still refuses it when the host shows signs of life."""
+
+    host_id: HostId
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class VmRegistered:
     vm: VmRecord
 
@@ -199,6 +213,7 @@ Fact = (
     | HostRemoved
     | HostMaintenanceChanged
     | HostBmcChanged
+    | HostConfirmedDown
     | VmRegistered
     | VmStartRequested
     | VmStopRequested

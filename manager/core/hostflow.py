@@ -3,6 +3,11 @@
 A silent host goes Up → Investigating; its HA VMs get work items at once (they wait for the verdict). The verdict
 comes from `investigation.decide`: Down (proven dead) and Fenced (power off confirmed) release the work items;
 Alert (alive but unreachable, or fencing impossible/forbidden) keeps them waiting and re-investigates later.
+
+The self-fence guarantee is a fact about the host at its agent's last contact (Hello/Ping: was its watchdog
+armed, with which bound), never an assumption: a host whose watchdog was not armed and that cannot be fenced is
+never declared dead by its silence; it stays Alert with one event that tells the operator why and what to do
+(`kvmha host confirm-down`, which this flow takes as evidence, not as an order).
 """
 
 from __future__ import annotations
@@ -15,8 +20,28 @@ from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
 from kvmha.manager.core.flap import FlapLog
 from kvmha.manager.core.hoststate import DEAD, SILENT, HostEvent, next_status
-from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Verdict, classify_heartbeat, decide
-from kvmha.manager.core.model import HostId, HostRecord, HostRole, HostStatus, HostUuid, RequestId, ResourceState
+from kvmha.manager.core.investigation import (
+    Bmc,
+    Heartbeat,
+    Investigation,
+    Operator,
+    SelfFence,
+    Verdict,
+    classify_heartbeat,
+    decide,
+    seconds_until_stale_long,
+    self_fenced_after_s,
+)
+from kvmha.manager.core.model import (
+    HostId,
+    HostRecord,
+    HostRole,
+    HostStatus,
+    HostUuid,
+    RequestId,
+    ResourceState,
+    WatchdogReport,
+)
 from kvmha.manager.core.pingmap import PingMap
 from kvmha.manager.core.routing import (
     BmcQuery,
@@ -64,6 +89,8 @@ class HostFlow:
         # host -> (freshest heartbeat age seen, when): a failed fence re-checks as soon as the host could be proven
         # dead by silence, instead of only after the fence backoff.
         self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
+        self.confirmed_by: dict[HostId, str] = {}  # an operator's confirm-down, evidence for the next verdict
+        self.told_operator: set[HostId] = set()  # the "needs the operator" event is given once per silence
 
     # ------------------------------------------------------------ status changes
 
@@ -115,6 +142,8 @@ class HostFlow:
             self.ctx.event("warning", f"host:{host.id}", "agent.refused", f"agent connected but {why}: refused")
             return
         host.name, host.address, host.capacity = fact.name, fact.address, fact.capacity
+        host.lease_manager = fact.lease_manager
+        self._note_watchdog(host, fact.watchdog)
         self.awaiting_rejoin.discard(host.id)
         host.last_ping_at = self.ctx.now
         self.ctx.connected.add(host.id)
@@ -125,6 +154,8 @@ class HostFlow:
     def _forget_silence(self, host_id: HostId) -> None:
         self.investigations.pop(host_id, None)
         self.heartbeat_seen.pop(host_id, None)
+        self.confirmed_by.pop(host_id, None)
+        self.told_operator.discard(host_id)
         for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline):
             self.ctx.timers.cancel(timer(host_id))
 
@@ -134,6 +165,8 @@ class HostFlow:
             return  # a ping from a link that is already gone
         host.last_ping_at = self.ctx.now
         self.pingmap.ping(host.id, self.ctx.now)
+        if self._note_watchdog(host, fact.watchdog):
+            self.ctx.save_host(host)
         if host.status in (S.INVESTIGATING, S.ALERT):
             self._forget_silence(host.id)
             self.transition(host, HostEvent.PING, "pinged again on its open link")
@@ -141,6 +174,38 @@ class HostFlow:
         if not fact.hypervisor_connected:
             self.power.hypervisor_lost(host)
         self.power.storage_status(host, fact.storage_ok)
+
+    def _note_watchdog(self, host: HostRecord, report: WatchdogReport) -> bool:
+        """Keep the host's self-fence guarantee as its agent last reported it; True when it changed. A change is an
+        event when it matters to the operator: a host that lost its watchdog will not be declared dead by silence."""
+        timeout_s = report.timeout_s if report.armed else None
+        detail = "" if report.armed else report.detail or "no detail"
+        if (timeout_s, detail) == (host.watchdog_timeout_s, host.watchdog_detail):
+            return False
+        known_before = host.watchdog_timeout_s is not None or bool(host.watchdog_detail)
+        host.watchdog_timeout_s, host.watchdog_detail = timeout_s, detail
+        if timeout_s is None:
+            self.ctx.event(
+                "warning",
+                f"host:{host.id}",
+                "host.watchdog",
+                f"watchdog not armed ({detail}): if this host goes silent, its silence will not prove it dead",
+            )
+        elif known_before:
+            self.ctx.event(
+                "info",
+                f"host:{host.id}",
+                "host.watchdog",
+                f"watchdog armed: the host resets at most {timeout_s:.0f} s after its agent's last sign of life",
+            )
+        return True
+
+    def self_fence(self, host: HostRecord) -> tuple[SelfFence, float]:
+        """Whether the host's self-fence is guaranteed, and the heartbeat age after which it has surely happened."""
+        config = self.ctx.config
+        backed = config.isolation_self_fence and host.watchdog_timeout_s is not None
+        bound_s = self_fenced_after_s(config.isolation_after_s, config.isolation_margin_s, host.watchdog_timeout_s)
+        return (SelfFence.BACKED if backed else SelfFence.NONE), bound_s
 
     def on_agent_disconnected(self, fact: f.AgentDisconnected) -> None:
         host = self.ctx.hosts.get(fact.host_id)
@@ -316,15 +381,27 @@ class HostFlow:
             return
         config = self.ctx.config
         silent_s = self._silent_s(host)
+        self_fence, bound_s = self.self_fence(host)
         heartbeat = classify_heartbeat(
-            inv.heartbeat_age_s, silent_s, config.heartbeat_stale_after_s, config.self_fenced_after_s
+            inv.heartbeat_age_s, silent_s, config.heartbeat_stale_after_s, bound_s, config.isolation_link_slack_s
         )
-        verdict, reason = decide(inv.bmc, heartbeat, inv.reach())
+        confirmed_by = self.confirmed_by.pop(host.id, None)
+        operator = Operator.NO if confirmed_by is None else Operator.CONFIRMED
+        verdict, reason = decide(inv.bmc, heartbeat, inv.reach(), self_fence, operator)
         if inv.heartbeat_age_s is not None and not inv.reached:
             self.heartbeat_seen[host.id] = (inv.heartbeat_age_s, self.ctx.now)
         else:
             self.heartbeat_seen.pop(host.id, None)
-        evidence = f"{reason}; {inv.summary(heartbeat)}"
+        evidence = f"{reason}; {inv.summary(heartbeat, self_fence)}"
+        if confirmed_by is not None:
+            evidence += f"; confirm-down by {confirmed_by}"
+            if verdict is not Verdict.DEAD:
+                self.ctx.event(
+                    "alert",
+                    f"host:{host.id}",
+                    "host.confirm.refused",
+                    f"confirm-down by {confirmed_by} not applied: {reason}",
+                )
         if verdict is Verdict.DEAD:
             self.transition(host, HostEvent.VERDICT_DOWN, evidence)
             self._host_dead(host)
@@ -332,7 +409,7 @@ class HostFlow:
             self.transition(host, HostEvent.VERDICT_ALIVE, f"{evidence}; its VMs are left running")
             self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now + config.investigate_retry_interval_s)
         else:
-            self._fence_or_wait(host, inv, heartbeat, evidence, silent_s)
+            self._fence_or_wait(host, inv, heartbeat, evidence, silent_s, self_fence)
 
     def _silent_s(self, host: HostRecord) -> float:
         """Seconds since the manager last heard the host's agent. The record saved when the host went silent carries
@@ -342,7 +419,13 @@ class HostFlow:
         return self.ctx.now - last
 
     def _fence_or_wait(
-        self, host: HostRecord, inv: Investigation, heartbeat: Heartbeat, evidence: str, silent_s: float
+        self,
+        host: HostRecord,
+        inv: Investigation,
+        heartbeat: Heartbeat,
+        evidence: str,
+        silent_s: float,
+        self_fence: SelfFence,
     ) -> None:
         config, ctx = self.ctx.config, self.ctx
         silent, managed = silent_share(ctx.hosts.values())
@@ -361,16 +444,17 @@ class HostFlow:
             self.work.host_fencing(host)
             return
         delay_s = config.investigate_retry_interval_s
-        if blocked is None and not config.isolation_self_fence:
-            blocked = (
-                "no BMC to fence it and agents do not self-fence (isolation.self.fence=false): operator action needed"
-            )
+        if blocked is None and self_fence is SelfFence.NONE:
+            blocked = "no BMC to fence it and no armed watchdog behind its agent: its silence proves nothing"
+            self.tell_operator(host)
         elif blocked is None:
             blocked = "no BMC to fence it"
+            _, bound_s = self.self_fence(host)
             if heartbeat is Heartbeat.STALE and inv.heartbeat_age_s is not None:
-                # Re-check just after the agent's self-fence time has surely passed.
-                delay_s = max(1.0, config.self_fenced_after_s - min(inv.heartbeat_age_s, silent_s) + 0.5)
-            blocked += f"; waiting for its heartbeat to stay stale {config.self_fenced_after_s:.0f} s (self-fence)"
+                # Re-check just after the watchdog-backed self-fence has surely happened.
+                wait_s = seconds_until_stale_long(inv.heartbeat_age_s, silent_s, bound_s, config.isolation_link_slack_s)
+                delay_s = max(1.0, wait_s + 0.5)
+            blocked += f"; waiting for its heartbeat to stay stale {bound_s:.0f} s (watchdog-backed self-fence)"
         self.ctx.event("alert", f"host:{host.id}", "fence.skipped", f"not fencing: {blocked}; its VMs stay put")
         self.transition(host, HostEvent.FENCE_BLOCKED, f"{evidence}; re-investigating in {delay_s:.1f} s")
         ctx.timers.schedule(Reinvestigate(host.id), ctx.now + delay_s)
@@ -384,7 +468,51 @@ class HostFlow:
         self._host_dead(host)
         self.work.schedule_for_host(host, f"{host.name} lost its link and its power")
 
+    def tell_operator(self, host: HostRecord) -> None:
+        """Once per silence: why a host that cannot be fenced is not declared dead, and what the operator can do."""
+        if host.id in self.told_operator:
+            return
+        self.told_operator.add(host.id)
+        if not self.ctx.config.isolation_self_fence:
+            why = "agents are not counted on to self-fence (isolation.self.fence=false)"
+        else:
+            why = f"its watchdog was not armed at its agent's last contact ({host.watchdog_detail or 'no detail'})"
+        fence = "its BMC does not answer" if host.has_bmc else "it has no BMC"
+        self.ctx.event(
+            "alert",
+            f"host:{host.id}",
+            "host.needs.operator",
+            f"{host.name} is silent, {fence}, and {why}: it is never declared dead by its silence, its HA VMs wait. "
+            f"To recover them: fix its BMC (`kvmha host bmc {host.name} ...`), or make sure it is powered off and run "
+            f"`kvmha host confirm-down {host.name}`",
+        )
+
+    def on_confirmed_down(self, fact: f.HostConfirmedDown) -> None:
+        """An operator says the host is off: evidence for a new investigation (signs of life still win)."""
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None:
+            return
+        if host.status not in (S.INVESTIGATING, S.ALERT):  # silent statuses: its agent does not report
+            self.ctx.event(
+                "warning",
+                f"host:{host.id}",
+                "host.confirm.refused",
+                f"confirm-down by {fact.by} ignored: the host is {host.status.value}",
+            )
+            return
+        self.confirmed_by[host.id] = fact.by
+        self.ctx.event(
+            "alert", f"host:{host.id}", "host.confirmed.down", f"{fact.by} confirmed {host.name} is powered off"
+        )
+        if host.status is S.INVESTIGATING and host.id in self.investigations:
+            return  # the investigation in flight decides with this evidence
+        self.ctx.timers.cancel(Reinvestigate(host.id))
+        if host.status is S.ALERT:
+            self.transition(host, HostEvent.REINVESTIGATE, f"investigating again: confirm-down by {fact.by}")
+        self.start_investigation(host)
+
     def _host_dead(self, host: HostRecord) -> None:
+        self.told_operator.discard(host.id)
         self.fence_failures.pop(host.id, None)
         self.ctx.timers.cancel(Reinvestigate(host.id))
         self.power.host_dead(host)
@@ -413,9 +541,13 @@ class HostFlow:
         self.fence_failures[host.id] = failures
         delay_s = fence_backoff_s(failures, config.fence_retry_interval_s, config.fence_retry_max_interval_s)
         seen = self.heartbeat_seen.get(host.id)
-        if seen is not None:
-            age_now = min(seen[0] + self.ctx.now - seen[1], self._silent_s(host))
-            delay_s = min(delay_s, max(1.0, config.self_fenced_after_s - age_now + 0.5))
+        self_fence, bound_s = self.self_fence(host)
+        if self_fence is SelfFence.NONE:
+            self.tell_operator(host)
+        elif seen is not None:
+            age_now = seen[0] + self.ctx.now - seen[1]
+            wait_s = seconds_until_stale_long(age_now, self._silent_s(host), bound_s, config.isolation_link_slack_s)
+            delay_s = min(delay_s, max(1.0, wait_s + 0.5))
         self.transition(
             host,
             HostEvent.FENCE_FAILED,

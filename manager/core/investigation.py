@@ -4,10 +4,15 @@ Evidence has three independent sources (see docs/decisions.md for the table with
 - the BMC's power status (off / on / unknown — unknown also when the host has no BMC or it did not answer);
 - the freshest storage heartbeat age any neighbour read (fresh / stale / stale long enough that the agent must have
   self-fenced / unknown);
-- whether any neighbour reaches the host over the network (reached / unreached / unknown: nobody answered).
+- whether any neighbour reaches the host over the network (reached / unreached / unknown: nobody answered);
+and two facts that are not questions: whether the host's self-fence is backed by a watchdog armed at its last
+contact, and whether an operator confirmed it is off.
 
 Verdicts: DEAD (proven: restart without fencing), ALIVE (the host runs, only its agent link is gone: leave its VMs
-alone and raise an alert), UNKNOWN (fence it; without a usable fence, wait). Down needs positive evidence.
+alone and raise an alert), UNKNOWN (fence it; without a usable fence, wait). Down needs positive evidence: the
+BMC says off, or the host is silent and unreachable for longer than a watchdog guarantees it self-fenced, or an
+operator confirmed it is off and nothing shows it alive. Silence alone never proves death: the evidence "silence"
+is produced by the very agent that may have died, hung or been stopped with its VMs still running (issue 11).
 """
 
 from __future__ import annotations
@@ -38,6 +43,20 @@ class Reach(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class SelfFence(enum.StrEnum):
+    """Is the host's self-fence guaranteed by something other than its agent's goodwill? BACKED: its watchdog was
+    armed at its last contact (and `isolation.self.fence` is on): an agent that died, hangs or was stopped gets its
+    host reset within the watchdog's bound. NONE: nothing stops the VMs of a silent host."""
+
+    BACKED = "backed"
+    NONE = "none"
+
+
+class Operator(enum.StrEnum):
+    CONFIRMED = "confirmed"  # an operator confirmed the host is off (`kvmha host confirm-down`)
+    NO = "-"
+
+
 class Verdict(enum.StrEnum):
     DEAD = "dead"
     ALIVE = "alive"
@@ -46,43 +65,64 @@ class Verdict(enum.StrEnum):
 
 ANY: Final = None
 
-# First matching row wins. (bmc, heartbeat, reach) → verdict, reason. Order matters and is part of the design.
-RULES: tuple[tuple[Bmc | None, Heartbeat | None, Reach | None, Verdict, str], ...] = (
-    (Bmc.OFF, Heartbeat.FRESH, ANY, Verdict.UNKNOWN, "BMC says off but the heartbeat is fresh: fence to be sure"),
-    (Bmc.OFF, ANY, ANY, Verdict.DEAD, "BMC says power is off"),
-    (ANY, Heartbeat.FRESH, ANY, Verdict.ALIVE, "storage heartbeat is fresh: the host runs, its agent link is lost"),
-    (ANY, ANY, Reach.REACHED, Verdict.ALIVE, "a neighbour reaches the host: it runs, its agent link is lost"),
-    (Bmc.ON, ANY, ANY, Verdict.UNKNOWN, "BMC says on, nothing shows it alive: hung or isolated"),
-    (
-        Bmc.UNKNOWN,
-        Heartbeat.STALE_LONG,
-        Reach.UNREACHED,
-        Verdict.DEAD,
-        "no neighbour reaches it and its heartbeat is stale beyond the self-fence time",
-    ),
-    (ANY, ANY, ANY, Verdict.UNKNOWN, "no proof either way"),
+Rule = tuple[Bmc | None, Heartbeat | None, Reach | None, SelfFence | None, Operator | None, Verdict, str]
+_SELF_FENCED = "no neighbour reaches it and its heartbeat is stale beyond the watchdog-backed self-fence time"
+_UNBACKED = "silent beyond the self-fence time, but no armed watchdog backed its agent: silence proves nothing"
+# First matching row wins. (bmc, heartbeat, reach, self-fence, operator) → verdict, reason. Order matters and is part
+# of the design: positive signs of life come before the operator's word, and silence proves death only when a
+# watchdog guarantees the self-fence.
+RULES: tuple[Rule, ...] = (
+    (Bmc.OFF, Heartbeat.FRESH, ANY, ANY, ANY, Verdict.UNKNOWN, "BMC says off, heartbeat fresh: fence to be sure"),
+    (Bmc.OFF, ANY, ANY, ANY, ANY, Verdict.DEAD, "BMC says power is off"),
+    (ANY, Heartbeat.FRESH, ANY, ANY, ANY, Verdict.ALIVE, "storage heartbeat is fresh: the host runs, its link is lost"),
+    (ANY, ANY, Reach.REACHED, ANY, ANY, Verdict.ALIVE, "a neighbour reaches the host: it runs, its agent link is lost"),
+    (Bmc.ON, ANY, ANY, ANY, ANY, Verdict.UNKNOWN, "BMC says on, nothing shows it alive: hung or isolated"),
+    (Bmc.UNKNOWN, Heartbeat.STALE_LONG, Reach.UNREACHED, SelfFence.BACKED, ANY, Verdict.DEAD, _SELF_FENCED),
+    (ANY, ANY, ANY, ANY, Operator.CONFIRMED, Verdict.DEAD, "an operator confirmed it is off, nothing shows it alive"),
+    (Bmc.UNKNOWN, Heartbeat.STALE_LONG, Reach.UNREACHED, SelfFence.NONE, ANY, Verdict.UNKNOWN, _UNBACKED),
+    (ANY, ANY, ANY, ANY, ANY, Verdict.UNKNOWN, "no proof either way"),
 )
 
 
-def decide(bmc: Bmc, heartbeat: Heartbeat, reach: Reach) -> tuple[Verdict, str]:
-    for rule_bmc, rule_hb, rule_reach, verdict, reason in RULES:
-        if rule_bmc not in (ANY, bmc) or rule_hb not in (ANY, heartbeat) or rule_reach not in (ANY, reach):
-            continue
-        return verdict, reason
+def decide(
+    bmc: Bmc, heartbeat: Heartbeat, reach: Reach, self_fence: SelfFence, operator: Operator = Operator.NO
+) -> tuple[Verdict, str]:
+    facts = (bmc, heartbeat, reach, self_fence, operator)
+    for *columns, verdict, reason in RULES:
+        if all(column in (ANY, value) for column, value in zip(columns, facts, strict=True)):
+            return verdict, reason
     raise AssertionError("the last rule matches everything")  # pragma: no cover
 
 
+def self_fenced_after_s(isolation_after_s: float, margin_s: float, watchdog_timeout_s: float | None) -> float:
+    """Heartbeat age after which an isolated host's VMs are surely gone: the agent declares isolation
+    `isolation.after` after it lost both its storage and the manager, and its watchdog resets the host at most
+    `watchdog_timeout_s` later if the isolation response did not complete (or the agent is dead). Without a
+    watchdog's bound (None) the last reported bound is unknown: count with 0 (the verdict then rests on SelfFence)."""
+    return isolation_after_s + (watchdog_timeout_s or 0.0) + margin_s
+
+
 def classify_heartbeat(
-    age_s: float | None, silent_s: float, stale_after_s: float, self_fenced_after_s: float
+    age_s: float | None, silent_s: float, stale_after_s: float, self_fenced_after_s: float, link_slack_s: float = 0.0
 ) -> Heartbeat:
-    """`silent_s`: how long the manager has not heard the agent. An agent self-fences `isolation.after` seconds after
-    it lost BOTH its storage heartbeat and the manager, so the heartbeat only counts as stale-long when it has been
-    stale, and the agent silent, for the whole self-fence time (plus margin)."""
+    """`silent_s`: how long the manager has not heard the agent. An agent counts its manager link as alive up to
+    `link_slack_s` after the manager's last received ping (its HTTP/2 keepalive must first end the stream), and its
+    isolation clock needs BOTH the storage heartbeat and the manager lost: so the heartbeat only counts as
+    stale-long when it has been stale for the whole self-fence time, and the agent silent for that plus the slack."""
     if age_s is None:
         return Heartbeat.UNKNOWN
     if age_s < stale_after_s:
         return Heartbeat.FRESH
-    return Heartbeat.STALE_LONG if min(age_s, silent_s) >= self_fenced_after_s else Heartbeat.STALE
+    if age_s >= self_fenced_after_s and silent_s >= self_fenced_after_s + link_slack_s:
+        return Heartbeat.STALE_LONG
+    return Heartbeat.STALE
+
+
+def seconds_until_stale_long(
+    age_s: float, silent_s: float, self_fenced_after_s: float, link_slack_s: float
+) -> float:
+    """How long until `classify_heartbeat` could say stale-long (if the heartbeat stays stale and the agent silent)."""
+    return max(self_fenced_after_s - age_s, self_fenced_after_s + link_slack_s - silent_s, 0.0)
 
 
 @dataclass(slots=True)
@@ -112,10 +152,10 @@ class Investigation:
             return Reach.REACHED
         return Reach.UNREACHED if self.neighbors_answered else Reach.UNKNOWN
 
-    def summary(self, heartbeat: Heartbeat) -> str:
+    def summary(self, heartbeat: Heartbeat, self_fence: SelfFence) -> str:
         age = self.heartbeat_age_s
         age_text = "none" if age is None else f"{age:.1f} s"
         return (
             f"bmc={self.bmc.value}, heartbeat={heartbeat.value} (age {age_text}), reach={self.reach().value} "
-            f"({self.neighbors_answered}/{self.neighbors_asked} neighbours answered)"
+            f"({self.neighbors_answered}/{self.neighbors_asked} neighbours answered), self-fence={self_fence.value}"
         )

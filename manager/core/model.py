@@ -124,6 +124,20 @@ class InvestigationResult(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class WatchdogReport:
+    """What an agent says about the watchdog behind it (Hello, and every Ping). `armed`: kvmha-watchdog resets the
+    host at most `timeout_s` after the agent's last sign of life, whatever the agent does (it died, hangs, was
+    stopped, or its isolation response did not complete). `detail` says why it is not armed."""
+
+    armed: bool
+    timeout_s: float = 0.0
+    detail: str = ""
+
+
+NO_WATCHDOG = WatchdogReport(armed=False, detail="not reported by the agent")
+
+
+@dataclass(frozen=True, slots=True)
 class HostCapacity:
     cpus: int
     memory_mib: int
@@ -143,6 +157,11 @@ class HostRecord:
     capacity: HostCapacity = field(default_factory=lambda: HostCapacity(cpus=0, memory_mib=0))
     last_ping_at: float | None = None
     has_bmc: bool = False
+    # The self-fence guarantee at the agent's last contact: the watchdog's bound (s) when it was armed, else None
+    # (and why in `watchdog_detail`). Saved with `last_ping_at`: a restarted manager counts with the same facts.
+    watchdog_timeout_s: float | None = None
+    watchdog_detail: str = ""
+    lease_manager: str = ""  # libvirt's lock manager on the host ("lockd"); "" = its VMs' disks have no leases
 
 
 @dataclass(slots=True)

@@ -56,6 +56,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     # configuration, credentials, what reaches libvirt as root, safety overrides
     "SetConfig": Role.ADMIN,
     "SetHostBmc": Role.ADMIN,
+    "ConfirmHostDown": Role.ADMIN,  # a safety override: lets HA restart VMs of a host nothing else proves dead
     "CreateVm": Role.ADMIN,
     "DeleteVm": Role.ADMIN,
 }

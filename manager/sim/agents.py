@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
-from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid
+from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid, WatchdogReport
 from kvmha.manager.hub import AgentHello
+from kvmha.manager.sim import watchdog
 from kvmha.manager.sim.invariants import FENCED, HOST_LOST, VM_LEVEL
-from kvmha.manager.sim.liveness import CRASH, FENCE, SELF_FENCE
+from kvmha.manager.sim.liveness import CRASH, FENCE
 from kvmha.manager.sim.world import SimHost
 from kvmha.manager.store import AgentInfo
 
@@ -67,10 +68,18 @@ class Agents:
         host.stream_no += 1
         agent = AgentInfo("sim", "sim", "sim", f"boot-{host.boot_no}")
         capacity = HostCapacity(host.cpus, host.memory_mib)
-        hello = AgentHello(f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, agent)
+        hello = AgentHello(
+            f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, agent, self.watchdog_report(host)
+        )
         self.sim.to_core(hello, stream=host.id)
         self.sim.checker.host_booted(host.id)
         self.full_report(host)
+
+    @staticmethod
+    def watchdog_report(host: SimHost) -> WatchdogReport:
+        if host.watchdog:
+            return WatchdogReport(armed=True, timeout_s=host.watchdog_timeout_s)
+        return WatchdogReport(armed=False, detail="kvmha-watchdog not running")
 
     def drop_stream(self, host: SimHost) -> None:
         host.stream_open = False
@@ -119,32 +128,41 @@ class Agents:
                 self.drop_stream(host)
             elif not host.stream_open:
                 self.schedule_connect(host, RECONNECT_S)
-            self._isolation_check(host)
+            if self._isolation_check(host):
+                watchdog.pet(self.sim, host)
             if host.stream_open:
                 host.ping_seq += 1
-                self.sim.to_core(
-                    f.HeartbeatReceived(host.id, host.ping_seq, host.hypervisor_ok, host.storage_ok), stream=host.id
+                ping = f.HeartbeatReceived(
+                    host.id, host.ping_seq, host.hypervisor_ok, host.storage_ok, self.watchdog_report(host)
                 )
+                self.sim.to_core(ping, stream=host.id)
                 if host.ping_seq % FULL_REPORT_EVERY == 0:
                     self.full_report(host)
 
-    def _isolation_check(self, host: SimHost) -> None:
-        """The agent's isolation response (policy destroy-vms): lost the manager AND storage for isolation.after."""
+    def _isolation_check(self, host: SimHost) -> bool:
+        """The agent's isolation response (policy destroy-vms): lost the manager AND storage for isolation.after.
+        False while the response is due and not complete: the agent withholds its watchdog pets (a hung hypervisor
+        cannot destroy the VMs: the watchdog then resets the host)."""
         if host.stream_open or host.storage_ok:
             host.isolated_since = None
-            return
+            return True
         if host.isolated_since is None:
             host.isolated_since = self.sim.now
         elif self.sim.now - host.isolated_since >= self.sim.config.isolation_after_s and host.running:
+            if not host.hypervisor_ok:
+                watchdog.silent(self.sim, host, "isolation response cannot complete: hypervisor unreachable")
+                return False
             count = len(host.running)
             for uuid in sorted(host.running):
                 self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
-                self.sim.liveness.lost(uuid, SELF_FENCE)  # the manager must wait out the self-fence time
+                # The manager must wait out the watchdog-backed self-fence time (never, without a watchdog).
+                self.sim.liveness.lost(uuid, self.sim.liveness.self_fence_cause(host))
             host.running.clear()
             self.sim.note(
                 f"sim: {host.name} agent isolated for {self.sim.now - host.isolated_since:.1f} s: "
                 f"self-fenced (destroyed {count} VMs)"
             )
+        return True
 
     def manager_lost(self) -> None:
         for host in self.world.hosts.values():
@@ -280,7 +298,8 @@ class Agents:
             self.sim.checker.stopped(uuid, host.id, how)
             self.sim.liveness.lost(uuid, cause)
         host.running.clear()
-        host.powered = host.agent_running = host.stream_open = False
+        host.powered = host.agent_running = host.stream_open = host.agent_frozen = False
+        host.wd_expiring, host.wd_latched_at = False, None
         host.isolated_since = None
         host.update_heartbeat(self.sim.now)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.investigation import self_fenced_after_s
 from kvmha.manager.core.model import HostStatus, ResourceState, VmRecord, VmState, VmUuid
 
 if TYPE_CHECKING:
@@ -57,8 +58,9 @@ WHY_ISOLATED = "isolated"  # the agent's isolation response destroyed it
 _OUTSIDE = frozenset({ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
 
 
-def bound_s(cause: str, config: CoreConfig) -> float:
-    """Seconds within which an HA VM that lost its run for `cause` must run again (inf: never promised)."""
+def bound_s(cause: str, config: CoreConfig, watchdog_timeout_s: float = 20.0) -> float:
+    """Seconds within which an HA VM that lost its run for `cause` must run again (inf: never promised).
+    `watchdog_timeout_s`: the bound of the watchdog behind the host's agent (self-fence only)."""
     detect_s = config.ping_timeout_s + config.ping_interval_s  # last ping up to one interval before the death
     # One attempt may be lost (its target died or refused): it is answered within start.timeout, and the next attempt
     # comes restart.retry.interval later; then the start itself, confirmed by the target's report.
@@ -69,9 +71,16 @@ def bound_s(cause: str, config: CoreConfig) -> float:
         case "fence":
             return detect_s + config.investigation_timeout_s + config.fence_timeout_s + start_s
         case "self-fence":
-            # Silence proves death only after the self-fence time, counted from the last ping; the check that sees
+            # Silence proves death only after the watchdog-backed self-fence time (isolation.after + the watchdog's
+            # bound + margin, and the link slack more of silence), counted from the last ping; the check that sees
             # it comes at most one re-investigation interval later.
-            wait_s = config.self_fenced_after_s + config.investigate_retry_interval_s + config.investigation_timeout_s
+            self_fenced_s = self_fenced_after_s(config.isolation_after_s, config.isolation_margin_s, watchdog_timeout_s)
+            wait_s = (
+                self_fenced_s
+                + config.isolation_link_slack_s
+                + config.investigate_retry_interval_s
+                + config.investigation_timeout_s
+            )
             return detect_s + wait_s + start_s
         case "crash":
             return config.ping_interval_s + config.power_report_missing_grace_s + start_s
@@ -121,7 +130,7 @@ class Liveness:
             record = self._record(uuid)
             if record is not None and record.host_id == host.id and record.state is VmState.STARTING:
                 owed.cause, owed.since, owed.credited_s = cause or "unprovable", self.sim.now, 0.0
-                owed.bound_s = bound_s(cause, self.sim.config) if cause else math.inf
+                owed.bound_s = self._bound_s(cause) if cause else math.inf
 
     def started(self, uuid: VmUuid) -> None:
         owed = self.owed.pop(uuid, None)
@@ -133,13 +142,21 @@ class Liveness:
         self.paused_until = max(self.paused_until, until)
 
     def host_cause(self, host: SimHost) -> str | None:
-        """Which bound applies to the VMs of a host that just lost power (None: it can never be proven dead)."""
+        """Which bound applies to the VMs of a host that just lost power (None: it can never be proven dead: no
+        usable BMC, and no armed watchdog behind its agent or self-fencing switched off)."""
         if host.has_bmc and host.bmc_alive and host.bmc_fail_next == 0:
             return BMC_OFF
-        return SELF_FENCE if self.sim.config.isolation_self_fence else None
+        return self.self_fence_cause(host)
+
+    def self_fence_cause(self, host: SimHost) -> str | None:
+        return SELF_FENCE if self.sim.config.isolation_self_fence and host.watchdog else None
+
+    def _bound_s(self, cause: str) -> float:
+        longest_s = max((h.watchdog_timeout_s for h in self.sim.world.hosts.values()), default=0.0)
+        return bound_s(cause, self.sim.config, longest_s)
 
     def _owe(self, uuid: VmUuid, cause: str) -> None:
-        self.owed[uuid] = Owed(cause, self.sim.now, bound_s(cause, self.sim.config))
+        self.owed[uuid] = Owed(cause, self.sim.now, self._bound_s(cause))
 
     # ------------------------------------------------------------ sampling
 

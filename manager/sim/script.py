@@ -1,15 +1,16 @@
 """Scenario files: the initial setup and the timed fault script, and the commands they may use.
 
 setup.txt (one item per line, `#` comments):
-    hosts h1-h4 cpus=16 mem=65536 bmc=yes     (or: host h1 ...)
+    hosts h1-h4 cpus=16 mem=65536 bmc=yes watchdog=yes     (or: host h1 ...)
     vm vm1 host=h1 mem=2048 cpus=2 ha=yes priority=0 group=web
     config ping.timeout 7
     seed 3
 
 script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     power h3 off|on            network h2 off|on (manager and neighbours)   link h2 off|on (manager only)
-    storage h1 off|on          hypervisor h1 off|on                          agent h1 stop|crash|start
+    storage h1 off|on          hypervisor h1 off|on              agent h1 stop|crash|freeze|start
     bmc h2 dead|alive|fail N   kill-vm vm7   guest-shutdown vm2   repeat-report h1
+    watchdog h1 off|on|kill (not armed / armed / the daemon dies)  confirm-down h1 (the operator's command)
     drop h2 0.3 (lose 30% of h2's manager-link messages)   delay h2 1.5 (extra seconds)   partition h1 h2 [off]
     maintenance h4 on|off      restart manager   network manager off|on
     ha vm3 on|off              start vm3         stop vm3
@@ -29,6 +30,7 @@ from kvmha.manager import operations as ops
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, StopCause, VmId, VmUuid
+from kvmha.manager.sim import watchdog
 from kvmha.manager.sim.simulator import Simulator
 from kvmha.manager.sim.world import SimHost, SimVm
 
@@ -63,6 +65,7 @@ def _host(name: str, opts: dict[str, str]) -> SimHost:
         cpus=int(opts.get("cpus", 16)),
         memory_mib=int(opts.get("mem", 65536)),
         has_bmc=_yes(opts.get("bmc", "yes")),
+        watchdog=_yes(opts.get("watchdog", "yes")),
     )
 
 
@@ -216,6 +219,13 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
             agents.send(host, report)
     elif verb == "maintenance":
         sim.operate(*ops.maintenance(host.name, arg == "on"))
+    elif verb == "confirm-down":
+        sim.operate(*ops.confirm_down(host.name, "operator"))
+    elif verb == "watchdog":
+        if arg == "kill":
+            watchdog.daemon_killed(sim, host)
+        else:
+            host.watchdog = arg == "on"
     else:
         raise ScriptError(f"unknown command: {verb}")
 
@@ -225,7 +235,20 @@ def _agent_command(sim: Simulator, host: SimHost, arg: str) -> None:
         if host.stream_open:
             sim.agents.send(host, f.AgentDisconnected(host.id, planned=arg == "stop"))
         host.agent_enabled = host.agent_running = host.stream_open = False
-    else:
+        if arg == "stop":
+            watchdog.disarm(host)
+        else:
+            watchdog.crashed(sim, host, "agent crashed")
+    elif arg == "freeze":
+        # SIGSTOP: the stream stays open but silent (the manager hears nothing, not even a close).
+        host.agent_running, host.agent_frozen, host.stream_open = False, True, False
+        watchdog.silent(sim, host, "agent frozen")
+    elif arg == "start":
         host.agent_enabled = host.agent_running = host.powered
+        host.agent_frozen = False
+        if host.powered:
+            watchdog.pet(sim, host)  # takes the arm over (in time) or too late: the reset comes anyway
         sim.agents.schedule_connect(host, 0.1)
+    else:
+        raise ScriptError(f"unknown agent command: {arg}")
     host.update_heartbeat(sim.now)

@@ -52,6 +52,15 @@ class SimHost:
     hb_stopped_at: float | None = None  # None: the heartbeat is being written
     isolated_since: float | None = None  # lost the manager and its storage heartbeat since
     booted_at: float = 0.0
+    # kvmha-watchdog (docs/watchdog.md): armed by the agent when `watchdog`; T = watchdog_timeout_s bounds the reset
+    # after the agent's last pet, D = watchdog_device_s after a crash (a restart within D takes the arm over).
+    watchdog: bool = True
+    watchdog_timeout_s: float = 20.0
+    watchdog_device_s: float = 10.0
+    agent_frozen: bool = False  # SIGSTOP: the process exists (no restart by its init), it does nothing
+    wd_generation: int = 0  # bumped whenever the agent pets again: an expiry armed before it is void
+    wd_latched_at: float | None = None  # from then on the reset can no longer be undone
+    wd_expiring: bool = False
 
     def writes_heartbeat(self) -> bool:
         return self.powered and self.agent_running and self.storage_ok

@@ -64,6 +64,10 @@ class HostInfo(_message.Message):
     BMC_ADDRESS_FIELD_NUMBER: _builtins.int
     MANAGER_ID_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    WATCHDOG_ARMED_FIELD_NUMBER: _builtins.int
+    WATCHDOG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    WATCHDOG_DETAIL_FIELD_NUMBER: _builtins.int
+    LEASE_MANAGER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
@@ -86,6 +90,14 @@ class HostInfo(_message.Message):
     manager_id: _builtins.str
     """the manager that owns the host's stream"""
     agent_version: _builtins.str
+    watchdog_armed: _builtins.bool
+    """The self-fence guarantee at the agent's last contact: kvmha-watchdog armed, with this bound (s); when not armed,
+    a silence of this host never proves it dead (watchdog_detail says why).
+    """
+    watchdog_timeout_s: _builtins.float
+    watchdog_detail: _builtins.str
+    lease_manager: _builtins.str
+    """libvirt's lock manager on the host ("lockd"); empty: its VMs' disks have no leases a neighbour could probe."""
     def __init__(
         self,
         *,
@@ -105,14 +117,41 @@ class HostInfo(_message.Message):
         bmc_address: _builtins.str = ...,
         manager_id: _builtins.str = ...,
         agent_version: _builtins.str = ...,
+        watchdog_armed: _builtins.bool = ...,
+        watchdog_timeout_s: _builtins.float = ...,
+        watchdog_detail: _builtins.str = ...,
+        lease_manager: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "bmc_address", b"bmc_address", "connected", b"connected", "cpus", b"cpus", "has_bmc", b"has_bmc", "id", b"id", "last_ping_at", b"last_ping_at", "manager_id", b"manager_id", "memory_mib", b"memory_mib", "name", b"name", "resource_state", b"resource_state", "role", b"role", "status", b"status", "uuid", b"uuid", "vms_running", b"vms_running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_version", b"agent_version", "bmc_address", b"bmc_address", "connected", b"connected", "cpus", b"cpus", "has_bmc", b"has_bmc", "id", b"id", "last_ping_at", b"last_ping_at", "lease_manager", b"lease_manager", "manager_id", b"manager_id", "memory_mib", b"memory_mib", "name", b"name", "resource_state", b"resource_state", "role", b"role", "status", b"status", "uuid", b"uuid", "vms_running", b"vms_running", "watchdog_armed", b"watchdog_armed", "watchdog_detail", b"watchdog_detail", "watchdog_timeout_s", b"watchdog_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostInfo: _TypeAlias = HostInfo  # noqa: Y015
+
+@_typing.final
+class ConfirmHostDownRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    CONFIRMED_BY_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    confirmed_by: _builtins.str
+    """Who confirms (recorded in the events); the CLI sends the operator's login name when empty."""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        confirmed_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_by", b"confirmed_by", "host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmHostDownRequest: _TypeAlias = ConfirmHostDownRequest  # noqa: Y015
 
 @_typing.final
 class ListHostsRequest(_message.Message):

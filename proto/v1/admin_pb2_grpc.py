@@ -54,6 +54,11 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostBmcRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
                 _registered_method=True)
+        self.ConfirmHostDown = channel.unary_unary(
+                '/kvmha.v1.AdminService/ConfirmHostDown',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+                _registered_method=True)
         self.ListVms = channel.unary_unary(
                 '/kvmha.v1.AdminService/ListVms',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
@@ -139,6 +144,15 @@ class AdminServiceServicer:
 
     def SetHostBmc(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmHostDown(self, request, context):
+        """The operator states that a silent host (Investigating or Alert) is powered off: evidence that lets the manager
+        restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
+        Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +251,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'SetHostBmc': grpc.unary_unary_rpc_method_handler(
                     servicer.SetHostBmc,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostBmcRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
+            ),
+            'ConfirmHostDown': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmHostDown,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
             ),
             'ListVms': grpc.unary_unary_rpc_method_handler(
@@ -407,6 +426,33 @@ class AdminService:
             target,
             '/kvmha.v1.AdminService/SetHostBmc',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostBmcRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmHostDown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/ConfirmHostDown',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
             options,
             channel_credentials,

@@ -41,6 +41,11 @@ class AdminServiceStub:
     GetHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]
     SetMaintenance: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetMaintenanceRequest, _admin_pb2.HostInfo]
     SetHostBmc: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetHostBmcRequest, _admin_pb2.HostInfo]
+    ConfirmHostDown: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ConfirmHostDownRequest, _admin_pb2.HostInfo]
+    """The operator states that a silent host (Investigating or Alert) is powered off: evidence that lets the manager
+    restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
+    Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
+    """
     ListVms: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]
     GetVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
     CreateVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]
@@ -62,6 +67,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]  # type: ignore[assignment]
     SetMaintenance: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetMaintenanceRequest, _admin_pb2.HostInfo]  # type: ignore[assignment]
     SetHostBmc: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetHostBmcRequest, _admin_pb2.HostInfo]  # type: ignore[assignment]
+    ConfirmHostDown: _aio.UnaryUnaryMultiCallable[_admin_pb2.ConfirmHostDownRequest, _admin_pb2.HostInfo]  # type: ignore[assignment]
+    """The operator states that a silent host (Investigating or Alert) is powered off: evidence that lets the manager
+    restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
+    Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
+    """
     ListVms: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]  # type: ignore[assignment]
     GetVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
     CreateVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]  # type: ignore[assignment]
@@ -104,6 +114,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetHostBmcRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ConfirmHostDown(
+        self,
+        request: _admin_pb2.ConfirmHostDownRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]:
+        """The operator states that a silent host (Investigating or Alert) is powered off: evidence that lets the manager
+        restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
+        Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
+        """
 
     @_abc_1.abstractmethod
     def ListVms(

@@ -40,7 +40,8 @@ def _hosts() -> list[pb.HostInfo]:
         pb.HostInfo(
             id=1, uuid="11111111-aaaa-4000-8000-000000000001", name="h1", address="10.0.0.1", status="Up",
             resource_state="Enabled", role="Routing", last_ping_at=NOW - 2, cpus=16, memory_mib=65536, vms_running=1,
-            connected=True, manager_id="m1", agent_version="0.1.0",
+            connected=True, manager_id="m1", agent_version="0.1.0", watchdog_armed=True, watchdog_timeout_s=20.0,
+            lease_manager="lockd",
         ),
         pb.HostInfo(
             id=2, uuid="11111111-aaaa-4000-8000-000000000002", name="h2", address="10.0.0.2", status="Down",
@@ -50,6 +51,11 @@ def _hosts() -> list[pb.HostInfo]:
         pb.HostInfo(
             id=3, uuid="11111111-aaaa-4000-8000-000000000003", name="h3", address="10.0.0.3", status="Fencing",
             resource_state="Enabled", role="Routing", cpus=8, memory_mib=32768,
+            watchdog_detail="kvmha-watchdog unreachable",
+        ),
+        pb.HostInfo(
+            id=4, uuid="11111111-aaaa-4000-8000-000000000004", name="h4", address="10.0.0.4", status="Alert",
+            resource_state="Enabled", role="Routing", last_ping_at=NOW - 120, cpus=8, memory_mib=32768,
         ),
     ]  # fmt: skip
 
@@ -172,6 +178,14 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         host = self._find(self.hosts, request.host, "host", context)
         host.has_bmc = not request.clear
         host.bmc_address = "" if request.clear else f"{request.address}:{request.port}"
+        return host
+
+    def ConfirmHostDown(self, request: pb.ConfirmHostDownRequest, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("ConfirmHostDown", request)
+        host = self._find(self.hosts, request.host, "host", context)
+        if host.status not in ("Investigating", "Alert"):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"host {host.name} is {host.status}")
+        host.status = "Down"
         return host
 
     # --- VMs ---

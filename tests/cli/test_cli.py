@@ -31,10 +31,37 @@ def test_host_list_shows_every_host_with_status(fake: FakeAdmin, manager: str) -
 
 def test_host_list_json_has_the_proto_fields(manager: str) -> None:
     hosts = as_json(kvmha(manager, "host", "list", "--json"))["hosts"]
-    assert [h["name"] for h in hosts] == ["h1", "h2", "h3"]
+    assert [h["name"] for h in hosts] == ["h1", "h2", "h3", "h4"]
     assert all(set(h) == fields(pb.HostInfo) for h in hosts)
     assert hosts[0]["id"] == 1 and hosts[0]["memory_mib"] == 65536  # numbers, not ProtoJSON's quoted int64
     assert hosts[1]["bmc_address"] == "10.0.1.2:623" and hosts[2]["last_ping_at"] == 0
+
+
+def test_host_list_shows_which_hosts_run_without_watchdog_or_leases(manager: str) -> None:
+    lines = {line.split()[1]: line for line in ok(kvmha(manager, "host", "list")).splitlines() if " h" in line}
+    assert "20 s" in lines["h1"] and "lockd" in lines["h1"]
+    assert lines["h3"].split()[-2:] == ["no", "none"]
+
+
+def test_host_show_says_why_the_watchdog_is_not_armed(manager: str) -> None:
+    out = ok(kvmha(manager, "host", "show", "h3"))
+    assert "kvmha-watchdog unreachable" in " ".join(out.split()) and "silence never proves it dead" in out
+
+
+def test_host_confirm_down_sends_who_confirms(fake: FakeAdmin, manager: str) -> None:
+    out = ok(kvmha(manager, "host", "confirm-down", "h4", "--by", "alice"))
+    assert fake.sent("ConfirmHostDown") == [pb.ConfirmHostDownRequest(host="h4", confirmed_by="alice")]
+    assert "h4" in out and "confirmed down" in out
+
+
+def test_host_confirm_down_defaults_to_the_login_name(fake: FakeAdmin, manager: str) -> None:
+    ok(kvmha(manager, "host", "confirm-down", "h4"))
+    (sent,) = fake.sent("ConfirmHostDown")
+    assert isinstance(sent, pb.ConfirmHostDownRequest) and sent.confirmed_by != ""
+
+
+def test_host_confirm_down_of_an_up_host_is_refused(manager: str) -> None:
+    refused(kvmha(manager, "host", "confirm-down", "h1"), 4, "host h1 is Up")
 
 
 @pytest.mark.parametrize("ref", ["h2", "2", "11111111-aaaa-4000-8000-000000000002"])

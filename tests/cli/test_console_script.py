@@ -57,7 +57,7 @@ def test_the_console_script_is_installed() -> None:
 def test_json_listing_from_the_console_script(manager: str) -> None:
     done = run(manager, "host", "list", "--json")
     assert (done.returncode, done.stderr) == (0, "")
-    assert [h["name"] for h in json.loads(done.stdout)["hosts"]] == ["h1", "h2", "h3"]
+    assert [h["name"] for h in json.loads(done.stdout)["hosts"]] == ["h1", "h2", "h3", "h4"]
 
 
 def test_human_show_from_the_console_script(manager: str) -> None:

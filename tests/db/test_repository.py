@@ -72,6 +72,11 @@ def test_host_and_vm_records_round_trip(store: Store) -> None:
     with store.unit_of_work() as uow:
         [record] = uow.hosts.all()
         record.status, record.capacity, record.last_ping_at = HostStatus.UP, HostCapacity(4, 8192), NOW + 1
+        record.watchdog_timeout_s, record.lease_manager = 20.0, "lockd"
+        uow.hosts.save(record, NOW + 1)
+        not_armed = dataclasses.replace(record, watchdog_timeout_s=None, watchdog_detail="daemon unreachable")
+        uow.hosts.save(not_armed, NOW + 1)
+        assert uow.hosts.get(record.id) == not_armed
         uow.hosts.save(record, NOW + 1)
         changed = dataclasses.replace(vm, state=VmState.STOPPED, power_state=PowerState.POWER_OFF, update_count=5)
         uow.vms.upsert(changed, NOW + 1)

@@ -59,7 +59,8 @@ def _sample_rows() -> list[Base]:
                 status=HostStatus.FENCED, resource_state=ResourceState.ERROR_IN_MAINTENANCE, role=HostRole.ROUTING,
                 last_ping_at=NOW, cpus=8, memory_mib=32768, manager_id="m1", agent_version="0.1.0",
                 libvirt_version="9.0.0", qemu_version="7.2.0", boot_id="b1", bmc_address="127.0.0.1", bmc_port=9001,
-                bmc_user="admin", bmc_password="secret", created_at=NOW, updated_at=NOW)
+                bmc_user="admin", bmc_password="secret", created_at=NOW, updated_at=NOW, watchdog_timeout_s=20.5,
+                watchdog_detail="kvmha-watchdog refused: ünïcode", lease_manager="lockd")
     vm = VmInstance(id=1, uuid="0b9e6a53-0000-4000-8000-000000000001", name="vm1", state=VmState.RUNNING,
                     power_state=PowerState.POWER_REPORT_MISSING, power_state_updated_at=NOW, host_id=1,
                     last_host_id=1, ha_enabled=True, restart_priority=7, anti_affinity_group="db",

@@ -22,6 +22,7 @@ from kvmha.manager.core.model import (
     VmRecord,
     VmState,
     VmUuid,
+    WatchdogReport,
 )
 
 T = TypeVar("T")
@@ -47,6 +48,9 @@ def vm(n: int, on: int | None, ha: bool = True, state: VmState = VmState.RUNNING
     )
 
 
+ARMED = WatchdogReport(armed=True, timeout_s=20.0)
+
+
 class Harness:
     def __init__(
         self,
@@ -57,8 +61,10 @@ class Harness:
         works: Iterable[HaWorkRecord] = (),
         now: float = 0.0,
         prefix: str = "",
+        watchdog: WatchdogReport = ARMED,
     ) -> None:
         self.vm_records = list(vms)
+        self.watchdog = watchdog  # what every agent reports (Hello and pings); the product default: armed
         self.core = Core(
             config,
             now=now,
@@ -89,13 +95,16 @@ class Harness:
                 out += self.core.tick(self.now)
             self.now = until
             for n in alive:
-                out += self.core.handle(f.HeartbeatReceived(HostId(n), 0, True, True), self.now)
+                out += self.core.handle(f.HeartbeatReceived(HostId(n), 0, True, True, self.watchdog), self.now)
         self.log.extend(out)
         return out
 
     def connect(self, n: int, running: Iterable[int] = (), at: float | None = None) -> list[a.Action]:
         out = self.handle(
-            f.AgentConnected(HostId(n), f"u{n}", f"h{n}", f"10.0.0.{n}", HostCapacity(16, 16384), "b"), at
+            f.AgentConnected(
+                HostId(n), f"u{n}", f"h{n}", f"10.0.0.{n}", HostCapacity(16, 16384), "b", self.watchdog, "lockd"
+            ),
+            at,
         )
         domains = tuple(f.DomainReport(VmUuid(f"v{v}"), f"vm{v}", PowerState.POWER_ON) for v in running)
         return out + self.handle(f.PowerStateReported(HostId(n), True, True, domains), at)

@@ -311,7 +311,7 @@ def test_a_silent_host_without_bmc_is_dead_only_if_agents_self_fence(self_fence:
         assert h.core.host_status(HostId(1)) is HostStatus.DOWN and len(starts(out)) == 1
     else:
         assert h.core.host_status(HostId(1)) is HostStatus.ALERT and starts(out) == []
-        assert any("operator action needed" in m for m in messages(out))
+        assert any("isolation.self.fence=false" in m and "confirm-down h1" in m for m in messages(out))
 
 
 @pytest.mark.parametrize(

@@ -6,28 +6,50 @@ import itertools
 
 import pytest
 
-from kvmha.manager.core.investigation import Bmc, Heartbeat, Investigation, Reach, Verdict, classify_heartbeat, decide
+from kvmha.manager.core.investigation import (
+    Bmc,
+    Heartbeat,
+    Investigation,
+    Operator,
+    Reach,
+    SelfFence,
+    Verdict,
+    classify_heartbeat,
+    decide,
+    seconds_until_stale_long,
+    self_fenced_after_s,
+)
 from kvmha.manager.core.model import HostId
 
-COMBINATIONS = list(itertools.product(Bmc, Heartbeat, Reach))
+COMBINATIONS = list(itertools.product(Bmc, Heartbeat, Reach, SelfFence, Operator))
 
 
-def _proven_dead(bmc: Bmc, hb: Heartbeat, reach: Reach) -> bool:
-    # Positive evidence only: the BMC says off (and the heartbeat does not contradict it), or nobody reaches the host
-    # and its heartbeat is stale past the self-fence time while no BMC says it is on.
+def _signs_of_life(bmc: Bmc, hb: Heartbeat, reach: Reach) -> bool:
+    return hb is Heartbeat.FRESH or reach is Reach.REACHED or bmc is Bmc.ON
+
+
+def _proven_dead(bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator) -> bool:
+    # Positive evidence only: the BMC says off (and the heartbeat does not contradict it); or nobody reaches the host
+    # and its heartbeat is stale past a self-fence that a watchdog guarantees, while no BMC says it is on; or an
+    # operator confirmed it is off and nothing shows it alive.
     by_bmc = bmc is Bmc.OFF and hb is not Heartbeat.FRESH
-    by_silence = bmc is Bmc.UNKNOWN and hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED
-    return by_bmc or by_silence
+    by_silence = (
+        bmc is Bmc.UNKNOWN and hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED and fence is SelfFence.BACKED
+    )
+    by_operator = operator is Operator.CONFIRMED and not _signs_of_life(bmc, hb, reach)
+    return by_bmc or by_silence or by_operator
 
 
 def _alive(bmc: Bmc, hb: Heartbeat, reach: Reach) -> bool:
     return bmc is not Bmc.OFF and (hb is Heartbeat.FRESH or reach is Reach.REACHED)
 
 
-@pytest.mark.parametrize(("bmc", "hb", "reach"), COMBINATIONS)
-def test_verdict_follows_the_rules(bmc: Bmc, hb: Heartbeat, reach: Reach) -> None:
-    verdict, reason = decide(bmc, hb, reach)
-    if _proven_dead(bmc, hb, reach):
+@pytest.mark.parametrize(("bmc", "hb", "reach", "fence", "operator"), COMBINATIONS)
+def test_verdict_follows_the_rules(
+    bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator
+) -> None:
+    verdict, reason = decide(bmc, hb, reach, fence, operator)
+    if _proven_dead(bmc, hb, reach, fence, operator):
         assert verdict is Verdict.DEAD
     elif _alive(bmc, hb, reach):
         assert verdict is Verdict.ALIVE
@@ -36,10 +58,30 @@ def test_verdict_follows_the_rules(bmc: Bmc, hb: Heartbeat, reach: Reach) -> Non
     assert reason
 
 
+def test_no_dead_verdict_by_silence_without_an_armed_watchdog() -> None:
+    """Issue 11: silence is produced by the agent itself; without a watchdog it proves nothing, however long."""
+    for bmc, hb, reach, _, operator in COMBINATIONS:
+        if bmc is not Bmc.OFF and operator is Operator.NO:
+            assert decide(bmc, hb, reach, SelfFence.NONE, operator)[0] is not Verdict.DEAD
+
+
 def test_no_dead_verdict_without_positive_evidence() -> None:
-    for bmc, hb, reach in COMBINATIONS:
-        if decide(bmc, hb, reach)[0] is Verdict.DEAD:
-            assert bmc is Bmc.OFF or (hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED)
+    for bmc, hb, reach, fence, operator in COMBINATIONS:
+        if decide(bmc, hb, reach, fence, operator)[0] is Verdict.DEAD:
+            assert (
+                bmc is Bmc.OFF
+                or (hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED and fence is SelfFence.BACKED)
+                or operator is Operator.CONFIRMED
+            )
+
+
+def test_the_self_fence_bound_counts_isolation_watchdog_and_margin() -> None:
+    assert self_fenced_after_s(30.0, 10.0, 20.0) == 60.0
+    # Heartbeat stale 60 s, but the agent spoke 65 s ago: with 10 s of link slack it needs 70 s of silence.
+    assert classify_heartbeat(60.0, 65.0, 4.0, 60.0, link_slack_s=10.0) is Heartbeat.STALE
+    assert classify_heartbeat(60.0, 70.0, 4.0, 60.0, link_slack_s=10.0) is Heartbeat.STALE_LONG
+    assert seconds_until_stale_long(50.0, 65.0, 60.0, 10.0) == 10.0
+    assert seconds_until_stale_long(59.0, 50.0, 60.0, 10.0) == 20.0
 
 
 @pytest.mark.parametrize(

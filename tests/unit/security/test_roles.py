@@ -44,7 +44,7 @@ def test_the_issue_s_examples() -> None:
     # reader: views; operator: VM and host operations; admin: configuration, BMC, create/delete.
     assert required_role(f"/{ADMIN_SERVICE}/ListEvents") is Role.READER
     assert required_role(f"/{ADMIN_SERVICE}/SetMaintenance") is Role.OPERATOR
-    for rpc in ("SetConfig", "SetHostBmc", "CreateVm", "DeleteVm"):
+    for rpc in ("SetConfig", "SetHostBmc", "CreateVm", "DeleteVm", "ConfirmHostDown"):
         assert required_role(f"/{ADMIN_SERVICE}/{rpc}") is Role.ADMIN
 
 
