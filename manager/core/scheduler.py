@@ -35,9 +35,9 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
-from kvmha.manager.core.placement import PlacementRequest, choose_host
 from kvmha.manager.core.routing import StartAttempt, StartConfirmDeadline, WorkDue
-from kvmha.manager.core.vmindex import KEEP, Keep, occupies
+from kvmha.manager.core.targeting import Targeting
+from kvmha.manager.core.vmindex import KEEP, Keep
 from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
 
@@ -65,10 +65,8 @@ class Scheduler:
         self.restarts: dict[VmId, list[float]] = {}  # times of completed HA restarts, per VM
         self._next_work_id = next_work_id
         self._batching = False  # while a host's items are released together, so priorities order them
-        self._cursor = 0
+        self.targets = Targeting(ctx)
         self._attempts: dict[WorkId, RequestId] = {}  # the StartVm in flight of each item in progress
-        # Hosts a command could not be delivered to (no open agent stream), until when: not a target meanwhile.
-        self._undeliverable: dict[HostId, float] = {}
 
     # ------------------------------------------------------------ restore
 
@@ -245,46 +243,7 @@ class Scheduler:
         )
 
     def _place(self, vm: VmRecord) -> tuple[HostRecord | None, str]:
-        """A target for the VM. Held-out (flapping) hosts are a preference, not an exclusion: they are chosen only
-        when no stable host fits, and then with an event — a VM left down while a host could run it is the worse
-        outcome (issue 12: eight VMs waited seven minutes beside two Up hosts with room)."""
-        held = self.ctx.held.at(self.ctx.now)
-        now = self.ctx.now
-        exclude = {host_id for host_id, until in self._undeliverable.items() if until > now}
-        old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
-        if old is not None and old.status is not HostStatus.UP:
-            exclude.add(old.id)
-        self._cursor += 1
-        target, why = self._choose(vm, exclude | held)
-        if target is not None or not held - exclude:
-            return target, why
-        fallback, _ = self._choose(vm, exclude)
-        if fallback is not None:
-            self.ctx.event(
-                "warning",
-                f"vm:{vm.id}",
-                "vm.placed.held",
-                f"no stable host fits: placed on {fallback.name}, held out as flapping ({why})",
-            )
-        return fallback, why
-
-    def _choose(self, vm: VmRecord, exclude: set[HostId]) -> tuple[HostRecord | None, str]:
-        group = vm.anti_affinity_group
-        request = PlacementRequest(
-            vm,
-            frozenset(exclude),
-            frozenset(self.ctx.vms.group_hosts(group, vm.id) if group else ()),
-            vm.host_id if occupies(vm) else None,
-        )
-        return choose_host(
-            request,
-            self.ctx.up.ids,
-            self.ctx.hosts,
-            self.ctx.vms,
-            start=self._cursor,
-            compare=self.ctx.config.placement_candidates,
-            cpu_ratio=self.ctx.config.cpu_overcommit_ratio,
-        )
+        return self.targets.place(vm)  # flapping hosts only when no stable host fits (core/targeting.py)
 
     # ------------------------------------------------------------ outcomes
 
@@ -300,7 +259,7 @@ class Scheduler:
             # The command never left the manager: nothing can have started. Another host, at once.
             vm = self.ctx.vms.get(work.vm_id)
             if vm is not None and vm.host_id is not None:
-                self._undeliverable[vm.host_id] = self.ctx.now + self.ctx.config.ping_timeout_s
+                self.targets.undeliverable(vm.host_id)
             self._attempt_void(work, error)
         else:
             self._start_failed(work, error or "start failed", maybe_running=error.startswith("timed out"))
