@@ -4,9 +4,10 @@ view of the agents' links (`LiveHosts`).
 Pure functions of their inputs: no HTTP, no HTML, no clock (the caller passes `now`, wall-clock seconds). The pages
 (pages.py) and the JSON API (api.py) both render these records, so the two always show the same data.
 
-Health per host comes from what the manager holds today: the agent link (open stream, agent version), the BMC
-(configured or not) and the host's stored last ping. Watchdog and disk-lease state are reported by agents in their
-Hello and pings but not kept by the manager yet: they show as "unknown", never as a guessed "ok".
+Health per host comes from what the manager holds: the agent link (open stream, agent version), the last ping's age
+against ping.timeout, the BMC (configured or not), the watchdog the agent reported at its last contact (armed with
+its bound, or why not) and libvirt's lock manager on the host (disk leases or none). Nothing is guessed: what the
+manager has not heard is "unknown", never "ok".
 """
 
 from __future__ import annotations
@@ -137,8 +138,26 @@ def host_health(details: HostDetails, connected: bool, last_ping_age_s: float | 
         bmc = Health("bmc", "ok", f"configured at {details.bmc_address}:{details.bmc_port}")
     else:
         bmc = Health("bmc", "warn", "no BMC: cannot be fenced out of band")
-    not_kept = "not kept by the manager yet"
-    return (agent, ping, bmc, Health("lease", "unknown", not_kept), Health("watchdog", "unknown", not_kept))
+    return (agent, ping, bmc, lease_health(details.host.lease_manager, details.agent.agent_version),
+            watchdog_health(details.host.watchdog_timeout_s, details.host.watchdog_detail))
+
+
+def watchdog_health(timeout_s: float | None, detail: str) -> Health:
+    """Armed: the host resets itself at most `timeout_s` after its agent's last sign of life, so its silence can prove
+    it dead. Not armed: silence proves nothing (it waits for a fence or an operator)."""
+    if timeout_s is not None:
+        return Health("watchdog", "ok", f"armed: resets the host within {timeout_s:g} s")
+    if detail:
+        return Health("watchdog", "warn", f"not armed ({detail}): its silence never proves it dead")
+    return Health("watchdog", "unknown", "never reported")
+
+
+def lease_health(lease_manager: str, agent_version: str) -> Health:
+    if lease_manager:
+        return Health("lease", "ok", f"disk leases by {lease_manager}")
+    if not agent_version:
+        return Health("lease", "unknown", "never reported")
+    return Health("lease", "warn", "no disk leases: a VM's disks cannot be probed")
 
 
 def build_cluster(uow: UnitOfWork, live: LiveHosts, now: float, ping_timeout_s: float) -> Cluster:
