@@ -18,9 +18,11 @@ import contextlib
 import json
 import logging
 import re
+import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -43,6 +45,7 @@ COOKIE = "kvmha_dashboard"
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT_S = 30.0
 STREAM_KEEPALIVE_S = 15.0
+STREAM_CHECK_S = 1.0
 MAX_BODY_BYTES = 4096
 STATIC = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
@@ -461,13 +464,23 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.wfile.write(b"retry: 1000\n\n")
         self.wfile.flush()
-        while not self.app.feed.closed:
-            rows = self.app.feed.since(after, STREAM_KEEPALIVE_S)
+        quiet_since = time.monotonic()
+        while not self.app.feed.closed and not self._client_gone():
+            rows = self.app.feed.since(after, STREAM_CHECK_S)
             chunks = [_sse(r) for r in rows if matches(r, subject, severity)]
             if rows:
                 after = rows[-1].id
+            if not chunks and time.monotonic() - quiet_since < STREAM_KEEPALIVE_S:
+                continue
             self.wfile.write(b"".join(chunks) if chunks else b": keepalive\n\n")
             self.wfile.flush()
+            quiet_since = time.monotonic()
+
+    def _client_gone(self) -> bool:
+        """A stream's client sends nothing after its request: anything readable is its close (EOF or TLS
+        close_notify). Checked every STREAM_CHECK_S, so a closed tab frees its connection slot at once."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable)
 
 
 def _sse(row: EventRow) -> bytes:

@@ -23,7 +23,7 @@ from kvmha.lab.dashboard import DashboardClient, LabDashboard
 from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
 from kvmha.manager.dashboard.auth import Role, TokenBook
-from kvmha.manager.dashboard.server import ROUTES
+from kvmha.manager.dashboard.server import MAX_CONNECTIONS, ROUTES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -198,3 +198,33 @@ def test_event_stream_delivers_new_events_live(running: tuple[LocalCluster, LabD
     assert received[0]["subject"].startswith("host:") and received[0]["id"] > last
     cluster.start_agent("h2", settings={"reconnect_max_s": 1.0})
     wait_for(lambda: cluster.hosts()["h2"].status == "Up", 30, "h2 Up again")
+
+
+def test_many_viewers_are_capped_and_leave_the_manager_alone(running: tuple[LocalCluster, LabDashboard],
+                                                             client: DashboardClient) -> None:
+    """MAX_CONNECTIONS streams held open plus a page hammering: more connections are refused, the hosts stay Up
+    (their pings were never delayed into a timeout), and closing the streams frees the slots at once."""
+    cluster, _ = running
+    before = max(e.id for e in cluster.events())
+    streams = [client.open_stream("/api/v1/events/stream", timeout_s=30) for _ in range(MAX_CONNECTIONS)]
+    try:
+        try:  # one more connection gets a bare 503 before any TLS, which the client may read or fail on
+            answered: int | None = client.get("/api/v1/whoami", timeout_s=5).status
+        except OSError:
+            answered = None
+        assert answered in (None, 503), f"connection {MAX_CONNECTIONS + 1} was served ({answered})"
+    finally:
+        for stream in streams:
+            stream.close()
+    wait_for(lambda: client.get("/api/v1/whoami", timeout_s=5).status == 200, 10, "a slot free again",
+             tolerate=(OSError,))
+    stop = time.monotonic() + float(FAST["ping.timeout"]) * 2
+    pages = 0
+    while time.monotonic() < stop:
+        for path in ("/", "/vms", "/failures", "/api/v1/cluster"):
+            assert client.get(path).status == 200
+            pages += 1
+    hosts = cluster.hosts()
+    assert all(h.status == "Up" for h in hosts.values()), cluster.story()
+    behind = [e.message for e in cluster.events(after_id=before) if e.kind == "host.status"]
+    assert not behind, f"hosts changed status under the dashboard's load ({pages} pages): {behind}"
