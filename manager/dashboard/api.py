@@ -6,7 +6,7 @@ Pure translation: records in, JSON-ready dicts out. Times are wall-clock seconds
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvmha.manager.dashboard.timeline import Failure
@@ -24,12 +24,13 @@ def plain(record: Any) -> Any:
     return record
 
 
-def event(row: EventRow) -> dict[str, Any]:
-    return dataclasses.asdict(row)
+def event(row: EventRow, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The stored event, and the name of its subject when the manager knows it ("" otherwise)."""
+    return {**dataclasses.asdict(row), "subject_name": (names or {}).get(row.subject, "")}
 
 
-def events(rows: Sequence[EventRow]) -> list[dict[str, Any]]:
-    return [event(r) for r in rows]
+def events(rows: Sequence[EventRow], names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    return [event(r, names) for r in rows]
 
 
 def failure(item: Failure) -> dict[str, Any]:
@@ -86,9 +87,10 @@ SCHEMAS: dict[str, Any] = {
     "Work": _object(id=_INT, vm=_STR, vm_id=_INT, type=_STR, step=_STR, active=_BOOL, host=_STR, tried=_INT,
                     reason=_STR, created_at=_NUM, updated_at=_NUM, taken_by=_STR, steps=_array("Step")),
     "Event": _object(id=_INT, at=_NUM, severity={"enum": ["info", "warning", "alert"]}, subject=_STR, kind=_STR,
-                     message=_STR),
+                     message=_STR, subject_name=_STR),
     "Cluster": _object(at=_NUM, hosts=_array("Host"), vms=_array("Vm"), work=_array("Work"), last_event_id=_INT,
-                       counts={"type": "object", "additionalProperties": _INT}),
+                       counts={"type": "object", "additionalProperties": _INT},
+                       names={"type": "object", "additionalProperties": _STR}),
     "VmPage": _object(vm=_ref("Vm"), work=_array("Work"), history=_array("Event")),
     "Mark": _object(at=_NUM, status=_STR, reason=_STR),
     "VmRecovery": _object(work_id=_INT, vm=_STR, scheduled_at=_NUM, started_at=_OPT_NUM, target=_STR,

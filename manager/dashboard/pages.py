@@ -6,7 +6,7 @@ streamed events. No inline script or style: the Content-Security-Policy allows o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from urllib.parse import quote, urlencode
 
@@ -81,7 +81,7 @@ def cluster_page(cluster: Cluster, events: Sequence[EventRow], principal: Princi
             f'<section aria-labelledby="work-h"><h2 id="work-h">HA work in progress</h2>'
             f'<div data-live="work">{work_list(active, "No HA work in progress.")}</div></section>'
             f'<section aria-labelledby="events-h"><h2 id="events-h">Latest events</h2>'
-            f'{event_table(events, live=True)}</section>')
+            f'{event_table(events, live=True, names=cluster.names)}</section>')
     return layout("Cluster", body, principal, "/", cluster.last_event_id)
 
 
@@ -189,23 +189,29 @@ def work_list(items: Iterable[WorkItem], empty: str) -> str:
 # ---------------------------------------------------------------------- events
 
 
-def event_table(events: Sequence[EventRow], live: bool) -> str:
-    rows = "".join(event_row(r) for r in events)
+def event_table(events: Sequence[EventRow], live: bool, names: Mapping[str, str] | None = None) -> str:
+    rows = "".join(event_row(r, names or {}) for r in events)
     stream = ' data-stream="1"' if live else ""
     return (f'<table class="data events"{stream}><caption>Events, newest first</caption><thead><tr>'
             f'<th scope="col">Time</th><th scope="col">Severity</th><th scope="col">Subject</th>'
             f'<th scope="col">Kind</th><th scope="col">Message</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
-def event_row(row: EventRow) -> str:
+def subject_text(subject: str, names: Mapping[str, str]) -> str:
+    name = names.get(subject)
+    return f"{subject} ({name})" if name else subject
+
+
+def event_row(row: EventRow, names: Mapping[str, str]) -> str:
     return (f'<tr data-id="{row.id}" data-subject="{e(row.subject)}" data-severity="{e(row.severity)}">'
             f'<td><time datetime="{row.at:.3f}">{clock(row.at)}</time></td>'
-            f'<td class="sev-{css_token(row.severity)}">{e(row.severity)}</td><td>{e(row.subject)}</td>'
+            f'<td class="sev-{css_token(row.severity)}">{e(row.severity)}</td>'
+            f'<td>{e(subject_text(row.subject, names))}</td>'
             f'<td>{e(row.kind)}</td><td>{e(row.message)}</td></tr>')
 
 
 def events_page(events: Sequence[EventRow], subject: str, severity: str, principal: Principal | None,
-                last_event_id: int) -> str:
+                last_event_id: int, names: Mapping[str, str] | None = None) -> str:
     options = "".join(f'<option value="{s}"{" selected" if s == severity else ""}>{s} and above</option>'
                       for s in SEVERITIES)
     body = (f'<form class="filters" action="/events" method="get" data-stream-filter="1">'
@@ -214,7 +220,7 @@ def events_page(events: Sequence[EventRow], subject: str, severity: str, princip
             f'<label for="f-severity">Severity</label> <select id="f-severity" name="severity">{options}</select> '
             f'<button type="submit">Filter</button></form>'
             f'<p class="hint">New events appear at the top as they are recorded; a subject ending in ":" matches '
-            f'every host, VM or work item.</p>{event_table(events, live=True)}')
+            f'every host, VM or work item.</p>{event_table(events, live=True, names=names)}')
     return layout("Events", body, principal, "/events", last_event_id)
 
 

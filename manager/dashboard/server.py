@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -46,6 +47,7 @@ MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT_S = 30.0
 STREAM_KEEPALIVE_S = 15.0
 STREAM_CHECK_S = 1.0
+REFUSE_TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 4096
 STATIC = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
           "favicon.svg": "image/svg+xml"}
@@ -119,7 +121,10 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.app.slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):  # the TLS handshake has not happened: plain bytes, then close
+            # Writing does the TLS handshake here, in the accepting thread: bounded to REFUSE_TIMEOUT_S, so a
+            # client that never completes it cannot stall accepting the others.
+            with contextlib.suppress(OSError):
+                request.settimeout(REFUSE_TIMEOUT_S)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             self.shutdown_request(request)
             return
@@ -345,7 +350,7 @@ class Handler(BaseHTTPRequestHandler):
         subject, severity = self.query.get("subject", "").strip(), self.query.get("severity", "info")
         rows = self._recent_events(subject, severity, 200)
         self._send_html(200, pages.events_page(list(reversed(rows)), subject, severity, self.principal,
-                                               self.app.feed.last_id))
+                                               self.app.feed.last_id, self.app.source.cluster().names))
 
     def _recent_events(self, subject: str, severity: str, limit: int) -> list[EventRow]:
         exact = subject if subject and not subject.endswith(":") else ""
@@ -438,7 +443,8 @@ class Handler(BaseHTTPRequestHandler):
         subject, severity = self.query.get("subject", ""), self.query.get("severity", "info")
         exact = subject if subject and not subject.endswith(":") else ""
         rows = self.app.source.read(lambda uow: uow.events.all(after, limit, exact))
-        self._json(200, api.events([r for r in rows if matches(r, subject, severity)]))
+        names = self.app.source.cluster().names
+        self._json(200, api.events([r for r in rows if matches(r, subject, severity)], names))
 
     def api_failures(self) -> None:
         self._json(200, [api.failure(f) for f in self.app.source.failures()])
@@ -467,7 +473,8 @@ class Handler(BaseHTTPRequestHandler):
         quiet_since = time.monotonic()
         while not self.app.feed.closed and not self._client_gone():
             rows = self.app.feed.since(after, STREAM_CHECK_S)
-            chunks = [_sse(r) for r in rows if matches(r, subject, severity)]
+            names = self.app.source.cluster().names if rows else {}
+            chunks = [_sse(r, names) for r in rows if matches(r, subject, severity)]
             if rows:
                 after = rows[-1].id
             if not chunks and time.monotonic() - quiet_since < STREAM_KEEPALIVE_S:
@@ -483,8 +490,8 @@ class Handler(BaseHTTPRequestHandler):
         return bool(readable)
 
 
-def _sse(row: EventRow) -> bytes:
-    data = json.dumps(api.event(row))
+def _sse(row: EventRow, names: Mapping[str, str]) -> bytes:
+    data = json.dumps(api.event(row, names))
     return f"id: {row.id}\nevent: kvmha\ndata: {data}\n\n".encode()
 
 

@@ -109,6 +109,7 @@ class Cluster:
     work: tuple[WorkItem, ...]  # active first, then the most recent finished
     last_event_id: int
     counts: Mapping[str, int] = field(default_factory=dict)
+    names: Mapping[str, str] = field(default_factory=dict)  # event subject ("host:3") -> name
 
 
 def vm_line(vm: VmRecord, names: Mapping[int, str]) -> VmLine:
@@ -174,8 +175,11 @@ def build_cluster(uow: UnitOfWork, live: LiveHosts, now: float, ping_timeout_s: 
     counts = {"hosts": len(tiles), "hosts_up": sum(t.status == "Up" for t in tiles), "vms": len(vms),
               "vms_running": sum(v.power_state is PowerState.POWER_ON for v in vms),
               "ha_work_active": sum(w.active for w in works)}
+    # Only hosts keep their ids forever: a VM's id (and its work items') can be given again after a delete, so an
+    # old event's "vm:N" or "work:N" could be named after the wrong VM. Those subjects are not named.
+    subjects = {f"host:{i}": n for i, n in names.items()}
     return Cluster(at=now, hosts=tiles, vms=tuple(vm_line(v, names) for v in vms), work=works,
-                   last_event_id=uow.events.last_id(), counts=counts)
+                   last_event_id=uow.events.last_id(), counts=counts, names=subjects)
 
 
 def _tile(details: HostDetails, vms: Sequence[VmRecord], live: LiveHosts, names: Mapping[int, str], now: float,

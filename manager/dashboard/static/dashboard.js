@@ -56,7 +56,7 @@
     td.appendChild(time);
     tr.appendChild(td);
     tr.appendChild(cell(ev.severity, "sev-" + ev.severity));
-    tr.appendChild(cell(ev.subject));
+    tr.appendChild(cell(ev.subject_name ? ev.subject + " (" + ev.subject_name + ")" : ev.subject));
     tr.appendChild(cell(ev.kind));
     tr.appendChild(cell(ev.message));
     tr.className = "new";
