@@ -148,6 +148,8 @@ def test_api_is_the_same_data_as_the_admin_api(running: tuple[LocalCluster, LabD
     assert [e["id"] for e in events] == [e.id for e in cluster.events()][:len(events)]
     only = client.get("/api/v1/events?subject=host%3A&severity=info").json()
     assert only and all(e["subject"].startswith("host:") for e in only)
+    ids = {f"host:{h.id}": name for name, h in admin.items()}
+    assert all(e["subject_name"] == ids[e["subject"]] for e in only)
     assert client.get("/api/v1/events?after_id=x").status == 400
     cluster_view = client.get("/api/v1/cluster").json()
     assert cluster_view["counts"]["hosts"] == 2
