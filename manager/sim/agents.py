@@ -73,6 +73,7 @@ class Agents:
         )
         self.sim.to_core(hello, stream=host.id)
         self.sim.checker.host_booted(host.id)
+        self.sim.liveness.agent_back(host)
         self.full_report(host)
 
     @staticmethod
@@ -156,7 +157,7 @@ class Agents:
             for uuid in sorted(host.running):
                 self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
                 # The manager must wait out the watchdog-backed self-fence time (never, without a watchdog).
-                self.sim.liveness.lost(uuid, self.sim.liveness.self_fence_cause(host))
+                self.sim.liveness.lost(uuid, self.sim.liveness.self_fence_cause(host), host)
             host.running.clear()
             self.sim.note(
                 f"sim: {host.name} agent isolated for {self.sim.now - host.isolated_since:.1f} s: "
@@ -242,7 +243,7 @@ class Agents:
     def stop_vm(self, host: SimHost, uuid: VmUuid, cause: StopCause) -> None:
         host.running.discard(uuid)
         self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
-        self.sim.liveness.lost(uuid, self._restart_owed(cause))
+        self.sim.liveness.lost(uuid, self._restart_owed(cause), host)
         self.delta(host, uuid, PowerState.POWER_OFF, cause)
 
     def _restart_owed(self, cause: StopCause) -> str | None:
@@ -296,7 +297,7 @@ class Agents:
         self.sim.liveness.host_lost(host, cause)
         for uuid in sorted(host.running):
             self.sim.checker.stopped(uuid, host.id, how)
-            self.sim.liveness.lost(uuid, cause)
+            self.sim.liveness.lost(uuid, cause, host)
         host.running.clear()
         host.powered = host.agent_running = host.stream_open = host.agent_frozen = False
         host.wd_expiring, host.wd_latched_at = False, None
@@ -307,6 +308,7 @@ class Agents:
         if host.powered:
             return
         host.powered, host.boot_no = True, host.boot_no + 1
+        self.sim.liveness.host_powered_on(host)
         self.sim.schedule(self.sim.now + BOOT_S, self._booted, host)
 
     def _booted(self, host: SimHost) -> None:

@@ -20,6 +20,11 @@ ErrorInMaintenance (the core leaves those alone and says so in an event), a VM i
 (`restart.max.per.window` crashes of the VM itself in `restart.window`), and hosts that can never be proven dead
 (no usable BMC and self-fencing switched off).
 
+A host that loses power and is on again before the core proved it dead (a watchdog reset, a quick power cycle)
+reads as alive to its BMC and neighbours: only its agent's report can show its VMs gone, so their promise waits for
+the agent and then counts as for VMs found off by their host ("host-back"); a verdict of dead meanwhile counts as a
+fence.
+
 Cascades: when a host dies that the core had chosen as the owed VM's restart target, the VM's clock starts over with
 that host's cause — the restart in flight died with it, and the bound for the new cause applies from then.
 """
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.investigation import self_fenced_after_s
-from kvmha.manager.core.model import HostStatus, ResourceState, VmRecord, VmState, VmUuid
+from kvmha.manager.core.model import HostId, HostStatus, ResourceState, VmRecord, VmState, VmUuid
 
 if TYPE_CHECKING:
     from kvmha.manager.sim.simulator import Simulator
@@ -47,7 +52,8 @@ BMC_OFF = "bmc-off"  # its host lost power; the BMC answers and says so
 FENCE = "fence"  # its host was fenced (power off confirmed) while the VM ran there
 SELF_FENCE = "self-fence"  # no usable BMC (none, dead, failing): proven dead by silence after the self-fence time
 CRASH = "crash"  # the VM itself died; its host reports it
-CAUSES = (BMC_OFF, FENCE, SELF_FENCE, CRASH)
+HOST_BACK = "host-back"  # its host lost power and came back before proven dead: its agent reports the VM missing
+CAUSES = (BMC_OFF, FENCE, SELF_FENCE, CRASH, HOST_BACK)
 
 # How a VM-level stop happened (the world tells): only some of them owe a restart.
 WHY_CRASH = "crash"
@@ -82,7 +88,7 @@ def bound_s(cause: str, config: CoreConfig, watchdog_timeout_s: float = 20.0) ->
                 + config.investigation_timeout_s
             )
             return detect_s + wait_s + start_s
-        case "crash":
+        case "crash" | "host-back":
             return config.ping_interval_s + config.power_report_missing_grace_s + start_s
     raise ValueError(f"unknown cause {cause!r}")
 
@@ -94,6 +100,8 @@ class Owed:
     bound_s: float
     credited_s: float = 0.0
     flagged: bool = False
+    lost_on: HostId | None = None  # the host it lost its run with
+    awaiting_agent: bool = False  # that host is back on, unproven: only its agent's report can tell
 
 
 @dataclass(slots=True)
@@ -113,9 +121,9 @@ class Liveness:
 
     # ------------------------------------------------------------ what the world tells
 
-    def lost(self, uuid: VmUuid, cause: str | None) -> None:
-        """The VM stopped running; `cause` None: no restart is owed (guest shutdown, manager's order, a host that
-        can never be proven dead)."""
+    def lost(self, uuid: VmUuid, cause: str | None, host: SimHost | None = None) -> None:
+        """The VM stopped running (on `host`); `cause` None: no restart is owed (guest shutdown, manager's order, a
+        host that can never be proven dead)."""
         vm = self.sim.world.vms.get(uuid)
         if vm is None or not vm.ha or cause is None:
             self.owed.pop(uuid, None)
@@ -123,6 +131,24 @@ class Liveness:
         if cause == CRASH:
             self.crashes.setdefault(uuid, []).append(self.sim.now)
         self._owe(uuid, cause)
+        self.owed[uuid].lost_on = host.id if host is not None else None
+
+    def host_powered_on(self, host: SimHost) -> None:
+        """A host that lost power is on again (a reset, a power cycle) before the core proved it dead: its BMC reads
+        on, and nothing but its agent's report can now show that its VMs are gone. Their promise waits for it."""
+        if self.sim.core_status(host.id) in (HostStatus.DOWN, HostStatus.FENCED):
+            return
+        for owed in self.owed.values():
+            if owed.lost_on == host.id:
+                owed.awaiting_agent = True
+
+    def agent_back(self, host: SimHost) -> None:
+        """The agent of a host that came back reports: the VMs lost with it are owed from now, as VMs found off by
+        their host (its full report shows them missing)."""
+        for owed in self.owed.values():
+            if owed.lost_on == host.id and owed.awaiting_agent:
+                owed.awaiting_agent, owed.cause, owed.since, owed.credited_s = False, HOST_BACK, self.sim.now, 0.0
+                owed.bound_s = self._bound_s(HOST_BACK)
 
     def host_lost(self, host: SimHost, cause: str | None) -> None:
         """A host died: owed VMs the core was restarting there start their clock over (a cascade)."""
@@ -182,7 +208,12 @@ class Liveness:
             self.dropped[outside] = self.dropped.get(outside, 0) + 1
             del self.owed[uuid]
             return
-        if owed.flagged or math.isinf(owed.bound_s) or not self._could_run(uuid):
+        lost_on = owed.lost_on if owed.awaiting_agent else None
+        if lost_on is not None and self.sim.core.host_status(lost_on) in (HostStatus.DOWN, HostStatus.FENCED):
+            # proven dead after all (fenced while it booted): the VM is owed from this verdict
+            owed.awaiting_agent, owed.cause, owed.since, owed.credited_s = False, FENCE, self.sim.now, 0.0
+            owed.bound_s = self._bound_s(FENCE)
+        if owed.flagged or owed.awaiting_agent or math.isinf(owed.bound_s) or not self._could_run(uuid):
             return
         owed.credited_s += elapsed_s
         if owed.credited_s > owed.bound_s:

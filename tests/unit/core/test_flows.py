@@ -363,3 +363,34 @@ def test_flap_log_forgives_the_failures_of_a_mass_incident() -> None:
     assert log.forgive_since(193.0) == [HostId(1)]  # both went silent with the incident; only h1 was flapping
     assert log.failures == {HostId(1): [10.0, 100.0], HostId(2): []}
     assert log.note(HostId(1), 650.0) == 2  # 10.0 fell out of the window
+
+
+def test_a_host_with_a_broken_stream_is_never_a_target_and_an_undelivered_start_is_placed_again_at_once() -> None:
+    h = Harness(hosts=4, vms=[vm(1, on=1)], config=CoreConfig(startup_grace_s=1.0, placement_candidates=1))
+    h.connect_all(4)
+    h.handle(f.AgentDisconnected(HostId(2), planned=False), at=1.0)  # h2's stream broke: not a candidate
+    first = starts(crashed(h, at=1.0))
+    assert len(first) == 1 and first[0].host_id not in (HostId(1), HostId(2))
+    # The transport could not deliver it (the target's stream broke in between): another host, now, not counted.
+    again = h.answer(first[0], ok=False, error=f"{f.NOT_DELIVERED}: no open agent stream", at=1.1)
+    assert len(starts(again)) == 1 and starts(again)[0].host_id not in (HostId(2), first[0].host_id)
+    assert any("attempt void" in m for m in messages(again))
+    assert h.core.works[WorkId(1)].tried == 1
+
+
+def test_a_start_of_unknown_outcome_is_placed_again_the_moment_its_target_is_proven_dead() -> None:
+    h = Harness(hosts=4, vms=[vm(1, on=1)])
+    h.connect_all(4)
+    start = starts(crashed(h, at=1.0))[0]
+    target = start.host_id
+    # The target goes silent before answering; its BMC says off: Down, long before start.timeout (30 s).
+    out = h.tick_until(1.0 + h.core.config.ping_timeout_s + 0.5, pinging=[n for n in (1, 2, 3, 4) if n != target])
+    query = [q for q in of_type(out, a.QueryBmc) if q.host_id == target]
+    assert query, messages(out)
+    redo = h.handle(f.BmcPowerReported(query[0].request_id, target, "off"))
+    assert h.core.host_status(target) is HostStatus.DOWN
+    assert len(starts(redo)) == 1 and starts(redo)[0].host_id != target
+    assert h.now < 1.0 + h.core.config.start_timeout_s and h.core.works[WorkId(1)].tried == 1
+    # The old attempt's answer arrives late: it settles nothing of the new attempt.
+    h.answer(start, ok=False, error="timed out")
+    assert h.core.works[WorkId(1)].step is WorkStep.RESTARTING
