@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import uuid as uuid_module
+from typing import Literal, assert_never
 
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid, WatchdogReport
@@ -136,16 +137,30 @@ def _domain(entry: pb.DomainPower) -> facts.DomainReport:
 
 
 def command_result(result: pb.CommandResult) -> facts.CommandCompleted:
-    payload: facts.NeighborCheck | facts.VmStartConfirmed | None = None
+    payload: facts.NeighborCheck | facts.VmStartConfirmed | facts.LeaseCheck | None = None
     kind = result.WhichOneof("payload")
     if kind == "neighbor":
         payload = _neighbor(result.neighbor)
+    elif kind == "lease":
+        payload = lease(result.lease)
     elif kind == "vm_started":
         payload = facts.VmStartConfirmed(vm_uuid=VmUuid(result.vm_started.uuid),
                                          already_running=result.vm_started.already_running)
     error = "" if result.ok else f"{pb.ErrorCode.Name(result.code)}: {result.message}"[:2000]
     return facts.CommandCompleted(request_id=RequestId(result.request_id), ok=result.ok, error=error,
                                   payload=payload)
+
+
+_LEASE: dict[int, Literal["held", "free", "unknown"]] = {pb.LEASE_HELD: "held", pb.LEASE_FREE: "free"}
+
+
+def lease(report: pb.LeaseReport) -> facts.LeaseCheck:
+    """A neighbour's lease probe; anything but HELD or FREE (unset, unknown, a future value) reads unknown."""
+    state = _LEASE.get(report.state, "unknown")
+    holders = sorted({d.holder_pid for d in report.disks if d.state == pb.LEASE_HELD and d.holder_pid > 0})
+    held_by = f"held by pid {', '.join(map(str, holders))}" if holders else ""
+    detail = "; ".join(part for part in (held_by, report.detail[:MAX_DETAIL_CHARS]) if part)
+    return facts.LeaseCheck(vm_uuid=VmUuid(report.vm_uuid[:64]), state=state, detail=detail)
 
 
 def _neighbor(report: pb.NeighborReport) -> facts.NeighborCheck:
@@ -169,6 +184,11 @@ def command_message(request_id: RequestId, command: actions.AgentCommand, timeou
     elif isinstance(command, actions.CheckNeighbor):
         message.check_neighbor.CopyFrom(pb.CheckNeighbor(host_uuid=command.target_uuid, address=command.address,
                                                          timeout_s=command.timeout_s))
-    else:
+    elif isinstance(command, actions.CheckLease):
+        message.check_lease.CopyFrom(pb.CheckLease(vm_uuid=command.vm_uuid, domain_xml=command.domain_xml,
+                                                   timeout_s=command.timeout_s))
+    elif isinstance(command, actions.GetCapacity):
         message.get_capacity.CopyFrom(pb.GetCapacity())
+    else:
+        assert_never(command)
     return pb.ManagerMessage(command=message)

@@ -47,7 +47,16 @@ class GetCapacity:
     pass
 
 
-AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity
+@dataclass(frozen=True, slots=True)
+class CheckLease:
+    """Probe a VM's disk leases from a healthy neighbour without taking them (virtlockd's lockspace)."""
+
+    vm_uuid: VmUuid
+    domain_xml: str
+    timeout_s: float
+
+
+AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity | CheckLease
 
 
 @dataclass(frozen=True, slots=True)

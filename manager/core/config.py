@@ -54,6 +54,8 @@ class CoreConfig:
     isolation_margin_s: float = 10.0
     isolation_self_fence: bool = True
     isolation_link_slack_s: float = 10.0
+    lease_probe: bool = True
+    lease_probe_timeout_s: float = 5.0
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
 
@@ -231,6 +233,14 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
         "seconds an agent may still count its manager link alive after the manager's last received ping (its HTTP/2 "
         "keepalive must end the stream first): added to the agent silence a self-fence verdict needs",
     ),
+    (
+        "lease.probe",
+        "lease_probe",
+        _B,
+        "before a silent host is declared dead on anything but its power being off (self-fence, operator), a "
+        "neighbour probes its VMs' disk leases: a held lease keeps the host from Down (its VMs are not started)",
+    ),
+    ("lease.probe.timeout", "lease_probe_timeout_s", _F, "seconds a neighbour has to answer one CheckLease"),
     ("cpu.overcommit.ratio", "cpu_overcommit_ratio", _F, "vCPUs placed per host CPU"),
     ("placement.candidates", "placement_candidates", _I, "fitting hosts compared per placement (spread)"),
 )

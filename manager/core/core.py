@@ -47,6 +47,7 @@ from kvmha.manager.core.routing import (
     CommandDeadline,
     FenceRequest,
     InvestigationDeadline,
+    LeaseQuery,
     LinkLossQuery,
     LinkLossRecheck,
     NeighborQuery,
@@ -251,6 +252,8 @@ class Core:
         match owner:
             case NeighborQuery():
                 self._hosts.on_neighbor_answer(request_id, owner, done)
+            case LeaseQuery():
+                self._hosts.on_lease_answer(request_id, owner, pending.host_id, done)
             case BmcQuery():
                 self._hosts.on_bmc_answer(request_id, owner, Bmc.UNKNOWN)  # only its timeout comes this way
             case LinkLossQuery():
@@ -289,7 +292,7 @@ class Core:
         investigated: set[HostId] = set()
         for request_id in fact.request_ids:
             pending = self._ctx.dispatched(request_id)
-            if pending is not None and isinstance(pending.owner, (NeighborQuery, BmcQuery)):
+            if pending is not None and isinstance(pending.owner, (NeighborQuery, LeaseQuery, BmcQuery)):
                 investigated.add(pending.owner.about)
         for host_id in sorted(investigated):
             self._hosts.investigation_dispatched(host_id)

@@ -86,6 +86,15 @@ class NeighborCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseCheck:
+    """A neighbour's probe of a VM's disk leases (CheckLease): "held", "free" or "unknown", and what it saw."""
+
+    vm_uuid: VmUuid
+    state: Literal["held", "free", "unknown"]
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class VmStartConfirmed:
     vm_uuid: VmUuid
     already_running: bool
@@ -99,7 +108,7 @@ class CommandCompleted:
     request_id: RequestId
     ok: bool
     error: str = ""
-    payload: NeighborCheck | VmStartConfirmed | None = None
+    payload: NeighborCheck | VmStartConfirmed | LeaseCheck | None = None
 
 
 # ---------------------------------------------------------------- out-of-band management

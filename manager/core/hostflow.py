@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol, assert_never
 
 from kvmha.manager.core import facts as f
+from kvmha.manager.core import leaseprobe
 from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
@@ -24,6 +25,7 @@ from kvmha.manager.core.investigation import (
     Bmc,
     Heartbeat,
     Investigation,
+    Lease,
     Operator,
     SelfFence,
     Verdict,
@@ -48,6 +50,7 @@ from kvmha.manager.core.routing import (
     FenceRequest,
     HostTimer,
     InvestigationDeadline,
+    LeaseQuery,
     NeighborQuery,
     PlannedWaitOver,
     Reinvestigate,
@@ -371,13 +374,30 @@ class HostFlow:
         if inv.bmc is Bmc.OFF or not inv.pending:
             self.conclude(inv)  # power off is proof enough: no need to wait for the neighbours
 
-    def conclude(self, inv: Investigation) -> None:
-        self.investigations.pop(inv.host_id, None)
+    def on_lease_answer(
+        self, request_id: RequestId, query: LeaseQuery, prober: HostId, done: f.CommandCompleted
+    ) -> None:
+        inv = self.investigations.get(query.about)
+        if inv is None or inv.leases is None or request_id not in inv.pending:
+            return
+        inv.pending.discard(request_id)
+        payload = done.payload if done.ok and isinstance(done.payload, f.LeaseCheck) else None
+        state, detail = (payload.state, payload.detail) if payload else ("unknown", done.error or "no answer")
+        leaseprobe.answer(inv, request_id, self.ctx.host_name(prober), state, detail)
+        if not inv.pending:
+            self.conclude(inv)
+
+    def _settle(self, inv: Investigation) -> None:
         self.ctx.timers.cancel(InvestigationDeadline(inv.host_id))
         for request_id in inv.pending:
             self.ctx.settle(request_id)  # late answers are ignored
+        inv.pending.clear()
+
+    def conclude(self, inv: Investigation) -> None:
+        self._settle(inv)
         host = self.ctx.hosts[inv.host_id]
         if host.status is not S.INVESTIGATING:
+            self.investigations.pop(inv.host_id, None)
             return
         config = self.ctx.config
         silent_s = self._silent_s(host)
@@ -385,9 +405,18 @@ class HostFlow:
         heartbeat = classify_heartbeat(
             inv.heartbeat_age_s, silent_s, config.heartbeat_stale_after_s, bound_s, config.isolation_link_slack_s
         )
-        confirmed_by = self.confirmed_by.pop(host.id, None)
+        confirmed_by = self.confirmed_by.get(host.id)
         operator = Operator.NO if confirmed_by is None else Operator.CONFIRMED
-        verdict, reason = decide(inv.bmc, heartbeat, inv.reach(), self_fence, operator)
+        verdict, reason = decide(inv.bmc, heartbeat, inv.reach(), self_fence, operator, inv.lease())
+        if verdict is Verdict.CHECK_LEASES:
+            leaseprobe.start(self.ctx, host, inv)  # a second phase of the same investigation
+            if inv.pending:
+                self.ctx.timers.schedule(InvestigationDeadline(host.id), inv.deadline_at)
+                return
+            verdict, reason = decide(inv.bmc, heartbeat, inv.reach(), self_fence, operator, inv.lease())
+        self.investigations.pop(inv.host_id, None)
+        self.confirmed_by.pop(host.id, None)
+        leaseprobe.tell_held(self.ctx, host, inv)
         if inv.heartbeat_age_s is not None and not inv.reached:
             self.heartbeat_seen[host.id] = (inv.heartbeat_age_s, self.ctx.now)
         else:
@@ -447,6 +476,8 @@ class HostFlow:
         if blocked is None and self_fence is SelfFence.NONE:
             blocked = "no BMC to fence it and no armed watchdog behind its agent: its silence proves nothing"
             self.tell_operator(host)
+        elif blocked is None and inv.lease() is Lease.HELD:
+            blocked = "no BMC to fence it and a disk lease of its VMs is held: waiting for it to be released"
         elif blocked is None:
             blocked = "no BMC to fence it"
             _, bound_s = self.self_fence(host)

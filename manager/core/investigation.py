@@ -21,7 +21,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
-from kvmha.manager.core.model import HostId, RequestId
+from kvmha.manager.core.model import HostId, RequestId, VmId
 
 
 class Bmc(enum.StrEnum):
@@ -57,37 +57,65 @@ class Operator(enum.StrEnum):
     NO = "-"
 
 
+class Lease(enum.StrEnum):
+    """The disk leases of the host's VMs, probed from a healthy neighbour (CheckLease, never taking them) before a
+    verdict that rests on anything but the power being off. HELD: some QEMU still holds a VM's disk (the host may be
+    alive); FREE: every lease tested free — not proof of death (NFS expires a dead client's lock, and also a cut-off
+    live one's: docs/watchdog.md), only no reason to wait; UNKNOWN: not testable (no leases on the host, no
+    neighbour, storage unreachable, no answer); UNTESTED: not probed yet."""
+
+    HELD = "held"
+    FREE = "free"
+    UNKNOWN = "unknown"
+    UNTESTED = "-"
+
+
 class Verdict(enum.StrEnum):
     DEAD = "dead"
     ALIVE = "alive"
     UNKNOWN = "unknown"
+    CHECK_LEASES = "check-leases"  # dead unless a disk lease is held: probe the leases, then decide again
 
 
 ANY: Final = None
 
-Rule = tuple[Bmc | None, Heartbeat | None, Reach | None, SelfFence | None, Operator | None, Verdict, str]
+Rule = tuple[
+    Bmc | None, Heartbeat | None, Reach | None, SelfFence | None, Operator | None, Lease | None, Verdict, str
+]
 _SELF_FENCED = "no neighbour reaches it and its heartbeat is stale beyond the watchdog-backed self-fence time"
 _UNBACKED = "silent beyond the self-fence time, but no armed watchdog backed its agent: silence proves nothing"
-# First matching row wins. (bmc, heartbeat, reach, self-fence, operator) → verdict, reason. Order matters and is part
-# of the design: positive signs of life come before the operator's word, and silence proves death only when a
-# watchdog guarantees the self-fence.
+_HELD = "a disk lease of its VMs is held: some QEMU still holds that disk, the host may be alive"
+_CONFIRMED = "an operator confirmed it is off, nothing shows it alive"
+_PROBE = "dead unless a VM's disk lease is still held: probing the leases"
+B, H, R, F, Op, L, V = Bmc, Heartbeat, Reach, SelfFence, Operator, Lease, Verdict
+# First matching row wins. (bmc, heartbeat, reach, self-fence, operator, lease) → verdict, reason. Order matters and
+# is part of the design: positive signs of life come before the operator's word; silence proves death only when a
+# watchdog guarantees the self-fence; and neither silence nor the operator's word outweighs a held disk lease.
 RULES: tuple[Rule, ...] = (
-    (Bmc.OFF, Heartbeat.FRESH, ANY, ANY, ANY, Verdict.UNKNOWN, "BMC says off, heartbeat fresh: fence to be sure"),
-    (Bmc.OFF, ANY, ANY, ANY, ANY, Verdict.DEAD, "BMC says power is off"),
-    (ANY, Heartbeat.FRESH, ANY, ANY, ANY, Verdict.ALIVE, "storage heartbeat is fresh: the host runs, its link is lost"),
-    (ANY, ANY, Reach.REACHED, ANY, ANY, Verdict.ALIVE, "a neighbour reaches the host: it runs, its agent link is lost"),
-    (Bmc.ON, ANY, ANY, ANY, ANY, Verdict.UNKNOWN, "BMC says on, nothing shows it alive: hung or isolated"),
-    (Bmc.UNKNOWN, Heartbeat.STALE_LONG, Reach.UNREACHED, SelfFence.BACKED, ANY, Verdict.DEAD, _SELF_FENCED),
-    (ANY, ANY, ANY, ANY, Operator.CONFIRMED, Verdict.DEAD, "an operator confirmed it is off, nothing shows it alive"),
-    (Bmc.UNKNOWN, Heartbeat.STALE_LONG, Reach.UNREACHED, SelfFence.NONE, ANY, Verdict.UNKNOWN, _UNBACKED),
-    (ANY, ANY, ANY, ANY, ANY, Verdict.UNKNOWN, "no proof either way"),
+    (B.OFF, H.FRESH, ANY, ANY, ANY, ANY, V.UNKNOWN, "BMC says off, heartbeat fresh: fence to be sure"),
+    (B.OFF, ANY, ANY, ANY, ANY, ANY, V.DEAD, "BMC says power is off"),
+    (ANY, H.FRESH, ANY, ANY, ANY, ANY, V.ALIVE, "storage heartbeat is fresh: the host runs, its link is lost"),
+    (ANY, ANY, R.REACHED, ANY, ANY, ANY, V.ALIVE, "a neighbour reaches the host: it runs, its agent link is lost"),
+    (B.ON, ANY, ANY, ANY, ANY, ANY, V.UNKNOWN, "BMC says on, nothing shows it alive: hung or isolated"),
+    (ANY, ANY, ANY, ANY, ANY, L.HELD, V.UNKNOWN, _HELD),
+    (B.UNKNOWN, H.STALE_LONG, R.UNREACHED, F.BACKED, ANY, L.UNTESTED, V.CHECK_LEASES, _PROBE),
+    (B.UNKNOWN, H.STALE_LONG, R.UNREACHED, F.BACKED, ANY, ANY, V.DEAD, _SELF_FENCED),
+    (ANY, ANY, ANY, ANY, Op.CONFIRMED, L.UNTESTED, V.CHECK_LEASES, _PROBE),
+    (ANY, ANY, ANY, ANY, Op.CONFIRMED, ANY, V.DEAD, _CONFIRMED),
+    (B.UNKNOWN, H.STALE_LONG, R.UNREACHED, F.NONE, ANY, ANY, V.UNKNOWN, _UNBACKED),
+    (ANY, ANY, ANY, ANY, ANY, ANY, V.UNKNOWN, "no proof either way"),
 )
 
 
 def decide(
-    bmc: Bmc, heartbeat: Heartbeat, reach: Reach, self_fence: SelfFence, operator: Operator = Operator.NO
+    bmc: Bmc,
+    heartbeat: Heartbeat,
+    reach: Reach,
+    self_fence: SelfFence,
+    operator: Operator = Operator.NO,
+    lease: Lease = Lease.UNTESTED,
 ) -> tuple[Verdict, str]:
-    facts = (bmc, heartbeat, reach, self_fence, operator)
+    facts = (bmc, heartbeat, reach, self_fence, operator, lease)
     for *columns, verdict, reason in RULES:
         if all(column in (ANY, value) for column, value in zip(columns, facts, strict=True)):
             return verdict, reason
@@ -139,6 +167,7 @@ class Investigation:
     heartbeat_age_s: float | None = None  # freshest seen
     heartbeat_read_at: float | None = None
     bmc: Bmc = Bmc.UNKNOWN
+    leases: LeaseEvidence | None = None  # None: not probed (yet)
 
     def add_neighbor(self, tcp: bool, icmp: bool | None, heartbeat_age_s: float | None, at: float) -> None:
         self.neighbors_answered += 1
@@ -152,10 +181,53 @@ class Investigation:
             return Reach.REACHED
         return Reach.UNREACHED if self.neighbors_answered else Reach.UNKNOWN
 
+    def lease(self) -> Lease:
+        return Lease.UNTESTED if self.leases is None else self.leases.state()
+
     def summary(self, heartbeat: Heartbeat, self_fence: SelfFence) -> str:
         age = self.heartbeat_age_s
         age_text = "none" if age is None else f"{age:.1f} s"
+        leases = "" if self.leases is None else f", leases={self.leases.summary()}"
         return (
             f"bmc={self.bmc.value}, heartbeat={heartbeat.value} (age {age_text}), reach={self.reach().value} "
             f"({self.neighbors_answered}/{self.neighbors_asked} neighbours answered), self-fence={self_fence.value}"
+            f"{leases}"
         )
+
+
+@dataclass(slots=True)
+class LeaseEvidence:
+    """The disk-lease probes of one investigation: one CheckLease per VM of the host, spread over its neighbours."""
+
+    asked: dict[RequestId, tuple[VmId, str]] = field(default_factory=dict)  # request → VM, while unanswered
+    held: list[tuple[VmId, str]] = field(default_factory=list)  # (vm, "vm1 (seen from h2: ...)")
+    free: int = 0
+    unknown: int = 0
+    note: str = ""  # why nothing was probed
+
+    def answer(self, request_id: RequestId, state: Lease, detail: str) -> None:
+        asked = self.asked.pop(request_id, None)
+        if asked is None:
+            return
+        vm_id, name = asked
+        if state is Lease.HELD:
+            self.held.append((vm_id, f"{name} ({detail})" if detail else name))
+        elif state is Lease.FREE:
+            self.free += 1
+        else:
+            self.unknown += 1
+
+    def state(self) -> Lease:
+        if self.held:
+            return Lease.HELD
+        if self.free and not self.unknown and not self.asked:
+            return Lease.FREE
+        return Lease.UNKNOWN
+
+    def summary(self) -> str:
+        if self.note:
+            return f"{self.state().value} ({self.note})"
+        unanswered = f", {len(self.asked)} unanswered" if self.asked else ""
+        held = f": {', '.join(text for _, text in self.held)}" if self.held else ""
+        counts = f"{len(self.held)} held, {self.free} free, {self.unknown} unknown{unanswered}"
+        return f"{self.state().value} ({counts}){held}"

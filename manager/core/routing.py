@@ -133,7 +133,17 @@ class OperatorDestroy:
     vm_name: str
 
 
-Owner = NeighborQuery | BmcQuery | LinkLossQuery | FenceRequest | StartAttempt | OperatorStop | OperatorDestroy
+@dataclass(frozen=True, slots=True)
+class LeaseQuery:
+    """CheckLease of one VM of the investigated host `about`, sent to a neighbour."""
+
+    about: HostId
+    vm_id: VmId
+
+
+Owner = (
+    NeighborQuery | LeaseQuery | BmcQuery | LinkLossQuery | FenceRequest | StartAttempt | OperatorStop | OperatorDestroy
+)
 
 
 @dataclass(slots=True)

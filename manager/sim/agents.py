@@ -69,7 +69,13 @@ class Agents:
         agent = AgentInfo("sim", "sim", "sim", f"boot-{host.boot_no}")
         capacity = HostCapacity(host.cpus, host.memory_mib)
         hello = AgentHello(
-            f"uuid-{host.name}", host.name, f"10.0.0.{host.id}", capacity, agent, self.watchdog_report(host)
+            f"uuid-{host.name}",
+            host.name,
+            f"10.0.0.{host.id}",
+            capacity,
+            agent,
+            self.watchdog_report(host),
+            "lockd" if host.leases else "",
         )
         self.sim.to_core(hello, stream=host.id)
         self.sim.checker.host_booted(host.id)
@@ -205,6 +211,10 @@ class Agents:
             if command.vm_uuid in host.running:
                 self.stop_vm(host, command.vm_uuid, StopCause.DESTROYED)
             self.sim.schedule(now + 0.2, self._reply, epoch, host, f.CommandCompleted(rid, True))
+        elif isinstance(command, a.CheckLease):
+            state, detail = self.world.lease_state(command.vm_uuid, host, now)
+            lease = f.LeaseCheck(command.vm_uuid, state, detail)
+            self.sim.schedule(now + 0.1, self._reply, epoch, host, f.CommandCompleted(rid, True, "", lease))
         elif isinstance(command, a.CheckNeighbor):
             target = self.world.hosts[command.target_host_id]
             reached = self.world.reaches(host, target)
@@ -295,6 +305,8 @@ class Agents:
         self.vanished(host)
         cause = FENCE if how == FENCED else self.sim.liveness.host_cause(host)
         self.sim.liveness.host_lost(host, cause)
+        if host.renews_leases():
+            host.stop_renewing(self.sim.now, self.world.lease_expiry_s)
         for uuid in sorted(host.running):
             self.sim.checker.stopped(uuid, host.id, how)
             self.sim.liveness.lost(uuid, cause, host)

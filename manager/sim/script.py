@@ -1,7 +1,8 @@
 """Scenario files: the initial setup and the timed fault script, and the commands they may use.
 
 setup.txt (one item per line, `#` comments):
-    hosts h1-h4 cpus=16 mem=65536 bmc=yes watchdog=yes     (or: host h1 ...)
+    hosts h1-h4 cpus=16 mem=65536 bmc=yes watchdog=yes leases=yes     (or: host h1 ...)
+    leases nfs 90       (disk leases with NFSv4 semantics, expiring 90 s after the last renewal; default: posix)
     vm vm1 host=h1 mem=2048 cpus=2 ha=yes priority=0 group=web
     config ping.timeout 7
     seed 3
@@ -10,7 +11,8 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     power h3 off|on            network h2 off|on (manager and neighbours)   link h2 off|on (manager only)
     storage h1 off|on          hypervisor h1 off|on              agent h1 stop|crash|freeze|start
     bmc h2 dead|alive|fail N   kill-vm vm7   guest-shutdown vm2   repeat-report h1
-    watchdog h1 off|on|kill (not armed / armed / the daemon dies)  confirm-down h1 (the operator's command)
+    watchdog h1 off|on|kill|broken (not armed / armed / the daemon dies / reports armed, never resets)
+    confirm-down h1 (the operator's command)
     drop h2 0.3 (lose 30% of h2's manager-link messages)   delay h2 1.5 (extra seconds)   partition h1 h2 [off]
     maintenance h4 on|off      restart manager   network manager off|on
     ha vm3 on|off              start vm3         stop vm3
@@ -45,6 +47,8 @@ class Scenario:
     vms: list[SimVm] = field(default_factory=list)
     config: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    lease_mode: str = "posix"  # or "nfs" (setup line `leases nfs 90`)
+    lease_expiry_s: float = 90.0
     commands: list[tuple[float, str]] = field(default_factory=list)
     end_s: float = 0.0
 
@@ -66,6 +70,7 @@ def _host(name: str, opts: dict[str, str]) -> SimHost:
         memory_mib=int(opts.get("mem", 65536)),
         has_bmc=_yes(opts.get("bmc", "yes")),
         watchdog=_yes(opts.get("watchdog", "yes")),
+        leases=_yes(opts.get("leases", "yes")),
     )
 
 
@@ -96,6 +101,10 @@ def parse_setup(text: str, scenario: Scenario) -> None:
             scenario.config[rest[0]] = rest[1]
         elif kind == "seed":
             scenario.seed = int(rest[0])
+        elif kind == "leases":
+            scenario.lease_mode = rest[0]
+            if len(rest) > 1:
+                scenario.lease_expiry_s = float(rest[1])
         else:
             raise ScriptError(f"unknown setup line: {line}")
 
@@ -125,6 +134,7 @@ def load(folder: Path) -> Scenario:
 
 def run(scenario: Scenario) -> Simulator:
     sim = Simulator(scenario.hosts, scenario.vms, seed=scenario.seed, config=CoreConfig.from_mapping(scenario.config))
+    sim.world.lease_mode, sim.world.lease_expiry_s = scenario.lease_mode, scenario.lease_expiry_s
     for at, command in scenario.commands:
         sim.schedule(at, apply, sim, command)
     try:
@@ -203,6 +213,10 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
         else:
             sim.world.partitions.add(pair)
     elif verb == "storage":
+        if arg == "off" and host.renews_leases():
+            host.stop_renewing(now, sim.world.lease_expiry_s)
+        elif arg == "on":
+            host.lease_until.clear()  # renewing again: its running VMs' locks are its own, current ones
         host.storage_ok = arg == "on"
         host.update_heartbeat(now)
     elif verb == "hypervisor":
@@ -224,6 +238,8 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
     elif verb == "watchdog":
         if arg == "kill":
             watchdog.daemon_killed(sim, host)
+        elif arg == "broken":
+            host.wd_broken = True
         else:
             host.watchdog = arg == "on"
     else:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def stop_petting(sim: Simulator, host: SimHost, why: str, *, latch_after_s: float, fire_after_s: float) -> None:
     """Nobody pets the device for `host` from now: it fires `fire_after_s` later unless the agent pets again before
     `latch_after_s` has passed."""
-    if not host.watchdog or host.wd_expiring or not host.powered:
+    if not host.watchdog or host.wd_broken or host.wd_expiring or not host.powered:
         return
     host.wd_expiring = True
     host.wd_latched_at = sim.now + latch_after_s

@@ -5,6 +5,7 @@ really runs. The core never sees this directly — only through the facts the si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvmha.manager.core.model import HostId, VmId, VmUuid
 
@@ -61,6 +62,19 @@ class SimHost:
     wd_generation: int = 0  # bumped whenever the agent pets again: an expiry armed before it is void
     wd_latched_at: float | None = None  # from then on the reset can no longer be undone
     wd_expiring: bool = False
+    wd_broken: bool = False  # reports armed but never resets the host (a failed watchdog: what leases must catch)
+    # Disk leases (virtlockd, libvirt lock_manager "lockd"): held while a VM runs here. On NFS a lock lives as long as
+    # its host renews it (powered and reaching its storage), then until `World.lease_expiry_s` after the last renewal.
+    leases: bool = True
+    lease_until: dict[VmUuid, float] = field(default_factory=dict)  # NFS: locks left behind, and until when
+
+    def renews_leases(self) -> bool:
+        return self.powered and self.storage_ok
+
+    def stop_renewing(self, now: float, expiry_s: float) -> None:
+        """NFS: the server keeps this host's locks until `expiry_s` after its last renewal (now), VM running or not."""
+        for uuid in self.running:
+            self.lease_until.setdefault(uuid, now + expiry_s)
 
     def writes_heartbeat(self) -> bool:
         return self.powered and self.agent_running and self.storage_ok
@@ -86,6 +100,9 @@ class World:
         self.manager_net_up = True
         self.manager_running = True
         self.partitions: set[frozenset[HostId]] = set()  # host pairs that cannot reach each other
+        # "posix": a lease is held exactly while its QEMU runs (one kernel, as in the lab); "nfs": NFSv4 semantics.
+        self.lease_mode = "posix"
+        self.lease_expiry_s = 90.0
 
     def link_up(self, host: SimHost) -> bool:
         """Can the manager and this host's agent talk?"""
@@ -99,6 +116,20 @@ class World:
             and target.net_up
             and frozenset((source.id, target.id)) not in self.partitions
         )
+
+    def lease_state(self, uuid: VmUuid, prober: SimHost, now: float) -> tuple[Literal["held", "free", "unknown"], str]:
+        """What a CheckLease from `prober` reads: ("held" | "free" | "unknown", detail)."""
+        if not prober.storage_ok:
+            return "unknown", "the lockspace is unreachable from the prober"
+        for host in self.hosts.values():
+            if not host.leases:
+                continue
+            if uuid in host.running and (self.lease_mode == "posix" or host.renews_leases()):
+                return "held", f"by a QEMU on {host.name}"
+            until = host.lease_until.get(uuid) if self.lease_mode == "nfs" else None
+            if until is not None and now < until:
+                return "held", f"an NFS lock of {host.name}, not expired before {until:.0f} s"
+        return "free", ""
 
     def where(self, uuid: VmUuid) -> list[HostId]:
         return sorted(host.id for host in self.hosts.values() if uuid in host.running)

@@ -1,7 +1,7 @@
-"""Issue 11's failure in a few lines of script: a host without a watchdog whose BMC is dead, whose agent dies and
-which is cut off keeps running its VMs. The rule "no neighbour reaches it and its heartbeat is stale beyond the
-self-fence time" took that silence for death and started second copies; the checker must catch that rule, and the
-current core must not make it."""
+"""Issue 11's failure in a few lines of script: a host without a watchdog (and without lockd) whose BMC is dead,
+whose agent dies and which is cut off keeps running its VMs. The rule "no neighbour reaches it and its heartbeat is
+stale beyond the self-fence time" took that silence for death and started second copies; the checker must catch that
+rule, and the current core must not make it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvmha.manager.sim.script import Scenario, parse_script, parse_setup, run
 
 SETUP = """
 hosts h1-h3 cpus=16 mem=16384 bmc=yes
-host h4 cpus=16 mem=16384 bmc=yes watchdog=no
+host h4 cpus=16 mem=16384 bmc=yes watchdog=no leases=no
 vm vm1 host=h4 mem=2048 cpus=2 ha=yes
 """
 SCRIPT = """
@@ -55,3 +55,38 @@ def test_the_checker_catches_the_old_rule(monkeypatch: pytest.MonkeyPatch) -> No
     assert any("uuid-vm1 started on h" in v and "while running on h4" in v for v in sim.checker.violations), (
         sim.checker.violations
     )
+
+
+BROKEN_WATCHDOG = """
+10 watchdog h4 broken
+30 bmc h4 dead
+30 agent h4 crash
+31 network h4 off
+31 storage h4 off
+200 end
+"""
+
+
+def _broken_watchdog(lease_mode: str) -> Scenario:
+    scenario = Scenario()
+    parse_setup(SETUP.replace("watchdog=no leases=no", "watchdog=yes leases=yes"), scenario)
+    parse_script(BROKEN_WATCHDOG, scenario)
+    scenario.lease_mode = lease_mode
+    return scenario
+
+
+def test_a_held_lease_catches_a_watchdog_that_never_fired() -> None:
+    """posix leases (one kernel, or a cluster file system with exact locks): vm1's QEMU still holds its disk."""
+    sim = run(_broken_watchdog("posix"))
+    assert sim.checker.violations == []
+    assert sim.core.host_status(HostId(4)) is not HostStatus.DOWN
+    assert any("its disk lease is held" in line for line in sim.log)
+
+
+def test_on_nfs_a_lease_cannot_stand_in_for_the_watchdog() -> None:
+    """NFSv4 expires the lock of a client cut from the server 90 s after its last renewal while its QEMU still runs:
+    FREE is not proof of death. With a watchdog that never fires, the manager then restarts vm1 and the checker
+    reports the second copy — which is why FREE never decides anything and the watchdog is what the rule rests on
+    (docs/watchdog.md, docs/decisions.md)."""
+    sim = run(_broken_watchdog("nfs"))
+    assert any("uuid-vm1 started on h" in v and "while running on h4" in v for v in sim.checker.violations)

@@ -62,9 +62,11 @@ class Harness:
         now: float = 0.0,
         prefix: str = "",
         watchdog: WatchdogReport = ARMED,
+        lease_manager: str = "lockd",
     ) -> None:
         self.vm_records = list(vms)
         self.watchdog = watchdog  # what every agent reports (Hello and pings); the product default: armed
+        self.lease_manager = lease_manager
         self.core = Core(
             config,
             now=now,
@@ -102,7 +104,14 @@ class Harness:
     def connect(self, n: int, running: Iterable[int] = (), at: float | None = None) -> list[a.Action]:
         out = self.handle(
             f.AgentConnected(
-                HostId(n), f"u{n}", f"h{n}", f"10.0.0.{n}", HostCapacity(16, 16384), "b", self.watchdog, "lockd"
+                HostId(n),
+                f"u{n}",
+                f"h{n}",
+                f"10.0.0.{n}",
+                HostCapacity(16, 16384),
+                "b",
+                self.watchdog,
+                self.lease_manager,
             ),
             at,
         )
@@ -124,7 +133,7 @@ class Harness:
         command: a.SendCommand,
         ok: bool = True,
         error: str = "",
-        payload: f.NeighborCheck | f.VmStartConfirmed | None = None,
+        payload: f.NeighborCheck | f.VmStartConfirmed | f.LeaseCheck | None = None,
         at: float | None = None,
     ) -> list[a.Action]:
         return self.handle(f.CommandCompleted(RequestId(command.request_id), ok, error, payload), at)

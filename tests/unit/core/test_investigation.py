@@ -10,6 +10,7 @@ from kvmha.manager.core.investigation import (
     Bmc,
     Heartbeat,
     Investigation,
+    Lease,
     Operator,
     Reach,
     SelfFence,
@@ -21,53 +22,70 @@ from kvmha.manager.core.investigation import (
 )
 from kvmha.manager.core.model import HostId
 
-COMBINATIONS = list(itertools.product(Bmc, Heartbeat, Reach, SelfFence, Operator))
+COMBINATIONS = list(itertools.product(Bmc, Heartbeat, Reach, SelfFence, Operator, Lease))
 
 
 def _signs_of_life(bmc: Bmc, hb: Heartbeat, reach: Reach) -> bool:
     return hb is Heartbeat.FRESH or reach is Reach.REACHED or bmc is Bmc.ON
 
 
-def _proven_dead(bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator) -> bool:
-    # Positive evidence only: the BMC says off (and the heartbeat does not contradict it); or nobody reaches the host
-    # and its heartbeat is stale past a self-fence that a watchdog guarantees, while no BMC says it is on; or an
-    # operator confirmed it is off and nothing shows it alive.
-    by_bmc = bmc is Bmc.OFF and hb is not Heartbeat.FRESH
+def _by_silence_or_operator(bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator) -> bool:
     by_silence = (
         bmc is Bmc.UNKNOWN and hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED and fence is SelfFence.BACKED
     )
     by_operator = operator is Operator.CONFIRMED and not _signs_of_life(bmc, hb, reach)
-    return by_bmc or by_silence or by_operator
+    return by_silence or by_operator
+
+
+def _proven_dead(bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator, lease: Lease) -> bool:
+    # Positive evidence only: the BMC says off (and the heartbeat does not contradict it); or nobody reaches the host
+    # and its heartbeat is stale past a self-fence that a watchdog guarantees, while no BMC says it is on; or an
+    # operator confirmed it is off and nothing shows it alive. The last two only once the disk leases were probed and
+    # none is held.
+    by_bmc = bmc is Bmc.OFF and hb is not Heartbeat.FRESH
+    probed_free = lease in (Lease.FREE, Lease.UNKNOWN)
+    return by_bmc or (probed_free and _by_silence_or_operator(bmc, hb, reach, fence, operator))
 
 
 def _alive(bmc: Bmc, hb: Heartbeat, reach: Reach) -> bool:
     return bmc is not Bmc.OFF and (hb is Heartbeat.FRESH or reach is Reach.REACHED)
 
 
-@pytest.mark.parametrize(("bmc", "hb", "reach", "fence", "operator"), COMBINATIONS)
+@pytest.mark.parametrize(("bmc", "hb", "reach", "fence", "operator", "lease"), COMBINATIONS)
 def test_verdict_follows_the_rules(
-    bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator
+    bmc: Bmc, hb: Heartbeat, reach: Reach, fence: SelfFence, operator: Operator, lease: Lease
 ) -> None:
-    verdict, reason = decide(bmc, hb, reach, fence, operator)
-    if _proven_dead(bmc, hb, reach, fence, operator):
+    verdict, reason = decide(bmc, hb, reach, fence, operator, lease)
+    if _proven_dead(bmc, hb, reach, fence, operator, lease):
         assert verdict is Verdict.DEAD
     elif _alive(bmc, hb, reach):
         assert verdict is Verdict.ALIVE
+    elif bmc is not Bmc.OFF and lease is Lease.UNTESTED and _by_silence_or_operator(bmc, hb, reach, fence, operator):
+        assert verdict is Verdict.CHECK_LEASES  # dead only after the leases were probed
     else:
         assert verdict is Verdict.UNKNOWN
     assert reason
 
 
+def test_a_held_lease_always_keeps_a_host_from_down_unless_its_power_is_off() -> None:
+    for bmc, hb, reach, fence, operator, _ in COMBINATIONS:
+        verdict, _ = decide(bmc, hb, reach, fence, operator, Lease.HELD)
+        assert verdict is not Verdict.DEAD or bmc is Bmc.OFF
+
+
 def test_no_dead_verdict_by_silence_without_an_armed_watchdog() -> None:
     """Issue 11: silence is produced by the agent itself; without a watchdog it proves nothing, however long."""
-    for bmc, hb, reach, _, operator in COMBINATIONS:
+    for bmc, hb, reach, _, operator, lease in COMBINATIONS:
         if bmc is not Bmc.OFF and operator is Operator.NO:
-            assert decide(bmc, hb, reach, SelfFence.NONE, operator)[0] is not Verdict.DEAD
+            assert decide(bmc, hb, reach, SelfFence.NONE, operator, lease)[0] not in (
+                Verdict.DEAD,
+                Verdict.CHECK_LEASES,
+            )
 
 
 def test_no_dead_verdict_without_positive_evidence() -> None:
-    for bmc, hb, reach, fence, operator in COMBINATIONS:
-        if decide(bmc, hb, reach, fence, operator)[0] is Verdict.DEAD:
+    for bmc, hb, reach, fence, operator, lease in COMBINATIONS:
+        if decide(bmc, hb, reach, fence, operator, lease)[0] is Verdict.DEAD:
             assert (
                 bmc is Bmc.OFF
                 or (hb is Heartbeat.STALE_LONG and reach is Reach.UNREACHED and fence is SelfFence.BACKED)
