@@ -102,15 +102,18 @@ def render(failure: Failure, now: float, element_id: str = "") -> str:
 
 
 def _axis(canvas: _Canvas, height: int) -> str:
-    step_s = next((s for s in (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600) if canvas.span_s / s <= 10), 7200)
+    steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+    step_s = next((s for s in steps if canvas.span_s / s <= 8), 7200.0)
     parts = []
-    tick = 0.0
-    while tick <= canvas.span_s + 0.001:
+    count = 0
+    while count * step_s <= canvas.span_s + 1e-6:
+        tick = count * step_s
         x = canvas.x(canvas.origin + tick)
+        label = f"{tick:.1f} s" if step_s < 1 else f"{tick:.0f} s"
         parts.append(f'<line x1="{x:.1f}" y1="{TOP_PX - 6}" x2="{x:.1f}" y2="{height - 16}" stroke="#ddd" />'
                      f'<text x="{x:.1f}" y="{height - 4}" font-size="10" fill="#444" text-anchor="middle">'
-                     f'{tick:.0f} s</text>')
-        tick += step_s
+                     f'{label}</text>')
+        count += 1
     return "".join(parts)
 
 

@@ -12,6 +12,7 @@ docs/dashboard-*.png were made). One lab for the module, healed between tests li
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -187,6 +188,14 @@ def test_power_loss_shows_live_and_its_timeline_renders(e2e: E2E, chrome: Any, t
     assert browser.console_errors(chrome) == []
     assert not [v for v in axe_violations(chrome) if v.get("impact") in BLOCKING_IMPACTS]
     screenshot(chrome, tmp_path, "failures")
+    # The PNG export, drawn by the browser from the inline SVG.
+    png = chrome.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.kvmhaSvgToPng(document.querySelector('section.failure svg.timeline'))"
+        ".then(done, e => done(String(e)));")
+    assert png.startswith("data:image/png;base64,") and len(png) > 2000, png[:200]
+    assert chrome.find_element("css selector", "section.failure button.png-export").is_displayed()
+    (tmp_path / "timeline.png").write_bytes(base64.b64decode(png.split(",", 1)[1]))
     # The exported SVG: the same picture, a well-formed file.
     failure_id = chrome.find_element("css selector", "section.failure").get_attribute("id").removeprefix("failure-")
     reply = dashboard.client().get(f"/failures/{failure_id}.svg")

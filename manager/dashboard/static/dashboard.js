@@ -110,6 +110,7 @@
         if (d && open.has(tile.dataset.host)) d.open = true;
       });
       filterTables();
+      showPngButtons();
     } catch (error) {
       setState("reconnecting", "lost");
     } finally {
@@ -150,7 +151,44 @@
     });
   }
 
+  // PNG export of a timeline, drawn by the browser from the inline SVG (the server stays free of image libraries).
+  function svgToPng(svg) {
+    return new Promise(function (resolve, reject) {
+      const text = new XMLSerializer().serializeToString(svg);
+      const image = new Image();
+      image.onload = function () {
+        const canvas = document.createElement("canvas");
+        canvas.width = svg.viewBox.baseVal.width * 2;
+        canvas.height = svg.viewBox.baseVal.height * 2;
+        const context = canvas.getContext("2d");
+        context.scale(2, 2);
+        context.drawImage(image, 0, 0);
+        resolve(canvas.toDataURL("image/png"));
+      };
+      image.onerror = reject;
+      image.src = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(text);
+    });
+  }
+  window.kvmhaSvgToPng = svgToPng;
+
+  function showPngButtons() {
+    document.querySelectorAll("button.png-export").forEach(function (button) { button.hidden = false; });
+  }
+
+  // One listener for every button, also those a live refresh puts in later.
+  document.addEventListener("click", async function (event) {
+    const button = event.target.closest ? event.target.closest("button.png-export") : null;
+    if (!button) return;
+    const svg = document.getElementById(button.dataset.svg);
+    if (!svg) return;
+    const link = document.createElement("a");
+    link.href = await svgToPng(svg);
+    link.download = button.dataset.filename;
+    link.click();
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
+    showPngButtons();
     document.querySelectorAll("input[data-filter-table]").forEach(function (input) {
       input.addEventListener("input", filterTables);
     });
