@@ -27,8 +27,8 @@ from kvmha.manager.store import EventRow
 
 _STATUS = re.compile(r"^(?P<old>\w+) -> (?P<new>\w+) \((?P<reason>.*)\)$", re.S)
 _MISSED = re.compile(r"missed pings for (?P<s>[0-9.]+) s")
-_EVIDENCE = re.compile(r"bmc=(?P<bmc>\w+), heartbeat=(?P<hb>\w+) \(age (?P<age>[^)]*)\), reach=(?P<reach>\w+) "
-                       r"\((?P<answered>[^)]*)\)")
+_FIELD = re.compile(r", (?=[a-z][a-z-]*=)")  # between the summary's "name=value" fields
+EVIDENCE_NAMES = {"reach": "neighbours"}  # the summary's field names, as the page shows them
 _STARTING = re.compile(r"^starting on (?P<host>\S+)")
 OPENING_FROM = frozenset({"Up", "Connecting", "Disconnected"})
 FAILING = frozenset({"Investigating", "Alert", "Fencing", "Fenced", "Down"})
@@ -123,11 +123,17 @@ def host_id_of(subject: str, prefix: str = "host:") -> int | None:
 
 
 def evidence_of(reason: str) -> dict[str, str]:
-    found = _EVIDENCE.search(reason)
-    if found is None:
+    """The investigation's summary in a verdict's reason ("...; bmc=off, heartbeat=stale (age 30.0 s), reach=...,
+    leases=held (...): vm1 ...; re-investigating in 10.0 s") as {field: value}, plus the verdict's own words."""
+    start = reason.find("bmc=")
+    if start < 0:
         return {}
-    return {"bmc": found["bmc"], "heartbeat": f"{found['hb']} (age {found['age']})",
-            "neighbours": f"{found['reach']} ({found['answered']})", "verdict": reason.split(";")[0]}
+    summary = reason[start:].split("; ", 1)[0]
+    fields = {}
+    for part in _FIELD.split(summary):
+        name, _, value = part.partition("=")
+        fields[EVIDENCE_NAMES.get(name, name)] = value
+    return {**fields, "verdict": reason[:start].rstrip("; ").split(";")[0]}
 
 
 def failures(events: Iterable[EventRow], works: Sequence[HaWorkRecord], host_names: Mapping[int, str],

@@ -145,3 +145,14 @@ def test_stream_filter() -> None:
     assert matches(row, "", "info") and matches(row, "host:", "warning") and matches(row, "host:12", "info")
     assert not matches(row, "host:1", "info") and not matches(row, "vm:", "info")
     assert not matches(row, "", "alert")
+
+
+def test_evidence_carries_every_field_of_the_investigation() -> None:
+    # lease_held_when_watchdog_failed: the verdict's summary names the BMC, heartbeat, neighbours, self-fence and
+    # the leases (held, by which VM): each is one line of the page's evidence.
+    failures = failures_of(simulated("lease_held_when_watchdog_failed"))
+    evidence = [f.evidence for f in failures if "leases" in f.evidence]
+    assert evidence, [f.evidence for f in failures]
+    assert {"bmc", "heartbeat", "neighbours", "self-fence", "leases", "verdict"} <= set(evidence[0])
+    assert evidence[0]["leases"].startswith("held")
+    assert timeline.evidence_of("Up -> Investigating (missed pings for 7.0 s)") == {}
