@@ -245,6 +245,8 @@ def failure_section(failure: Failure, now: float) -> str:
         f'<td>{clock_tenths(v.started_at)}</td><td>{e(v.target or "-")}</td><td>{clock_tenths(v.confirmed_at)}</td>'
         f'<td>{e(v.outcome)}</td></tr>'
         for v in failure.vms)
+    marks = "".join(f'<li><time>+{m.at - failure.origin:.1f} s</time> {e(m.status)}: {e(m.reason)}</li>'
+                    for m in failure.marks)
     ident = f"failure-{failure.id}"
     return (f'<section class="failure" id="{ident}" aria-labelledby="{ident}-h">'
             f'<h2 id="{ident}-h">{e(failure.host)}: {e(failure.verdict)} (detected {stamp(failure.detected_at)})</h2>'
@@ -256,6 +258,8 @@ def failure_section(failure: Failure, now: float) -> str:
             f'</figcaption></figure>'
             f'<table class="data figures"><caption>Durations</caption><tbody>{rows}</tbody></table>'
             f'<h3>Evidence</h3><dl class="facts">{evidence or "<dt>verdict</dt><dd>none yet</dd>"}</dl>'
+            f'<details><summary>Every status change of {e(failure.host)} ({len(failure.marks)})</summary>'
+            f'<ol class="steps">{marks}</ol></details>'
             f'<table class="data"><caption>VMs of {e(failure.host)}</caption><thead><tr><th scope="col">VM</th>'
             f'<th scope="col">Scheduled</th><th scope="col">Start sent</th><th scope="col">Target</th>'
             f'<th scope="col">Confirmed</th><th scope="col">Outcome</th></tr></thead><tbody>{vms}</tbody></table>'

@@ -148,11 +148,12 @@ def test_stream_filter() -> None:
 
 
 def test_evidence_carries_every_field_of_the_investigation() -> None:
-    # lease_held_when_watchdog_failed: the verdict's summary names the BMC, heartbeat, neighbours, self-fence and
-    # the leases (held, by which VM): each is one line of the page's evidence.
-    failures = failures_of(simulated("lease_held_when_watchdog_failed"))
-    evidence = [f.evidence for f in failures if "leases" in f.evidence]
-    assert evidence, [f.evidence for f in failures]
-    assert {"bmc", "heartbeat", "neighbours", "self-fence", "leases", "verdict"} <= set(evidence[0])
-    assert evidence[0]["leases"].startswith("held")
+    # lease_held_when_watchdog_failed: each investigation's summary names the BMC, heartbeat, neighbours,
+    # self-fence and the leases (held by vm1's QEMU, then free): the failure keeps the last as its evidence, and
+    # every mark keeps its own.
+    [failure] = failures_of(simulated("lease_held_when_watchdog_failed"))
+    assert {"bmc", "heartbeat", "neighbours", "self-fence", "leases", "verdict"} <= set(failure.evidence)
+    assert failure.evidence["heartbeat"].startswith("stale-long")
+    leases = [timeline.evidence_of(m.reason).get("leases", "") for m in failure.marks]
+    assert any(text.startswith("held") and "vm1" in text for text in leases), leases
     assert timeline.evidence_of("Up -> Investigating (missed pings for 7.0 s)") == {}
