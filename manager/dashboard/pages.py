@@ -106,7 +106,7 @@ def host_tile(host: HostTile) -> str:
             f'<h3>{e(host.name)}</h3><p class="status-line"><span class="status">{e(host.status)}</span> {marks}</p>'
             f'<p class="ping">last ping {e(age(host.last_ping_age_s))}</p>{cpu}{mem}'
             f'<ul class="health" aria-label="health of {e(host.name)}">{health}</ul>'
-            f'<details><summary>{len(host.vms)} VM{"" if len(host.vms) == 1 else "s"}</summary>'
+            f'<details id="vms-{host.id}"><summary>{len(host.vms)} VM{"" if len(host.vms) == 1 else "s"}</summary>'
             f'<ul class="vm-list">{vms}</ul></details></li>')
 
 
@@ -258,7 +258,7 @@ def failure_section(failure: Failure, now: float) -> str:
             f'</figcaption></figure>'
             f'<table class="data figures"><caption>Durations</caption><tbody>{rows}</tbody></table>'
             f'<h3>Evidence</h3><dl class="facts">{evidence or "<dt>verdict</dt><dd>none yet</dd>"}</dl>'
-            f'<details><summary>Every status change of {e(failure.host)} ({len(failure.marks)})</summary>'
+            f'<details id="marks-{failure.id}"><summary>Every status change of {e(failure.host)} ({len(failure.marks)})</summary>'
             f'<ol class="steps">{marks}</ol></details>'
             f'<table class="data"><caption>VMs of {e(failure.host)}</caption><thead><tr><th scope="col">VM</th>'
             f'<th scope="col">Scheduled</th><th scope="col">Start sent</th><th scope="col">Target</th>'

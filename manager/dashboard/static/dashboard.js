@@ -84,12 +84,9 @@
     scheduleRefresh(300);
   }
 
-  function openDetails(root) {
-    const open = new Set();
-    root.querySelectorAll("[data-host] details[open]").forEach(function (d) {
-      open.add(d.closest("[data-host]").dataset.host);
-    });
-    return open;
+  // A refresh must not close what the reader opened: <details> with an id are re-opened after it.
+  function openDetails() {
+    return Array.from(document.querySelectorAll("details[open][id]")).map(function (d) { return d.id; });
   }
 
   async function refresh() {
@@ -100,14 +97,14 @@
       const reply = await fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } });
       if (!reply.ok) return;
       const fresh = new DOMParser().parseFromString(await reply.text(), "text/html");
-      const open = openDetails(document);
+      const open = openDetails();
       regions.forEach(function (region) {
         const next = fresh.querySelector('[data-live="' + region.dataset.live + '"]');
         if (next && next.innerHTML !== region.innerHTML) region.innerHTML = next.innerHTML;
       });
-      document.querySelectorAll("[data-host]").forEach(function (tile) {
-        const d = tile.querySelector("details");
-        if (d && open.has(tile.dataset.host)) d.open = true;
+      open.forEach(function (id) {
+        const d = document.getElementById(id);
+        if (d) d.open = true;
       });
       filterTables();
       showPngButtons();
