@@ -104,6 +104,26 @@ def maintenance(ref: str, on: bool) -> tuple[Operation[HostId], Callable[[HostId
     return (lambda uow: host(uow, ref).host.id), (lambda host_id: [facts.HostMaintenanceChanged(host_id, on)])
 
 
+def enabled(ref: str, on: bool) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
+    """host enable / disable: a Disabled host takes no new VMs (its HA VMs stay protected: ha.disabled.hosts)."""
+    return (lambda uow: host(uow, ref).host.id), (lambda host_id: [facts.HostEnabledChanged(host_id, on)])
+
+
+def removable_host(ref: str) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
+    """host remove: refused while VMs hold resources on it (move them off first: `host maintenance H on`)."""
+
+    def check(uow: UnitOfWork) -> HostId:
+        found = host(uow, ref).host
+        busy = [vm.name for vm in uow.vms.all(found.id) if vm.state in (*ACTIVE_VM_STATES, VmState.UNMANAGED)]
+        if busy:
+            shown = ", ".join(sorted(busy)[:10]) + (" ..." if len(busy) > 10 else "")
+            refuse(Refusal.FAILED_PRECONDITION, f"host {found.name} still runs {len(busy)} VMs ({shown}): "
+                                                "put it in maintenance first, which moves them off")
+        return found.id
+
+    return check, lambda host_id: [facts.HostRemoved(host_id)]
+
+
 def set_bmc(
     ref: str, credentials: BmcCredentials | None
 ) -> tuple[Operation[HostId], Callable[[HostId], list[facts.Fact]]]:
@@ -184,6 +204,24 @@ def managed_vm(ref: str) -> Operation[VmId]:
         return found.id
 
     return find
+
+
+def migratable_vm(
+    ref: str, to: str | None
+) -> tuple[Operation[tuple[VmId, HostId | None]], Callable[[tuple[VmId, HostId | None]], list[facts.Fact]]]:
+    """vm migrate VM [--to HOST]: the VM must be Running; the core picks a target when none is given, checks
+    that it is Up, Enabled and has room, and records why when it cannot (event operator.migrate)."""
+
+    def check(uow: UnitOfWork) -> tuple[VmId, HostId | None]:
+        found = vm(uow, ref)
+        if found.state is not VmState.RUNNING:
+            refuse(Refusal.FAILED_PRECONDITION, f"VM {found.name} is {found.state}: only a Running VM migrates")
+        target = host(uow, to).host if to else None
+        if target is not None and target.id == found.host_id:
+            refuse(Refusal.INVALID, f"VM {found.name} already runs on {target.name}")
+        return found.id, target.id if target is not None else None
+
+    return check, lambda ids: [facts.VmMigrateRequested(ids[0], ids[1])]
 
 
 def deletable_vm(ref: str) -> Operation[VmId]:

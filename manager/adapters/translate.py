@@ -38,6 +38,9 @@ _POWER = {
     pb.POWER_UNKNOWN: PowerState.POWER_UNKNOWN,
 }
 
+VIR_DOMAIN_PAUSED = 3  # virDomainState
+VIR_DOMAIN_PAUSED_MIGRATION = 2  # virDomainPausedReason: the incoming copy of a migration, or its source at switchover
+
 _CAUSE = {
     pb.STATE_CAUSE_UNSPECIFIED: StopCause.NONE,
     pb.CAUSE_BOOTED: StopCause.NONE,
@@ -133,7 +136,9 @@ def _domain(entry: pb.DomainPower) -> facts.DomainReport:
     cause = _CAUSE.get(entry.cause, StopCause.OTHER)
     if entry.state == pb.POWER_CRASHED and cause is StopCause.NONE:
         cause = StopCause.CRASHED
-    return facts.DomainReport(uuid=VmUuid(uuid), name=entry.name[:MAX_NAME_CHARS], power=power, cause=cause)
+    migrating = entry.libvirt_state == VIR_DOMAIN_PAUSED and entry.libvirt_reason == VIR_DOMAIN_PAUSED_MIGRATION
+    return facts.DomainReport(uuid=VmUuid(uuid), name=entry.name[:MAX_NAME_CHARS], power=power, cause=cause,
+                              migrating=migrating)
 
 
 def command_result(result: pb.CommandResult) -> facts.CommandCompleted:
@@ -187,6 +192,9 @@ def command_message(request_id: RequestId, command: actions.AgentCommand, timeou
     elif isinstance(command, actions.CheckLease):
         message.check_lease.CopyFrom(pb.CheckLease(vm_uuid=command.vm_uuid, domain_xml=command.domain_xml,
                                                    timeout_s=command.timeout_s))
+    elif isinstance(command, actions.MigrateVm):
+        message.migrate_vm.CopyFrom(pb.MigrateVm(vm_uuid=command.vm_uuid, target_host_uuid=command.target_uuid,
+                                                 target_address=command.target_address, timeout_s=command.timeout_s))
     elif isinstance(command, actions.GetCapacity):
         message.get_capacity.CopyFrom(pb.GetCapacity())
     else:

@@ -56,7 +56,20 @@ class CheckLease:
     timeout_s: float
 
 
-AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity | CheckLease
+@dataclass(frozen=True, slots=True)
+class MigrateVm:
+    """Live-migrate a VM from the host this is sent to onto `target` (libvirt peer-to-peer). The agent gives up
+    and cancels the libvirt job after `timeout_s` (auto-converge first: docs/operations.md); it answers ok only when
+    libvirt completed the migration."""
+
+    vm_uuid: VmUuid
+    target_host_id: HostId
+    target_uuid: HostUuid
+    target_address: str
+    timeout_s: float
+
+
+AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity | CheckLease | MigrateVm
 
 
 @dataclass(frozen=True, slots=True)

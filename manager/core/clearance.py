@@ -25,6 +25,10 @@ class Clearance(enum.Enum):
 
 def host_clearance(vm: VmRecord, ctx: Ctx) -> tuple[Clearance, str]:
     """The clearance and its reason (for the work's event)."""
+    migration = ctx.migrations.get(vm.id)
+    if migration is not None:
+        # It may run on either side until the migration settles (core/migration.py); that settling wakes the work.
+        return Clearance.WAIT_POWER, f"its migration to {ctx.host_name(migration.target)} is not settled"
     if vm.host_id is None:
         return Clearance.SAFE, "not on any host"
     host = ctx.hosts.get(vm.host_id)

@@ -58,6 +58,9 @@ class CoreConfig:
     lease_probe_timeout_s: float = 5.0
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
+    migration_timeout_s: float = 300.0
+    maintenance_migrations: int = 2
+    ha_disabled_hosts: bool = True
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, str], base: CoreConfig | None = None) -> CoreConfig:
@@ -243,6 +246,19 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
     ("lease.probe.timeout", "lease_probe_timeout_s", _F, "seconds a neighbour has to answer one CheckLease"),
     ("cpu.overcommit.ratio", "cpu_overcommit_ratio", _F, "vCPUs placed per host CPU"),
     ("placement.candidates", "placement_candidates", _I, "fitting hosts compared per placement (spread)"),
+    (
+        "migration.timeout",
+        "migration_timeout_s",
+        _F,
+        "seconds a live migration may take; then the agent cancels it and the VM stays on its source",
+    ),
+    ("maintenance.migrations", "maintenance_migrations", _I, "VMs migrated off a host entering maintenance at once"),
+    (
+        "ha.disabled.hosts",
+        "ha_disabled_hosts",
+        _B,
+        "investigate a silent Disabled host and restart its HA VMs (false: the seed's rule, it is only disconnected)",
+    ),
 )
 
 

@@ -4,7 +4,7 @@ The flows (hosts, power sync, HA work, operator) each own part of the behaviour 
 this context; only the flows mutate records, and every mutation goes with a Save* action and, for a state change,
 a RecordEvent with its reason (the audit invariant). `config` is the one copy of the configuration in the core:
 everything reads it from here at the moment it needs a value, so a ConfigChanged takes effect everywhere at once.
-The leaf indexes of `shared` (`up`, `held`, `absent`) carry what one flow learns for another.
+The leaf indexes of `shared` (`up`, `held`, `absent`, `migrations`) carry what one flow learns for another.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kvmha.manager.core.actions import (
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, RequestId, VmRecord, WorkId
 from kvmha.manager.core.routing import CommandDeadline, Owner, Pending, TimerKey
-from kvmha.manager.core.shared import Absences, HeldOut, UpHosts
+from kvmha.manager.core.shared import Absences, HeldOut, Migrations, UpHosts
 from kvmha.manager.core.timers import Timers
 from kvmha.manager.core.vmindex import VmIndex
 
@@ -43,6 +43,7 @@ class Ctx:
         self.up = UpHosts()  # written by HostFlow
         self.held = HeldOut()  # written by HostFlow
         self.absent = Absences()  # written by PowerSync
+        self.migrations = Migrations()  # written by MigrationFlow
         self.out: list[Action] = []
         self._request_prefix = request_prefix
         self._request_counter = 0

@@ -38,7 +38,19 @@ from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hostflow import HostFlow
 from kvmha.manager.core.investigation import Bmc
 from kvmha.manager.core.linkloss import LinkLoss
-from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostStatus, RequestId, VmId, VmRecord, WorkId
+from kvmha.manager.core.maintenance import MaintenanceFlow
+from kvmha.manager.core.migration import MigrationFlow
+from kvmha.manager.core.model import (
+    HaWorkRecord,
+    HostId,
+    HostRecord,
+    HostStatus,
+    RequestId,
+    VmId,
+    VmRecord,
+    WorkId,
+    WorkType,
+)
 from kvmha.manager.core.operator import OperatorFlow
 from kvmha.manager.core.powersync import PowerSync
 from kvmha.manager.core.routing import (
@@ -50,6 +62,8 @@ from kvmha.manager.core.routing import (
     LeaseQuery,
     LinkLossQuery,
     LinkLossRecheck,
+    MaintenanceDue,
+    MigrationAttempt,
     NeighborQuery,
     OperatorDestroy,
     OperatorStop,
@@ -85,14 +99,24 @@ class Core:
         # The flows form a DAG through narrow interfaces: each gets, at construction, only what it asks of the
         # flows below it (Protocols declared by the consumer); shared facts go through the Ctx's leaf indexes.
         self._sched = Scheduler(ctx, next_work_id)
-        self._power = PowerSync(ctx, restarts=self._sched)
+        self._migration = MigrationFlow(ctx, restarts=self._sched)
+        self._power = PowerSync(ctx, restarts=self._sched, migration=self._migration)
         self._hosts = HostFlow(ctx, work=self._sched, power=self._power)
         self._linkloss = LinkLoss(ctx, hosts=self._hosts)
-        self._operator = OperatorFlow(ctx, work=self._sched, hosts=self._hosts)
+        self._maintenance = MaintenanceFlow(ctx, migrator=self._migration)
+        self._operator = OperatorFlow(
+            ctx, work=self._sched, hosts=self._hosts, life=self._maintenance, migration=self._migration
+        )
         for host in sorted(hosts, key=lambda h: h.id):
             self._hosts.restore(host)
+            self._maintenance.restore(host)
         for work in sorted(works, key=lambda w: w.id):
-            self._sched.restore(work)
+            if work.type is WorkType.MIGRATION:
+                self._migration.restore(work)
+            else:
+                self._sched.restore(work)
+        for vm in list(ctx.vms):
+            self._migration.restore_vm(vm)
         self._startup_actions = ctx.out
         ctx.out = []
 
@@ -192,6 +216,10 @@ class Core:
                 operator.host_bmc(fact)
             case f.HostConfirmedDown():
                 hosts.on_confirmed_down(fact)
+            case f.HostEnabledChanged():
+                operator.host_enabled(fact)
+            case f.VmMigrateRequested():
+                operator.vm_migrate(fact)
             case f.VmRegistered():
                 operator.vm_registered(fact)
             case f.VmStartRequested():
@@ -227,6 +255,8 @@ class Core:
                 self._sched.on_confirm_timeout(work_id)
             case AbsenceGraceOver(vm_id):
                 self._power.missing_timeout(vm_id)
+            case MaintenanceDue(host_id):
+                self._maintenance.due(host_id)
             case _:
                 assert_never(key)
 
@@ -268,6 +298,8 @@ class Core:
                 self._operator.stop_result(vm_id, done.ok, done.error)
             case OperatorDestroy():
                 self._operator.destroy_result(owner, pending.host_id, done.ok, done.error)
+            case MigrationAttempt(work_id):
+                self._migration.on_result(work_id, done)
             case _:
                 assert_never(owner)
 

@@ -65,6 +65,9 @@ class DomainReport:
     name: str
     power: PowerState  # only POWER_ON or POWER_OFF come from agents
     cause: StopCause = StopCause.NONE
+    # libvirt paused it for a migration (PAUSED / VIR_DOMAIN_PAUSED_MIGRATION): the incoming copy on a target, or the
+    # source at switchover. Such a copy holds its disks but runs no guest code: it is never a second running copy.
+    migrating: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,22 @@ class HostMaintenanceChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class HostEnabledChanged:
+    """host disable / enable: a Disabled host takes no new VMs."""
+
+    host_id: HostId
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VmMigrateRequested:
+    """kvmha vm migrate VM [--to HOST]: target None lets placement choose."""
+
+    vm_id: VmId
+    target_host_id: HostId | None
+
+
+@dataclass(frozen=True, slots=True)
 class HostBmcChanged:
     host_id: HostId
     has_bmc: bool
@@ -223,6 +242,8 @@ Fact = (
     | HostMaintenanceChanged
     | HostBmcChanged
     | HostConfirmedDown
+    | HostEnabledChanged
+    | VmMigrateRequested
     | VmRegistered
     | VmStartRequested
     | VmStopRequested

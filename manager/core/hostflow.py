@@ -59,7 +59,10 @@ from kvmha.manager.core.routing import (
 from kvmha.manager.core.vmindex import occupies
 
 S = HostStatus
-_NO_HA_RESOURCE = frozenset({ResourceState.DISABLED, ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
+# PrepareForMaintenance and ErrorInMaintenance hosts still run VMs: they keep host HA (core/maintenance.py). Disabled
+# hosts keep it too unless ha.disabled.hosts is false (the seed's MonitorTask rule, which leaves their HA VMs
+# unprotected: CloudStack's gap).
+_NO_HA_RESOURCE = frozenset({ResourceState.MAINTENANCE})
 
 
 class HostWork(Protocol):
@@ -246,6 +249,8 @@ class HostFlow:
                 self._behind(host, silent_s)
 
     def wants_ha(self, host: HostRecord) -> bool:
+        if host.resource_state is ResourceState.DISABLED and not self.ctx.config.ha_disabled_hosts:
+            return False
         return host.role is HostRole.ROUTING and host.resource_state not in _NO_HA_RESOURCE
 
     def _behind(self, host: HostRecord, silent_s: float) -> None:
@@ -587,11 +592,6 @@ class HostFlow:
         self.ctx.timers.schedule(Reinvestigate(host.id), self.ctx.now + delay_s)
 
     # ------------------------------------------------------------ operator
-
-    def set_maintenance(self, host: HostRecord, on: bool) -> None:
-        host.resource_state = ResourceState.MAINTENANCE if on else ResourceState.ENABLED
-        self.ctx.event("info", f"host:{host.id}", "host.resource", f"resource state {host.resource_state.value}")
-        self.ctx.save_host(host)
 
     def remove(self, host: HostRecord) -> None:
         self.pingmap.remove(host.id)

@@ -107,6 +107,7 @@ class WorkStep(enum.StrEnum):
     FENCING = "Fencing"
     STOPPING = "Stopping"
     RESTARTING = "Restarting"
+    MIGRATING = "Migrating"  # a Migration item whose MigrateVm is in flight (or whose outcome is not settled)
     DONE = "Done"
     ERROR = "Error"
     CANCELLED = "Cancelled"

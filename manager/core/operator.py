@@ -34,15 +34,32 @@ class OperatorWork(Protocol):
 class HostOperations(Protocol):
     """What operator facts ask of host HA (implemented by HostFlow)."""
 
-    def set_maintenance(self, host: HostRecord, on: bool) -> None: ...
     def remove(self, host: HostRecord) -> None: ...
 
 
+class LifeCycle(Protocol):
+    """What operator facts ask of maintenance (implemented by MaintenanceFlow)."""
+
+    def set_maintenance(self, host: HostRecord, on: bool) -> None: ...
+    def set_enabled(self, host: HostRecord, enabled: bool) -> None: ...
+
+
+class Migrations(Protocol):
+    """What operator facts ask of migration (implemented by MigrationFlow)."""
+
+    def request(self, vm: VmRecord, target_id: HostId | None, why: str, *, for_maintenance: bool = False) -> str: ...
+    def cancel(self, vm: VmRecord, reason: str) -> None: ...
+
+
 class OperatorFlow:
-    def __init__(self, ctx: Ctx, work: OperatorWork, hosts: HostOperations) -> None:
+    def __init__(
+        self, ctx: Ctx, work: OperatorWork, hosts: HostOperations, life: LifeCycle, migration: Migrations
+    ) -> None:
         self.ctx = ctx
         self.work = work
         self.hosts = hosts
+        self.life = life
+        self.migration = migration
 
     def _vm(self, vm_id: VmId, what: str) -> VmRecord | None:
         vm = self.ctx.vms.get(vm_id)
@@ -85,6 +102,7 @@ class OperatorFlow:
             self.ctx.event("info", f"vm:{vm.id}", "operator.stop", "stop ignored: the VM is Unmanaged (register it)")
             return
         self.work.cancel_for_vm(vm, "operator stop")
+        self.migration.cancel(vm, "operator stop")
         host = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
         if occupies(vm) and host is not None and host.id in self.ctx.connected:
             timeout_s = self.ctx.config.stop_timeout_s
@@ -116,6 +134,7 @@ class OperatorFlow:
         if vm is None:
             return
         self.work.cancel_for_vm(vm, "VM deleted")
+        self.migration.cancel(vm, "VM deleted")
         # VM ids can be given again to a new VM (the next one above the highest registered): its restart count per
         # window must not start with the deleted VM's restarts.
         self.work.forget_vm(vm.id)
@@ -165,7 +184,20 @@ class OperatorFlow:
     def host_maintenance(self, fact: f.HostMaintenanceChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)
         if host is not None:
-            self.hosts.set_maintenance(host, fact.on)
+            self.life.set_maintenance(host, fact.on)
+
+    def host_enabled(self, fact: f.HostEnabledChanged) -> None:
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is not None:
+            self.life.set_enabled(host, fact.enabled)
+
+    def vm_migrate(self, fact: f.VmMigrateRequested) -> None:
+        vm = self._vm(fact.vm_id, "migrate")
+        if vm is None:
+            return
+        why = self.migration.request(vm, fact.target_host_id, "operator migrate")
+        if why:
+            self.ctx.event("warning", f"vm:{vm.id}", "operator.migrate", f"migrate refused: {why}")
 
     def host_bmc(self, fact: f.HostBmcChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)

@@ -31,7 +31,7 @@ from kvmha.manager.core.vmindex import occupies
 from kvmha.manager.core.vmstate import VmEvent
 
 UNMANAGED_ID_BASE = 1 << 40  # ids the core gives unregistered domains; the service's own ids stay below
-_MAINTENANCE = frozenset({ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
+_MAINTENANCE = frozenset({ResourceState.MAINTENANCE})  # ErrorInMaintenance hosts keep HA: their VMs could not move
 _SHOULD_RUN = frozenset({VmState.RUNNING})
 _SETTLING = frozenset({VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 
@@ -47,10 +47,20 @@ class Restarts(Protocol):
     def start_reported_off(self, vm: VmRecord) -> bool: ...
 
 
+class MigrationNews(Protocol):
+    """What power-state sync tells migration (implemented by MigrationFlow)."""
+
+    def on_domain(self, host: HostRecord, vm: VmRecord, domain: f.DomainReport) -> bool: ...
+    def full_report(self, host: HostRecord, seen: set[str]) -> None: ...
+    def host_dead(self, host: HostRecord) -> None: ...
+    def cancel(self, vm: VmRecord, reason: str) -> None: ...
+
+
 class PowerSync:
-    def __init__(self, ctx: Ctx, restarts: Restarts) -> None:
+    def __init__(self, ctx: Ctx, restarts: Restarts, migration: MigrationNews) -> None:
         self.ctx = ctx
         self.restarts = restarts
+        self.migration = migration
         self.hypervisor_down: set[HostId] = set()
         self.storage_bad: set[HostId] = set()
         self._next_unmanaged = max(UNMANAGED_ID_BASE, ctx.vms.max_id()) + 1
@@ -64,14 +74,15 @@ class PowerSync:
         if host.id in self.hypervisor_down:
             self.hypervisor_down.discard(host.id)
             self.ctx.event("info", f"host:{host.id}", "hypervisor", "hypervisor reachable again")
-        seen = set()
+        seen: set[str] = set()
         for domain in fact.domains:
             seen.add(domain.uuid)
             self._apply(host, domain, fact.full)
         if fact.full:
             for vm in self.ctx.vms.on_host(host.id):
-                if vm.uuid not in seen:
+                if vm.uuid not in seen and vm.id not in self.ctx.migrations:
                     self._absent(host, vm)
+            self.migration.full_report(host, seen)
 
     def _apply(self, host: HostRecord, domain: f.DomainReport, full: bool) -> None:
         vm = self.ctx.vms.by_uuid(domain.uuid)
@@ -84,11 +95,22 @@ class PowerSync:
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
         if vm.state is VmState.UNMANAGED:
             self.ctx.vms.update(vm, host_id=host.id, power=domain.power, at=self.ctx.now)
+        elif self.migration.on_domain(host, vm, domain):
+            return  # part of a migration: its two sides decide (core/migration.py)
+        elif domain.migrating and host.id != vm.host_id:
+            # A copy paused for a migration runs no guest code: never a second running copy, never followed.
+            self.ctx.event(
+                "info",
+                f"vm:{vm.id}",
+                "vm.power.ignored",
+                f"a copy paused for migration on {host.name} ignored: the VM is {vm.state.value} on "
+                f"{self.ctx.host_name(vm.host_id)}",
+            )
         elif domain.power is PowerState.POWER_ON:
             self._on(host, vm)
         elif vm.host_id == host.id:
             self._off(host, vm, domain.cause, PowerState.POWER_OFF, duplicate_matters=not full)
-        elif not full:
+        elif not full and domain.cause is not StopCause.MIGRATED:  # a migration's old source: expected, no news
             where = self.ctx.host_name(vm.host_id)
             self.ctx.event(
                 "info",
@@ -168,6 +190,7 @@ class PowerSync:
             f"found running on {host.name} (recorded on {where}): following it, never starting another copy",
         )
         self.restarts.cancel_for_vm(vm, f"{vm.name} runs on {host.name}")
+        self.migration.cancel(vm, f"{vm.name} runs on {host.name}")
         ctx.vms.update(vm, VmEvent.FOLLOWED, host_id=host.id, power=PowerState.POWER_ON, at=ctx.now)
         ctx.save_vm(vm)
 
@@ -208,9 +231,12 @@ class PowerSync:
 
     def host_dead(self, host: HostRecord) -> None:
         """The host is Down or Fenced: nothing runs there any more."""
+        self.migration.host_dead(host)  # first: a migration from or to it settles (or waits for the other side)
         for vm in self.ctx.vms.on_host(host.id):
             self.ctx.absent.pop(vm.id)
             self.ctx.timers.cancel(AbsenceGraceOver(vm.id))
+            if vm.id in self.ctx.migrations:
+                continue  # still unsettled: the other side decides, and HA waits for it
             if vm.state in _SHOULD_RUN | _SETTLING and not vm.ha_enabled:
                 self.ctx.vms.set_power(vm, PowerState.POWER_OFF, self.ctx.now)
                 self._stopped(vm, f"{host.name} is {host.status.value}: not HA-enabled, Stopped")

@@ -80,8 +80,17 @@ class AbsenceGraceOver:
     vm_id: VmId
 
 
+@dataclass(frozen=True, slots=True)
+class MaintenanceDue:
+    """A host in PrepareForMaintenance: look again at what is left on it (core/maintenance.py)."""
+
+    host_id: HostId
+
+
 HostTimer = InvestigationDeadline | Reinvestigate | PlannedWaitOver | RejoinDeadline
-TimerKey = CommandDeadline | HostTimer | LinkLossRecheck | WorkDue | StartConfirmDeadline | AbsenceGraceOver
+TimerKey = (
+    CommandDeadline | HostTimer | LinkLossRecheck | WorkDue | StartConfirmDeadline | AbsenceGraceOver | MaintenanceDue
+)
 HOST_TIMERS: tuple[type[HostTimer], ...] = (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline)
 
 # ---------------------------------------------------------------- owners of commands in flight
@@ -141,8 +150,23 @@ class LeaseQuery:
     vm_id: VmId
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationAttempt:
+    """MigrateVm of a Migration work item (sent to the VM's source host)."""
+
+    work_id: WorkId
+
+
 Owner = (
-    NeighborQuery | LeaseQuery | BmcQuery | LinkLossQuery | FenceRequest | StartAttempt | OperatorStop | OperatorDestroy
+    NeighborQuery
+    | LeaseQuery
+    | BmcQuery
+    | LinkLossQuery
+    | FenceRequest
+    | StartAttempt
+    | OperatorStop
+    | OperatorDestroy
+    | MigrationAttempt
 )
 
 

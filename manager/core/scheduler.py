@@ -92,6 +92,12 @@ class Scheduler:
 
     # ------------------------------------------------------------ scheduling
 
+    def new_work_id(self) -> WorkId:
+        """Work ids are one sequence for every work type (migration items are numbered here too)."""
+        work_id = WorkId(self._next_work_id)
+        self._next_work_id += 1
+        return work_id
+
     def schedule_for_host(self, host: HostRecord, reason: str) -> None:
         """scheduleRestartForVmsOnHost: one work item per HA VM that should be running there."""
         self._batching = True

@@ -9,14 +9,18 @@ nothing of the flows, which keeps the core's module graph a DAG:
   host fits).
 - `Absences` (written by PowerSync): VMs missing from their host's last full report, inside the grace after which
   they count as PowerReportMissing; the scheduler waits instead of deciding on a report that is about to change.
+- `Migrations` (written by MigrationFlow): migrations in progress; the scheduler never restarts a VM whose migration
+  is not settled (it may run on either side), maintenance counts what is leaving a host.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from kvmha.manager.core.model import HostId, VmId
+from kvmha.manager.core.model import HostId, VmId, WorkId
 
 
 class UpHosts:
@@ -79,3 +83,62 @@ class Absences:
 
     def __contains__(self, vm_id: object) -> bool:
         return vm_id in self._host_of
+
+
+class Side(enum.Enum):
+    """What one host of a migration was last seen to hold of the VM."""
+
+    UNKNOWN = "unknown"  # nothing heard yet (or its word was lost with a manager restart)
+    NONE = "none"  # no copy there (never was, or gone: off, absent from a full report, its host dead)
+    PAUSED = "paused"  # a copy paused for the migration: the incoming one on the target, the source at switchover
+    RUNNING = "running"  # the guest runs there
+
+
+@dataclass(slots=True)
+class Migration:
+    """One migration of one VM in progress, started by kvmha (work_id) or seen in libvirt's reports (work_id None).
+
+    The VM's record stays on `source` (state Migrating) until the migration settles; `target` is None while a
+    migration seen from outside has not shown where it goes. What each side holds is updated from the reports; the
+    outcome of the MigrateVm command (ok: on the target; failed: on the source) or of the reports decides."""
+
+    vm_id: VmId
+    source: HostId
+    target: HostId | None
+    started_at: float
+    work_id: WorkId | None = None
+    at_source: Side = Side.RUNNING
+    at_target: Side = Side.UNKNOWN
+    outcome_unknown: bool = False  # the command's answer is lost (timed out, or the manager restarted)
+    for_maintenance: bool = False
+
+
+class Migrations:
+    """Written by MigrationFlow; read by the scheduler (clearance: no HA restart while a migration is unsettled) and
+    by maintenance (what is in flight off a host, which VMs failed to move)."""
+
+    def __init__(self) -> None:
+        self._by_vm: dict[VmId, Migration] = {}
+        self.failed: dict[VmId, str] = {}  # the last failed migration of each VM (maintenance reads it)
+
+    def get(self, vm_id: VmId) -> Migration | None:
+        return self._by_vm.get(vm_id)
+
+    def __contains__(self, vm_id: object) -> bool:
+        return vm_id in self._by_vm
+
+    def __iter__(self) -> Iterator[Migration]:
+        return iter(sorted(self._by_vm.values(), key=lambda m: m.vm_id))
+
+    def add(self, migration: Migration) -> None:
+        self._by_vm[migration.vm_id] = migration
+        self.failed.pop(migration.vm_id, None)
+
+    def pop(self, vm_id: VmId) -> Migration | None:
+        return self._by_vm.pop(vm_id, None)
+
+    def touching(self, host_id: HostId) -> list[Migration]:
+        return [m for m in self if host_id in (m.source, m.target)]
+
+    def leaving(self, host_id: HostId) -> int:
+        return sum(1 for m in self if m.source == host_id)

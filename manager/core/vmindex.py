@@ -38,6 +38,7 @@ class VmIndex:
         self.used_memory_mib: defaultdict[HostId, int] = defaultdict(int)
         self.used_vcpus: defaultdict[HostId, int] = defaultdict(int)
         self.placed_count: defaultdict[HostId, int] = defaultdict(int)
+        self._reserved: dict[VmId, HostId] = {}  # a migration's target holds the VM's resources until it settles
 
     # ------------------------------------------------------------ queries
 
@@ -85,11 +86,27 @@ class VmIndex:
         vm = self._vms.pop(vm_id, None)
         if vm is None:
             return None
+        self.release(vm)
         self._detach(vm)
         self._by_uuid.pop(vm.uuid, None)
         if vm.anti_affinity_group:
             self._by_group[vm.anti_affinity_group].discard(vm.id)
         return vm
+
+    def reserve(self, vm: VmRecord, host_id: HostId) -> None:
+        """Count the VM on `host_id` too (the target of its migration), so placement never fills it twice."""
+        self.release(vm)
+        self._reserved[vm.id] = host_id
+        self.used_memory_mib[host_id] += vm.memory_mib
+        self.used_vcpus[host_id] += vm.vcpus
+        self.placed_count[host_id] += 1
+
+    def release(self, vm: VmRecord) -> None:
+        host_id = self._reserved.pop(vm.id, None)
+        if host_id is not None:
+            self.used_memory_mib[host_id] -= vm.memory_mib
+            self.used_vcpus[host_id] -= vm.vcpus
+            self.placed_count[host_id] -= 1
 
     def set_power(self, vm: VmRecord, power: PowerState, at: float) -> None:
         """What the hypervisor says: no index or usage changes (the common case of a periodic report)."""

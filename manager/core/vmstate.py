@@ -9,6 +9,9 @@ which reads this table; anything not in it raises `TransitionError`: a VM never 
        │                      └ GAVE_UP ──> Error ──OPERATOR_RESET──> Stopped
        └── OPERATOR_STOPPED <── Stopping <── STOP_REQUESTED (Running, Starting, Migrating)
     Unmanaged (a domain nobody registered) leaves only by registration: ADOPTED_RUNNING / ADOPTED_STOPPED.
+    Running ──MIGRATION_STARTED──> Migrating ──MIGRATED (on the target) / MIGRATION_FAILED (on the source)──> Running
+       (a kvmha MigrateVm, or a libvirt migration seen in the reports); Migrating ──START_SENT──> Starting when
+       neither host holds it any more and HA restarts it, ──POWERED_OFF──> Stopped when it is not HA.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class VmEvent(enum.StrEnum):
     OPERATOR_STOPPED = "OperatorStopped"  # stopped by the operator, or nothing to stop
     ADOPTED_RUNNING = "AdoptedRunning"  # an Unmanaged domain registered while it runs
     ADOPTED_STOPPED = "AdoptedStopped"  # an Unmanaged domain registered while it is off
+    MIGRATION_STARTED = "MigrationStarted"  # kvmha sent MigrateVm, or libvirt was seen migrating it
+    MIGRATED = "Migrated"  # the migration completed: the VM runs on the target (its record moves there)
+    MIGRATION_FAILED = "MigrationFailed"  # the migration did not complete: the VM runs on its source
 
 
 _OCCUPYING = (V.STARTING, V.RUNNING, V.STOPPING, V.MIGRATING)  # registered states that hold resources on a host
@@ -57,6 +63,9 @@ TRANSITIONS: dict[tuple[VmState, VmEvent], VmState] = {
     **{(state, VmEvent.OPERATOR_STOPPED): V.STOPPED for state in _MANAGED},
     (V.UNMANAGED, VmEvent.ADOPTED_RUNNING): V.RUNNING,
     (V.UNMANAGED, VmEvent.ADOPTED_STOPPED): V.STOPPED,
+    (V.RUNNING, VmEvent.MIGRATION_STARTED): V.MIGRATING,
+    (V.MIGRATING, VmEvent.MIGRATED): V.RUNNING,
+    (V.MIGRATING, VmEvent.MIGRATION_FAILED): V.RUNNING,
 }
 
 

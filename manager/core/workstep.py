@@ -11,6 +11,12 @@ Anything not in the table is impossible and raises `TransitionError`. The schedu
                        └──START_FAILED──> Scheduled                      Restarting
     CANCEL ends any active item (Cancelled). Done, Error and Cancelled are final. Stopping belongs to the stop
     work types CloudStack has; HA work never enters it.
+
+Migration items (WorkType.MIGRATION, core/migration.py) use the same table and their own three events:
+
+    Scheduled ──MIGRATE──> Migrating ──MIGRATED──> Done          (the VM lives on the target)
+                               ├──MIGRATION_FAILED──> Error     (it stays on the source, or neither holds it)
+                               └──CANCEL──> Cancelled           (the VM moved on: deleted, stopped, ...)
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class WorkEvent(enum.StrEnum):
     GIVE_UP = "GiveUp"  # the last attempt failed
     CONFIRMED = "Confirmed"  # the target's power report shows the VM on
     CANCEL = "Cancel"  # the VM moved on (deleted, HA off, found running, stopped by the operator, ...)
+    MIGRATE = "Migrate"  # MigrateVm sent to the VM's source host
+    MIGRATED = "Migrated"  # the VM lives on the target
+    MIGRATION_FAILED = "MigrationFailed"  # the migration did not happen (the VM stays on its source, or died)
 
 
 _WAITING = (W.SCHEDULED, W.INVESTIGATING, W.FENCING)
@@ -46,7 +55,10 @@ TRANSITIONS: dict[tuple[WorkStep, WorkEvent], WorkStep] = {
     (W.RESTARTING, WorkEvent.START_FAILED): W.SCHEDULED,
     (W.RESTARTING, WorkEvent.GIVE_UP): W.ERROR,
     (W.RESTARTING, WorkEvent.CONFIRMED): W.DONE,
-    **{(step, WorkEvent.CANCEL): W.CANCELLED for step in (*_WAITING, W.RESTARTING)},
+    **{(step, WorkEvent.CANCEL): W.CANCELLED for step in (*_WAITING, W.RESTARTING, W.MIGRATING)},
+    (W.SCHEDULED, WorkEvent.MIGRATE): W.MIGRATING,
+    (W.MIGRATING, WorkEvent.MIGRATED): W.DONE,
+    (W.MIGRATING, WorkEvent.MIGRATION_FAILED): W.ERROR,
 }
 
 FINAL = frozenset(step for step in WorkStep if not step.active)

@@ -14,6 +14,7 @@ from kvmha.manager.hub import AgentHello
 from kvmha.manager.sim import watchdog
 from kvmha.manager.sim.invariants import FENCED, HOST_LOST, VM_LEVEL
 from kvmha.manager.sim.liveness import CRASH, FENCE
+from kvmha.manager.sim.migrations import Migrations
 from kvmha.manager.sim.world import SimHost
 from kvmha.manager.store import AgentInfo
 
@@ -40,6 +41,7 @@ class Agents:
         self.world = sim.world
         self.buckets: list[list[SimHost]] = [[] for _ in range(PING_BUCKETS)]
         self.last_delta: dict[int, f.PowerStateReported] = {}
+        self.migrations = Migrations(sim, self)
 
     def boot_all(self) -> None:
         interval = self.sim.config.ping_interval_s
@@ -112,16 +114,20 @@ class Agents:
     def full_report(self, host: SimHost) -> None:
         domains = tuple(
             f.DomainReport(uuid, self.world.vms[uuid].name, PowerState.POWER_ON) for uuid in sorted(host.running)
+        ) + tuple(
+            f.DomainReport(uuid, self.world.vms[uuid].name, PowerState.POWER_ON, migrating=True)
+            for uuid in sorted(host.incoming)
         )
         hv = host.hypervisor_ok
         self.send(host, f.PowerStateReported(host.id, True, hv, domains if hv else ()))
 
-    def delta(self, host: SimHost, uuid: VmUuid, power: PowerState, cause: StopCause) -> None:
+    def delta(
+        self, host: SimHost, uuid: VmUuid, power: PowerState, cause: StopCause, *, migrating: bool = False
+    ) -> None:
         if not host.hypervisor_ok:
             return
-        report = f.PowerStateReported(
-            host.id, False, True, (f.DomainReport(uuid, self.world.vms[uuid].name, power, cause),)
-        )
+        domain = f.DomainReport(uuid, self.world.vms[uuid].name, power, cause, migrating)
+        report = f.PowerStateReported(host.id, False, True, (domain,))
         self.last_delta[host.id] = report
         self.send(host, report)
 
@@ -160,6 +166,7 @@ class Agents:
                 watchdog.silent(self.sim, host, "isolation response cannot complete: hypervisor unreachable")
                 return False
             count = len(host.running)
+            self.migrations.host_lost(host)
             for uuid in sorted(host.running):
                 self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
                 # The manager must wait out the watchdog-backed self-fence time (never, without a watchdog).
@@ -197,7 +204,7 @@ class Agents:
         if host.stream_open:
             self.drop_stream(host)
 
-    def _reply(self, epoch: int, host: SimHost, fact: f.Fact) -> None:
+    def reply(self, epoch: int, host: SimHost, fact: f.Fact) -> None:
         if epoch == self.sim.epoch and host.stream_open and self.world.link_up(host):
             self.sim.to_core(fact, stream=host.id)
 
@@ -210,25 +217,28 @@ class Agents:
         elif isinstance(command, (a.StopVm, a.DestroyVm)):
             if command.vm_uuid in host.running:
                 self.stop_vm(host, command.vm_uuid, StopCause.DESTROYED)
-            self.sim.schedule(now + 0.2, self._reply, epoch, host, f.CommandCompleted(rid, True))
+            self.sim.schedule(now + 0.2, self.reply, epoch, host, f.CommandCompleted(rid, True))
         elif isinstance(command, a.CheckLease):
             state, detail = self.world.lease_state(command.vm_uuid, host, now)
             lease = f.LeaseCheck(command.vm_uuid, state, detail)
-            self.sim.schedule(now + 0.1, self._reply, epoch, host, f.CommandCompleted(rid, True, "", lease))
+            self.sim.schedule(now + 0.1, self.reply, epoch, host, f.CommandCompleted(rid, True, "", lease))
+        elif isinstance(command, a.MigrateVm):
+            target = self.world.hosts[command.target_host_id]
+            self.migrations.start(host, command.vm_uuid, target, epoch, rid)
         elif isinstance(command, a.CheckNeighbor):
             target = self.world.hosts[command.target_host_id]
             reached = self.world.reaches(host, target)
             age = target.heartbeat_age_s(now) if host.storage_ok else None
             answer = f.CommandCompleted(rid, True, "", f.NeighborCheck(target.id, reached, reached, age))
-            self.sim.schedule(now + (0.2 if reached else 1.0), self._reply, epoch, host, answer)
+            self.sim.schedule(now + (0.2 if reached else 1.0), self.reply, epoch, host, answer)
         else:
-            self.sim.schedule(now + 0.05, self._reply, epoch, host, f.CommandCompleted(rid, True))
+            self.sim.schedule(now + 0.05, self.reply, epoch, host, f.CommandCompleted(rid, True))
 
     def _start_vm(self, epoch: int, host: SimHost, rid: str, uuid: VmUuid) -> None:
         if not host.hypervisor_ok:
             self.sim.schedule(
                 self.sim.now + 0.05,
-                self._reply,
+                self.reply,
                 epoch,
                 host,
                 f.CommandCompleted(RequestId(rid), False, "hypervisor unavailable"),
@@ -236,7 +246,7 @@ class Agents:
             return
         if uuid in host.running:
             done = f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, True))
-            self.sim.schedule(self.sim.now + 0.05, self._reply, epoch, host, done)
+            self.sim.schedule(self.sim.now + 0.05, self.reply, epoch, host, done)
             return
         self.sim.schedule(self.sim.now + VM_BOOT_S, self._vm_booted, epoch, host, rid, uuid)
 
@@ -247,10 +257,11 @@ class Agents:
         self.sim.liveness.started(uuid)
         host.running.add(uuid)
         self.sim.vm_started(uuid, host.id)
-        self._reply(epoch, host, f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, False)))
+        self.reply(epoch, host, f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, False)))
         self.delta(host, uuid, PowerState.POWER_ON, StopCause.NONE)
 
     def stop_vm(self, host: SimHost, uuid: VmUuid, cause: StopCause) -> None:
+        self.migrations.vm_stopped(host, uuid)
         host.running.discard(uuid)
         self.sim.checker.stopped(uuid, host.id, VM_LEVEL)
         self.sim.liveness.lost(uuid, self._restart_owed(cause), host)
@@ -307,6 +318,7 @@ class Agents:
         self.sim.liveness.host_lost(host, cause)
         if host.renews_leases():
             host.stop_renewing(self.sim.now, self.world.lease_expiry_s)
+        self.migrations.host_lost(host)
         for uuid in sorted(host.running):
             self.sim.checker.stopped(uuid, host.id, how)
             self.sim.liveness.lost(uuid, cause, host)

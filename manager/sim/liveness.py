@@ -15,8 +15,9 @@ but only while the promise applies:
 
 A VM whose credited time exceeds its bound is a violation, reported once in the same list as safety violations.
 Outside the promise (the VM is dropped): non-HA VMs, HA switched off, guest shutdowns (unless configured to restart),
-VMs destroyed on the manager's order (operator stop), VMs whose host the operator put in Maintenance or
-ErrorInMaintenance (the core leaves those alone and says so in an event), a VM in Error after its *own* crash loop
+VMs destroyed on the manager's order (operator stop), VMs whose host the operator put in Maintenance (or Disabled
+with ha.disabled.hosts false: the core leaves those alone and says so in an event), a VM in Error after its *own*
+crash loop
 (`restart.max.per.window` crashes of the VM itself in `restart.window`), and hosts that can never be proven dead
 (no usable BMC and self-fencing switched off).
 
@@ -61,7 +62,7 @@ WHY_GUEST = "guest-shutdown"
 WHY_DESTROYED = "destroyed"  # on the manager's order
 WHY_ISOLATED = "isolated"  # the agent's isolation response destroyed it
 
-_OUTSIDE = frozenset({ResourceState.MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE})
+_OUTSIDE = frozenset({ResourceState.MAINTENANCE})  # ErrorInMaintenance hosts keep HA (their VMs could not move)
 
 
 def bound_s(cause: str, config: CoreConfig, watchdog_timeout_s: float = 20.0) -> float:
@@ -240,7 +241,10 @@ class Liveness:
             return "HA off"
         last = self.sim.checker.last_run.get(uuid)
         host = self.sim.core.hosts.get(last[0]) if last is not None else None
-        if host is not None and host.resource_state in _OUTSIDE:
+        skips_disabled = not self.sim.config.ha_disabled_hosts and host is not None and (
+            host.resource_state is ResourceState.DISABLED
+        )
+        if host is not None and (host.resource_state in _OUTSIDE or skips_disabled):
             return f"host in {host.resource_state.value}"
         if record.state is VmState.ERROR and self._own_crash_loop(uuid):
             return "own crash loop"

@@ -15,7 +15,10 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     confirm-down h1 (the operator's command)
     drop h2 0.3 (lose 30% of h2's manager-link messages)   delay h2 1.5 (extra seconds)   partition h1 h2 [off]
     maintenance h4 on|off      restart manager   network manager off|on
+    disable h2 / enable h2     remove h2 (refused while it runs VMs)
     ha vm3 on|off              start vm3         stop vm3
+    migrate vm3 [h2]           (kvmha vm migrate; placement picks when no host is given)
+    virsh-migrate vm3 h2       (a live migration an admin runs with virsh, outside kvmha)
     database down|up           database stall 8 (every transaction waits until 8 s from now)
 
 Operator commands (maintenance, ha, start, stop) run as the admin API runs them: an operation over the store in the
@@ -164,6 +167,13 @@ def apply(sim: Simulator, command: str) -> None:
             agents.stop_vm(world.hosts[host_id], uuid, cause)
     elif verb in ("ha", "start", "stop"):
         _operator_vm(sim, verb, target, arg)
+    elif verb == "migrate":
+        sim.operate(*ops.migratable_vm(target, arg or None))
+    elif verb == "virsh-migrate":
+        uuid = world.vms_by_name[target].uuid
+        sources = world.where(uuid)
+        if sources:
+            agents.migrations.start(world.hosts[sources[0]], uuid, world.hosts_by_name[arg], sim.epoch, None)
     elif verb == "database":
         _database(sim, target, arg)
     else:
@@ -242,6 +252,10 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
             host.wd_broken = True
         else:
             host.watchdog = arg == "on"
+    elif verb in ("disable", "enable"):
+        sim.operate(*ops.enabled(host.name, verb == "enable"))
+    elif verb == "remove":
+        sim.operate(*ops.removable_host(host.name))
     else:
         raise ScriptError(f"unknown command: {verb}")
 

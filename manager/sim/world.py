@@ -50,6 +50,7 @@ class SimHost:
     bucket: int = 0  # ping phase
     ping_seq: int = 0
     running: set[VmUuid] = field(default_factory=set)
+    incoming: set[VmUuid] = field(default_factory=set)  # paused copies of VMs migrating here (sim/migrations.py)
     hb_stopped_at: float | None = None  # None: the heartbeat is being written
     isolated_since: float | None = None  # lost the manager and its storage heartbeat since
     booted_at: float = 0.0

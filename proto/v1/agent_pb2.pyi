@@ -1028,6 +1028,7 @@ class Command(_message.Message):
     CHECK_NEIGHBOR_FIELD_NUMBER: _builtins.int
     GET_CAPACITY_FIELD_NUMBER: _builtins.int
     CHECK_LEASE_FIELD_NUMBER: _builtins.int
+    MIGRATE_VM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     timeout_s: _builtins.float
     """the manager stops waiting after this; the agent should answer before it"""
@@ -1043,6 +1044,8 @@ class Command(_message.Message):
     def get_capacity(self) -> Global___GetCapacity: ...
     @_builtins.property
     def check_lease(self) -> Global___CheckLease: ...
+    @_builtins.property
+    def migrate_vm(self) -> Global___MigrateVm: ...
     def __init__(
         self,
         *,
@@ -1054,13 +1057,48 @@ class Command(_message.Message):
         check_neighbor: Global___CheckNeighbor | None = ...,
         get_capacity: Global___GetCapacity | None = ...,
         check_lease: Global___CheckLease | None = ...,
+        migrate_vm: Global___MigrateVm | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class MigrateVm(_message.Message):
+    """Live-migrate a VM from this host to a peer (libvirt peer-to-peer: VIR_MIGRATE_LIVE | PEER2PEER | PERSIST_DEST |
+    UNDEFINE_SOURCE, plus AUTO_CONVERGE). The agent answers ok only when libvirt completed the migration; after
+    timeout_s it aborts the libvirt job (the VM keeps running on this host) and answers ERROR_TIMEOUT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: _builtins.int
+    TARGET_HOST_UUID_FIELD_NUMBER: _builtins.int
+    TARGET_ADDRESS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    vm_uuid: _builtins.str
+    target_host_uuid: _builtins.str
+    target_address: _builtins.str
+    """the peer's management address; the agent builds its libvirt URI from it"""
+    timeout_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        vm_uuid: _builtins.str = ...,
+        target_host_uuid: _builtins.str = ...,
+        target_address: _builtins.str = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target_address", b"target_address", "target_host_uuid", b"target_host_uuid", "timeout_s", b"timeout_s", "vm_uuid", b"vm_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVm: _TypeAlias = MigrateVm  # noqa: Y015

@@ -91,15 +91,16 @@ def test_no_violation_while_no_host_has_room_and_the_clock_runs_once_there_is() 
     assert sim.liveness.recovered_s[BMC_OFF][0] > 390  # counted from the loss, promised only once h2 had room
 
 
-def test_hosts_in_maintenance_are_outside_the_promise() -> None:
-    # h1 in maintenance, then it loses power: the core leaves its VMs alone (and says so); no liveness violation.
+def test_maintenance_empties_the_host_before_it_loses_power() -> None:
+    # h1 in maintenance: its VMs (HA or not) are migrated to h2, so its power loss later costs nothing.
     sim = run(
         _scenario(NO_ROOM_SETUP.replace("mem=4096", "mem=16384"), "5 maintenance h1 on\n30 power h1 off\n300 end\n")
     )
     assert sim.checker.violations == []
-    assert not sim.world.where(sim.world.vms_by_name["vm1"].uuid)
-    assert sim.liveness.dropped == {"host in Maintenance": 1} and not sim.liveness.owed
-    assert any("vm1 not restarted: no HA while the host is Maintenance" in line for line in sim.log)
+    for name in ("vm1", "vm3"):
+        assert sim.world.where(sim.world.vms_by_name[name].uuid) == [HostId(2)], name
+    assert not sim.liveness.dropped and not sim.liveness.owed
+    assert any("PrepareForMaintenance -> Maintenance" in line for line in sim.log)
 
 
 def test_the_checker_catches_a_core_that_counts_host_failures_as_crashes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,4 +113,6 @@ def test_services_have_the_contracted_methods() -> None:
     assert {"host_uuid", "hostname", "management_address", "capacity", "libvirt_version", "qemu_version",
             "agent_version", "protocol_version"} <= hello
     command_kinds = {f.name for f in agent_pb2.Command.DESCRIPTOR.oneofs_by_name["kind"].fields}
-    assert command_kinds == {"start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease"}
+    assert command_kinds == {
+        "start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm"
+    }

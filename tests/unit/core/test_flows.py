@@ -7,12 +7,14 @@ import pytest
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.core import Core
 from kvmha.manager.core.flap import FlapLog
 from kvmha.manager.core.model import (
     HaWorkRecord,
     HostId,
     HostStatus,
     PowerState,
+    ResourceState,
     StopCause,
     VmId,
     VmState,
@@ -21,7 +23,7 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
-from tests.unit.core.harness import FAST, Harness, messages, of_type, starts, vm
+from tests.unit.core.harness import FAST, Harness, host, messages, of_type, starts, vm
 
 
 def crashed(h: Harness, vm_id: int = 1, host: int = 1, at: float | None = None) -> list[a.Action]:
@@ -169,9 +171,10 @@ def test_failed_fence_keeps_vms_put_and_retries_with_backoff() -> None:
 
 
 def test_maintenance_host_is_disconnected_without_investigation() -> None:
-    h = Harness(vms=[vm(1, on=2)])
+    h = Harness(vms=[vm(1, on=1)])
     h.connect_all()
-    h.handle(f.HostMaintenanceChanged(HostId(2), True))
+    out = h.handle(f.HostMaintenanceChanged(HostId(2), True))  # nothing runs on h2: Maintenance at once
+    assert any("PrepareForMaintenance -> Maintenance" in m for m in messages(out))
     out = h.tick_until(9.0, pinging=(1, 3))
     assert h.core.host_status(HostId(2)) is HostStatus.DISCONNECTED
     assert not [
@@ -185,9 +188,11 @@ def test_maintenance_host_is_disconnected_without_investigation() -> None:
 def test_a_vm_found_off_on_a_maintenance_host_is_stopped_not_restarted() -> None:
     """Found by the lab e2e test: a host in maintenance came back from a power loss, reported its HA VM off, and
     the VM was restarted elsewhere although HA had been skipped for that host while it was away."""
+    records = [host(n) for n in (1, 2, 3)]
+    records[1].resource_state = ResourceState.MAINTENANCE  # as a database of an older version may hold it
     h = Harness(vms=[vm(1, on=2)])
+    h.core = Core(FAST, now=0.0, hosts=records, vms=h.vm_records)
     h.connect_all()
-    h.handle(f.HostMaintenanceChanged(HostId(2), True))
     out = crashed(h, host=2)
     record = h.core.vm(VmId(1))
     assert starts(out) == [] and not h.core.works

@@ -9,7 +9,17 @@ import pytest
 
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
-from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmId, VmUuid
+from kvmha.manager.core.model import (
+    HostCapacity,
+    HostId,
+    PowerState,
+    RequestId,
+    StopCause,
+    VmId,
+    VmState,
+    VmUuid,
+    WorkType,
+)
 from tests.unit.core.harness import Harness, of_type, vm
 
 
@@ -26,7 +36,8 @@ def _random_fact(rng: random.Random, pending: list[a.Action]) -> f.Fact:
     if choice == 4:
         power = rng.choice([PowerState.POWER_ON, PowerState.POWER_OFF])
         cause = rng.choice(list(StopCause))
-        domains = (f.DomainReport(VmUuid(f"v{vm_n}"), f"vm{vm_n}", power, cause),)
+        migrating = power is PowerState.POWER_ON and rng.random() < 0.2  # a copy paused for a migration
+        domains = (f.DomainReport(VmUuid(f"v{vm_n}"), f"vm{vm_n}", power, cause, migrating),)
         return f.PowerStateReported(host, rng.random() < 0.3, rng.random() < 0.9, domains)
     if choice in (5, 6) and pending:
         action = rng.choice(pending)
@@ -48,6 +59,8 @@ def _random_fact(rng: random.Random, pending: list[a.Action]) -> f.Fact:
             f.VmStartRequested(VmId(vm_n)),
             f.VmStopRequested(VmId(vm_n)),
             f.VmHaChanged(VmId(vm_n), rng.random() < 0.7),
+            f.VmMigrateRequested(VmId(vm_n), rng.choice([None, host])),
+            f.HostEnabledChanged(host, rng.random() < 0.5),
         ]
         return rng.choice(operator)
     return f.HeartbeatReceived(host, 2, True, True)
@@ -65,6 +78,12 @@ def test_random_facts_keep_the_core_consistent(seed: int) -> None:
         pending += of_type(h.handle(_random_fact(rng, pending), at), (a.SendCommand, a.Fence, a.QueryBmc))  # type: ignore[arg-type]
         pending = pending[-50:]
         active = [w for w in h.core.works.values() if w.step.active]
-        assert len({w.vm_id for w in active}) == len(active), "two active HA items for one VM"
+        for work_type in (WorkType.HA, WorkType.MIGRATION):
+            of_type_ = [w for w in active if w.type is work_type]
+            assert len({w.vm_id for w in of_type_}) == len(of_type_), f"two active {work_type} items for one VM"
+        for work in active:
+            record = h.core.vm(work.vm_id)
+            if work.type is WorkType.MIGRATION:  # an unsettled migration keeps its VM Migrating
+                assert record is not None and record.state is VmState.MIGRATING, (work, record)
         restarting = [w for w in active if w.step.value == "Restarting"]
         assert len(restarting) <= h.core.config.ha_workers

@@ -14,15 +14,17 @@ from typing import Any
 import pytest
 
 import kvmha.manager.core
-from kvmha.manager.core import hoststate, vmstate, workstep
+from kvmha.manager.core import hoststate, resourcestate, vmstate, workstep
 from kvmha.manager.core.hoststate import TransitionError
-from kvmha.manager.core.model import HostStatus, VmState, WorkStep
+from kvmha.manager.core.model import HostStatus, ResourceState, VmState, WorkStep
 
 Table = Mapping[tuple[Any, Any], Any]  # key types differ per table (and Mapping keys are invariant)
 TABLES: list[tuple[str, Table, type[enum.Enum], type[enum.Enum], Callable[..., enum.Enum]]] = [
     ("host", hoststate.TRANSITIONS, HostStatus, hoststate.HostEvent, hoststate.next_status),
     ("work", workstep.TRANSITIONS, WorkStep, workstep.WorkEvent, workstep.next_step),
     ("vm", vmstate.TRANSITIONS, VmState, vmstate.VmEvent, vmstate.next_vm_state),
+    ("resource", resourcestate.TRANSITIONS, ResourceState, resourcestate.ResourceEvent,
+     resourcestate.next_resource_state),
 ]
 
 
@@ -105,13 +107,44 @@ def test_every_vm_state_can_get_back_to_running() -> None:
 def test_no_state_is_assigned_outside_its_table() -> None:
     """A lint over the core's sources: every assignment of a host status, work step or VM state reads its table."""
     core = Path(kvmha.manager.core.__file__).parent
-    assignment = re.compile(r"\.(status|step|state)\s*=[^=]")
+    assignment = re.compile(r"\.(status|step|state|resource_state)\s*=[^=]")
     offenders = []
     for path in sorted(core.glob("*.py")):
         lines = path.read_text().splitlines()
         for number, line in enumerate(lines, 1):
-            if assignment.search(line) and not re.search(r"next_(status|step|vm_state)\(", line):
+            if assignment.search(line) and not re.search(r"next_(status|step|vm_state|resource_state)\(", line):
                 if path.name == "vmindex.py" and line.strip().startswith("vm.state = new"):
                     continue  # `new` comes from next_vm_state two lines above (checked before the record changes)
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_resource_states_expected() -> None:
+    R, E = ResourceState, resourcestate.ResourceEvent
+    assert resourcestate.next_resource_state(R.ENABLED, E.PREPARE) is R.PREPARE_FOR_MAINTENANCE
+    assert resourcestate.next_resource_state(R.PREPARE_FOR_MAINTENANCE, E.EMPTIED) is R.MAINTENANCE
+    assert resourcestate.next_resource_state(R.PREPARE_FOR_MAINTENANCE, E.STUCK) is R.ERROR_IN_MAINTENANCE
+    assert resourcestate.next_resource_state(R.ERROR_IN_MAINTENANCE, E.PREPARE) is R.PREPARE_FOR_MAINTENANCE
+    for state in resourcestate.IN_MAINTENANCE:  # `maintenance off` always returns a host to service
+        assert resourcestate.next_resource_state(state, E.LEAVE) is R.ENABLED
+    with pytest.raises(TransitionError):
+        resourcestate.next_resource_state(R.MAINTENANCE, E.ENABLE)  # maintenance off, not enable
+
+
+def test_every_resource_state_can_get_back_to_enabled() -> None:
+    for state in ResourceState:
+        assert ResourceState.ENABLED in _reachable(resourcestate.TRANSITIONS, state), state
+
+
+def test_migration_work_steps_and_vm_states_expected() -> None:
+    W, E, V, VE = WorkStep, workstep.WorkEvent, VmState, vmstate.VmEvent
+    assert workstep.next_step(W.SCHEDULED, E.MIGRATE) is W.MIGRATING
+    assert workstep.next_step(W.MIGRATING, E.MIGRATED) is W.DONE
+    assert workstep.next_step(W.MIGRATING, E.MIGRATION_FAILED) is W.ERROR
+    with pytest.raises(TransitionError):
+        workstep.next_step(W.MIGRATING, E.START)  # a migration item never starts a VM
+    assert vmstate.next_vm_state(V.RUNNING, VE.MIGRATION_STARTED) is V.MIGRATING
+    assert vmstate.next_vm_state(V.MIGRATING, VE.MIGRATED) is V.RUNNING
+    assert vmstate.next_vm_state(V.MIGRATING, VE.START_SENT) is V.STARTING  # neither side held it: HA restart
+    with pytest.raises(TransitionError):
+        vmstate.next_vm_state(V.STOPPED, VE.MIGRATION_STARTED)  # only a running VM migrates

@@ -1,0 +1,129 @@
+"""Live migration in the core (core/migration.py): kvmha's own and libvirt's seen from outside, and the deaths of
+either side mid-migration. Each test drives the core with the facts the agents would send and checks the promise:
+the VM is recorded where it runs, a paused copy is never a second run, and nothing is started while a side may
+still hold the VM."""
+
+from __future__ import annotations
+
+from kvmha.manager.core import actions as a
+from kvmha.manager.core import facts as f
+from kvmha.manager.core.model import (
+    HostId,
+    PowerState,
+    StopCause,
+    VmId,
+    VmState,
+    VmUuid,
+    WorkStep,
+    WorkType,
+)
+from tests.unit.core.harness import Harness, messages, of_type, starts, vm
+
+
+def _paused(h: Harness, n: int, vm_id: int, at: float | None = None) -> list[a.Action]:
+    """Host n reports the VM paused for a migration (its incoming copy, or the source at switchover)."""
+    domain = f.DomainReport(VmUuid(f"v{vm_id}"), f"vm{vm_id}", PowerState.POWER_ON, StopCause.NONE, migrating=True)
+    return h.handle(f.PowerStateReported(HostId(n), False, True, (domain,)), at)
+
+
+def _migrate(h: Harness, vm_id: int, to: int | None) -> a.SendCommand:
+    out = h.handle(f.VmMigrateRequested(VmId(vm_id), HostId(to) if to else None))
+    commands = [c for c in of_type(out, a.SendCommand) if isinstance(c.command, a.MigrateVm)]
+    assert len(commands) == 1, messages(out)
+    return commands[0]
+
+
+def _state(h: Harness, vm_id: int) -> tuple[VmState, int | None]:
+    record = h.core.vm(VmId(vm_id))
+    assert record is not None
+    return record.state, record.host_id
+
+
+def _power_lost(h: Harness, n: int, at: float) -> list[a.Action]:
+    """Host n's link breaks and its BMC says off: Down at once (core/linkloss.py)."""
+    out = h.handle(f.AgentDisconnected(HostId(n), planned=False), at)
+    query = next(q for q in of_type(out, a.QueryBmc) if q.host_id == n)
+    return out + h.handle(f.BmcPowerReported(query.request_id, HostId(n), "off"), at)
+
+
+def test_a_migration_moves_the_record_when_the_target_runs_it() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    assert command.host_id == 1 and isinstance(command.command, a.MigrateVm) and command.command.target_host_id == 2
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    out = _paused(h, 2, 1, at=1.0)  # the incoming copy: not a second run
+    assert not [m for m in messages(out) if "two copies" in m] and _state(h, 1) == (VmState.MIGRATING, 1)
+    out = h.report(2, 1, PowerState.POWER_ON, at=3.0)
+    assert _state(h, 1) == (VmState.RUNNING, 2)
+    out += h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED, at=3.1)
+    out += h.answer(command, at=3.2)
+    assert starts(out) == [] and _state(h, 1) == (VmState.RUNNING, 2)
+    work = next(w for w in h.core.works.values() if w.type is WorkType.MIGRATION)
+    assert work.step is WorkStep.DONE
+
+
+def test_a_failed_migration_leaves_the_vm_on_its_source() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, None)
+    target = command.command.target_host_id if isinstance(command.command, a.MigrateVm) else None
+    _paused(h, target or 2, 1, at=1.0)
+    out = h.answer(command, ok=False, error="ERROR_LIBVIRT: unable to connect", at=2.0)
+    assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
+    assert any("stays on h1" in m for m in messages(out))
+
+
+def test_an_unanswered_migration_is_settled_by_the_reports() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    _paused(h, 2, 1, at=1.0)
+    h.tick_until(command.timeout_s + 1.0, pinging=(1, 2, 3))  # the answer never comes
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    # h2's full report no longer lists the copy, h1 reports it running: it stayed on h1.
+    out = h.handle(f.PowerStateReported(HostId(2), True, True, ()))
+    out += h.report(1, 1, PowerState.POWER_ON)
+    assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
+
+
+def test_a_migration_done_outside_kvmha_is_followed_not_restarted() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    out = h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED, at=1.0)  # the source's word comes first
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    out += h.tick_until(30.0, pinging=(1, 2, 3))
+    out += h.report(3, 1, PowerState.POWER_ON, at=30.0)
+    assert _state(h, 1) == (VmState.RUNNING, 3)
+    assert starts(out) == [] and not [w for w in h.core.works.values() if w.type is WorkType.HA]
+
+
+def test_source_dies_mid_migration_restarted_once_when_neither_side_holds_it() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    _migrate(h, 1, 2)
+    _paused(h, 2, 1, at=1.0)
+    out = _power_lost(h, 1, at=2.0)
+    assert starts(out) == []  # h2's paused copy may still become the VM: wait for its word
+    out = h.report(2, 1, PowerState.POWER_OFF, StopCause.FAILED, at=2.5)  # libvirt destroyed the incoming copy
+    assert len(starts(out)) == 1
+
+
+def test_source_dies_after_switchover_nothing_restarted() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    _migrate(h, 1, 2)
+    out = h.report(2, 1, PowerState.POWER_ON, at=3.0)
+    out += _power_lost(h, 1, at=3.1)
+    out += h.tick_until(60.0, pinging=(2, 3))
+    assert starts(out) == [] and _state(h, 1) == (VmState.RUNNING, 2)
+
+
+def test_target_silent_mid_migration_after_the_source_let_go_waits_for_its_verdict() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    _paused(h, 2, 1, at=1.0)
+    out = h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED, at=2.0)  # switchover done, h2's word is lost
+    out += h.tick_until(command.timeout_s + 1.0, pinging=(1, 3))  # h2 silent, its BMC answers nothing
+    assert starts(out) == []  # h2 may run it: never a restart on silence
