@@ -12,6 +12,7 @@ manager has not heard is "unknown", never "ok".
 
 from __future__ import annotations
 
+import collections
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ SEVERITIES = ("info", "warning", "alert")
 OCCUPYING = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING)
 RECENT_WORK_LIMIT = 50
 STEPS_PER_WORK_LIMIT = 40
+SUBJECT_PAGE_ROWS = 1000
+SUBJECT_PAGES = 50
+CREATED_SLACK_S = 1.0  # a work item's first event and its created_at come from the same decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +212,34 @@ def _work_items(uow: UnitOfWork, vms: Mapping[int, VmRecord], names: Mapping[int
     return tuple(work_item(w, vms, names, work_steps(uow, w) if w.step.active else ()) for w in chosen)
 
 
+def recent_of(uow: UnitOfWork, subject: str, limit: int) -> list[EventRow]:
+    """The newest `limit` events of one subject, oldest first. The store port pages forward only, so the pages are
+    read through (bounded: at most SUBJECT_PAGES pages of SUBJECT_PAGE_ROWS)."""
+    newest: collections.deque[EventRow] = collections.deque(maxlen=limit)
+    after = 0
+    for _ in range(SUBJECT_PAGES):
+        page = uow.events.all(after, SUBJECT_PAGE_ROWS, subject)
+        newest.extend(page)
+        if len(page) < SUBJECT_PAGE_ROWS:
+            break
+        after = page[-1].id
+    return list(newest)
+
+
+def current_life(rows: Iterable[EventRow], created_at: float | None = None) -> list[EventRow]:
+    """Events of this VM or work item only: ids of deleted VMs (and their work items) are given again, so what came
+    before the subject's last `vm.deleted` (or before a work item was created) belongs to an earlier one."""
+    ordered = sorted(rows, key=lambda e: e.id)
+    last_delete = max((i for i, e in enumerate(ordered) if e.kind == "vm.deleted"), default=-1)
+    kept = ordered[last_delete + 1:]
+    return kept if created_at is None else [e for e in kept if e.at >= created_at - CREATED_SLACK_S]
+
+
 def work_steps(uow: UnitOfWork, work: HaWorkRecord) -> tuple[Step, ...]:
     """The item's own events, and its VM's start attempts while it was open: the steps an operator follows."""
-    rows = [*uow.events.all(0, STEPS_PER_WORK_LIMIT, f"work:{work.id}"),
-            *(e for e in uow.events.all(0, 500, f"vm:{work.vm_id}")
-              if e.at >= work.created_at and e.kind.startswith("vm."))]
+    rows = [*current_life(uow.events.all(0, 500, f"work:{work.id}"), work.created_at),
+            *(e for e in current_life(recent_of(uow, f"vm:{work.vm_id}", 500), work.created_at)
+              if e.kind.startswith("vm."))]
     rows.sort(key=lambda e: e.id)
     return tuple(Step(e.at, e.kind, e.message, e.severity) for e in rows[-STEPS_PER_WORK_LIMIT:])
 
@@ -236,9 +263,9 @@ class VmPage:
 def build_vm_page(uow: UnitOfWork, vm: VmRecord, history_limit: int = 500) -> VmPage:
     names: dict[int, str] = {h.id: h.name for h in uow.hosts.all()}
     works = [w for w in uow.works.all() if w.vm_id == vm.id]
-    rows = list(uow.events.all(0, history_limit, f"vm:{vm.id}"))
+    rows = current_life(recent_of(uow, f"vm:{vm.id}", history_limit))
     for work in works:
-        rows.extend(uow.events.all(0, STEPS_PER_WORK_LIMIT, f"work:{work.id}"))
+        rows.extend(current_life(uow.events.all(0, 500, f"work:{work.id}"), work.created_at))
     rows.sort(key=lambda e: e.id)
     items = tuple(work_item(w, {vm.id: vm}, names) for w in sorted(works, key=lambda w: w.id, reverse=True))
     return VmPage(vm_line(vm, names), items, tuple(rows[-history_limit:]))

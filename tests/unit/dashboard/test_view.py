@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvmha.manager.core.model import HostId, HostRecord, HostStatus, HostUuid
-from kvmha.manager.dashboard.view import Health, host_health
+from kvmha.manager.core.model import HostId, HostRecord, HostStatus, HostUuid, VmId, VmRecord, VmState, VmUuid
+from kvmha.manager.dashboard.view import Health, build_vm_page, host_health, recent_of
+from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.store import AgentInfo, HostDetails
 
 
@@ -43,3 +44,27 @@ def test_details_say_why() -> None:
     got = health(details(watchdog_s=20.0, leases="lockd"))
     assert "20 s" in got["watchdog"].detail and "lockd" in got["lease"].detail
     assert "daemon unreachable" in health(details(detail="daemon unreachable"))["watchdog"].detail
+
+
+def test_vm_history_is_its_own_even_when_its_id_was_used_before() -> None:
+    store = MemoryStore(wall=lambda: 100.0)
+    with store.unit_of_work() as uow:
+        old = VmRecord(VmId(1), VmUuid("u-old"), "old", VmState.STOPPED)
+        uow.vms.add(old, 1.0)
+        uow.events.add(1.0, "info", "vm:1", "vm.registered", "registered old")
+        uow.events.add(2.0, "info", "vm:1", "vm.deleted", "old deleted")
+        uow.vms.delete(VmId(1))
+        uow.vms.add(VmRecord(VmId(1), VmUuid("u-new"), "new", VmState.RUNNING), 3.0)
+        uow.events.add(3.0, "info", "vm:1", "vm.registered", "registered new")
+        for second in range(1200):  # more than one page of the store's listing
+            uow.events.add(4.0 + second, "info", "vm:1", "vm.power", f"power {second}")
+        uow.commit()
+    with store.unit_of_work() as uow:
+        new = uow.vms.find("new")
+        assert new is not None
+        page = build_vm_page(uow, new, history_limit=10)
+        assert [e.message for e in page.history] == [f"power {n}" for n in range(1190, 1200)]
+        everything = build_vm_page(uow, new, history_limit=5000)
+        assert everything.history[0].message == "registered new"
+        assert all("old" not in e.message for e in everything.history)
+        assert len(recent_of(uow, "vm:1", 3)) == 3
