@@ -9,10 +9,23 @@ Invariants:
   its commands, fences or BMC queries leave, so a manager that dies mid-recovery restarts from a store that knows
   everything it had started. When the store fails the driver retries (backing off up to `DB_RETRY_MAX_S`) for as
   long as it takes: facts wait in the inbox, nothing is lost, nothing is done without a record.
+- **No decision while the store cannot commit.** A probe (`store_probe_interval_s`) and the driver's own writes
+  tell whether the store commits (kvmha.manager.storewatch). While it does not, the driver handles nothing and runs
+  no deadline (no host is declared behind, nothing is fenced or restarted) and refuses operator operations at once;
+  the pings that arrive meanwhile wait, coalesced, in the inbox. When it commits again the core hears
+  `StoreRecovered` before anything else is judged: every host gets a fresh silence window.
+- **One bad fact never blocks the others.** When the store commits but refuses a batch, the batch is written fact
+  by fact; a fact whose changes it still refuses is dropped (its commands never leave) with an alert event and a
+  log line, and everything else goes on.
+- **Silence measured on arrival.** Every fact is stamped when it arrives (kvmha.manager.inbox) and the core counts
+  a host's silence from its last ping's arrival; repeated pings of one host waiting in the inbox coalesce into the
+  latest. The journal hears each fact's wait (arrival → handled): the driver's lag.
 - **Batching.** One transaction records up to `MAX_FACTS_PER_BATCH` facts' worth of changes (a thousand agents
   reconnecting at once would otherwise queue their pings behind each other's writes until they look silent).
-- **Received before judged.** The core's deadlines run (`Core.tick`) only after every fact received before that
-  moment has been handled: a ping that waited in the inbox while the store was slow still counts.
+- **Received before judged.** The core's deadlines run (`Core.tick(now)`) only after every fact received before
+  `now` has been handled: a ping that waited in the inbox while the store was slow still counts.
+- **Health.** `health()` names why the manager should say NOT_SERVING: the store has not committed, or the driver
+  has not finished a batch, for longer than `not_serving_after_s`.
 - **Operator operations in order.** An operation runs in its own transaction after everything before it is
   recorded; the facts it yields go to the core at once, and the caller's future resolves only when their effects
   are recorded, so the caller reads its own writes.
@@ -26,8 +39,8 @@ adapters/clock.py on the way out (`_persist`) and in (`start`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, assert_never
@@ -39,7 +52,9 @@ from kvmha.manager.core.config import CONFIG_SPECS, ConfigError, CoreConfig
 from kvmha.manager.core.core import Core
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 from kvmha.manager.env import Commit, Env
+from kvmha.manager.inbox import Inbox
 from kvmha.manager.store import ConfigRow, UnitOfWork
+from kvmha.manager.storewatch import StoreWatch
 
 log = logging.getLogger("kvmha.manager.driver")
 T = TypeVar("T")
@@ -54,6 +69,10 @@ class ManagerStopped(RuntimeError):
     """An operator operation was still waiting when the driver stopped."""
 
 
+class StoreUnavailable(RuntimeError):
+    """An operator operation refused because the store cannot commit (nothing is decided meanwhile)."""
+
+
 @dataclass(frozen=True)
 class DriverSettings:
     manager_id: str
@@ -61,6 +80,9 @@ class DriverSettings:
     version: str = ""
     config_overrides: tuple[tuple[str, str], ...] = ()  # manager.toml's [config]: wins over the stored values
     manager_stale_after_s: float = 60.0
+    store_probe_interval_s: float = 1.0  # how often the driver checks that the store commits (0: never)
+    store_probe_timeout_s: float = 5.0  # a probe without an answer this long: the store is down
+    not_serving_after_s: float = 10.0  # health NOT_SERVING once the store or the driver is stuck this long
 
 
 @dataclass
@@ -70,57 +92,37 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
 
 
-class _Inbox:
-    """Facts and jobs in arrival order, and the driver's wake-up. Cheaper than asyncio.Queue + wait_for: one future
-    per sleep, and one loop timer that is moved only when the core's next deadline moves (most facts do not move
-    it) — it matters when the simulator pushes millions of pings through here."""
+class Batch:
+    """The actions of one transaction with the fact (or "timers") each came from, so that a batch the store
+    refuses can be written again fact by fact."""
 
     def __init__(self) -> None:
-        self.items: deque[facts.Fact | _Job[Any]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.actions: list[a.Action] = []
+        self.sources: list[tuple[str, int, int]] = []  # (what caused them, first index, end index)
+        self.facts = 0
+        self.ticked = False
 
-    def put(self, item: facts.Fact | _Job[Any]) -> None:
-        self.items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def add(self, source: str, actions: list[a.Action]) -> None:
+        if actions:
+            self.sources.append((source, len(self.actions), len(self.actions) + len(actions)))
+            self.actions += actions
 
-    async def wait(self, deadline: float | None, now: float) -> None:
-        """Return when an item is there or the loop's clock reaches `deadline` (None: no deadline)."""
-        if self.items or (deadline is not None and deadline <= now):
-            return
-        loop = asyncio.get_running_loop()
-        if deadline != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = None if deadline is None else loop.call_at(deadline, self._ring)
-            self._timer_at = deadline
-        self._waiter = loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
 
-    def _ring(self) -> None:
-        self._timer, self._timer_at = None, None
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, None
+def _source(fact: facts.Fact) -> str:
+    host_id = getattr(fact, "host_id", None)
+    return type(fact).__name__ + (f" of host {host_id}" if host_id is not None else "")
 
 
 class Driver:
     def __init__(self, env: Env, settings: DriverSettings) -> None:
         self.env, self.settings = env, settings
-        self._inbox = _Inbox()
+        self._inbox: Inbox[_Job[Any]] = Inbox()
         self._core: Core | None = None
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self.store = StoreWatch(env.clock, env.journal, lambda down_s: self.submit(facts.StoreRecovered(down_s)))
+        self.busy_since: float | None = None  # when the batch being handled began; None while waiting
+        self._stopping = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -140,7 +142,10 @@ class Driver:
         )
         log.info("event=manager_started manager_id=%s hosts=%d vms=%d active_work=%d", self.settings.manager_id,
                  len(hosts), len(vms), sum(work.step.active for work in works))
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"driver-{self.settings.manager_id}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name=f"driver-{self.settings.manager_id}")
+        if self.settings.store_probe_interval_s > 0:
+            self._probe = loop.create_task(self._probe_store(), name=f"store-probe-{self.settings.manager_id}")
 
     def _load(
         self, uow: UnitOfWork
@@ -161,14 +166,22 @@ class Driver:
         return config, hosts, vms, works, next_work_id
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._stopping = True
+        for task in (self._probe, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._inbox.close()
-        for item in self._inbox.items:  # operator operations that will never run: their callers must hear it
-            if isinstance(item, _Job) and not item.future.done():
-                item.future.set_exception(ManagerStopped("the manager stopped before it ran the operation"))
+        self._fail_jobs(ManagerStopped("the manager stopped before it ran the operation"))
         self._inbox.items.clear()
+
+    def _fail_jobs(self, error: Exception) -> None:
+        """Operator operations waiting in the inbox that will not run now: their callers must hear it."""
+        for key, (item, _) in list(self._inbox.items.items()):
+            if isinstance(item, _Job):
+                del self._inbox.items[key]
+                if not item.future.done():
+                    item.future.set_exception(error)
 
     @property
     def task(self) -> asyncio.Task[None]:
@@ -190,17 +203,41 @@ class Driver:
         """The configuration in effect: the core's (one owner)."""
         return self._core.config if self._core is not None else CoreConfig()
 
+    @property
+    def backlog(self) -> int:
+        """Facts and operations waiting for the driver (at most one ping per host)."""
+        return len(self._inbox)
+
+    @property
+    def coalesced(self) -> int:
+        """Pings replaced by a newer ping of the same host while they waited."""
+        return self._inbox.coalesced
+
+    def health(self) -> str | None:
+        """Why the manager should answer NOT_SERVING now, or None while it serves."""
+        limit_s = self.settings.not_serving_after_s
+        if self.store.down_for_s() > limit_s:
+            return f"the database has not committed for {self.store.down_for_s():.0f} s"
+        busy_since = self.busy_since
+        if busy_since is not None and self.env.clock.monotonic() - busy_since > limit_s:
+            return f"the driver has not finished a batch for {self.env.clock.monotonic() - busy_since:.0f} s"
+        return None
+
     # ------------------------------------------------------------------ inputs
 
-    def submit(self, fact: facts.Fact) -> None:
-        """A fact observed now: handled in arrival order. Call it on the driver's event loop."""
-        self._inbox.put(fact)
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
+        """A fact, received at `received_at` (default: now, on the monotonic clock); handled in arrival order. Call
+        it on the driver's event loop."""
+        self._inbox.put(fact, self.env.clock.monotonic() if received_at is None else received_at)
 
     async def run(self, operation: Operation[T], then: Callable[[T], Sequence[facts.Fact]] | None = None) -> T:
         """Run `operation` in one transaction in the driver's order, then feed the facts `then` derives from its
-        result to the core; returns once what they caused is recorded."""
+        result to the core; returns once what they caused is recorded. Refused at once (StoreUnavailable) while
+        the store cannot commit."""
+        if self.store.down:
+            raise StoreUnavailable(f"the database has not committed for {self.store.down_for_s():.0f} s")
         job: _Job[T] = _Job(operation, then, asyncio.get_running_loop().create_future())
-        self._inbox.put(job)
+        self._inbox.put(job, self.env.clock.monotonic())
         return await job.future
 
     async def read(self, operation: Operation[T]) -> T:
@@ -220,16 +257,17 @@ class Driver:
             # The loop's timers run on clock.monotonic() (the Env's contract), so the deadline is a loop time.
             if not inbox.items:
                 await inbox.wait(deadline, clock.monotonic())
+            if self.store.down:
+                await self._hold_while_down()
+                continue  # StoreRecovered now waits in the inbox: it is handled before anything is judged
             now = clock.monotonic()
-            received, inbox.items = inbox.items, deque()
-            batch: list[a.Action] = []
-            handled = 0
-            for item in received:
+            self.busy_since = now
+            batch = Batch()
+            for item, received_at in inbox.take():
                 if isinstance(item, _Job):
                     # An operator's operation reads the store: what the facts before it changed goes first.
-                    if batch:
-                        await self._execute(batch, now, handled)
-                    batch, handled = [], 0
+                    await self._execute(batch, now)
+                    batch = Batch()
                     try:
                         await self._run_job(item, now)
                     except asyncio.CancelledError:
@@ -237,20 +275,25 @@ class Driver:
                             item.future.set_exception(ManagerStopped("the manager stopped during the operation"))
                         raise
                     continue
-                journal.fact_handled(item)
-                batch += core.handle(item, now)
-                handled += 1
-                if handled >= MAX_FACTS_PER_BATCH:
-                    if batch:
-                        await self._execute(batch, now, handled)
-                    batch, handled = [], 0
+                journal.fact_handled(item, now - received_at)
+                batch.add(_source(item), core.handle(item, now, received_at))
+                batch.facts += 1
+                if batch.facts >= MAX_FACTS_PER_BATCH:
+                    await self._execute(batch, now)
+                    batch = Batch()
             deadline = core.next_deadline()
-            ticked = deadline is not None and deadline <= now
-            if ticked:
-                batch += core.tick(now)
+            if deadline is not None and deadline <= now and not self.store.down:
+                batch.add("timers", core.tick(now))
+                batch.ticked = True
                 deadline = core.next_deadline()
-            if batch:
-                await self._execute(batch, now, handled, ticked)
+            await self._execute(batch, now)
+            self.busy_since = None
+
+    async def _hold_while_down(self) -> None:
+        """The store cannot commit: decide nothing, refuse operations, wait (pings coalesce meanwhile)."""
+        while self.store.down:
+            self._fail_jobs(StoreUnavailable("the database cannot commit; try again when it is back"))
+            await self.store.wait_up(1.0)
 
     async def _run_job(self, job: _Job[Any], now: float) -> None:
         try:
@@ -260,53 +303,139 @@ class Driver:
             if not job.future.done():
                 job.future.set_exception(error)
             return
-        produced: list[a.Action] = []
+        batch = Batch()
         for fact in derived:
-            self.env.journal.fact_handled(fact)
-            produced += self.core.handle(fact, now)
-        await self._execute(produced, now, len(derived))
+            self.env.journal.fact_handled(fact, 0.0)
+            batch.add(_source(fact), self.core.handle(fact, now))
+            batch.facts += 1
+        await self._execute(batch, now)
         if not job.future.done():  # the caller may have gone away meanwhile
             job.future.set_result(result)
 
     # ------------------------------------------------------------------ actions
 
-    async def _execute(self, batch: list[a.Action], now: float, handled: int, ticked: bool = False) -> None:
-        if not batch:
+    async def _execute(self, batch: Batch, now: float) -> None:
+        if not batch.actions:
             return
         env, config = self.env, self.config
-        persisted = [to_wall_action(action, env.clock) for action in batch if isinstance(action, PERSISTED)]
-        if persisted:
-            attempts = await self._persist(persisted)
-            env.journal.committed(_summary(persisted, batch, now, env.clock.monotonic(), handled, ticked, attempts))
+        clock = env.clock
+        groups = [(source, [to_wall_action(action, clock) for action in batch.actions[first:end]
+                            if isinstance(action, PERSISTED)]) for source, first, end in batch.sources]
+        dropped: set[int] = set()
+        if any(persisted for _, persisted in groups):
+            attempts, dropped = await self._persist(groups)
+            persisted = [action for index, (_, group) in enumerate(groups) if index not in dropped for action in group]
+            env.journal.committed(_summary(persisted, batch, now, clock.monotonic(), attempts))
         answer, sent = self.submit, []
-        for action in batch:
-            env.journal.action_taken(action, now)
-            match action:
-                case a.SendCommand():
-                    env.transport.send_command(action, answer)
-                    sent.append(action.request_id)
-                case a.Fence():
-                    env.transport.fence(action, config.fence_timeout_s, answer)
-                    sent.append(action.request_id)
-                case a.QueryBmc():
-                    timeout_s = min(config.investigation_timeout_s, config.fence_timeout_s)
-                    env.transport.query_bmc(action, timeout_s, answer)
-                    sent.append(action.request_id)
-                case a.DisconnectAgent():
-                    env.transport.disconnect(action)
-                case a.SaveHost() | a.SaveVm() | a.SaveWork() | a.DeleteVmRecord() | a.RecordEvent():
-                    pass  # recorded above, before anything left
-                case _:
-                    assert_never(action)
-        sent_at = env.clock.monotonic()
+        for index, (_, first, end) in enumerate(batch.sources):
+            if index in dropped:
+                continue  # never recorded: nothing of it may act
+            for action in batch.actions[first:end]:
+                env.journal.action_taken(action, now)
+                match action:
+                    case a.SendCommand():
+                        env.transport.send_command(action, answer)
+                        sent.append(action.request_id)
+                    case a.Fence():
+                        env.transport.fence(action, config.fence_timeout_s, answer)
+                        sent.append(action.request_id)
+                    case a.QueryBmc():
+                        timeout_s = min(config.investigation_timeout_s, config.fence_timeout_s)
+                        env.transport.query_bmc(action, timeout_s, answer)
+                        sent.append(action.request_id)
+                    case a.DisconnectAgent():
+                        env.transport.disconnect(action)
+                    case a.SaveHost() | a.SaveVm() | a.SaveWork() | a.DeleteVmRecord() | a.RecordEvent():
+                        pass  # recorded above, before anything left
+                    case _:
+                        assert_never(action)
+        sent_at = clock.monotonic()
         if sent and sent_at > now:
             # They left later than the core decided (the store was slow): their deadlines count from now.
-            await self._execute(self.core.handle(facts.CommandsDispatched(tuple(sent)), sent_at), sent_at, 1)
+            late = Batch()
+            late.add("late commands", self.core.handle(facts.CommandsDispatched(tuple(sent)), sent_at))
+            late.facts = 1
+            await self._execute(late, sent_at)
 
-    async def _persist(self, batch: list[a.Action]) -> int:
-        """Record the batch; retry until the store takes it. Returns the number of attempts."""
-        _, attempts = await self._retrying(lambda uow: self._write(uow, batch))
-        return attempts
+    async def _persist(self, groups: list[tuple[str, list[a.Action]]]) -> tuple[int, set[int]]:
+        """Record the batch; retry until the store takes it. Returns the attempts and the groups dropped because
+        the store, though it commits, refused them (a poison fact)."""
+        pending = [index for index, (_, group) in enumerate(groups) if group]
+        dropped: set[int] = set()
+        delay_s, attempts = DB_RETRY_FIRST_S, 0
+        while True:
+            attempts += 1
+            actions = [action for index in pending for action in groups[index][1]]
+            try:
+                await self.env.persistence.transact(functools.partial(self._write, batch=actions))
+                self.store.committed()
+                return attempts, dropped
+            except Exception as error:
+                failure: Exception = error
+            if await self._store_commits():
+                # The store commits, this batch does not: one fact's changes at a time, so that one bad fact
+                # (a value the columns cannot hold) never blocks the others.
+                pending = await self._one_by_one(groups, pending, dropped)
+                if not pending:
+                    return attempts, dropped
+            # Nothing of this batch may act before it is recorded: wait for the store, however long.
+            self.env.journal.write_failed(failure, delay_s)
+            self.store.failed(_text(failure))
+            await self.store.wait_up(delay_s)
+            delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
+
+    async def _one_by_one(self, groups: list[tuple[str, list[a.Action]]], pending: list[int],
+                          dropped: set[int]) -> list[int]:
+        """Write each group alone; drop those the store refuses while it commits. Returns the groups still to
+        write (the store went down meanwhile)."""
+        for position, index in enumerate(pending):
+            source, group = groups[index]
+            try:
+                await self.env.persistence.transact(functools.partial(self._write, batch=group))
+                continue
+            except Exception as error:
+                failure: Exception = error
+            if not await self._store_commits():
+                return pending[position:]
+            dropped.add(index)
+            await self._record_drop(source, failure)
+        return []
+
+    async def _record_drop(self, source: str, error: Exception) -> None:
+        message = f"{source}: the database refused its changes ({_text(error)}); dropped, HA work goes on"
+        self.env.journal.fact_dropped(source, _text(error))
+        event = a.RecordEvent(self.env.clock.monotonic(), "alert", "manager", "fact.dropped", message[:2000])
+        wall_event = to_wall_action(event, self.env.clock)
+        try:
+            await self.env.persistence.transact(functools.partial(self._write, batch=[wall_event]))
+        except Exception as failure:  # the log line above says it anyway
+            log.error("event=fact_drop_unrecorded error=%s", _text(failure))
+
+    async def _store_commits(self) -> bool:
+        """Probe the store: True when a transaction commits within the probe timeout."""
+        manager_id = self.settings.manager_id
+
+        def probe(uow: UnitOfWork) -> None:
+            uow.managers.heartbeat(manager_id, uow.now)
+            uow.commit()
+
+        began_at, timeout_s = self.env.clock.monotonic(), self.settings.store_probe_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.env.persistence.transact(probe)
+        except TimeoutError:
+            self.store.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
+            return False
+        except Exception as error:
+            self.store.failed(_text(error))
+            return False
+        self.store.committed()
+        return True
+
+    async def _probe_store(self) -> None:
+        while not self._stopping:  # (a cancel that meets a finished transaction can be swallowed: say it twice)
+            await asyncio.sleep(self.settings.store_probe_interval_s)
+            await self._store_commits()
 
     async def _retrying(self, operation: Operation[T]) -> tuple[T, int]:
         """The operation's result and the attempts it took; waits for the store however long it is down."""
@@ -316,7 +445,6 @@ class Driver:
             try:
                 return await self.env.persistence.transact(operation), attempts
             except Exception as error:
-                # Nothing of this batch may act before it is recorded: wait for the store, however long.
                 self.env.journal.write_failed(error, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
@@ -338,6 +466,11 @@ class Driver:
         uow.commit()
 
 
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def effective_config(rows: Sequence[ConfigRow], overrides: Mapping[str, str]) -> CoreConfig:
     """The stored values with the file's overrides on top. A bad stored value must not keep the manager down: fall
     back to the file's settings, then to the defaults, and say so loudly each time."""
@@ -351,11 +484,10 @@ def effective_config(rows: Sequence[ConfigRow], overrides: Mapping[str, str]) ->
     return CoreConfig()
 
 
-def _summary(persisted: list[a.Action], batch: list[a.Action], decided_at: float, committed_at: float, handled: int,
-             ticked: bool, attempts: int) -> Commit:
+def _summary(persisted: list[a.Action], batch: Batch, decided_at: float, committed_at: float, attempts: int) -> Commit:
     kinds = [type(action) for action in persisted]
-    sent = sum(isinstance(action, (a.SendCommand, a.Fence, a.QueryBmc)) for action in batch)
-    return Commit(decided_at=decided_at, committed_at=committed_at, facts=handled, ticked=ticked,
+    sent = sum(isinstance(action, (a.SendCommand, a.Fence, a.QueryBmc)) for action in batch.actions)
+    return Commit(decided_at=decided_at, committed_at=committed_at, facts=batch.facts, ticked=batch.ticked,
                   hosts=kinds.count(a.SaveHost), vms=kinds.count(a.SaveVm), works=kinds.count(a.SaveWork),
                   events=kinds.count(a.RecordEvent), deleted=kinds.count(a.DeleteVmRecord), commands=sent,
                   attempts=attempts)

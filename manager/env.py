@@ -15,7 +15,8 @@ The parts:
 - `Transport`: commands to agents, fences and BMC queries, agent disconnects. Every answer comes back as a fact
   through the one `Submit` callable the driver passes in (ok=False when it cannot even be sent); an answer that
   never comes is timed out by the core itself.
-- `Journal`: what the driver observed (facts handled, actions taken, transactions committed, failed writes);
+- `Journal`: what the driver observed (facts handled and how long each waited, actions taken, transactions
+  committed, failed writes, the store's outages, poison facts dropped);
   production turns it into logs, metrics and event-follower wake-ups, the simulator into log lines.
 """
 
@@ -68,10 +69,13 @@ class Commit:
 
 
 class Journal(Protocol):
-    def fact_handled(self, fact: facts.Fact) -> None: ...
+    def fact_handled(self, fact: facts.Fact, waited_s: float) -> None: ...  # waited_s: arrival -> handled
     def action_taken(self, action: actions.Action, now: float) -> None: ...
     def committed(self, commit: Commit) -> None: ...
     def write_failed(self, error: BaseException, retry_in_s: float) -> None: ...
+    def store_unavailable(self, error: str) -> None: ...  # once per outage
+    def store_available(self, down_s: float) -> None: ...  # once, when it commits again
+    def fact_dropped(self, source: str, error: str) -> None: ...  # a poison fact the store refused
 
 
 @dataclass(frozen=True, slots=True)

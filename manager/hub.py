@@ -105,8 +105,9 @@ class AgentHub:
         return WelcomeTerms(host_id, config.ping_interval_s, config.ping_timeout_s, self._driver.settings.manager_id,
                             config.isolation_after_s)
 
-    def submit(self, fact: facts.Fact) -> None:
-        self._driver.submit(fact)
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
+        """`received_at`: when the adapter read it (the manager's monotonic clock); default now."""
+        self._driver.submit(fact, received_at)
 
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
         """An event about the wire (a refused identity, a malformed message), recorded in the driver's order

@@ -127,7 +127,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    refresher = asyncio.create_task(_refresh_metrics(service))
+    refresher = asyncio.create_task(_refresh_metrics(service, health_servicer))
     stopping = asyncio.create_task(stop.wait())
     try:
         # The driver ends only with a core bug (an impossible transition): stop the manager loudly; a restart
@@ -166,12 +166,30 @@ async def _migrate_when_reachable(engine: Engine) -> None:
             delay_s = min(delay_s * 2, 30.0)
 
 
-async def _refresh_metrics(service: ManagerService) -> None:
+async def _refresh_metrics(service: ManagerService, health: health_aio.HealthServicer) -> None:
+    """Gauges every few seconds; the health status every second: NOT_SERVING while the driver says why (the store
+    has not committed, or a batch has not finished, for longer than its set time), said once each way."""
+    not_serving: str | None = None
+    tick = 0
     while True:
+        reason = service.driver.health()
+        if (reason is None) != (not_serving is None):
+            status = health_pb2.HealthCheckResponse.SERVING if reason is None else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", HEALTH_SERVICE):
+                await health.set(name, status)
+            if reason is None:
+                log.warning("event=health status=SERVING")
+            else:
+                log.error("event=health status=NOT_SERVING reason=%s", reason)
+        not_serving = reason
         core = service.core
-        if core is not None:
+        if core is not None and tick % int(METRICS_REFRESH_S) == 0:
             service.metrics.refresh(core.hosts.values(), core.vms, core.works.values(), len(service.links))
-        await asyncio.sleep(METRICS_REFRESH_S)
+        service.metrics.backlog.set(service.driver.backlog)
+        service.metrics.coalesced.set(service.driver.coalesced)
+        tick += 1
+        await asyncio.sleep(1.0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from kvmha.manager.core import actions, facts
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 
 LATENCY_BUCKETS_S = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+LAG_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
 
 class Metrics:
@@ -29,6 +30,17 @@ class Metrics:
         self.commands = Counter("kvmha_commands_total", "Commands sent to agents", ["command"], registry=r)
         self.fences = Counter("kvmha_fence_results_total", "Fence results", ["result"], registry=r)
         self.db_errors = Counter("kvmha_db_errors_total", "Failed database writes (retried)", registry=r)
+        self.store_available = Gauge("kvmha_store_available", "1 while the database commits, 0 during an outage",
+                                     registry=r)
+        self.store_available.set(1)
+        self.facts_dropped = Counter("kvmha_facts_dropped_total", "Facts whose changes the database refused",
+                                     registry=r)
+        self.driver_lag = Histogram(
+            "kvmha_driver_lag_seconds", "A fact's arrival (stamped by the adapter) to the driver handling it",
+            buckets=LAG_BUCKETS_S, registry=r)
+        self.backlog = Gauge("kvmha_driver_backlog", "Facts and operations waiting for the driver", registry=r)
+        self.coalesced = Gauge("kvmha_pings_coalesced", "Pings replaced by a newer one of the same host while "
+                               "they waited for the driver (total)", registry=r)
         self.detection_latency = Histogram(
             "kvmha_detection_latency_seconds", "Last ping of a host to its being declared behind",
             buckets=LATENCY_BUCKETS_S, registry=r)
@@ -41,8 +53,9 @@ class Metrics:
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
-    def observe_fact(self, fact: facts.Fact) -> None:
+    def observe_fact(self, fact: facts.Fact, waited_s: float = 0.0) -> None:
         self.facts.labels(type(fact).__name__).inc()
+        self.driver_lag.observe(waited_s)
         if isinstance(fact, facts.FenceCompleted):
             self.fences.labels("already_off" if fact.already_off else "ok" if fact.ok else "failed").inc()
 

@@ -109,8 +109,8 @@ class ProductionJournal:
         self.metrics = metrics
         self.event_listeners: list[Callable[[], None]] = []
 
-    def fact_handled(self, fact: facts.Fact) -> None:
-        self.metrics.observe_fact(fact)
+    def fact_handled(self, fact: facts.Fact, waited_s: float) -> None:
+        self.metrics.observe_fact(fact, waited_s)
 
     def action_taken(self, action: actions.Action, now: float) -> None:
         self.metrics.observe_action(action, now)
@@ -122,8 +122,20 @@ class ProductionJournal:
 
     def write_failed(self, error: BaseException, retry_in_s: float) -> None:
         text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-        log.error("event=db_write_failed error=%s retry_in_s=%.1f", text, retry_in_s)
+        log.debug("event=db_write_failed error=%s retry_in_s=%.1f", text, retry_in_s)
         self.metrics.db_errors.inc()
+
+    def store_unavailable(self, error: str) -> None:
+        log.error("event=db_unavailable error=%s action=no_decisions_until_it_commits", error)
+        self.metrics.store_available.set(0)
+
+    def store_available(self, down_s: float) -> None:
+        log.warning("event=db_available down_s=%.1f action=fresh_silence_window_for_every_host", down_s)
+        self.metrics.store_available.set(1)
+
+    def fact_dropped(self, source: str, error: str) -> None:
+        log.error("event=fact_dropped source=%s error=%s", source, error)
+        self.metrics.facts_dropped.inc()
 
 
 class ManagerService:
@@ -168,8 +180,8 @@ class ManagerService:
     def welcome(self, host_id: HostId) -> WelcomeTerms:
         return self.hub.welcome(host_id)
 
-    def submit(self, fact: facts.Fact) -> None:
-        self.driver.submit(fact)
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
+        self.driver.submit(fact, received_at)
 
     def record_event(self, severity: actions.Severity, kind: str, message: str) -> None:
         self.hub.record_event(severity, kind, message)

@@ -57,7 +57,7 @@ class LinkHub(Protocol):
 
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId: ...
     def welcome(self, host_id: HostId) -> WelcomeTerms: ...
-    def submit(self, fact: facts.Fact) -> None: ...
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None: ...
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
         """An event about a stream (a refused identity, a malformed message), outside the core's facts."""
 
@@ -281,8 +281,8 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                 if message.WhichOneof("msg") == "goodbye":
                     return True
                 fact = self._fact(message, session)
-                if fact is not None:
-                    self._hub.submit(fact)
+                if fact is not None:  # stamped with its arrival: the core counts silence from here
+                    self._hub.submit(fact, session.last_heard_at)
             return False
         except (WireError, StreamError) as error:
             status = error.status if isinstance(error, StreamError) else grpc.StatusCode.INVALID_ARGUMENT

@@ -33,6 +33,7 @@ class Ctx:
     def __init__(self, config: CoreConfig, now: float, request_prefix: str) -> None:
         self.config = config
         self.now = now
+        self.received_at = now  # when the fact being handled arrived (<= now); see Core.handle
         self.started_at = now
         self.hosts: dict[HostId, HostRecord] = {}
         self.vms = VmIndex()

@@ -122,15 +122,21 @@ class Core:
 
     # ------------------------------------------------------------ driver API
 
-    def handle(self, fact: f.Fact, now: float) -> list[Action]:
+    def handle(self, fact: f.Fact, now: float, received_at: float | None = None) -> list[Action]:
+        """`received_at`: when the fact arrived at the manager (default: `now`). A ping counts from its arrival,
+        however long it waited for the driver: a backlog is not silence."""
         ctx = self._begin(now)
+        ctx.received_at = ctx.now if received_at is None else min(received_at, ctx.now)
         self._dispatch(fact)
         return self._end(ctx)
 
     def tick(self, now: float) -> list[Action]:
-        """Run everything due at `now`: the monitor, command and investigation deadlines, retries, grace periods."""
+        """Run everything due at `now`: the monitor, command and investigation deadlines, retries, grace periods.
+        The caller promises that every fact received before `now` has been handled (the driver ticks only after
+        its inbox's batch); silence is judged at `now`, even if the core's clock has moved past it (commands that
+        left late are handled at the time they left, before pings that arrived meanwhile)."""
         ctx = self._begin(now)
-        self._hosts.monitor()
+        self._hosts.monitor(now)
         for key in ctx.timers.pop_due(now):
             ctx.decisions += 1
             self._on_timer(key)
@@ -179,6 +185,7 @@ class Core:
         # Actions decided while restoring (restarted investigations) go out with the first batch.
         ctx.out, self._startup_actions = self._startup_actions, []
         ctx.decisions += 1
+        ctx.received_at = ctx.now
         return ctx
 
     def _end(self, ctx: Ctx) -> list[Action]:
@@ -206,6 +213,8 @@ class Core:
                 self._on_bmc_reported(fact)
             case f.CommandsDispatched():
                 self._on_dispatched(fact)
+            case f.StoreRecovered():
+                hosts.on_store_recovered(fact)
             case f.HostRegistered():
                 operator.host_registered(fact)
             case f.HostRemoved():

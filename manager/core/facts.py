@@ -146,6 +146,15 @@ class CommandsDispatched:
     request_ids: tuple[RequestId, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRecovered:
+    """The store commits again after `down_s` seconds in which it could not. While it was down the driver made no
+    decision (nothing could be recorded) and agents may have failed to reconnect (registering needs the store):
+    every host gets a fresh silence window before anyone is judged."""
+
+    down_s: float
+
+
 # ---------------------------------------------------------------- operator
 
 
@@ -237,6 +246,7 @@ Fact = (
     | FenceCompleted
     | BmcPowerReported
     | CommandsDispatched
+    | StoreRecovered
     | HostRegistered
     | HostRemoved
     | HostMaintenanceChanged

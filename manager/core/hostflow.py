@@ -151,10 +151,9 @@ class HostFlow:
         host.lease_manager = fact.lease_manager
         self._note_watchdog(host, fact.watchdog)
         self.awaiting_rejoin.discard(host.id)
-        host.last_ping_at = self.ctx.now
+        self._heard(host)
         self.ctx.connected.add(host.id)
         self._forget_silence(host.id)
-        self.pingmap.ping(host.id, self.ctx.now)
         self.transition(host, HostEvent.AGENT_CONNECTED, f"agent connected, boot {fact.boot_id}")
 
     def _forget_silence(self, host_id: HostId) -> None:
@@ -169,8 +168,7 @@ class HostFlow:
         host = self.ctx.hosts.get(fact.host_id)
         if host is None or host.id not in self.ctx.connected:
             return  # a ping from a link that is already gone
-        host.last_ping_at = self.ctx.now
-        self.pingmap.ping(host.id, self.ctx.now)
+        self._heard(host)
         if self._note_watchdog(host, fact.watchdog):
             self.ctx.save_host(host)
         if host.status in (S.INVESTIGATING, S.ALERT):
@@ -213,6 +211,26 @@ class HostFlow:
         bound_s = self_fenced_after_s(config.isolation_after_s, config.isolation_margin_s, host.watchdog_timeout_s)
         return (SelfFence.BACKED if backed else SelfFence.NONE), bound_s
 
+    def _heard(self, host: HostRecord) -> None:
+        """The host's agent was heard when the fact arrived (not when the driver got to it); never backwards."""
+        at = self.ctx.received_at
+        if host.last_ping_at is None or at > host.last_ping_at:
+            host.last_ping_at = at
+        self.pingmap.ping(host.id, at)
+
+    def on_store_recovered(self, fact: f.StoreRecovered) -> None:
+        """The store is back after an outage in which nothing could be decided: every host gets a fresh silence
+        window (agents that could not re-register meanwhile were refused through no fault of their own)."""
+        config, now = self.ctx.config, self.ctx.now
+        self.pingmap.refresh_all(now)
+        for host_id in self.awaiting_rejoin:
+            due = self.ctx.timers.due_at(RejoinDeadline(host_id))
+            if due is not None and due < now + config.ping_timeout_s:
+                self.ctx.timers.schedule(RejoinDeadline(host_id), now + config.ping_timeout_s)
+        self.ctx.event("warning", "manager", "store.recovered",
+                       f"the database could not commit for {fact.down_s:.1f} s; decisions waited for it; every host "
+                       f"gets a fresh silence window of {config.ping_timeout_s:.0f} s")
+
     def on_agent_disconnected(self, fact: f.AgentDisconnected) -> None:
         host = self.ctx.hosts.get(fact.host_id)
         if host is None or host.id not in self.ctx.connected:
@@ -242,11 +260,14 @@ class HostFlow:
     def next_deadline(self) -> float | None:
         return self.pingmap.next_behind_at(self.ctx.config.ping_timeout_s)
 
-    def monitor(self) -> None:
-        for host_id, silent_s in self.pingmap.take_behind(self.ctx.now, self.ctx.config.ping_timeout_s):
+    def monitor(self, now: float) -> None:
+        """Hosts silent since before `now` - ping.timeout are behind. `now` is the time up to which every arrival
+        has been handled (see Core.tick), which may lag the core's clock."""
+        for host_id, _ in self.pingmap.take_behind(now, self.ctx.config.ping_timeout_s):
             host = self.ctx.hosts.get(host_id)
             if host is not None and host.status in (S.UP, S.CONNECTING):
-                self._behind(host, silent_s)
+                # The silence reported is the host's own (since its last arrival), not the refreshed window.
+                self._behind(host, now - (host.last_ping_at if host.last_ping_at is not None else now))
 
     def wants_ha(self, host: HostRecord) -> bool:
         if host.resource_state is ResourceState.DISABLED and not self.ctx.config.ha_disabled_hosts:

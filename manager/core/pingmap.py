@@ -16,9 +16,19 @@ class PingMap:
         self._last: dict[HostId, float] = {}
 
     def ping(self, host_id: HostId, at: float) -> None:
-        """Insert or refresh a host (agent connected, or pinged)."""
+        """Insert or refresh a host (agent connected, or pinged). Arrival stamps come in order (the driver's inbox
+        keeps it); should one ever be older than the newest entry, it is counted as that newest time: a host is
+        then judged later, never earlier, and the map stays ordered."""
         self._last.pop(host_id, None)
+        if self._last:
+            at = max(at, next(reversed(self._last.values())))
         self._last[host_id] = at
+
+    def refresh_all(self, at: float) -> None:
+        """Every host's silence counts from `at` at the earliest (a fresh window for everyone, order kept)."""
+        fresh = {host_id: at for host_id, last in self._last.items() if last < at}
+        fresh.update((host_id, last) for host_id, last in self._last.items() if last >= at)
+        self._last = fresh
 
     def remove(self, host_id: HostId) -> None:
         self._last.pop(host_id, None)

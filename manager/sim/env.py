@@ -44,11 +44,24 @@ class SimClock:
         return wall
 
 
+class DriverHold:
+    """An operation that holds the driver for `seconds` without touching the store (the `driver stall` fault): run
+    in the driver's order like an operator operation, it keeps the driver from its inbox while the world goes on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, uow: UnitOfWork) -> None:
+        pass
+
+
 class SimPersistence:
     def __init__(self, store: MemoryStore, clock: SimClock) -> None:
         self._store, self._clock = store, clock
 
     async def transact(self, operation: Callable[[UnitOfWork], T]) -> T:
+        if isinstance(operation, DriverHold):
+            await asyncio.sleep(operation.seconds)
         # Never suspends unless the database is stalled: a transaction takes no simulated time, as before.
         wait_s = self._store.stalled_until - self._clock.monotonic()
         if wait_s > 0:
@@ -86,9 +99,13 @@ class SimJournal:
         self.commits = 0
         self.largest_batch = 0  # most facts recorded by one transaction
         self.write_failures = 0
+        self.longest_wait_s = 0.0  # the driver's largest lag (a fact's arrival -> handled)
+        self.dropped = 0
+        self.outages = 0
 
-    def fact_handled(self, fact: facts.Fact) -> None:
+    def fact_handled(self, fact: facts.Fact, waited_s: float) -> None:
         self.facts += 1
+        self.longest_wait_s = max(self.longest_wait_s, waited_s)
 
     def action_taken(self, action: actions.Action, now: float) -> None:
         pass
@@ -101,6 +118,17 @@ class SimJournal:
     def write_failed(self, error: BaseException, retry_in_s: float) -> None:
         self.write_failures += 1
         self._log_line("db", self._clock.monotonic(), f"write failed ({error}); retry in {retry_in_s:.1f} s")
+
+    def store_unavailable(self, error: str) -> None:
+        self.outages += 1
+        self._log_line("db", self._clock.monotonic(), f"database unavailable ({error}): no decisions until it commits")
+
+    def store_available(self, down_s: float) -> None:
+        self._log_line("db", self._clock.monotonic(), f"database commits again after {down_s:.1f} s")
+
+    def fact_dropped(self, source: str, error: str) -> None:
+        self.dropped += 1
+        self._log_line("db", self._clock.monotonic(), f"dropped {source}: the database refused it ({error})")
 
 
 def describe(commit: Commit) -> str:

@@ -20,6 +20,8 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     migrate vm3 [h2]           (kvmha vm migrate; placement picks when no host is given)
     virsh-migrate vm3 h2       (a live migration an admin runs with virsh, outside kvmha)
     database down|up           database stall 8 (every transaction waits until 8 s from now)
+    driver stall 10            (the driver is held 10 s, as by a long batch or a starved CPU: facts keep arriving,
+                                stamped, and wait in its inbox; the store stays healthy)
 
 Operator commands (maintenance, ha, start, stop) run as the admin API runs them: an operation over the store in the
 driver's order (kvmha.manager.operations), then the operator fact; a refusal is logged.
@@ -176,6 +178,8 @@ def apply(sim: Simulator, command: str) -> None:
             agents.migrations.start(world.hosts[sources[0]], uuid, world.hosts_by_name[arg], sim.epoch, None)
     elif verb == "database":
         _database(sim, target, arg)
+    elif verb == "driver" and target == "stall":
+        sim.stall_driver(float(arg))
     else:
         _host_command(sim, verb, world.hosts_by_name[target], arg, words[3:])
 

@@ -29,7 +29,7 @@ from kvmha.manager.env import Env
 from kvmha.manager.hub import AgentHello, AgentHub
 from kvmha.manager.operations import Operation, OperationError
 from kvmha.manager.sim.agents import Agents
-from kvmha.manager.sim.env import SimClock, SimJournal, SimPersistence, SimTransport
+from kvmha.manager.sim.env import DriverHold, SimClock, SimJournal, SimPersistence, SimTransport
 from kvmha.manager.sim.invariants import Checker
 from kvmha.manager.sim.liveness import Liveness
 from kvmha.manager.sim.loop import VirtualLoop
@@ -213,6 +213,15 @@ class Simulator:
             self.note(f"sim: {host.name} could not register ({error})")
             if epoch == self.epoch:
                 self.agents.drop_stream(host)
+
+    def stall_driver(self, seconds: float) -> None:
+        """Hold the driver `seconds` (sim.env.DriverHold); just before it resumes, note what waited for it."""
+        self.operate(DriverHold(seconds))
+        self.schedule(self.now + seconds - 0.001, self._note_backlog)
+
+    def _note_backlog(self) -> None:
+        driver = self.driver
+        self.note(f"driver: {driver.backlog} facts waiting, {driver.coalesced} pings coalesced so far")
 
     def operate(self, operation: Operation[T], then: Callable[[T], Sequence[f.Fact]] | None = None) -> None:
         """An operator's command, as the admin API runs it (lost while the manager is down)."""

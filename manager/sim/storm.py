@@ -4,8 +4,9 @@ A storm injects faults at random times (a Poisson process from the simulator's o
 good, some back later), network cuts, manager-link cuts, storage loss, full isolation, BMCs dying with their host,
 fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes, lossy and slow links, and manager
 restarts. At most `max_concurrent_share` of the hosts are faulted at once: the mass-silence guard is not under test.
-The manager's own dependencies fail too: the database goes down (every transaction fails, the driver retries with
-back-off and nothing acts before it is recorded) and stalls (every transaction waits), while the faults go on.
+The manager's own dependencies fail too: the database goes down (the driver decides nothing until it commits again,
+then gives every host a fresh silence window) and stalls (every transaction waits), and the driver itself is held
+(a backlog of stamped facts builds up: it must never read as silence), while the faults go on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
 
 DATABASE_OUTAGE_S = (5.0, 30.0)
 DATABASE_STALL_S = (2.0, 10.0)
+DRIVER_STALL_S = (3.0, 15.0)
 
 
 def build_cluster(
@@ -97,6 +99,7 @@ class Storm:
     database_stalls: int = 1  # every transaction waits for DATABASE_STALL_S
     compound: int = 0  # how many of each compound sequence (sim/sequences.py) to start
     big_hosts: list[str] = field(default_factory=list)  # hosts holding one big VM (build_cluster's big_vms)
+    driver_stalls: int = 1  # the driver is held DRIVER_STALL_S (a backlog builds; it must never read as silence)
     busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
     dead: set[str] = field(default_factory=set)  # hosts down for good
     injected: dict[str, int] = field(default_factory=dict)
@@ -115,6 +118,12 @@ class Storm:
         for kind in SEQUENCES:
             for _ in range(self.compound):
                 self.sim.schedule(self.rng.uniform(30.0, self.until_s), start_sequence, self, kind)
+        # Drawn from an RNG of their own (seeded from the storm's state, without drawing from it): adding them left
+        # every other fault of a seed where it was.
+        stalls = random.Random(repr(self.rng.getstate()[1][:8]))
+        for _ in range(self.driver_stalls):
+            stall = f"driver stall {stalls.uniform(*DRIVER_STALL_S):.1f}"
+            self.sim.schedule(stalls.uniform(60.0, self.until_s), self._do, stall, None, "driver")
 
     # ------------------------------------------------------------ for the compound sequences
 

@@ -17,7 +17,7 @@ class NullHub:
     def welcome(self, host_id: HostId) -> WelcomeTerms:
         raise AssertionError("not used")
 
-    def submit(self, fact: facts.Fact) -> None:
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
         raise AssertionError("not used")
 
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
