@@ -6,7 +6,9 @@ of that host; a host without a BMC cannot be fenced (the core then waits out the
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,6 +16,8 @@ from kvmha.manager.adapters.fencer import FenceOutcome, FencerChain, PowerStatus
 from kvmha.manager.adapters.ipmi import IpmiFencer
 from kvmha.manager.core import actions, facts
 from kvmha.manager.store import BmcCredentials
+
+log = logging.getLogger(__name__)
 
 FencerFactory = Callable[[BmcCredentials], FencerChain]
 
@@ -63,6 +67,7 @@ def query_bmc(factory: FencerFactory, credentials: BmcCredentials | None, action
     if credentials is None:
         return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power="unknown",
                                       detail="no BMC configured for this host")
+    started = time.monotonic()
     try:
         status = factory(credentials).power_status(timeout_s)
     except Exception as error:
@@ -70,5 +75,6 @@ def query_bmc(factory: FencerFactory, credentials: BmcCredentials | None, action
                                       detail=f"fencer error: {type(error).__name__}")
     power: Literal["on", "off", "unknown"] = (
         "on" if status is PowerStatus.ON else "off" if status is PowerStatus.OFF else "unknown")
+    log.info("event=bmc_query host_id=%s power=%s took_s=%.3f", action.host_id, power, time.monotonic() - started)
     return facts.BmcPowerReported(request_id=action.request_id, host_id=action.host_id, power=power,
                                   detail=f"BMC {credentials.address}:{credentials.port} says {status}")

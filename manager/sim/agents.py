@@ -30,9 +30,9 @@ BMC_QUERY_S = 0.3
 BMC_FENCE_S = 1.5
 BMC_DEAD_S = 5.0  # an unanswering BMC fails after the fencer's own timeout
 # A link that dies without a FIN (power loss, cut cable, the manager's network gone): the manager's HTTP/2
-# keepalive pings each agent every second and gives it a second to answer (manager/main.py), so it notices within
-# about 2 s. An agent process that dies is noticed at once (its kernel closes the socket): `agent crash`.
-KEEPALIVE_NOTICE_S = 2.0
+# keepalive pings each agent every 0.5 s and gives it 0.5 s to answer (manager/main.py), so it notices within about
+# 1 s. An agent process that dies is noticed at once (its kernel closes the socket): `agent crash`.
+KEEPALIVE_NOTICE_S = 1.0
 
 
 class Agents:

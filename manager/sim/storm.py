@@ -44,6 +44,7 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
 
 
 DATABASE_OUTAGE_S = (5.0, 30.0)
+SEQUENCE_RETRY_S = 30.0
 DATABASE_STALL_S = (2.0, 10.0)
 DRIVER_STALL_S = (3.0, 15.0)
 
@@ -117,7 +118,7 @@ class Storm:
             self.sim.schedule(self.rng.uniform(60.0, self.until_s), self._do, stall, None, "database")
         for kind in SEQUENCES:
             for _ in range(self.compound):
-                self.sim.schedule(self.rng.uniform(30.0, self.until_s), start_sequence, self, kind)
+                self.sim.schedule(self.rng.uniform(30.0, self.until_s), self._sequence, kind)
         # Drawn from an RNG of their own (seeded from the storm's state, without drawing from it): adding them left
         # every other fault of a seed where it was.
         stalls = random.Random(repr(self.rng.getstate()[1][:8]))
@@ -126,6 +127,14 @@ class Storm:
             self.sim.schedule(stalls.uniform(60.0, self.until_s), self._do, stall, None, "driver")
 
     # ------------------------------------------------------------ for the compound sequences
+
+    def _sequence(self, kind: str) -> None:
+        """Start a compound sequence; one that found no free host (too many hosts faulted right now) tries again
+        SEQUENCE_RETRY_S later while faults are still being injected, rather than silently never happening."""
+        taken = len(self.busy) + len(self.dead)
+        start_sequence(self, kind)
+        if len(self.busy) + len(self.dead) == taken and self.sim.now + SEQUENCE_RETRY_S < self.until_s:
+            self.sim.schedule(self.sim.now + SEQUENCE_RETRY_S, self._sequence, kind)
 
     def room_for(self, count: int) -> bool:
         return len(self.busy) + len(self.dead) + count <= self.max_concurrent_share * len(self.sim.world.hosts)
