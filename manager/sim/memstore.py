@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self, TypeVar
 
-from kvmha.manager.core.model import HaWorkRecord, HostId, HostRecord, HostUuid, VmId, VmRecord, VmUuid, WorkId
+from kvmha.manager.core.model import (
+    HaWorkRecord,
+    HostId,
+    HostRecord,
+    HostUuid,
+    VmId,
+    VmRecord,
+    VmUuid,
+    WorkId,
+    WorkType,
+)
 from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
 
 
@@ -270,7 +280,7 @@ class MemoryWorks:
         stored.taken_by = manager_id if record.step.active else (current.taken_by if current else None)
         stored.taken_at = (record.taken_at or now) if record.step.active else (current.taken_at if current else None)
         active = self._t.active_work_by_vm
-        if stored.step.active:
+        if stored.step.active and stored.type is WorkType.HA:  # the SQL key covers HA items only (active_key)
             if active.get(record.vm_id, record.id) != record.id:
                 # The SQL store's UNIQUE active_instance_id (cloudstack#10367): never two active HA items per VM.
                 raise StoreError(f"a second active HA item for VM {record.vm_id}")

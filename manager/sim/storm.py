@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, VmId, VmUuid
+from kvmha.manager.sim.migration_faults import MIGRATION_SEQUENCES, start_migration_sequence
 from kvmha.manager.sim.script import apply
 from kvmha.manager.sim.sequences import SEQUENCES, start_sequence
 from kvmha.manager.sim.simulator import Simulator
@@ -99,6 +100,7 @@ class Storm:
     database_outages: int = 1  # the database refuses every transaction for DATABASE_OUTAGE_S
     database_stalls: int = 1  # every transaction waits for DATABASE_STALL_S
     compound: int = 0  # how many of each compound sequence (sim/sequences.py) to start
+    migrations: int = 0  # how many of each migration-under-fault sequence (sim/migration_faults.py) to start
     big_hosts: list[str] = field(default_factory=list)  # hosts holding one big VM (build_cluster's big_vms)
     driver_stalls: int = 1  # the driver is held DRIVER_STALL_S (a backlog builds; it must never read as silence)
     busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
@@ -125,6 +127,9 @@ class Storm:
         for _ in range(self.driver_stalls):
             stall = f"driver stall {stalls.uniform(*DRIVER_STALL_S):.1f}"
             self.sim.schedule(stalls.uniform(60.0, self.until_s), self._do, stall, None, "driver")
+        for kind in MIGRATION_SEQUENCES:
+            for _ in range(self.migrations):
+                self.sim.schedule(self.rng.uniform(30.0, self.until_s), start_migration_sequence, self, kind)
 
     # ------------------------------------------------------------ for the compound sequences
 

@@ -229,6 +229,25 @@ def test_two_active_items_for_one_vm_are_refused(store: Store) -> None:
         assert [w.id for w in uow.works.all()] == [1]
 
 
+def test_an_active_migration_item_beside_an_active_ha_item(store: Store) -> None:
+    """A VM being migrated whose source goes silent has both: the migration (Migrating) and the HA item that waits
+    for it to settle. Only HA items are one per VM (the key covers type HA); both are claimed after a restart."""
+    with store.unit_of_work() as uow:
+        vm = uow.vms.add(_vm("vm1", None), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        migration = dataclasses.replace(_work(1, vm.id, WorkStep.MIGRATING), type=WorkType.MIGRATION)
+        uow.works.save(migration, "m1", NOW)
+        uow.works.save(_work(2, vm.id), "m1", NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        uow.managers.register("m2", "127.0.0.1:50052", "0.1.0", NOW + 60)
+        claimed = uow.works.claim_active("m2", NOW + 60, live_managers=["m2"])
+        assert sorted((w.id, w.type, w.step) for w in claimed) == [
+            (1, WorkType.MIGRATION, WorkStep.MIGRATING),
+            (2, WorkType.HA, WorkStep.SCHEDULED),
+        ]
+
+
 def test_finished_work_of_a_window(store: Store) -> None:
     with store.unit_of_work() as uow:
         vm = uow.vms.add(_vm("vm1", None), NOW)
