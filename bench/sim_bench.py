@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmha.manager.core import scheduler, targeting
+from kvmha.manager.core.model import HostRecord, VmRecord
 from kvmha.manager.sim.liveness import CAUSES
-from kvmha.manager.sim.storm import Storm, storm_simulator
+from kvmha.manager.sim.storm import DENSE_END_S, Storm, dense_storm, storm_simulator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIG_VMS = 10
@@ -64,6 +66,34 @@ def liveness_storm(hosts: int, vms_per_host: int, seed: int, compound: int) -> d
     }
 
 
+def dense_violations(seeds: range, *, old_rules: bool) -> tuple[int, int]:
+    """(liveness violations, seeds with any) over dense small-cluster storms; `old_rules`: the core as before
+    issue 12 — flapping hosts excluded from placement, every HA restart counted toward the crash-loop limit."""
+    saved = scheduler.own_death, targeting.Targeting.place
+    if old_rules:
+        scheduler.own_death = lambda reason: not reason.startswith(scheduler.OPERATOR_START)
+
+        def excluding(self: targeting.Targeting, vm: VmRecord) -> tuple[HostRecord | None, str]:
+            exclude = set(self.ctx.held.at(self.ctx.now))
+            old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
+            if old is not None and old.status.value != "Up":
+                exclude.add(old.id)
+            return self._choose(vm, exclude)
+
+        targeting.Targeting.place = excluding  # type: ignore[method-assign]
+    total = hit = 0
+    try:
+        for seed in seeds:
+            sim, _storm = dense_storm(seed)
+            sim.run_until(DENSE_END_S)
+            sim.close()
+            found = sum("liveness:" in v for v in sim.checker.violations)
+            total, hit = total + found, hit + (found > 0)
+    finally:
+        scheduler.own_death, targeting.Targeting.place = saved  # type: ignore[method-assign]
+    return total, hit
+
+
 def liveness_report(args: argparse.Namespace) -> None:
     runs: dict[str, list[dict[str, Any]]] = {"today's storm": [], "compound storm": []}
     for seed in args.seeds:
@@ -81,9 +111,14 @@ def liveness_report(args: argparse.Namespace) -> None:
         for cause in CAUSES:
             values = [x for r in series for x in r["recovered_s"][cause]]
             print(f"    {describe(cause, values)}")
+    dense_seeds = range(1, 25)
+    dense = {rules: dense_violations(dense_seeds, old_rules=rules == "before issue 12")
+             for rules in ("issue 12", "before issue 12")}
+    print(f"dense compound storms (12 hosts x 4 VMs, 25 min, seeds 1-{dense_seeds[-1]}): liveness violations "
+          + "; ".join(f"{rules} rules: {n} in {hit} of {len(dense_seeds)} storms" for rules, (n, hit) in dense.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "sim_liveness.json").write_text(json.dumps({"hosts": args.hosts, "vms_per_host": args.vms_per_host,
-                                                           "runs": runs}, indent=1))
+                                                           "runs": runs, "dense": dense}, indent=1))
     plot_liveness(runs, RESULTS / "sim_liveness.png")
     print(f"wrote {RESULTS / 'sim_liveness.json'} and {RESULTS / 'sim_liveness.png'}")
 

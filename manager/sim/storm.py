@@ -228,6 +228,21 @@ def storm_simulator(
     return sim, rng
 
 
+def dense_storm(seed: int) -> tuple[Simulator, Storm]:
+    """A small cluster (12 hosts x 4 VMs) where faults hit the same hosts again and again: up to a third of the
+    hosts faulted at once, the compound sequences three times each, for 25 minutes (then 400 s quiet). Here the
+    flap window and a VM's restart window fill up — what a 1,000-host storm rarely does."""
+    sim, rng = storm_simulator(12, 4, seed)
+    storm = Storm(sim, rng, rate_per_s=0.1, until_s=DENSE_FAULTS_S, compound=3, max_concurrent_share=0.34,
+                  manager_restarts=0, database_outages=0, database_stalls=0)  # fmt: skip
+    storm.start()
+    return sim, storm
+
+
+DENSE_FAULTS_S = 1500.0
+DENSE_END_S = 1900.0
+
+
 def unexplained_down_vms(sim: Simulator) -> list[str]:
     """HA VMs running nowhere without a reason the operator can read (Stopped by the guest, Error, no capacity)."""
     from kvmha.manager.core.model import VmState

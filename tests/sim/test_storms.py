@@ -18,7 +18,7 @@ from kvmha.manager.core import hostflow
 from kvmha.manager.core.investigation import Verdict
 from kvmha.manager.driver import PERSISTED, Batch, Driver
 from kvmha.manager.sim.script import Scenario, load, parse_script, parse_setup, run
-from kvmha.manager.sim.storm import Storm, storm_simulator, unexplained_down_vms
+from kvmha.manager.sim.storm import DENSE_END_S, Storm, dense_storm, storm_simulator, unexplained_down_vms
 
 HOSTS = 1000
 VMS_PER_HOST = 10
@@ -166,3 +166,30 @@ def test_the_liveness_checker_bites_in_a_storm(monkeypatch: pytest.MonkeyPatch) 
     finally:
         sim.close()
     assert any("liveness:" in violation for violation in sim.checker.violations)
+
+
+def _dense(seed: int) -> tuple[list[str], int]:
+    sim, storm = dense_storm(seed)
+    try:
+        sim.run_until(DENSE_END_S)
+    finally:
+        sim.close()
+    return sim.checker.violations, sum(storm.injected.values())
+
+
+@pytest.mark.parametrize("seeds", [range(1, 7), range(7, 13)])
+def test_dense_compound_storms_on_a_small_cluster_keep_safety_and_liveness(seeds: range) -> None:
+    for seed in seeds:
+        violations, faults = _dense(seed)
+        assert violations == [], (seed, violations)
+        assert faults >= 5, (seed, faults)
+
+
+def test_the_dense_storm_catches_a_core_that_counts_host_failures_as_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before issue 12 a VM whose hosts died twice ended in Error at its first crash (3 restarts per hour, whatever
+    their cause): seed 4 of the dense storm leaves such VMs down beside hosts with room."""
+    from kvmha.manager.core import scheduler
+
+    monkeypatch.setattr(scheduler, "own_death", lambda reason: not reason.startswith(scheduler.OPERATOR_START))
+    violations, _ = _dense(4)
+    assert any("liveness:" in v and "recorded Error" in v for v in violations), violations
