@@ -64,6 +64,15 @@ def test_reorder_holds_lines_and_prints_them_in_time_order() -> None:
     assert lines.due(None) == []
 
 
+def test_the_demo_says_where_to_watch(capsys: pytest.CaptureFixture[str]) -> None:
+    ready = {"dashboard_url": "https://127.0.0.1:8443/", "dashboard_token": "kvd_abc", "dashboard_cert": "/x.crt"}
+    demo.show_dashboard(demo.Out(), ready)
+    said = capsys.readouterr().out
+    assert "https://127.0.0.1:8443/?token=kvd_abc" in said and "/x.crt" in said
+    demo.show_dashboard(demo.Out(), {})  # a lab without a dashboard: nothing to say
+    assert capsys.readouterr().out == ""
+
+
 def test_start_time_and_keeper_log() -> None:
     assert demo.started_at_epoch(250, 1_000.0, 100) == 1_002.5
     assert demo.keeper_log(Path("/run/kvmha-lab")) == Path("/run/kvmha-lab.keeper.log")  # what `down` removes
