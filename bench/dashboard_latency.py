@@ -12,7 +12,13 @@ write, the browser's parse and the DOM insert.
 Two series: paced (one switch every --pace-s) and burst (switches back to back, as fast as the admin API answers).
 Also: the same paced series with --viewers extra streams open (curl-like readers), to see the fan-out's cost.
 
-Usage: bench/dashboard_latency.py [--events 40] [--pace-s 0.3] [--viewers 10]
+Then the other direction: what the dashboard costs the driver. The dashboard runs in the manager's process (its own
+threads, but one interpreter lock), so heavy page rendering competes with the driver for the CPU. Measured as the
+round trip of an operator change through the driver (SetMaintenance: admin API -> driver.run -> core -> commit ->
+answer), with the dashboard idle and with --hammer threads fetching the cluster page and the cluster JSON back to
+back (plus the viewers' streams open).
+
+Usage: bench/dashboard_latency.py [--events 40] [--pace-s 0.3] [--viewers 10] [--hammer 4]
 Prints a summary, writes bench/results/dashboard_latency.json and .png.
 """
 
@@ -93,18 +99,64 @@ def open_viewers(dashboard: LabDashboard, count: int, stop: threading.Event) -> 
     return threads
 
 
+def operation_rtts_ms(cluster: LocalCluster, rounds: int) -> list[float]:
+    """Round trips (ms) of maintenance switches through the driver, one at a time."""
+    rtts = []
+    for number in range(rounds):
+        began = time.perf_counter()
+        switch(cluster, on=number % 2 == 0)
+        rtts.append((time.perf_counter() - began) * 1000.0)
+        time.sleep(0.05)
+    if rounds % 2:
+        switch(cluster, on=False)
+    return rtts
+
+
+def hammer(dashboard: LabDashboard, stop: threading.Event, served: list[int]) -> None:
+    client = dashboard.client()
+    while not stop.is_set():
+        for path in ("/", "/api/v1/cluster"):
+            if client.get(path).status == 200:
+                served[0] += 1
+
+
+def driver_cost(cluster: LocalCluster, dashboard: LabDashboard, rounds: int, threads: int) -> dict[str, Any]:
+    idle = operation_rtts_ms(cluster, rounds)
+    stop, served = threading.Event(), [0]
+    workers = [threading.Thread(target=hammer, args=(dashboard, stop, served), daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)
+    began = time.monotonic()
+    loaded = operation_rtts_ms(cluster, rounds)
+    pages_per_s = served[0] / (time.monotonic() - began + 1.0)
+    stop.set()
+    for worker in workers:
+        worker.join(10)
+    return {"idle": {**summary(idle), "rtts_ms": [round(x, 1) for x in idle]},
+            "under_load": {**summary(loaded), "rtts_ms": [round(x, 1) for x in loaded], "hammer_threads": threads,
+                           "pages_per_s": round(pages_per_s, 1)}}
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(12, 4))
     names = [n for n in ("paced", "burst", "paced_with_viewers") if n in results]
     ax.boxplot([results[n]["latencies_ms"] for n in names], tick_labels=names, showfliers=True)
     ax.set_ylabel("event recorded → row on screen (ms)")
-    ax.set_title("kvmha dashboard: event-to-screen latency (headless Chromium, SSE)")
+    ax.set_title("event-to-screen latency (headless Chromium, SSE)")
     ax.grid(axis="y", alpha=0.3)
+    if "driver_cost" in results:
+        parts = results["driver_cost"]
+        cost.boxplot([parts["idle"]["rtts_ms"], parts["under_load"]["rtts_ms"]],
+                     tick_labels=["dashboard idle", f"{parts['under_load']['pages_per_s']} pages/s"])
+        cost.set_ylabel("operator change through the driver, round trip (ms)")
+        cost.set_title("what the dashboard costs the driver")
+        cost.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
@@ -113,6 +165,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=40, help="maintenance switches per series")
     parser.add_argument("--pace-s", type=float, default=0.3)
     parser.add_argument("--viewers", type=int, default=10, help="extra SSE streams in the third series")
+    parser.add_argument("--hammer", type=int, default=4, help="threads fetching pages back to back (driver cost)")
     args = parser.parse_args()
     why_not = browser.missing()
     if why_not:
@@ -144,6 +197,10 @@ def main() -> int:
                 results["paced_with_viewers"] = {**summary(latencies), "viewers": args.viewers,
                                                  "latencies_ms": [round(x, 1) for x in latencies]}
                 print(f"{'paced + ' + str(args.viewers) + ' viewers':20} {json.dumps(summary(latencies))}")
+                results["driver_cost"] = driver_cost(cluster, dashboard, args.events, args.hammer)
+                for name, part in results["driver_cost"].items():
+                    shown = {k: v for k, v in part.items() if k != "rtts_ms"}
+                    print(f"{'driver RTT ' + name:20} {json.dumps(shown)}")
         finally:
             stop.set()
             cluster.close()
