@@ -43,6 +43,7 @@ from kvmha.manager.store import EventRow
 
 log = logging.getLogger("kvmha.manager.dashboard")
 COOKIE = "kvmha_dashboard"
+TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s\"]*")
 MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT_S = 30.0
 STREAM_KEEPALIVE_S = 15.0
@@ -211,7 +212,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("event=dashboard_request client=%s %s", self.client_address[0], format % args)
+        # A sign-in link carries its token in the request line: never into the log.
+        log.debug("event=dashboard_request client=%s %s", self.client_address[0],
+                  TOKEN_IN_QUERY.sub(r"\1***", format % args))
 
     @property
     def app(self) -> Dashboard:
@@ -473,7 +476,7 @@ class Handler(BaseHTTPRequestHandler):
         quiet_since = time.monotonic()
         while not self.app.feed.closed and not self._client_gone():
             rows = self.app.feed.since(after, STREAM_CHECK_S)
-            names = self.app.source.cluster().names if rows else {}
+            names = self._names() if rows else {}
             chunks = [_sse(r, names) for r in rows if matches(r, subject, severity)]
             if rows:
                 after = rows[-1].id
@@ -482,6 +485,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"".join(chunks) if chunks else b": keepalive\n\n")
             self.wfile.flush()
             quiet_since = time.monotonic()
+
+    def _names(self) -> Mapping[str, str]:
+        """Subjects' names for the stream; without them (the store is down) the events still flow."""
+        try:
+            return self.app.source.cluster().names
+        except Exception:
+            return {}
 
     def _client_gone(self) -> bool:
         """A stream's client sends nothing after its request: anything readable is its close (EOF or TLS
