@@ -40,6 +40,19 @@ _POWER = {
 
 VIR_DOMAIN_PAUSED = 3  # virDomainState
 VIR_DOMAIN_PAUSED_MIGRATION = 2  # virDomainPausedReason: the incoming copy of a migration, or its source at switchover
+VIR_DOMAIN_EVENT_STARTED, VIR_DOMAIN_EVENT_STARTED_MIGRATED = 2, 1  # the incoming copy was created (paused)
+VIR_DOMAIN_EVENT_SUSPENDED, VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED = 3, 1  # the source paused at switchover
+
+
+def paused_for_migration(entry: pb.DomainPower) -> bool:
+    """libvirt's own word that this copy is part of a migration and runs no guest code: its state and reason in a
+    full report, or the lifecycle event of a delta (an event's reason is not known, its detail is)."""
+    if entry.libvirt_state == VIR_DOMAIN_PAUSED and entry.libvirt_reason == VIR_DOMAIN_PAUSED_MIGRATION:
+        return True
+    event = (entry.libvirt_event, entry.libvirt_detail)
+    return event in ((VIR_DOMAIN_EVENT_STARTED, VIR_DOMAIN_EVENT_STARTED_MIGRATED),
+                     (VIR_DOMAIN_EVENT_SUSPENDED, VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED))
+
 
 _CAUSE = {
     pb.STATE_CAUSE_UNSPECIFIED: StopCause.NONE,
@@ -136,9 +149,8 @@ def _domain(entry: pb.DomainPower) -> facts.DomainReport:
     cause = _CAUSE.get(entry.cause, StopCause.OTHER)
     if entry.state == pb.POWER_CRASHED and cause is StopCause.NONE:
         cause = StopCause.CRASHED
-    migrating = entry.libvirt_state == VIR_DOMAIN_PAUSED and entry.libvirt_reason == VIR_DOMAIN_PAUSED_MIGRATION
     return facts.DomainReport(uuid=VmUuid(uuid), name=entry.name[:MAX_NAME_CHARS], power=power, cause=cause,
-                              migrating=migrating)
+                              migrating=paused_for_migration(entry), paused=entry.state == pb.POWER_PAUSED)
 
 
 def command_result(result: pb.CommandResult) -> facts.CommandCompleted:

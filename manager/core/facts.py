@@ -65,9 +65,11 @@ class DomainReport:
     name: str
     power: PowerState  # only POWER_ON or POWER_OFF come from agents
     cause: StopCause = StopCause.NONE
-    # libvirt paused it for a migration (PAUSED / VIR_DOMAIN_PAUSED_MIGRATION): the incoming copy on a target, or the
-    # source at switchover. Such a copy holds its disks but runs no guest code: it is never a second running copy.
+    # libvirt paused it for a migration (PAUSED / VIR_DOMAIN_PAUSED_MIGRATION, or the STARTED_MIGRATED and
+    # SUSPENDED_MIGRATED events): the incoming copy on a target, or the source at switchover. Such a copy holds its
+    # disks but runs no guest code: it is never a second running copy.
     migrating: bool = False
+    paused: bool = False  # paused for any reason (PowerOn: it holds its disks); never a migration's running side
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,7 +203,9 @@ class MigrationFlow:
     def _side(self, domain: f.DomainReport) -> Side:
         if domain.power is not PowerState.POWER_ON:
             return Side.NONE
-        return Side.PAUSED if domain.migrating else Side.RUNNING
+        # Only a running guest decides a migration: a copy paused for any reason (an incoming one still starting
+        # up, say) may yet be destroyed by libvirt while the source goes on.
+        return Side.PAUSED if domain.migrating or domain.paused else Side.RUNNING
 
     def _maybe_outside(self, host: HostRecord, vm: VmRecord, domain: f.DomainReport) -> bool:
         """A migration kvmha did not start, seen in the reports: follow it."""

@@ -127,3 +127,15 @@ def test_target_silent_mid_migration_after_the_source_let_go_waits_for_its_verdi
     out = h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED, at=2.0)  # switchover done, h2's word is lost
     out += h.tick_until(command.timeout_s + 1.0, pinging=(1, 3))  # h2 silent, its BMC answers nothing
     assert starts(out) == []  # h2 may run it: never a restart on silence
+
+
+def test_a_paused_copy_on_the_target_never_settles_the_migration() -> None:
+    """An incoming copy reported paused for another reason (still starting up) is not the VM running there."""
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    domain = f.DomainReport(VmUuid("v1"), "vm1", PowerState.POWER_ON, StopCause.PAUSED, paused=True)
+    h.handle(f.PowerStateReported(HostId(2), False, True, (domain,)), at=1.0)
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    out = h.answer(command, ok=False, error="ERROR_LIBVIRT: migration failed", at=2.0)
+    assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
