@@ -23,6 +23,7 @@ from rich.text import Text
 
 from kvmha.manager import cli_render as render
 from kvmha.manager.cli_client import DEFAULT_ADMIN_PORT, Exit, Link, TlsFiles, connect, fail
+from kvmha.manager.cli_migrate import migrate
 from kvmha.manager.cli_pki import pki_app
 from kvmha.manager.dashboard.cli import dashboard_app
 from kvmha.proto.v1 import admin_pb2 as pb
@@ -180,6 +181,27 @@ def host_maintenance(ctx: typer.Context, host: HostRef, state: Switch, as_json: 
     _host_line(link.call(link.stub.SetMaintenance, request), as_json)
 
 
+@host_app.command("disable")
+def host_disable(ctx: typer.Context, host: HostRef, as_json: Json = False) -> None:
+    """No new VMs on this host; its running HA VMs stay protected (config ha.disabled.hosts)."""
+    link = _link(ctx)
+    _host_line(link.call(link.stub.SetHostEnabled, pb.SetHostEnabledRequest(host=host, enabled=False)), as_json)
+
+
+@host_app.command("enable")
+def host_enable(ctx: typer.Context, host: HostRef, as_json: Json = False) -> None:
+    """Place VMs on this host again."""
+    link = _link(ctx)
+    _host_line(link.call(link.stub.SetHostEnabled, pb.SetHostEnabledRequest(host=host, enabled=True)), as_json)
+
+
+@host_app.command("remove")
+def host_remove(ctx: typer.Context, host: HostRef, as_json: Json = False) -> None:
+    """Remove a host (admin); refused while VMs run on it: `host maintenance HOST on` moves them off first."""
+    link = _link(ctx)
+    _host_line(link.call(link.stub.RemoveHost, pb.Ref(ref=host)), as_json)
+
+
 @host_app.command("confirm-down")
 def host_confirm_down(
     ctx: typer.Context,
@@ -313,6 +335,20 @@ def vm_stop(ctx: typer.Context, vm: VmRef, as_json: Json = False) -> None:
     """Stop a VM; HA will not restart it."""
     link = _link(ctx)
     _vm_line(link.call(link.stub.StopVm, pb.Ref(ref=vm)), as_json, "Stop requested. ")
+
+
+@vm_app.command("migrate")
+def vm_migrate(
+    ctx: typer.Context,
+    vm: VmRef,
+    to: Annotated[str, typer.Option("--to", metavar="HOST", help="Target host (default: placement picks).")] = "",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the migration with a progress bar.")] = True,
+    as_json: Json = False,
+) -> None:
+    """Live-migrate a running VM to another host, with a progress bar until it runs there (or stays put)."""
+    reply = migrate(_link(ctx), vm, to, follow=wait and not as_json)
+    if reply is not None:
+        _vm_line(reply, as_json, "Migration requested. ")
 
 
 @vm_app.command("delete")

@@ -89,6 +89,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         return await self._guard(context, change())
 
+    async def SetHostEnabled(self, request: pb.SetHostEnabledRequest, context: Context) -> pb.HostInfo:
+        return await self._guard(context, self._host_change(*ops.enabled(request.host, request.enabled)))
+
+    async def RemoveHost(self, request: pb.Ref, context: Context) -> pb.HostInfo:
+        return await self._guard(context, self._host_change(*ops.removable_host(request.ref)))
+
     async def _host_change(self, operation: ops.Operation[HostId],
                            then: Callable[[HostId], list[facts.Fact]]) -> pb.HostInfo:
         host_id = await self._port.run(operation, then)
@@ -135,6 +141,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SetVmHa(self, request: pb.SetVmHaRequest, context: Context) -> pb.VmInfo:
         return await self._guard(context, self._vm_fact(
             request.vm, lambda v: facts.VmHaChanged(vm_id=v, enabled=request.enabled)))
+
+    async def MigrateVm(self, request: pb.MigrateVmRequest, context: Context) -> pb.VmInfo:
+        async def migrate() -> pb.VmInfo:
+            vm_id, _ = await self._port.run(*ops.migratable_vm(request.vm, request.to_host or None))
+            return await self._vm_info(str(vm_id))
+
+        return await self._guard(context, migrate())
 
     async def _vm_fact(self, ref: str, make: Callable[[VmId], facts.Fact]) -> pb.VmInfo:
         vm_id = await self._port.run(ops.managed_vm(ref), lambda v: [make(v)])

@@ -50,6 +50,8 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "ListConfig": Role.READER,
     # operations
     "SetMaintenance": Role.OPERATOR,
+    "SetHostEnabled": Role.OPERATOR,
+    "MigrateVm": Role.OPERATOR,
     "StartVm": Role.OPERATOR,
     "StopVm": Role.OPERATOR,
     "SetVmHa": Role.OPERATOR,
@@ -57,6 +59,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "SetConfig": Role.ADMIN,
     "SetHostBmc": Role.ADMIN,
     "ConfirmHostDown": Role.ADMIN,  # a safety override: lets HA restart VMs of a host nothing else proves dead
+    "RemoveHost": Role.ADMIN,  # host enrolment's other end
     "CreateVm": Role.ADMIN,
     "DeleteVm": Role.ADMIN,
 }

@@ -411,6 +411,51 @@ class DeleteVmResponse(_message.Message):
 Global___DeleteVmResponse: _TypeAlias = DeleteVmResponse  # noqa: Y015
 
 @_typing.final
+class SetHostEnabledRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    enabled: _builtins.bool
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "host", b"host"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetHostEnabledRequest: _TypeAlias = SetHostEnabledRequest  # noqa: Y015
+
+@_typing.final
+class MigrateVmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    TO_HOST_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    to_host: _builtins.str
+    """id, uuid or name; empty: placement picks"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        to_host: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["to_host", b"to_host", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateVmRequest: _TypeAlias = MigrateVmRequest  # noqa: Y015
+
+@_typing.final
 class SetVmHaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

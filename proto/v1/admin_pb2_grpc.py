@@ -59,6 +59,16 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
                 _registered_method=True)
+        self.SetHostEnabled = channel.unary_unary(
+                '/kvmha.v1.AdminService/SetHostEnabled',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostEnabledRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+                _registered_method=True)
+        self.RemoveHost = channel.unary_unary(
+                '/kvmha.v1.AdminService/RemoveHost',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+                _registered_method=True)
         self.ListVms = channel.unary_unary(
                 '/kvmha.v1.AdminService/ListVms',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
@@ -92,6 +102,11 @@ class AdminServiceStub:
         self.SetVmHa = channel.unary_unary(
                 '/kvmha.v1.AdminService/SetVmHa',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetVmHaRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
+                _registered_method=True)
+        self.MigrateVm = channel.unary_unary(
+                '/kvmha.v1.AdminService/MigrateVm',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
                 _registered_method=True)
         self.ListHaWork = channel.unary_unary(
@@ -157,6 +172,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHostEnabled(self, request, context):
+        """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveHost(self, request, context):
+        """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListVms(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -195,6 +224,15 @@ class AdminServiceServicer:
 
     def SetVmHa(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateVm(self, request, context):
+        """Live migration of a Running VM to `to_host` (placement picks one when empty). Returns once the manager has
+        recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
+        vm.migration.failed) for its course.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -258,6 +296,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
             ),
+            'SetHostEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHostEnabled,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostEnabledRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
+            ),
+            'RemoveHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveHost,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
+            ),
             'ListVms': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVms,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListVmsRequest.FromString,
@@ -291,6 +339,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'SetVmHa': grpc.unary_unary_rpc_method_handler(
                     servicer.SetVmHa,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetVmHaRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.SerializeToString,
+            ),
+            'MigrateVm': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateVm,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.SerializeToString,
             ),
             'ListHaWork': grpc.unary_unary_rpc_method_handler(
@@ -453,6 +506,60 @@ class AdminService:
             target,
             '/kvmha.v1.AdminService/ConfirmHostDown',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.ConfirmHostDownRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHostEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/SetHostEnabled',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.SetHostEnabledRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/RemoveHost',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
             options,
             channel_credentials,
@@ -642,6 +749,33 @@ class AdminService:
             target,
             '/kvmha.v1.AdminService/SetVmHa',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.SetVmHaRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateVm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/MigrateVm',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
             options,
             channel_credentials,

@@ -46,6 +46,10 @@ class AdminServiceStub:
     restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
     Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
     """
+    SetHostEnabled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetHostEnabledRequest, _admin_pb2.HostInfo]
+    """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts)."""
+    RemoveHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]
+    """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
     ListVms: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]
     GetVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
     CreateVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]
@@ -53,6 +57,11 @@ class AdminServiceStub:
     StopVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
     DeleteVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.DeleteVmResponse]
     SetVmHa: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetVmHaRequest, _admin_pb2.VmInfo]
+    MigrateVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MigrateVmRequest, _admin_pb2.VmInfo]
+    """Live migration of a Running VM to `to_host` (placement picks one when empty). Returns once the manager has
+    recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
+    vm.migration.failed) for its course.
+    """
     ListHaWork: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]
     ListEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]
     FollowEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]
@@ -72,6 +81,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
     Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
     """
+    SetHostEnabled: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetHostEnabledRequest, _admin_pb2.HostInfo]  # type: ignore[assignment]
+    """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts)."""
+    RemoveHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]  # type: ignore[assignment]
+    """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
     ListVms: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]  # type: ignore[assignment]
     GetVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
     CreateVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]  # type: ignore[assignment]
@@ -79,6 +92,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     StopVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
     DeleteVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.DeleteVmResponse]  # type: ignore[assignment]
     SetVmHa: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetVmHaRequest, _admin_pb2.VmInfo]  # type: ignore[assignment]
+    MigrateVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.MigrateVmRequest, _admin_pb2.VmInfo]  # type: ignore[assignment]
+    """Live migration of a Running VM to `to_host` (placement picks one when empty). Returns once the manager has
+    recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
+    vm.migration.failed) for its course.
+    """
     ListHaWork: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]  # type: ignore[assignment]
     ListEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]  # type: ignore[assignment]
     FollowEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]  # type: ignore[assignment]
@@ -125,6 +143,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         restart its HA VMs when it cannot fence the host and no armed watchdog guarantees its self-fence. Admin role.
         Signs of life (fresh heartbeat, a neighbour reaching it, BMC on) still win. FAILED_PRECONDITION otherwise.
         """
+
+    @_abc_1.abstractmethod
+    def SetHostEnabled(
+        self,
+        request: _admin_pb2.SetHostEnabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]:
+        """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts)."""
+
+    @_abc_1.abstractmethod
+    def RemoveHost(
+        self,
+        request: _admin_pb2.Ref,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]:
+        """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
 
     @_abc_1.abstractmethod
     def ListVms(
@@ -174,6 +208,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetVmHaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.VmInfo, _abc.Awaitable[_admin_pb2.VmInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def MigrateVm(
+        self,
+        request: _admin_pb2.MigrateVmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VmInfo, _abc.Awaitable[_admin_pb2.VmInfo]]:
+        """Live migration of a Running VM to `to_host` (placement picks one when empty). Returns once the manager has
+        recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
+        vm.migration.failed) for its course.
+        """
 
     @_abc_1.abstractmethod
     def ListHaWork(

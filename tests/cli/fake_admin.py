@@ -117,6 +117,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.hosts, self.vms, self.work = _hosts(), _vms(), _work()
         self.events, self.config = _events(), _config()
         self.delay_s = 0.0  # > 0 makes every unary call slow, to test the CLI's deadline
+        self.migration_progress: list[int] = [25, 60, 95]
+        self.migration_fails = False
         self.changed = threading.Condition()
         self.closed = False
         self.close_status: grpc.StatusCode | None = None
@@ -188,7 +190,39 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         host.status = "Down"
         return host
 
+    def SetHostEnabled(self, request: pb.SetHostEnabledRequest, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("SetHostEnabled", request)
+        host = self._find(self.hosts, request.host, "host", context)
+        host.resource_state = "Enabled" if request.enabled else "Disabled"
+        return host
+
+    def RemoveHost(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("RemoveHost", request)
+        host = self._find(self.hosts, request.ref, "host", context)
+        busy = [vm.name for vm in self.vms if vm.host == host.name and vm.state != "Stopped"]
+        if busy:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"host {host.name} still runs {len(busy)} VMs")
+        host.status = "Removed"
+        return host
+
     # --- VMs ---
+
+    def MigrateVm(self, request: pb.MigrateVmRequest, context: grpc.ServicerContext) -> pb.VmInfo:
+        """Records the request and plays the manager's events of the migration (the test may add more)."""
+        self._record("MigrateVm", request)
+        vm = self._find(self.vms, request.vm, "VM", context)
+        if vm.state != "Running":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"VM {vm.name} is {vm.state}")
+        target = request.to_host or "h3"
+        subject = f"vm:{vm.id}"
+        self.add_event("vm.migrating", f"migrating from {vm.host} to {target} (operator migrate)", subject)
+        for share in self.migration_progress:
+            self.add_event("vm.migration.progress", f"{share}% of memory copied", subject)
+        if self.migration_fails:
+            self.add_event("vm.migration.failed", f"stays on {vm.host}: migration failed: boom", subject, "warning")
+        else:
+            self.add_event("vm.migrated", f"migrated from {vm.host} to {target} in 3.2 s", subject)
+        return vm  # (the fixture is shared by the module: the record stays Running)
 
     def ListVms(self, request: pb.ListVmsRequest, context: grpc.ServicerContext) -> pb.ListVmsResponse:
         self._record("ListVms", request)
