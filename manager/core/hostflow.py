@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Protocol, assert_never
 
 from kvmha.manager.core import facts as f
-from kvmha.manager.core import leaseprobe
+from kvmha.manager.core import leaseprobe, selffence
 from kvmha.manager.core.actions import CheckNeighbor, DisconnectAgent, Fence, QueryBmc, Severity
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.fencing import fence_backoff_s, fence_block_reason, silent_share
@@ -32,7 +32,6 @@ from kvmha.manager.core.investigation import (
     classify_heartbeat,
     decide,
     seconds_until_stale_long,
-    self_fenced_after_s,
 )
 from kvmha.manager.core.model import (
     HostId,
@@ -42,7 +41,6 @@ from kvmha.manager.core.model import (
     HostUuid,
     RequestId,
     ResourceState,
-    WatchdogReport,
 )
 from kvmha.manager.core.pingmap import PingMap
 from kvmha.manager.core.routing import (
@@ -149,7 +147,7 @@ class HostFlow:
             return
         host.name, host.address, host.capacity = fact.name, fact.address, fact.capacity
         host.lease_manager = fact.lease_manager
-        self._note_watchdog(host, fact.watchdog)
+        selffence.note_watchdog(self.ctx, host, fact.watchdog)
         self.awaiting_rejoin.discard(host.id)
         self._heard(host)
         self.ctx.connected.add(host.id)
@@ -169,7 +167,7 @@ class HostFlow:
         if host is None or host.id not in self.ctx.connected:
             return  # a ping from a link that is already gone
         self._heard(host)
-        if self._note_watchdog(host, fact.watchdog):
+        if selffence.note_watchdog(self.ctx, host, fact.watchdog):
             self.ctx.save_host(host)
         if host.status in (S.INVESTIGATING, S.ALERT):
             self._forget_silence(host.id)
@@ -179,37 +177,8 @@ class HostFlow:
             self.power.hypervisor_lost(host)
         self.power.storage_status(host, fact.storage_ok)
 
-    def _note_watchdog(self, host: HostRecord, report: WatchdogReport) -> bool:
-        """Keep the host's self-fence guarantee as its agent last reported it; True when it changed. A change is an
-        event when it matters to the operator: a host that lost its watchdog will not be declared dead by silence."""
-        timeout_s = report.timeout_s if report.armed else None
-        detail = "" if report.armed else report.detail or "no detail"
-        if (timeout_s, detail) == (host.watchdog_timeout_s, host.watchdog_detail):
-            return False
-        known_before = host.watchdog_timeout_s is not None or bool(host.watchdog_detail)
-        host.watchdog_timeout_s, host.watchdog_detail = timeout_s, detail
-        if timeout_s is None:
-            self.ctx.event(
-                "warning",
-                f"host:{host.id}",
-                "host.watchdog",
-                f"watchdog not armed ({detail}): if this host goes silent, its silence will not prove it dead",
-            )
-        elif known_before:
-            self.ctx.event(
-                "info",
-                f"host:{host.id}",
-                "host.watchdog",
-                f"watchdog armed: the host resets at most {timeout_s:.0f} s after its agent's last sign of life",
-            )
-        return True
-
     def self_fence(self, host: HostRecord) -> tuple[SelfFence, float]:
-        """Whether the host's self-fence is guaranteed, and the heartbeat age after which it has surely happened."""
-        config = self.ctx.config
-        backed = config.isolation_self_fence and host.watchdog_timeout_s is not None
-        bound_s = self_fenced_after_s(config.isolation_after_s, config.isolation_margin_s, host.watchdog_timeout_s)
-        return (SelfFence.BACKED if backed else SelfFence.NONE), bound_s
+        return selffence.self_fence(self.ctx.config, host)
 
     def _heard(self, host: HostRecord) -> None:
         """The host's agent was heard when the fact arrived (not when the driver got to it); never backwards."""
@@ -527,22 +496,9 @@ class HostFlow:
 
     def tell_operator(self, host: HostRecord) -> None:
         """Once per silence: why a host that cannot be fenced is not declared dead, and what the operator can do."""
-        if host.id in self.told_operator:
-            return
-        self.told_operator.add(host.id)
-        if not self.ctx.config.isolation_self_fence:
-            why = "agents are not counted on to self-fence (isolation.self.fence=false)"
-        else:
-            why = f"its watchdog was not armed at its agent's last contact ({host.watchdog_detail or 'no detail'})"
-        fence = "its BMC does not answer" if host.has_bmc else "it has no BMC"
-        self.ctx.event(
-            "alert",
-            f"host:{host.id}",
-            "host.needs.operator",
-            f"{host.name} is silent, {fence}, and {why}: it is never declared dead by its silence, its HA VMs wait. "
-            f"To recover them: fix its BMC (`kvmha host bmc {host.name} ...`), or make sure it is powered off and run "
-            f"`kvmha host confirm-down {host.name}`",
-        )
+        if host.id not in self.told_operator:
+            self.told_operator.add(host.id)
+            selffence.tell_operator(self.ctx, host)
 
     def on_confirmed_down(self, fact: f.HostConfirmedDown) -> None:
         """An operator says the host is off: evidence for a new investigation (signs of life still win)."""

@@ -255,7 +255,7 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
         elif arg == "broken":
             host.wd_broken = True
         else:
-            host.watchdog = arg == "on"
+            host.watchdog, host.wd_broken = arg == "on", False
     elif verb in ("disable", "enable"):
         sim.operate(*ops.enabled(host.name, verb == "enable"))
     elif verb == "remove":

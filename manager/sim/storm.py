@@ -3,7 +3,12 @@
 A storm injects faults at random times (a Poisson process from the simulator's one RNG): power losses (some for
 good, some back later), network cuts, manager-link cuts, storage loss, full isolation, BMCs dying with their host,
 fence failures, VM crashes, guest shutdowns, hypervisor restarts, agent crashes, lossy and slow links, and manager
-restarts. At most `max_concurrent_share` of the hosts are faulted at once: the mass-silence guard is not under test.
+restarts; and issue 11's compound faults, where the agent itself fails while its host is cut off: the agent dies
+(or freezes, or libvirtd hangs) while the host loses its network and storage with its BMC dead, the watchdog daemon
+is killed, and a watchdog that reports armed but never fires while the agent dies cut off (only a held disk lease
+stands between that host and a second copy). One host in ten runs without a watchdog (`watchdog_share`): its silence
+never proves it dead, its VMs wait for a fence or the operator. At most `max_concurrent_share` of the hosts are
+faulted at once: the mass-silence guard is not under test.
 The manager's own dependencies fail too: the database goes down (the driver decides nothing until it commits again,
 then gives every host a fresh silence window) and stalls (every transaction waits), and the driver itself is held
 (a backlog of stamped facts builds up: it must never read as silence), while the faults go on.
@@ -41,9 +46,29 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
     # BMC query decide; and the same host coming back later (power and cable).
     "vanish": (2, None),
     "vanish-return": (2, (20.0, 120.0)),
+    # Issue 11: the agent fails while its host is cut off and its BMC is dead; the cable and the BMC are repaired
+    # (and the agent started) a few minutes later.
+    "agent-dies-cut-off": (2, (150.0, 250.0)),
+    "agent-frozen-cut-off": (1, (150.0, 250.0)),
+    "libvirtd-hung-isolated": (1, (150.0, 250.0)),
+    "watchdog-killed": (1, (40.0, 80.0)),
+    "watchdog-broken-agent-dies": (1, (150.0, 250.0)),
 }
+# Issue 11's compound faults, and the plain failures they must not be confused with.
+ISSUE_11_FAULTS = (
+    "agent-dies-cut-off",
+    "agent-frozen-cut-off",
+    "libvirtd-hung-isolated",
+    "watchdog-killed",
+    "watchdog-broken-agent-dies",
+    "isolation",
+    "bmc-dead-power-loss",
+    "agent-crash",
+)
 
 
+_CUT_OFF = ("network {h} off", "storage {h} off")
+_REPAIRED = ["network {h} on", "storage {h} on", "bmc {h} alive", "agent {h} start"]
 DATABASE_OUTAGE_S = (5.0, 30.0)
 SEQUENCE_RETRY_S = 30.0
 DATABASE_STALL_S = (2.0, 10.0)
@@ -58,6 +83,7 @@ def build_cluster(
     bmc_share: float = 0.8,
     ha_share: float = 0.9,
     big_vms: int = 0,
+    watchdog_share: float = 0.9,
 ) -> tuple[list[SimHost], list[SimVm]]:
     """Hosts with room for about 2.5x their initial load, so one failure at a time always fits elsewhere. The last
     `big_vms` hosts each hold one big HA VM (90% of a host's memory) instead: it fits only on an empty host."""
@@ -65,6 +91,10 @@ def build_cluster(
         SimHost(HostId(n), f"h{n}", cpus=32, memory_mib=vms_per_host * 2048 * 5 // 2, has_bmc=rng.random() < bmc_share)
         for n in range(1, host_count + 1)
     ]
+    # Drawn from its own generator: the rest of the cluster (and the storms that reuse `rng`) stay as they were.
+    watchdogs = random.Random(repr(rng.getstate()[1][:8]))  # a str seed: the same in every process
+    for host in hosts:
+        host.watchdog = watchdogs.random() < watchdog_share
     vms: list[SimVm] = []
     for index, host in enumerate(hosts):
         if index >= host_count - big_vms:
@@ -103,6 +133,7 @@ class Storm:
     migrations: int = 0  # how many of each migration-under-fault sequence (sim/migration_faults.py) to start
     big_hosts: list[str] = field(default_factory=list)  # hosts holding one big VM (build_cluster's big_vms)
     driver_stalls: int = 1  # the driver is held DRIVER_STALL_S (a backlog builds; it must never read as silence)
+    weights: dict[str, int] = field(default_factory=lambda: {name: weight for name, (weight, _) in FAULTS.items()})
     busy: set[str] = field(default_factory=set)  # hosts with a fault in progress
     dead: set[str] = field(default_factory=set)  # hosts down for good
     injected: dict[str, int] = field(default_factory=dict)
@@ -168,8 +199,8 @@ class Storm:
         limit = self.max_concurrent_share * len(self.sim.world.hosts)
         if not hosts or len(self.busy) + len(self.dead) >= limit:
             return
-        names = list(FAULTS)
-        kind = self.rng.choices(names, weights=[FAULTS[n][0] for n in names])[0]
+        names = list(self.weights)
+        kind = self.rng.choices(names, weights=[self.weights[n] for n in names])[0]
         host = self.rng.choice(sorted(hosts))
         self._inject(kind, host)
 
@@ -197,6 +228,17 @@ class Storm:
             "lossy-link": (["drop {h} 0.3", "delay {h} 0.5"], ["drop {h} 0", "delay {h} 0"]),
             "vanish": (["network {h} off", "power {h} off"], []),
             "vanish-return": (["network {h} off", "power {h} off"], ["power {h} on", "network {h} on"]),
+            "agent-dies-cut-off": (["bmc {h} dead", "agent {h} crash", *_CUT_OFF], _REPAIRED),
+            "agent-frozen-cut-off": (["bmc {h} dead", "agent {h} freeze", *_CUT_OFF], _REPAIRED),
+            "libvirtd-hung-isolated": (
+                ["bmc {h} dead", "hypervisor {h} off", *_CUT_OFF],
+                [*_REPAIRED, "hypervisor {h} on"],
+            ),
+            "watchdog-killed": (["watchdog {h} kill"], []),
+            "watchdog-broken-agent-dies": (
+                ["watchdog {h} broken", "bmc {h} dead", "agent {h} crash", *_CUT_OFF],
+                [*_REPAIRED, "watchdog {h} on"],
+            ),
         }[kind]
         for command in commands[0]:
             apply(self.sim, command.format(h=host))
@@ -241,6 +283,24 @@ def dense_storm(seed: int) -> tuple[Simulator, Storm]:
 
 DENSE_FAULTS_S = 1500.0
 DENSE_END_S = 1900.0
+def waits_for_the_operator(sim: Simulator, host_id: HostId) -> bool:
+    """A silent host without a usable BMC and without an armed watchdog: nothing but the operator can prove it dead."""
+    from kvmha.manager.core.hoststate import SILENT
+
+    host = sim.world.hosts.get(host_id)
+    if host is None:
+        return False
+    usable_bmc = host.has_bmc and host.bmc_alive and host.bmc_fail_next == 0
+    return sim.core.host_status(host_id) in SILENT and not usable_bmc and not host.watchdog
+
+
+def never_restarted(sim: Simulator) -> list[str]:
+    """HA VMs of failed hosts that never ran again, but those whose host waits for the operator (issue 11)."""
+    return sorted(
+        uuid
+        for uuid in sim.metrics.failed_at
+        if not waits_for_the_operator(sim, sim.metrics.failed_host.get(uuid, HostId(0)))
+    )
 
 
 def unexplained_down_vms(sim: Simulator) -> list[str]:
@@ -256,6 +316,8 @@ def unexplained_down_vms(sim: Simulator) -> list[str]:
             continue  # guest shutdown (Stopped) or given up (Error): both with an event
         if sim.metrics.no_capacity_events:
             continue
+        if record.host_id is not None and waits_for_the_operator(sim, record.host_id):
+            continue  # its host can be neither fenced nor proven dead by silence: host.needs.operator told why
         host = sim.core.hosts.get(record.host_id) if record.host_id is not None else None
         where = f"{host.name} ({host.status.value})" if host else "nowhere"
         problems.append(f"{vm.name} recorded {record.state.value} on {where}, running nowhere")

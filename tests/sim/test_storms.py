@@ -10,6 +10,7 @@ no-capacity event); the driver's retry path ran and batched facts.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,22 @@ from kvmha.manager.core import hostflow
 from kvmha.manager.core.investigation import Verdict
 from kvmha.manager.driver import PERSISTED, Batch, Driver
 from kvmha.manager.sim.script import Scenario, load, parse_script, parse_setup, run
-from kvmha.manager.sim.storm import DENSE_END_S, Storm, dense_storm, storm_simulator, unexplained_down_vms
+from kvmha.manager.sim.storm import (
+    DENSE_END_S,
+    Storm,
+    dense_storm,
+    never_restarted,
+    storm_simulator,
+    unexplained_down_vms,
+)
 
 HOSTS = 1000
 VMS_PER_HOST = 10
 FAULTS_UNTIL_S = 600.0
 QUIET_S = 300.0
-# Worst case by design: no BMC (or a dead one) -> wait isolation.after + margin (40 s) of stale heartbeat after the
-# ping timeout, plus investigation/fence attempts and the restart; a manager restart adds its startup grace.
+# Worst case by design: no BMC (or a dead one) -> wait isolation.after + watchdog bound + margin (60 s) of stale
+# heartbeat and that + link slack (70 s) of silence after the last ping, plus investigation/fence attempts, the lease
+# probe and the restart; a manager restart adds its startup grace.
 RESTART_BOUND_S = 150.0
 
 
@@ -45,8 +54,10 @@ def test_storm_keeps_fencing_safety_and_restarts(seed: int) -> None:
     assert sim.metrics.failure_to_running_s, "no VM was ever restarted after a host failure"
     slowest = max(sim.metrics.failure_to_running_s)
     assert slowest <= RESTART_BOUND_S, f"slowest restart {slowest:.1f} s"
-    assert not sim.metrics.failed_at or sim.metrics.no_capacity_events, (
-        f"{len(sim.metrics.failed_at)} HA VMs of failed hosts never ran again"
+    # HA VMs of failed hosts that never ran again: none, but where the host can neither be fenced nor proven dead by
+    # silence (no usable BMC, no armed watchdog: issue 11) and waits for the operator.
+    assert not never_restarted(sim) or sim.metrics.no_capacity_events, (
+        f"{len(never_restarted(sim))} HA VMs of failed hosts never ran again"
     )
     assert unexplained_down_vms(sim) == []
     assert sim.journal.outages > 0, "the database outage never reached the driver"
@@ -149,7 +160,10 @@ def test_compound_storm_keeps_safety_and_liveness(seed: int) -> None:
     for kind in ("cascade: target lost", "flap-then-fail", "partition-then-power", "restart-mid-recovery: restarted",
                  "capacity-later"):  # fmt: skip
         assert storm.injected.get(kind, 0) >= 1, (kind, storm.injected)
-    assert sim.liveness.owed == {}, sim.liveness.owed
+    # Nothing is owed at the end but restarts never promised: VMs of a host that lost its power while nothing could
+    # prove it (no usable BMC and no armed watchdog: issue 11) wait for the operator.
+    owed = {uuid: owed for uuid, owed in sim.liveness.owed.items() if not math.isinf(owed.bound_s)}
+    assert owed == {}, owed
     assert sum(len(times) for times in sim.liveness.recovered_s.values()) >= 100
     assert unexplained_down_vms(sim) == []
 
