@@ -88,8 +88,7 @@ class HostFlow:
         self.awaiting_rejoin: set[HostId] = set()  # restored as Up, agent not back yet since the manager started
         self.investigations: dict[HostId, Investigation] = {}
         self.fence_failures: dict[HostId, int] = {}
-        config = ctx.config
-        self.flaps = FlapLog(config.flap_window_s, config.flap_max_failures)
+        self.flaps = FlapLog()  # failures for flap detection (core/flap.py)
         # host -> (freshest heartbeat age seen, when): a failed fence re-checks as soon as the host could be proven
         # dead by silence, instead of only after the fence backoff.
         self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
@@ -259,41 +258,9 @@ class HostFlow:
             self.ctx.out.append(DisconnectAgent(host.id, f"behind while {why}"))
             return
         self.transition(host, HostEvent.PING_TIMEOUT, missed, "warning")
-        self._note_failure(host)
+        self.flaps.host_failed(self.ctx, host)
         self.work.schedule_for_host(host, f"{host.name} went silent")
         self.start_investigation(host)
-
-    def _note_failure(self, host: HostRecord) -> None:
-        config, now = self.ctx.config, self.ctx.now
-        silent, managed = silent_share(self.ctx.hosts.values())
-        if managed and silent / managed > config.fence_max_silent_ratio:
-            # Most hosts at once: the manager or the network failed, not this host. Those that went silent with it
-            # (within a ping timeout) are forgiven too, and lose a hold-out it gave them.
-            for host_id in self.flaps.forgive_since(now - config.ping_timeout_s):
-                self.ctx.held.release(host_id)
-                self.ctx.event(
-                    "info",
-                    f"host:{host_id}",
-                    "host.flapping",
-                    "no longer flapping: its last failure was part of an incident that silenced most hosts",
-                )
-            self.ctx.event(
-                "info",
-                f"host:{host.id}",
-                "host.flap.ignored",
-                f"silent with {silent} of {managed} hosts at once: not counted as its own failure",
-            )
-            return
-        failures = self.flaps.note(host.id, now)
-        if failures >= config.flap_max_failures:
-            self.ctx.held.hold(host.id, now + config.flap_holdout_s)
-            self.ctx.event(
-                "warning",
-                f"host:{host.id}",
-                "host.flapping",
-                f"flapping ({failures} failures in {config.flap_window_s:.0f} s): avoided as a restart target "
-                f"for {config.flap_holdout_s:.0f} s (used only when no stable host fits)",
-            )
 
     def on_timer(self, timer: HostTimer) -> None:
         host = self.ctx.hosts.get(timer.host_id)
@@ -490,7 +457,7 @@ class HostFlow:
         The host is Down (and its VMs recorded off) before its HA VMs get work items, so they find it dead."""
         self.pingmap.remove(host.id)
         self.transition(host, HostEvent.LINK_LOST_POWER_OFF, evidence)
-        self._note_failure(host)
+        self.flaps.host_failed(self.ctx, host)
         self._host_dead(host)
         self.work.schedule_for_host(host, f"{host.name} lost its link and its power")
 

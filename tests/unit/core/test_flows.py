@@ -361,13 +361,13 @@ def test_questions_that_left_late_get_their_whole_timeout() -> None:
 
 
 def test_flap_log_forgives_the_failures_of_a_mass_incident() -> None:
-    log = FlapLog(window_s=600.0, max_failures=3)
-    assert [log.note(HostId(1), t) for t in (10.0, 100.0)] == [1, 2]
-    assert log.note(HostId(2), 195.0) == 1
-    assert log.note(HostId(1), 200.0) == 3  # flapping
-    assert log.forgive_since(193.0) == [HostId(1)]  # both went silent with the incident; only h1 was flapping
+    log = FlapLog()
+    assert [log.note(HostId(1), t, 600.0) for t in (10.0, 100.0)] == [1, 2]
+    assert log.note(HostId(2), 195.0, 600.0) == 1
+    assert log.note(HostId(1), 200.0, 600.0) == 3  # flapping at 3
+    assert log.forgive_since(193.0, 3) == [HostId(1)]  # both went silent with the incident; only h1 was flapping
     assert log.failures == {HostId(1): [10.0, 100.0], HostId(2): []}
-    assert log.note(HostId(1), 650.0) == 2  # 10.0 fell out of the window
+    assert log.note(HostId(1), 650.0, 600.0) == 2  # 10.0 fell out of the window
 
 
 def test_a_host_with_a_broken_stream_is_never_a_target_and_an_undelivered_start_is_placed_again_at_once() -> None:
