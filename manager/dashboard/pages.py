@@ -19,6 +19,7 @@ from kvmha.manager.store import EventRow
 NAV = (("/", "Cluster"), ("/vms", "VMs"), ("/work", "HA work"), ("/events", "Events"), ("/failures", "Failures"),
        ("/api", "API"))
 CURRENT = ' aria-current="page"'
+REFRESH_MIN_MS, REFRESH_MAX_MS, REFRESH_PER_HOST_MS = 5_000, 60_000, 25
 
 
 def e(value: object) -> str:
@@ -50,7 +51,15 @@ def css_token(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
-def layout(title: str, body: str, principal: Principal | None, current: str = "", last_event_id: int = 0) -> str:
+def refresh_ms(hosts: int) -> int:
+    """How often an open page refreshes its live regions: every 5 s for small clusters, less often for large ones,
+    where one render is megabytes and takes the manager's CPU (25 ms per host, at most a minute). Events still show
+    at once: the stream does not wait for a refresh."""
+    return max(REFRESH_MIN_MS, min(REFRESH_MAX_MS, hosts * REFRESH_PER_HOST_MS))
+
+
+def layout(title: str, body: str, principal: Principal | None, current: str = "", last_event_id: int = 0,
+           hosts: int = 0) -> str:
     links = "".join(f'<li><a href="{href}"{CURRENT if href == current else ""}>{e(text)}</a></li>'
                     for href, text in NAV)
     who = (f'<span class="who">{e(principal.name)} ({e(principal.role.value)})</span> '
@@ -60,7 +69,7 @@ def layout(title: str, body: str, principal: Principal | None, current: str = ""
             f'<title>{e(title)} · kvmha</title><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
             f'<link rel="stylesheet" href="/static/dashboard.css">'
             f'<script src="/static/dashboard.js" defer></script></head>'
-            f'<body data-last-event-id="{last_event_id}"><a class="skip" href="#main">Skip to content</a>'
+            f'<body data-last-event-id="{last_event_id}" data-refresh-ms="{refresh_ms(hosts)}"><a class="skip" href="#main">Skip to content</a>'
             f'<header><span class="brand">kvmha</span><nav aria-label="Main"><ul>{links}</ul></nav>'
             f'<span id="live-state" class="live-state" role="status" aria-live="polite">static</span>{who}</header>'
             f'<main id="main"><h1>{e(title)}</h1>{body}</main></body></html>')
@@ -82,7 +91,7 @@ def cluster_page(cluster: Cluster, events: Sequence[EventRow], principal: Princi
             f'<div data-live="work">{work_list(active, "No HA work in progress.")}</div></section>'
             f'<section aria-labelledby="events-h"><h2 id="events-h">Latest events</h2>'
             f'{event_table(events, live=True, names=cluster.names)}</section>')
-    return layout("Cluster", body, principal, "/", cluster.last_event_id)
+    return layout("Cluster", body, principal, "/", cluster.last_event_id, len(cluster.hosts))
 
 
 def legend() -> str:
@@ -132,7 +141,7 @@ def vms_page(vms: Sequence[VmLine], query: str, principal: Principal | None, las
             f'<th scope="col">State</th><th scope="col">Power</th><th scope="col">Host</th><th scope="col">HA</th>'
             f'<th scope="col">Priority</th><th scope="col">Group</th><th scope="col">vCPUs</th>'
             f'<th scope="col">Memory MiB</th></tr></thead><tbody data-live="vm-rows">{rows}</tbody></table>')
-    return layout("VMs", body, principal, "/vms", last_event_id)
+    return layout("VMs", body, principal, "/vms", last_event_id, len(vms) // 10)
 
 
 def vm_row(vm: VmLine) -> str:

@@ -7,7 +7,9 @@
 (function () {
   const SEVERITY = { info: 0, warning: 1, alert: 2 };
   const MAX_ROWS = 500;
-  const REFRESH_MS = 5000;
+  // The server says how often (data-refresh-ms: larger clusters, rarer full refreshes); events show at once anyway.
+  const REFRESH_MS = Number(document.body && document.body.dataset.refreshMs) || 5000;
+  const AFTER_EVENT_MS = Math.max(300, REFRESH_MS / 10);
   const state = document.getElementById("live-state");
   let refreshTimer = null;
   let refreshing = false;
@@ -81,7 +83,7 @@
       while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
     });
     document.body.dataset.lastEventId = String(ev.id);
-    scheduleRefresh(300);
+    scheduleRefresh(AFTER_EVENT_MS);
   }
 
   // A refresh must not close what the reader opened: <details> with an id are re-opened after it.

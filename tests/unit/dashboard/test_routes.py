@@ -30,3 +30,11 @@ def test_redirects_stay_on_this_server() -> None:
     assert _local("/vms?q=1") == "/vms?q=1"
     for outside in ("//evil.example/", "https://evil.example/", "evil", "/\\evil.example"):
         assert _local(outside) == "/"
+
+
+def test_large_clusters_refresh_less_often() -> None:
+    from kvmha.manager.dashboard.pages import refresh_ms
+
+    assert refresh_ms(0) == refresh_ms(50) == 5_000
+    assert refresh_ms(1_000) == 25_000
+    assert refresh_ms(100_000) == 60_000
