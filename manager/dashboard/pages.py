@@ -69,7 +69,8 @@ def layout(title: str, body: str, principal: Principal | None, current: str = ""
             f'<title>{e(title)} · kvmha</title><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
             f'<link rel="stylesheet" href="/static/dashboard.css">'
             f'<script src="/static/dashboard.js" defer></script></head>'
-            f'<body data-last-event-id="{last_event_id}" data-refresh-ms="{refresh_ms(hosts)}"><a class="skip" href="#main">Skip to content</a>'
+            f'<body data-last-event-id="{last_event_id}" data-refresh-ms="{refresh_ms(hosts)}">'
+            f'<a class="skip" href="#main">Skip to content</a>'
             f'<header><span class="brand">kvmha</span><nav aria-label="Main"><ul>{links}</ul></nav>'
             f'<span id="live-state" class="live-state" role="status" aria-live="polite">static</span>{who}</header>'
             f'<main id="main"><h1>{e(title)}</h1>{body}</main></body></html>')
