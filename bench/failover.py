@@ -431,9 +431,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot([dead, dead], [y - 0.35, y + 0.35], color="black", linewidth=1.5,
                     label=None if "dead" in seen else "host's last process gone")
             seen.add("dead")
+    timeouts: dict[float, list[str]] = {}  # series sharing a configuration share its line
     for series in results:
-        tag = "" if len(results) == 1 else f"{series['series']}: "
-        timeout = float(series["config"]["ping.timeout"])
+        timeouts.setdefault(float(series["config"]["ping.timeout"]), []).append(series["series"])
+    for timeout, names in timeouts.items():
+        tag = "" if len(timeouts) == 1 else f"{' / '.join(names)}: "
         ax.axvline(timeout, color="#555", linestyle="--", linewidth=1)
         ax.text(timeout, 1.01, f"{tag}ping.timeout {timeout:g} s", fontsize=8, color="#555",
                 transform=ax.get_xaxis_transform(), ha="center")
