@@ -145,3 +145,14 @@ def test_the_same_storm_catches_the_old_rule(monkeypatch: pytest.MonkeyPatch) ->
 
 def _no_lease_probe(ctx: Ctx, host: HostRecord, inv: Investigation) -> None:
     inv.leases = LeaseEvidence(note="not probed (the rule before issue 11)")
+
+
+def test_confirm_down_is_refused_for_a_host_that_is_up() -> None:
+    """The admin operation itself refuses a host that reports (before the core sees anything)."""
+    scenario = Scenario()
+    parse_setup("hosts h1-h2 bmc=no\nvm vm1 host=h1 ha=yes\n", scenario)
+    parse_script("10 confirm-down h1\n20 end\n", scenario)
+    sim = run(scenario)
+    refused = [line for line in sim.log if "operator: refused" in line]
+    assert refused and "host h1 is Up" in refused[0] and "Investigating or Alert" in refused[0]
+    assert sim.core.host_status(HostId(1)) is HostStatus.UP
