@@ -17,10 +17,11 @@ import threading
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from kvmha.agent import lease
-from kvmha.agent.hypervisor import Hypervisor, HypervisorError, domain_uuid_from_xml
+from kvmha.agent.hypervisor import Hypervisor, HypervisorError, MigrationStats, domain_uuid_from_xml
 from kvmha.agent.neighbor import check_neighbor
 from kvmha.proto.v1 import agent_pb2 as pb
 
@@ -32,6 +33,10 @@ DEFAULT_NEIGHBOR_TIMEOUT_S = 5.0
 MAX_NEIGHBOR_TIMEOUT_S = 60.0
 MAX_REQUEST_ID_LEN = 256
 MAX_LEASE_DISKS = 256
+DEFAULT_MIGRATION_TIMEOUT_S = 300.0
+MAX_MIGRATION_TIMEOUT_S = 6 * 3600.0
+DEFAULT_MIGRATION_URI = "qemu+tls://{address}/system"
+ProgressSend = Callable[[pb.MigrationProgress], None]
 _LEASE_STATES = {lease.LeaseState.HELD: pb.LEASE_HELD, lease.LeaseState.FREE: pb.LEASE_FREE,
                  lease.LeaseState.UNKNOWN: pb.LEASE_UNKNOWN}
 
@@ -60,8 +65,11 @@ def _error(request_id: str, code: int, message: str) -> pb.CommandResult:
 
 class CommandRunner:
     def __init__(self, hypervisor: Hypervisor, storage_paths: tuple[str, ...], neighbor_port: int,
-                 cache_size: int = 1024, lock_config: lease.LockConfig | None = None) -> None:
+                 cache_size: int = 1024, lock_config: lease.LockConfig | None = None,
+                 migration_uri: str = DEFAULT_MIGRATION_URI, migration_tls: bool = True) -> None:
         self._hypervisor = hypervisor
+        self._migration_uri = migration_uri
+        self._migration_tls = migration_tls
         self._lock_config = lock_config or lease.LockConfig()
         self._storage_paths = storage_paths
         self._neighbor_port = neighbor_port
@@ -70,8 +78,9 @@ class CommandRunner:
         self._lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
 
-    def run(self, command: pb.Command) -> pb.CommandResult:
-        """Run `command` once per request id; a replay waits for and returns the first result."""
+    def run(self, command: pb.Command, progress: ProgressSend | None = None) -> pb.CommandResult:
+        """Run `command` once per request id; a replay waits for and returns the first result. `progress` gets the
+        progress reports of a long command (a migration), from the worker thread."""
         request_id = command.request_id
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
             return _error(request_id[:MAX_REQUEST_ID_LEN], pb.ERROR_INVALID_ARGUMENT,
@@ -91,11 +100,11 @@ class CommandRunner:
             result = pb.CommandResult()
             result.CopyFrom(future.result())
             return result
-        result = self._execute(command)
+        result = self._execute(command, progress)
         future.set_result(result)
         return result
 
-    def _execute(self, command: pb.Command) -> pb.CommandResult:
+    def _execute(self, command: pb.Command, progress: ProgressSend | None = None) -> pb.CommandResult:
         kind = command.WhichOneof("kind")
         request_id = command.request_id
         try:
@@ -113,10 +122,16 @@ class CommandRunner:
                 result = self._check_neighbor(command.check_neighbor)
             elif kind == "check_lease":
                 result = self._check_lease(command.check_lease)
+            elif kind == "migrate_vm":
+                result = self._migrate_vm(request_id, command.migrate_vm, progress)
+            elif kind == "cancel_migration":
+                cancelled = self._hypervisor.cancel_migration(_uuid(command.cancel_migration.vm_uuid, "vm_uuid"))
+                result = pb.CommandResult(ok=True, message="migration aborted" if cancelled else "no migration")
             else:
                 result = _error(request_id, pb.ERROR_UNKNOWN_COMMAND,
                                 "unknown or empty command (this agent speaks kvmha.v1: start_vm, stop_vm, "
-                                "destroy_vm, check_neighbor, check_lease, get_capacity)")
+                                "destroy_vm, check_neighbor, check_lease, get_capacity, migrate_vm, "
+                                "cancel_migration)")
         except InvalidArgument as exc:
             result = _error(request_id, pb.ERROR_INVALID_ARGUMENT, str(exc))
         except HypervisorError as exc:
@@ -167,6 +182,28 @@ class CommandRunner:
         with self._vm_lock(vm_uuid):
             self._hypervisor.destroy_vm(vm_uuid)
         return pb.CommandResult(ok=True, message="destroyed")
+
+    def _migrate_vm(self, request_id: str, cmd: pb.MigrateVm, progress: ProgressSend | None) -> pb.CommandResult:
+        vm_uuid = _uuid(cmd.vm_uuid, "vm_uuid")
+        _uuid(cmd.target_host_uuid, "target_host_uuid")
+        address = cmd.target_address.strip()
+        if not address or len(address) > 253 or any(c.isspace() or c in "/\\@?#" for c in address) \
+                or address.startswith("-"):
+            raise InvalidArgument(f"target_address is not a host name or IP address: {cmd.target_address[:80]!r}")
+        timeout_s = _duration_s(cmd.timeout_s, "timeout_s", DEFAULT_MIGRATION_TIMEOUT_S, MAX_MIGRATION_TIMEOUT_S)
+        dest_uri = self._migration_uri.format(address=address)
+
+        def report(stats: MigrationStats) -> None:
+            if progress is not None:
+                progress(pb.MigrationProgress(
+                    request_id=request_id, vm_uuid=vm_uuid, elapsed_s=stats.elapsed_s,
+                    data_total_bytes=stats.data_total_bytes, data_processed_bytes=stats.data_processed_bytes,
+                    data_remaining_bytes=stats.data_remaining_bytes, memory_iteration=stats.memory_iteration))
+
+        log.info("event=migration_start vm=%s dest=%s timeout_s=%.0f", vm_uuid, dest_uri, timeout_s)
+        with self._vm_lock(vm_uuid):
+            self._hypervisor.migrate_vm(vm_uuid, dest_uri, timeout_s, self._migration_tls, report)
+        return pb.CommandResult(ok=True, message=f"migrated to {address}")
 
     def _check_neighbor(self, cmd: pb.CheckNeighbor) -> pb.CommandResult:
         host_uuid = _uuid(cmd.host_uuid, "host_uuid")  # also keeps the heartbeat path inside the storage dir

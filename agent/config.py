@@ -6,6 +6,7 @@ The file schema is a contract with the lab and the deploy docs (deploy/config/ag
                  heartbeat_interval_s, resync_interval_s, neighbor_port, log_format, libvirt_config_dir
     [isolation]  policy (none | destroy-vms | reboot-host), after_s
     [tls]        ca, cert, key (mutual TLS, the default), allow_insecure_plaintext (false)
+    [migration]  uri (qemu+tls://{address}/system: the peer's libvirtd), tls (true: QEMU encrypts the stream)
     [watchdog]   enabled (true), socket (kvmha-watchdog's, /run/kvmha/watchdog.sock), timeout_s (20: the host
                  resets at most this long after the agent's last sign of life; see docs/watchdog.md)
 
@@ -69,6 +70,10 @@ class AgentConfig:
     tls_cert: str = ""
     tls_key: str = ""
     allow_insecure_plaintext: bool = False
+    # [migration]: how this agent reaches a peer's libvirtd for a live migration ({address}: the peer's management
+    # address) and whether QEMU encrypts the migration stream (VIR_MIGRATE_TLS); see docs/operations.md.
+    migration_uri: str = "qemu+tls://{address}/system"
+    migration_tls: bool = True
 
 
 _AGENT_KEYS = {
@@ -80,7 +85,9 @@ _ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
 _WATCHDOG_KEYS = {"enabled": "watchdog_enabled", "socket": "watchdog_socket", "timeout_s": "watchdog_timeout_s"}
 _TLS_KEYS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
              "allow_insecure_plaintext": "allow_insecure_plaintext"}
-_SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS, "tls": _TLS_KEYS}  # [section] key -> field
+_MIGRATION_KEYS = {"uri": "migration_uri", "tls": "migration_tls"}
+_SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS, "tls": _TLS_KEYS,
+             "migration": _MIGRATION_KEYS}  # [section] key -> field
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}
 
 
@@ -213,6 +220,8 @@ def validate(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError(f"isolation policy {cfg.isolation_policy!r} is not one of {ISOLATION_POLICIES}")
     if cfg.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format {cfg.log_format!r} is not one of {LOG_FORMATS}")
+    if "{address}" not in cfg.migration_uri:
+        raise ConfigError(f"[migration] uri {cfg.migration_uri!r} must contain {{address}} (the peer's address)")
     if not 0 < cfg.neighbor_port < 65536:
         raise ConfigError(f"neighbor_port {cfg.neighbor_port} is not a TCP port")
     for path in cfg.storage_paths:

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -93,6 +94,20 @@ class HypervisorError(Exception):
 
 
 @dataclass(frozen=True)
+class MigrationStats:
+    """libvirt's job statistics of a migration in progress (virDomainGetJobStats)."""
+
+    elapsed_s: float
+    data_total_bytes: int
+    data_processed_bytes: int
+    data_remaining_bytes: int
+    memory_iteration: int
+
+
+ProgressSink = Callable[[MigrationStats], None]
+
+
+@dataclass(frozen=True)
 class StartOutcome:
     uuid: str
     already_running: bool
@@ -131,6 +146,13 @@ class Hypervisor(Protocol):
     def destroy_vm(self, vm_uuid: str) -> None: ...
 
     def capacity(self) -> HostCapacity: ...
+
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+        """Live-migrate the domain to `dest_uri` (peer to peer); returns when libvirt completed it. After
+        `timeout_s` the job is aborted (the VM keeps running here) and HypervisorError(TIMEOUT) raised."""
+
+    def cancel_migration(self, vm_uuid: str) -> bool:
+        """Abort the domain's migration job; False when none was running."""
 
     def versions(self) -> Versions: ...
 
@@ -180,6 +202,10 @@ class FakeHypervisor:
         self.ignore_shutdown = False
         self.fail_next: str | None = None
         self.calls: list[str] = []
+        self.peers: dict[str, FakeHypervisor] = {}  # migration URI -> the hypervisor it reaches
+        self.migration_steps = 3  # progress reports of a migration, `migration_step_s` apart
+        self.migration_step_s = 0.01
+        self._cancelled: set[str] = set()
 
     # -- port -------------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -249,6 +275,44 @@ class FakeHypervisor:
         self._enter("versions")
         return Versions("9.0.0", "7.2.0")
 
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+        self._enter("migrate_vm")
+        dom = self._find(vm_uuid)
+        peer = self.peers.get(dest_uri)
+        if not dom.running:
+            raise HypervisorError(ErrorKind.LIBVIRT, "Requested operation is not valid: domain is not running")
+        if peer is None:
+            raise HypervisorError(ErrorKind.LIBVIRT, f"unable to connect to server at '{dest_uri}'")
+        started, total = time.monotonic(), 1 << 30
+        for step in range(1, self.migration_steps + 1):
+            time.sleep(self.migration_step_s)
+            with self._lock:
+                cancelled = vm_uuid in self._cancelled
+                self._cancelled.discard(vm_uuid)
+            if cancelled:
+                raise HypervisorError(ErrorKind.LIBVIRT, "operation aborted: migration out job: canceled by client")
+            if time.monotonic() - started > timeout_s:
+                raise HypervisorError(ErrorKind.TIMEOUT, f"migration did not complete in {timeout_s:.0f} s: aborted")
+            done = total * step // (self.migration_steps + 1)
+            progress(MigrationStats(time.monotonic() - started, total, done, total - done, step))
+        peer.accept_migrated(vm_uuid, dom.name)
+        self._stop(dom, Cause.MIGRATED)
+
+    def cancel_migration(self, vm_uuid: str) -> bool:
+        self._enter("cancel_migration")
+        with self._lock:
+            self._cancelled.add(vm_uuid)
+        return True
+
+    def accept_migrated(self, vm_uuid: str, name: str) -> None:
+        """The incoming side of a fake migration: the domain appears here (STARTED_MIGRATED, then RESUMED)."""
+        with self._lock:
+            self._next_pid += 1
+            dom = _FakeDomain(vm_uuid, name, running=True, cause=Cause.BOOTED, pid=self._next_pid)
+            self._domains[vm_uuid] = dom
+        self._emit(replace(self._power(dom), libvirt_event=2, libvirt_detail=1))
+        self._emit(replace(self._power(dom), libvirt_event=4, libvirt_detail=1))
+
     # -- test controls ----------------------------------------------------------------------------------------
     def set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -285,7 +349,8 @@ class FakeHypervisor:
         with self._lock:
             dom.running = False
             dom.cause = cause
-        detail = {Cause.GUEST_SHUTDOWN: 0, Cause.DESTROYED: 1, Cause.CRASHED: 2, Cause.FAILED: 5}.get(cause, 0)
+        detail = {Cause.GUEST_SHUTDOWN: 0, Cause.DESTROYED: 1, Cause.CRASHED: 2, Cause.MIGRATED: 3,
+                  Cause.FAILED: 5}.get(cause, 0)
         self._emit(replace(self._power(dom), libvirt_event=5, libvirt_detail=detail))
 
     def _power(self, dom: _FakeDomain) -> DomainPower:

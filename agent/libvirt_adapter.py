@@ -31,7 +31,9 @@ from kvmha.agent.hypervisor import (
     HostCapacity,
     HypervisorError,
     HypervisorListener,
+    MigrationStats,
     Power,
+    ProgressSink,
     StartOutcome,
     Versions,
     domain_uuid_from_xml,
@@ -367,6 +369,81 @@ class LibvirtHypervisor:
             # "domain is not running": already off is what destroy wants.
             if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or dom.isActive():
                 raise
+
+    # -- live migration -------------------------------------------------------------------------------------
+    # Policy (docs/operations.md): peer-to-peer live migration (the source's libvirtd talks to the target's over
+    # `dest_uri`), AUTO_CONVERGE so that a guest dirtying memory faster than it is copied is throttled step by step
+    # until the copy converges, ABORT_ON_ERROR (an I/O error aborts rather than pauses); a persistent domain is
+    # defined on the target and undefined here (PERSIST_DEST | UNDEFINE_SOURCE) so it has one home; `tls` asks QEMU
+    # to encrypt the migration stream (VIR_MIGRATE_TLS, QEMU's own x509 setup). No post-copy: a failure half-way
+    # would lose the guest. A migration still running at `timeout_s` is aborted: the VM stays here, running.
+
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+        conn = self._use()
+        dom = self._lookup(conn, vm_uuid)
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_AUTO_CONVERGE
+                 | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
+        try:
+            if dom.isPersistent():
+                flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        except libvirt.libvirtError as exc:
+            raise self._error(conn, exc) from exc
+        if tls:
+            flags |= libvirt.VIR_MIGRATE_TLS
+        failure: list[libvirt.libvirtError] = []
+
+        def run() -> None:
+            try:
+                dom.migrateToURI3(dest_uri, {}, flags)
+            except libvirt.libvirtError as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=run, name=f"migrate-{vm_uuid[:8]}", daemon=True)
+        started = time.monotonic()
+        worker.start()
+        aborted = False
+        while worker.is_alive():
+            worker.join(1.0)
+            if not worker.is_alive():
+                break
+            stats = self._job_stats(dom, started)
+            if stats is not None:
+                progress(stats)
+            if not aborted and time.monotonic() - started > timeout_s:
+                log.warning("event=migration_timeout vm=%s timeout_s=%.0f: aborting the job", vm_uuid, timeout_s)
+                aborted = self.cancel_job(dom)
+        if aborted:
+            raise HypervisorError(ErrorKind.TIMEOUT, f"migration did not complete in {timeout_s:.0f} s: aborted, "
+                                                     "the VM keeps running on this host")
+        if failure:
+            raise self._error(conn, failure[0])
+
+    @staticmethod
+    def _job_stats(dom: Any, started: float) -> MigrationStats | None:
+        try:
+            stats = dom.jobStats()
+        except libvirt.libvirtError:
+            return None  # the job just ended (or has not begun): nothing to tell
+        return MigrationStats(
+            elapsed_s=time.monotonic() - started,
+            data_total_bytes=int(stats.get("data_total", 0)),
+            data_processed_bytes=int(stats.get("data_processed", 0)),
+            data_remaining_bytes=int(stats.get("data_remaining", 0)),
+            memory_iteration=int(stats.get("memory_iteration", 0)),
+        )
+
+    @staticmethod
+    def cancel_job(dom: Any) -> bool:
+        try:
+            dom.abortJob()
+            return True
+        except libvirt.libvirtError as exc:
+            log.info("event=migration_abort_failed error=%r", str(exc))
+            return False
+
+    def cancel_migration(self, vm_uuid: str) -> bool:
+        conn = self._use()
+        return self.cancel_job(self._lookup(conn, vm_uuid))
 
     def capacity(self) -> HostCapacity:
         conn = self._use()

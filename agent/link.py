@@ -396,7 +396,10 @@ class AgentLink:
     async def _command(self, command: pb.Command, session: _Session) -> None:
         loop = asyncio.get_running_loop()
         log.info("event=command_received request_id=%s kind=%s", command.request_id, command.WhichOneof("kind"))
-        result = await loop.run_in_executor(self._work, self._runner.run, command)
+        def progress(message: pb.MigrationProgress) -> None:  # from the worker thread
+            loop.call_soon_threadsafe(session.send, pb.AgentMessage(progress=message))
+
+        result = await loop.run_in_executor(self._work, self._runner.run, command, progress)
         if session.closed:
             log.warning("event=command_result_dropped request_id=%s why='stream closed; a replay gets it'",
                         command.request_id)

@@ -93,7 +93,8 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
     hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
     heartbeat = HeartbeatWriter(cfg.storage_paths, cfg.host_uuid, cfg.heartbeat_interval_s)
     lock_config = read_lock_config(cfg.libvirt_config_dir)
-    runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port, lock_config=lock_config)
+    runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port, lock_config=lock_config,
+                           migration_uri=cfg.migration_uri, migration_tls=cfg.migration_tls)
     settings = LinkSettings(
         managers=cfg.managers, host_uuid=cfg.host_uuid, hostname=cfg.hostname,
         management_address=cfg.management_address, storage_paths=cfg.storage_paths,

@@ -300,6 +300,10 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             return translate.heartbeat(session.host_id, message.ping)
         if kind == "power":
             return translate.power_report(session.host_id, message.power)
+        if kind == "progress":
+            if message.progress.request_id not in session.awaiting:
+                return None  # progress of a command this stream did not carry: nothing to say about it
+            return translate.migration_progress(session.host_id, message.progress)
         if kind == "result":
             completed = translate.command_result(message.result)
             if completed.request_id not in session.awaiting:

@@ -153,6 +153,14 @@ def _domain(entry: pb.DomainPower) -> facts.DomainReport:
                               migrating=paused_for_migration(entry), paused=entry.state == pb.POWER_PAUSED)
 
 
+def migration_progress(host_id: HostId, message: pb.MigrationProgress) -> facts.MigrationProgressed:
+    return facts.MigrationProgressed(
+        host_id=host_id, request_id=RequestId(message.request_id[:256]),
+        vm_uuid=VmUuid(check_uuid(message.vm_uuid, "vm uuid")), elapsed_s=max(0.0, message.elapsed_s),
+        data_total_bytes=message.data_total_bytes, data_processed_bytes=message.data_processed_bytes,
+        data_remaining_bytes=message.data_remaining_bytes, memory_iteration=message.memory_iteration)
+
+
 def command_result(result: pb.CommandResult) -> facts.CommandCompleted:
     payload: facts.NeighborCheck | facts.VmStartConfirmed | facts.LeaseCheck | None = None
     kind = result.WhichOneof("payload")

@@ -202,6 +202,8 @@ class Core:
                 self._on_power_report(fact)
             case f.CommandCompleted():
                 self._on_command_completed(fact)
+            case f.MigrationProgressed():
+                self._migration.on_progress(fact)
             case f.AgentConnected():
                 hosts.on_agent_connected(fact)
             case f.AgentDisconnected():

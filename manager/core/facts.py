@@ -100,6 +100,20 @@ class LeaseCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationProgressed:
+    """How far a MigrateVm has come, as the source's libvirt says (about once a second)."""
+
+    host_id: HostId
+    request_id: RequestId
+    vm_uuid: VmUuid
+    elapsed_s: float
+    data_total_bytes: int
+    data_processed_bytes: int
+    data_remaining_bytes: int
+    memory_iteration: int
+
+
+@dataclass(frozen=True, slots=True)
 class VmStartConfirmed:
     vm_uuid: VmUuid
     already_running: bool
@@ -245,6 +259,7 @@ Fact = (
     | AgentDisconnected
     | PowerStateReported
     | CommandCompleted
+    | MigrationProgressed
     | FenceCompleted
     | BmcPowerReported
     | CommandsDispatched

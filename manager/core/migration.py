@@ -49,6 +49,8 @@ from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
 
 COMMAND_MARGIN_S = 30.0  # the manager waits this much beyond the agent's own migration timeout
+PROGRESS_EVERY_S = 2.0  # at most one progress event per migration this often (the agent reports every second)
+GIB = float(1 << 30)
 
 
 class MigrationRestarts(Protocol):
@@ -151,6 +153,27 @@ class MigrationFlow:
         else:
             job.at_target = Side.NONE  # libvirt destroys the incoming copy of a failed migration
             self._after_failure(vm, job, f"migration failed: {done.error or 'no detail'}")
+
+    def on_progress(self, fact: f.MigrationProgressed) -> None:
+        """The source's libvirt reports how far the copy has come: an event for the operator (and the CLI's bar)."""
+        vm = self.ctx.vms.by_uuid(fact.vm_uuid)
+        job = self.ctx.migrations.get(vm.id) if vm is not None else None
+        if vm is None or job is None or job.source != fact.host_id or job.work_id is None:
+            return
+        shown = job.progress_shown_at
+        if shown is not None and self.ctx.now - shown < PROGRESS_EVERY_S:
+            return
+        job.progress_shown_at = self.ctx.now
+        processed, remaining = fact.data_processed_bytes, fact.data_remaining_bytes
+        total = fact.data_total_bytes or processed + remaining
+        share = min(99, int(100 * (total - remaining) / total)) if total else 0
+        self.ctx.event(
+            "info",
+            f"vm:{vm.id}",
+            "vm.migration.progress",
+            f"{share}% of memory copied to {self.ctx.host_name(job.target)} ({processed / GIB:.2f} GiB sent, "
+            f"{remaining / GIB:.2f} GiB left, pass {fact.memory_iteration}, {fact.elapsed_s:.0f} s)",
+        )
 
     # ------------------------------------------------------------ reports (called by power-state sync)
 

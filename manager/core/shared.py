@@ -111,6 +111,7 @@ class Migration:
     at_target: Side = Side.UNKNOWN
     outcome_unknown: bool = False  # the command's answer is lost (timed out, or the manager restarted)
     for_maintenance: bool = False
+    progress_shown_at: float | None = None  # when the last vm.migration.progress event was recorded
 
 
 class Migrations:

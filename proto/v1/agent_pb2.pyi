@@ -209,6 +209,7 @@ class AgentMessage(_message.Message):
     POWER_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -219,6 +220,8 @@ class AgentMessage(_message.Message):
     def result(self) -> Global___CommandResult: ...
     @_builtins.property
     def goodbye(self) -> Global___Goodbye: ...
+    @_builtins.property
+    def progress(self) -> Global___MigrationProgress: ...
     def __init__(
         self,
         *,
@@ -227,12 +230,13 @@ class AgentMessage(_message.Message):
         power: Global___PowerStateReport | None = ...,
         result: Global___CommandResult | None = ...,
         goodbye: Global___Goodbye | None = ...,
+        progress: Global___MigrationProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ping", "power", "result", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ping", "power", "result", "goodbye", "progress"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -1029,6 +1033,7 @@ class Command(_message.Message):
     GET_CAPACITY_FIELD_NUMBER: _builtins.int
     CHECK_LEASE_FIELD_NUMBER: _builtins.int
     MIGRATE_VM_FIELD_NUMBER: _builtins.int
+    CANCEL_MIGRATION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     timeout_s: _builtins.float
     """the manager stops waiting after this; the agent should answer before it"""
@@ -1046,6 +1051,8 @@ class Command(_message.Message):
     def check_lease(self) -> Global___CheckLease: ...
     @_builtins.property
     def migrate_vm(self) -> Global___MigrateVm: ...
+    @_builtins.property
+    def cancel_migration(self) -> Global___CancelMigration: ...
     def __init__(
         self,
         *,
@@ -1058,24 +1065,85 @@ class Command(_message.Message):
         get_capacity: Global___GetCapacity | None = ...,
         check_lease: Global___CheckLease | None = ...,
         migrate_vm: Global___MigrateVm | None = ...,
+        cancel_migration: Global___CancelMigration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_migration", b"cancel_migration", "check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_migration", b"cancel_migration", "check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm", "cancel_migration"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
 @_typing.final
-class MigrateVm(_message.Message):
+class MigrationProgress(_message.Message):
     """Live-migrate a VM from this host to a peer (libvirt peer-to-peer: VIR_MIGRATE_LIVE | PEER2PEER | PERSIST_DEST |
     UNDEFINE_SOURCE, plus AUTO_CONVERGE). The agent answers ok only when libvirt completed the migration; after
     timeout_s it aborts the libvirt job (the VM keeps running on this host) and answers ERROR_TIMEOUT.
+    How far a MigrateVm has come (libvirt's job statistics), about once a second while it runs.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VM_UUID_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    DATA_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_PROCESSED_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_REMAINING_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_ITERATION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    vm_uuid: _builtins.str
+    elapsed_s: _builtins.float
+    data_total_bytes: _builtins.int
+    data_processed_bytes: _builtins.int
+    data_remaining_bytes: _builtins.int
+    memory_iteration: _builtins.int
+    """passes over the guest's memory so far (many: it dirties faster than we copy)"""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        vm_uuid: _builtins.str = ...,
+        elapsed_s: _builtins.float = ...,
+        data_total_bytes: _builtins.int = ...,
+        data_processed_bytes: _builtins.int = ...,
+        data_remaining_bytes: _builtins.int = ...,
+        memory_iteration: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_processed_bytes", b"data_processed_bytes", "data_remaining_bytes", b"data_remaining_bytes", "data_total_bytes", b"data_total_bytes", "elapsed_s", b"elapsed_s", "memory_iteration", b"memory_iteration", "request_id", b"request_id", "vm_uuid", b"vm_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationProgress: _TypeAlias = MigrationProgress  # noqa: Y015
+
+@_typing.final
+class CancelMigration(_message.Message):
+    """Abort the migration of a VM in progress on this host (virDomainAbortJob): the VM keeps running here."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_UUID_FIELD_NUMBER: _builtins.int
+    vm_uuid: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm_uuid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_uuid", b"vm_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelMigration: _TypeAlias = CancelMigration  # noqa: Y015
+
+@_typing.final
+class MigrateVm(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_UUID_FIELD_NUMBER: _builtins.int

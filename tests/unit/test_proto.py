@@ -114,5 +114,6 @@ def test_services_have_the_contracted_methods() -> None:
             "agent_version", "protocol_version"} <= hello
     command_kinds = {f.name for f in agent_pb2.Command.DESCRIPTOR.oneofs_by_name["kind"].fields}
     assert command_kinds == {
-        "start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm"
+        "start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm",
+        "cancel_migration",
     }

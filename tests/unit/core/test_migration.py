@@ -139,3 +139,21 @@ def test_a_paused_copy_on_the_target_never_settles_the_migration() -> None:
     assert _state(h, 1) == (VmState.MIGRATING, 1)
     out = h.answer(command, ok=False, error="ERROR_LIBVIRT: migration failed", at=2.0)
     assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
+
+
+def test_progress_reports_become_rate_limited_events_of_the_vm() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    shown: list[str] = []
+    for second in range(1, 6):
+        fact = f.MigrationProgressed(HostId(1), command.request_id, VmUuid("v1"), float(second), 1 << 30,
+                                     second << 27, (1 << 30) - (second << 27), second)
+        shown += [m for m in messages(h.handle(fact, at=float(second))) if "memory copied" in m]
+    assert shown == [  # every 2 s at most; the share is of the memory sent so far
+        "vm:1 12% of memory copied to h2 (0.12 GiB sent, 0.88 GiB left, pass 1, 1 s)",
+        "vm:1 37% of memory copied to h2 (0.38 GiB sent, 0.62 GiB left, pass 3, 3 s)",
+        "vm:1 62% of memory copied to h2 (0.62 GiB sent, 0.38 GiB left, pass 5, 5 s)",
+    ]
+    other = f.MigrationProgressed(HostId(3), command.request_id, VmUuid("v1"), 9.0, 1, 1, 0, 1)
+    assert not [m for m in messages(h.handle(other, at=9.0)) if "copied" in m]  # not from its source: ignored
