@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 
-from kvmha.manager.core.model import HostId, HostRecord, HostStatus, HostUuid, VmId, VmRecord, VmState, VmUuid
-from kvmha.manager.dashboard.view import Health, build_vm_page, host_health, recent_of
+from kvmha.manager.core.model import (
+    HostId,
+    HostRecord,
+    HostStatus,
+    HostUuid,
+    ResourceState,
+    VmId,
+    VmRecord,
+    VmState,
+    VmUuid,
+)
+from kvmha.manager.dashboard.pages import css_token, host_tile
+from kvmha.manager.dashboard.view import Health, HostTile, build_vm_page, host_health, recent_of
 from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.store import AgentInfo, HostDetails
 
@@ -68,3 +81,19 @@ def test_vm_history_is_its_own_even_when_its_id_was_used_before() -> None:
         assert everything.history[0].message == "registered new"
         assert all("old" not in e.message for e in everything.history)
         assert len(recent_of(uow, "vm:1", 3)) == 3
+
+
+def test_every_host_status_and_resource_state_has_its_look() -> None:
+    """Each status the core has is a colour (CSS) and a word on the tile; each resource state but Enabled is a mark."""
+    css = resources.files("kvmha.manager.dashboard").joinpath("static", "dashboard.css").read_text()
+    for status in HostStatus:
+        assert f".status-{css_token(status.value)} " in css, status
+    for state in ResourceState:
+        tile = HostTile(id=1, uuid="u", name="h1", address="a", status="Up", resource_state=state.value, role="Routing",
+                        connected=True, last_ping_at=None, last_ping_age_s=None, cpus=4, memory_mib=1024,
+                        used_vcpus=1, used_memory_mib=256, agent_version="", bmc="", health=(), vms=())
+        html = host_tile(tile)
+        assert (f'class="resource resource-{css_token(state.value)}">{state.value}<' in html) == (
+            state is not ResourceState.ENABLED), state
+        if state is not ResourceState.ENABLED:
+            assert f".resource-{css_token(state.value)}" in css, state
