@@ -30,6 +30,7 @@ from kvmha.proto.v1 import admin_pb2 as pb
 
 DEFAULT_MANAGER = f"127.0.0.1:{DEFAULT_ADMIN_PORT}"
 DEFAULT_TIMEOUT_S = 5.0
+PAGE_SIZE = 500  # hosts or VMs per ListHosts/ListVms call; the CLI follows the page tokens
 DEFAULT_BMC_PORT = 623  # IPMI over LAN
 
 M = TypeVar("M", bound=Message)
@@ -161,7 +162,12 @@ def _show_list(
 def host_list(ctx: typer.Context, as_json: Json = False) -> None:
     """List hosts with their status, agent link and last ping."""
     link = _link(ctx)
-    reply = link.call(link.stub.ListHosts, pb.ListHostsRequest())
+    reply = link.call(link.stub.ListHosts, pb.ListHostsRequest(page_size=PAGE_SIZE))
+    while reply.next_page_token:  # pages keep each call short on the manager, however many hosts there are
+        page = link.call(link.stub.ListHosts, pb.ListHostsRequest(page_size=PAGE_SIZE,
+                                                                  page_token=reply.next_page_token))
+        reply.hosts.extend(page.hosts)
+        reply.next_page_token = page.next_page_token
     _show_list(reply, reply.hosts, "hosts", as_json, render.print_hosts)
 
 
@@ -281,7 +287,12 @@ def vm_list(
 ) -> None:
     """List VMs, managed and unmanaged."""
     link = _link(ctx)
-    reply = link.call(link.stub.ListVms, pb.ListVmsRequest(host=host))
+    reply = link.call(link.stub.ListVms, pb.ListVmsRequest(host=host, page_size=PAGE_SIZE))
+    while reply.next_page_token:
+        page = link.call(link.stub.ListVms, pb.ListVmsRequest(host=host, page_size=PAGE_SIZE,
+                                                              page_token=reply.next_page_token))
+        reply.vms.extend(page.vms)
+        reply.next_page_token = page.next_page_token
     _show_list(reply, reply.vms, "VMs", as_json, render.print_vms)
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -36,6 +39,8 @@ VERSION = "0.1.0"
 MAX_MESSAGE_BYTES = 8 << 20  # a full report of thousands of domains fits; a larger message is refused
 METRICS_REFRESH_S = 5.0
 HEALTH_SERVICE = "kvmha.v1.AgentLink"
+STOP_GRACE_S = 2.0  # calls in flight get this long once the manager stops
+STOP_DEADLINE_S = 4.5  # SIGTERM to exit, at most (issue 14: <= 5 s under 10,000 agents)
 # Evidence at once (core/linkloss.py): a host that loses its power or its cable closes nothing, so the manager pings
 # every agent itself, every half second, and drops a link whose ping is not answered within half a second (0.5-1 s
 # after the host vanished); the broken stream makes the core ask the BMC at once instead of waiting for
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_format, settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, on_stopping=_stop_deadline))
     except KeyboardInterrupt:
         pass
     except Exception as error:
@@ -78,7 +83,23 @@ def _add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCre
         raise SettingsError(f"cannot listen on {address}")
 
 
-async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -> None:
+def _stop_deadline() -> None:
+    """Once stopping, the process ends within STOP_DEADLINE_S whatever still runs (a transaction stuck on a dead
+    database, thousands of streams closing): everything the manager did is recorded before it acted (persist
+    first), so ending here loses nothing a restart would not recover."""
+
+    def exit_now() -> None:
+        log.warning("event=stop_deadline seconds=%.1f action=exit_now", STOP_DEADLINE_S)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(STOP_DEADLINE_S, exit_now)
+    timer.daemon = True
+    timer.start()
+
+
+async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None,
+                on_stopping: Callable[[], None] | None = None) -> None:
     engine = make_engine(settings.database)
     await _migrate_when_reachable(engine)
     metrics = Metrics()
@@ -139,6 +160,8 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
             log.critical("event=driver_failed error=%r", error)
             raise RuntimeError("the manager's driver failed") from error
     finally:
+        if on_stopping is not None:
+            on_stopping()
         stopping.cancel()
         log.info("event=manager_stopping")
         for name in ("", HEALTH_SERVICE):
@@ -148,7 +171,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None) -
             await asyncio.to_thread(dashboard.stop)
         await service.stop()
         await asyncio.to_thread(close_shared_zygote)  # its children (fences in flight) are killed with it
-        await asyncio.gather(agents.stop(grace=3), admin.stop(grace=3))
+        await asyncio.gather(agents.stop(grace=STOP_GRACE_S), admin.stop(grace=STOP_GRACE_S))
         engine.dispose()
         log.info("event=manager_stopped")
 

@@ -59,10 +59,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         live = self._port.live_hosts()
 
         def listing(uow: UnitOfWork) -> pb.ListHostsResponse:
+            after_id, limit = _page(request.page_size, request.page_token)
             running = _running_by_host(uow)
-            return pb.ListHostsResponse(hosts=[_host_info(h, live, running) for h in uow.hosts.details()])
+            page = uow.hosts.details(after_id, limit)
+            return pb.ListHostsResponse(hosts=[_host_info(h, live, running) for h in page],
+                                        next_page_token=_next_token([h.host.id for h in page], limit))
 
-        return await self._port.read(listing)
+        return await self._guard(context, self._port.read(listing))
 
     async def GetHost(self, request: pb.Ref, context: Context) -> pb.HostInfo:
         return await self._guard(context, self._host_info(request.ref))
@@ -104,9 +107,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListVms(self, request: pb.ListVmsRequest, context: Context) -> pb.ListVmsResponse:
         def listing(uow: UnitOfWork) -> pb.ListVmsResponse:
+            after_id, limit = _page(request.page_size, request.page_token)
             host_id = ops.host(uow, request.host).host.id if request.host else None
             names = _host_names(uow)
-            return pb.ListVmsResponse(vms=[_vm_info(v, names) for v in uow.vms.all(host_id)])
+            page = uow.vms.all(host_id, after_id, limit)
+            return pb.ListVmsResponse(vms=[_vm_info(v, names) for v in page],
+                                      next_page_token=_next_token([v.id for v in page], limit))
 
         return await self._guard(context, self._port.read(listing))
 
@@ -171,8 +177,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._port.read(listing)
 
     async def ListEvents(self, request: pb.ListEventsRequest, context: Context) -> pb.ListEventsResponse:
-        rows = await self._events(request.after_id, request.limit or 200, request.subject)
-        return pb.ListEventsResponse(events=[_event_info(e) for e in rows])
+        limit = min(request.limit or 200, 10_000)
+        rows = await self._events(request.after_id, limit, request.subject)
+        return pb.ListEventsResponse(events=[_event_info(e) for e in rows],
+                                     next_page_token=_next_token([e.id for e in rows], limit))
 
     async def _events(self, after_id: int, limit: int, subject: str) -> list[EventRow]:
         return await self._port.read(lambda uow: uow.events.all(after_id, min(limit, 10_000), subject))
@@ -217,6 +225,22 @@ def _confirmer(request: pb.ConfirmHostDownRequest, context: Context) -> str:
 
 def _host_names(uow: UnitOfWork) -> dict[int, str]:
     return {host.id: host.name for host in uow.hosts.all()}
+
+
+MAX_PAGE = 1000
+
+
+def _page(page_size: int, token: str) -> tuple[int, int | None]:
+    """(after id, limit) of a listing request; a token that is not ours is a client error."""
+    try:
+        after_id = int(token) if token else 0
+    except ValueError:
+        raise OperationError(Refusal.INVALID, f"page_token {token[:40]!r} is not one this manager gave") from None
+    return after_id, (min(page_size, MAX_PAGE) if page_size else None)
+
+
+def _next_token(ids: list[int], limit: int | None) -> str:
+    return str(ids[-1]) if limit is not None and len(ids) >= limit else ""
 
 
 def _running_by_host(uow: UnitOfWork) -> Counter[int]:

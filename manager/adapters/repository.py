@@ -49,8 +49,9 @@ class SqlHosts:
     def all(self) -> list[HostRecord]:
         return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
 
-    def details(self) -> list[HostDetails]:
-        return [_host_details(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
+    def details(self, after_id: int = 0, limit: int | None = None) -> list[HostDetails]:
+        query = select(Host).where(Host.id > after_id).order_by(Host.id).limit(limit)
+        return [_host_details(row) for row in self._session.scalars(query)]
 
     def get(self, host_id: HostId) -> HostRecord | None:
         row = self._session.get(Host, host_id)
@@ -114,8 +115,8 @@ class SqlVms:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def all(self, host_id: HostId | None = None) -> list[VmRecord]:
-        query = select(VmInstance).order_by(VmInstance.id)
+    def all(self, host_id: HostId | None = None, after_id: int = 0, limit: int | None = None) -> list[VmRecord]:
+        query = select(VmInstance).where(VmInstance.id > after_id).order_by(VmInstance.id).limit(limit)
         if host_id is not None:
             query = query.where(VmInstance.host_id == host_id)
         return [_vm_record(row) for row in self._session.scalars(query)]

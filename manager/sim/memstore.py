@@ -157,8 +157,8 @@ class MemoryHosts:
     def all(self) -> list[HostRecord]:
         return [copy.copy(self._t.hosts[h].record) for h in sorted(self._t.hosts)]
 
-    def details(self) -> list[HostDetails]:
-        return [_details(self._t.hosts[h]) for h in sorted(self._t.hosts)]
+    def details(self, after_id: int = 0, limit: int | None = None) -> list[HostDetails]:
+        return [_details(self._t.hosts[h]) for h in sorted(self._t.hosts) if h > after_id][:limit]
 
     def get(self, host_id: HostId) -> HostRecord | None:
         row = self._t.hosts.get(host_id)
@@ -217,9 +217,10 @@ class MemoryVms:
     def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
         self._t, self._undo = tables, undo
 
-    def all(self, host_id: HostId | None = None) -> list[VmRecord]:
+    def all(self, host_id: HostId | None = None, after_id: int = 0, limit: int | None = None) -> list[VmRecord]:
         vms = self._t.vms
-        return [copy.copy(vms[v]) for v in sorted(vms) if host_id is None or vms[v].host_id == host_id]
+        found = [v for v in sorted(vms) if v > after_id and (host_id is None or vms[v].host_id == host_id)]
+        return [copy.copy(vms[v]) for v in found[:limit]]
 
     def get(self, vm_id: VmId) -> VmRecord | None:
         vm = self._t.vms.get(vm_id)

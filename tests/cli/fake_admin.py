@@ -163,7 +163,10 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     def ListHosts(self, request: pb.ListHostsRequest, context: grpc.ServicerContext) -> pb.ListHostsResponse:
         self._record("ListHosts", request)
-        return pb.ListHostsResponse(hosts=self.hosts)
+        after = int(request.page_token or 0)
+        page = [h for h in self.hosts if h.id > after][:request.page_size or None]
+        full = request.page_size and len(page) == request.page_size
+        return pb.ListHostsResponse(hosts=page, next_page_token=str(page[-1].id) if full else "")
 
     def GetHost(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.HostInfo:
         self._record("GetHost", request)

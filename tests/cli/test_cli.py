@@ -20,9 +20,18 @@ DOMAIN_XML = "<domain type='kvm'><name>web9</name><memory unit='MiB'>512</memory
 # --- hosts ---
 
 
+def test_host_list_follows_the_page_tokens(fake: FakeAdmin, manager: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "PAGE_SIZE", 2)
+    out = ok(kvmha(manager, "host", "list"))
+    # Four hosts: two full pages, then an empty last one.
+    assert fake.sent("ListHosts") == [pb.ListHostsRequest(page_size=2, page_token=t) for t in ("", "2", "4")]
+    for name in ("h1", "h2", "h3", "h4"):
+        assert name in out
+
+
 def test_host_list_shows_every_host_with_status(fake: FakeAdmin, manager: str) -> None:
     out = ok(kvmha(manager, "host", "list"))
-    assert fake.sent("ListHosts") == [pb.ListHostsRequest()]
+    assert fake.sent("ListHosts") == [pb.ListHostsRequest(page_size=500)]
     for name, status in [("h1", "Up"), ("h2", "Down"), ("h3", "Fencing")]:
         assert name in out and status in out
     assert "s ago" in out  # h1 pinged 2 s ago
@@ -156,21 +165,21 @@ def test_host_bmc_bad_options_are_refused_locally(fake: FakeAdmin, manager: str,
 
 def test_vm_list(fake: FakeAdmin, manager: str) -> None:
     out = ok(kvmha(manager, "vm", "list"))
-    assert fake.sent("ListVms") == [pb.ListVmsRequest()]
+    assert fake.sent("ListVms") == [pb.ListVmsRequest(page_size=500)]
     for text in ["web1", "Running", "PowerOn", "db1", "Stopped", "stray", "Unmanaged"]:
         assert text in out
 
 
 def test_vm_list_on_a_host_json(fake: FakeAdmin, manager: str) -> None:
     vms = as_json(kvmha(manager, "vm", "list", "--host", "h1", "--json"))["vms"]
-    assert fake.sent("ListVms") == [pb.ListVmsRequest(host="h1")]
+    assert fake.sent("ListVms") == [pb.ListVmsRequest(host="h1", page_size=500)]
     assert [v["name"] for v in vms] == ["web1", "stray"]
     assert all(set(v) == fields(pb.VmInfo) for v in vms)
 
 
 def test_vm_list_empty(manager: str) -> None:
     assert "No VMs." in ok(kvmha(manager, "vm", "list", "--host", "h3"))
-    assert as_json(kvmha(manager, "vm", "list", "--host", "h3", "--json")) == {"vms": []}
+    assert as_json(kvmha(manager, "vm", "list", "--host", "h3", "--json")) == {"vms": [], "next_page_token": ""}
 
 
 def test_vm_show(fake: FakeAdmin, manager: str) -> None:

@@ -25,6 +25,7 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
+from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.store import AgentInfo, BmcCredentials, Store
 
 NOW = 1_764_057_600.5
@@ -259,3 +260,21 @@ def test_finished_work_of_a_window(store: Store) -> None:
     with store.unit_of_work() as uow:
         assert [w.id for w in uow.works.finished_since(NOW - 3600)] == [2]
         assert uow.works.max_id() == 3
+
+
+@pytest.mark.parametrize("kind", ["sql", "memory"])
+def test_listings_page_by_id(store: Store, kind: str) -> None:
+    """Hosts and VMs come in pages of `limit` after an id, in id order, on every store (the admin API's pages)."""
+    target: Store = store if kind == "sql" else MemoryStore(wall=lambda: NOW)
+    with target.unit_of_work() as uow:
+        ids = [uow.hosts.add(f"uuid-h{n}", f"h{n}", "10.0.0.1", NOW) for n in range(5)]
+        for n in range(5):
+            uow.vms.upsert(_vm(f"vm{n}", ids[n % 2]), NOW)
+        uow.commit()
+    with target.unit_of_work() as uow:
+        first = uow.hosts.details(0, 2)
+        rest = uow.hosts.details(first[-1].host.id, 10)
+        assert [d.host.id for d in first + rest] == ids and len(first) == 2
+        assert [v.name for v in uow.vms.all(None, 0, 3)] == ["vm0", "vm1", "vm2"]
+        assert [v.name for v in uow.vms.all(None, 3, 3)] == ["vm3", "vm4"]  # vm ids are n + 1
+        assert [v.name for v in uow.vms.all(ids[0], 1, None)] == ["vm2", "vm4"]
