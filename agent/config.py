@@ -230,6 +230,9 @@ def validate(cfg: AgentConfig) -> AgentConfig:
     tls = (cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
     if any(tls) and not all(tls):
         raise ConfigError("[tls] needs ca, cert and key (kvmha pki host NAME --uuid <host_uuid>)")
+    if not any(tls) and not cfg.allow_insecure_plaintext:
+        raise ConfigError("mutual TLS is the default: set [tls] ca, cert and key (kvmha pki host NAME --uuid "
+                          "<host_uuid>), or [tls] allow_insecure_plaintext = true")
     for key in ("watchdog_socket", "libvirt_config_dir"):
         if not os.path.isabs(getattr(cfg, key)):
             raise ConfigError(f"{key} {getattr(cfg, key)!r} must be an absolute path")

@@ -145,12 +145,17 @@ class SimAgent:
     connected: bool = False
     errors: int = 0
     last_error: str = ""
+    credentials: grpc.ChannelCredentials | None = None
 
 
 class Load:
-    def __init__(self, link: str, admin: str, metrics: str, manager_pid: int, domains: int) -> None:
+    def __init__(self, link: str, admin: str, metrics: str, manager_pid: int, domains: int, pki_dir: str) -> None:
+        from kvmha.lab.pki import LabPki  # the manager runs mutual TLS: every simulated host has its certificate
+
         self.link, self.metrics, self.manager_pid, self.domains = link, metrics, manager_pid, domains
-        self.admin_channel = grpc.aio.insecure_channel(admin, options=[("grpc.max_receive_message_length", 1 << 28)])
+        self.pki = LabPki(Path(pki_dir))
+        self.admin_channel = grpc.aio.secure_channel(admin, self.pki.operator().channel_credentials(),
+                                                     options=[("grpc.max_receive_message_length", 1 << 28)])
         self.admin = admin_pb2_grpc.AdminServiceStub(self.admin_channel)
         self.agents: list[SimAgent] = []
         self.by_uuid: dict[str, SimAgent] = {}
@@ -180,7 +185,9 @@ class Load:
 
     async def _stream(self, agent: SimAgent, ready: asyncio.Event) -> None:
         options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 60_000)]
-        async with grpc.aio.insecure_channel(self.link, options=options) as channel:
+        if agent.credentials is None:  # minted once per simulated host, before its first connection
+            agent.credentials = self.pki.host(agent.name, agent.host_uuid).channel_credentials()
+        async with grpc.aio.secure_channel(self.link, agent.credentials, options=options) as channel:
             call = agent_pb2_grpc.AgentLinkStub(channel).Connect(None)  # None: messages come from write()
             lock = asyncio.Lock()
             started = time.monotonic()
@@ -482,7 +489,7 @@ async def restart_phase(load: Load, count: int, settle_s: float) -> dict[str, An
 async def load_main(plan: dict[str, Any]) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))
-    load = Load(plan["link"], plan["admin"], plan["metrics"], plan["manager_pid"], plan["domains"])
+    load = Load(plan["link"], plan["admin"], plan["metrics"], plan["manager_pid"], plan["domains"], plan["pki"])
     deadline = time.monotonic() + plan["budget_s"]
     if plan["restart_at"]:
         print(json.dumps(await load.step(plan["restart_at"], plan["window_s"])), flush=True)
@@ -570,6 +577,7 @@ def main() -> int:
             assert manager.process is not None
             plan = {"link": f"127.0.0.1:{cluster.agent_port}", "admin": cluster.admin_address,
                     "metrics": f"127.0.0.1:{cluster.metrics_port}", "manager_pid": manager.process.pid,
+                    "pki": str(cluster.pki.directory),
                     "domains": args.domains, "steps": [int(s) for s in args.steps.split(",") if s],
                     "search_from": args.search_from, "search_step": args.search_step, "budget_s": args.budget_s,
                     "window_s": args.window_s, "search_window_s": args.search_window_s,

@@ -115,8 +115,33 @@ def _options(
     tls_key: Annotated[
         Path | None, typer.Option("--key", envvar="KVMHA_TLS_KEY", metavar="FILE", help="Its private key (PEM).")
     ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option("--env-file", envvar="KVMHA_ENV_FILE", metavar="FILE",
+                     help="KEY=VALUE lines (KVMHA_MANAGER, KVMHA_TLS_*) for the options not given otherwise; "
+                          "the lab writes one (<state dir>/cli.env)."),
+    ] = None,
 ) -> None:
+    if env_file is not None:
+        values = _read_env_file(env_file)
+        manager = manager if manager != DEFAULT_MANAGER else values.get("KVMHA_MANAGER", manager)
+        tls_ca, tls_cert, tls_key = (
+            given or (Path(values[key]) if values.get(key) else None)
+            for given, key in ((tls_ca, "KVMHA_TLS_CA"), (tls_cert, "KVMHA_TLS_CERT"), (tls_key, "KVMHA_TLS_KEY")))
     ctx.obj = Session(manager=manager, timeout_s=timeout, tls=TlsFiles(tls_ca, tls_cert, tls_key))
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"cannot read the env file {path}: {err}", Exit.REFUSED)
+    values = {}
+    for line in lines:
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and not key.startswith("#"):
+            values[key.strip()] = value.strip().strip("'\"")
+    return values
 
 
 def _vm_line(vm: pb.VmInfo, as_json: bool, verb: str = "") -> None:

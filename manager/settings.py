@@ -13,7 +13,7 @@ Example (deploy/config/manager.toml):
     database = "sqlite:////var/lib/kvmha/manager.sqlite"
     auto_register_hosts = true
     log_format = "kv"                 # or "json"
-    [tls]                              # mutual TLS (kvmha pki); without it only loopback listeners are allowed
+    [tls]                              # mutual TLS (kvmha pki), the default; plaintext needs allow_insecure_plaintext
     cert = "/etc/kvmha/pki/manager-mgr1.crt"
     key = "/etc/kvmha/pki/manager-mgr1.key"
     ca = "/etc/kvmha/pki/ca.crt"
@@ -59,7 +59,7 @@ class ManagerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""  # the CA whose certificates (hosts, operators) may connect: mutual TLS
-    # Plaintext on a non-loopback address needs this (the lab's own bridge does); real deployments use TLS.
+    # Plaintext needs this, on any address: no host identities, every admin caller is an admin (logged loudly).
     allow_insecure_plaintext: bool = False
     config_overrides: tuple[tuple[str, str], ...] = ()
     dashboard_listen: str = ""  # off unless configured
@@ -69,10 +69,11 @@ class ManagerSettings:
 
     def check(self) -> None:
         for name in ("listen", "admin_listen"):
-            host, _ = split_address(getattr(self, name))
-            if not self.tls_cert and not self.allow_insecure_plaintext and not is_loopback(host):
-                raise SettingsError(f"{name} = {getattr(self, name)!r} is not loopback: configure [tls] cert/key "
-                                    "(or allow_insecure_plaintext = true on an isolated network)")
+            split_address(getattr(self, name))
+        if not self.tls_cert and not self.allow_insecure_plaintext:
+            raise SettingsError("mutual TLS is the default: configure [tls] cert, key and ca (kvmha pki init; "
+                                "kvmha pki manager NAME --address ...), or set allow_insecure_plaintext = true "
+                                "(anyone who reaches the ports is then any host and an admin)")
         if self.log_format not in ("kv", "json"):
             raise SettingsError(f"log_format must be 'kv' or 'json', not {self.log_format!r}")
         if bool(self.tls_cert) != bool(self.tls_key) or bool(self.tls_cert) != bool(self.tls_ca):
@@ -181,7 +182,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path | None, dict[str, Any]]:
     parser.add_argument("--log-format", choices=["kv", "json"])
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--allow-insecure-plaintext", action="store_true", default=None,
-                        help="allow plaintext gRPC on non-loopback addresses (isolated lab networks only)")
+                        help="run without TLS (no host identities, no admin roles): tests and isolated networks only")
     args = vars(parser.parse_args(argv))
     return args.pop("config"), args
 

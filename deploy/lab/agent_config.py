@@ -25,12 +25,13 @@ def agent_toml(agent: Mapping[str, object], overrides: Mapping[str, object] | No
                isolation: Mapping[str, object] | None = None, watchdog: Mapping[str, object] | None = None,
                comment: str = "") -> str:
     """[agent] from `agent`, then [isolation] and [watchdog] if given. An override key "isolation.X" (or
-    "watchdog.X") sets that section's X (adding the section if needed); any other override replaces or adds an
+    "watchdog.X", "tls.X") sets that section's X (adding the section if needed); any other override replaces or adds an
     [agent] key."""
     agent_keys = dict(agent)
     sections: dict[str, dict[str, object] | None] = {
         "isolation": dict(isolation) if isolation is not None else None,
         "watchdog": dict(watchdog) if watchdog is not None else None,
+        "tls": None,
     }
     for key, value in (overrides or {}).items():
         section, dot, name = key.partition(".")

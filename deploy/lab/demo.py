@@ -49,6 +49,7 @@ from rich.table import Table
 from kvmha.lab import proc
 from kvmha.lab.harness import DEFAULT_ADMIN_PORT, DuplicateWatch, LabCluster
 from kvmha.lab.lab import DEFAULT_PREFIX, DEFAULT_SUBNET, Lab
+from kvmha.lab.pki import ENV_FILE
 from kvmha.lab.state import DEFAULT_STATE_DIR, STATE_FILE, LabError, LabSpec
 from kvmha.proto.v1 import admin_pb2 as apb
 
@@ -513,6 +514,8 @@ def hint(out: Out, args: argparse.Namespace, dead: str | None = None,
     if dead:
         commands.append((f"{venv}/kvmha-lab{lab_flags} power {dead} on", f"{dead} boots again and rejoins, empty"))
     out.head("The lab stays up. Look around:")
+    # The manager runs mutual TLS: the CLI takes the lab's admin certificate (and the address) from this file.
+    out.say(f"  export KVMHA_ENV_FILE={Path(args.state_dir).absolute() / ENV_FILE}")
     for command, what in commands:
         out.say(f"  {command:<58} {what}")
     if ready and "dashboard_url" in ready:

@@ -4,8 +4,9 @@
   every harness needs (`hosts()`, `vms()`, `events()`, `story()`, `wait_hosts_up()`, `register_bmc()`).
 - `LabCluster(ManagerHarness)`: that manager in front of a namespace lab (kvmha.lab.Lab). Used by `make demo`, the
   end-to-end tests (tests/e2e) and bench/failover.py. The manager listens for agents on the lab bridge's address
-  (plaintext, allowed on the lab's own isolated network) and for the CLI on 127.0.0.1; its database is SQLite in
-  the lab's state dir unless a URL is given.
+  and for the CLI on 127.0.0.1, both with mutual TLS (certificates from the lab's CA in <state dir>/pki; the CLI's
+  settings in <state dir>/cli.env, read with KVMHA_ENV_FILE); its database is SQLite in the lab's state dir unless
+  a URL is given.
 - `kvmha.lab.local.LocalCluster(ManagerHarness)`: the same manager with agents as plain processes on 127.0.0.1
   (libvirt's test driver, simulated BMCs), for the integration tests and bench/manager_load.py.
 - `DuplicateWatch`: samples every lab host's QEMUs and remembers any VM seen on two hosts at once.
@@ -35,8 +36,10 @@ from kvmha.lab import proc
 from kvmha.lab.bmc import find_free_port
 from kvmha.lab.dashboard import LabDashboard
 from kvmha.lab.lab import Lab
+from kvmha.lab.pki import ENV_FILE, LabPki
 from kvmha.lab.state import DEFAULT_STATE_DIR, PidRef
 from kvmha.lab.wait import wait_for
+from kvmha.manager.security.roles import Role
 from kvmha.proto.v1 import admin_pb2 as apb
 from kvmha.proto.v1 import admin_pb2_grpc
 
@@ -112,7 +115,7 @@ class ManagerHarness:
 
     def __init__(self, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
                  manager_id: str, agent_listen: str, admin_port: int | None = None, metrics_listen: str = "",
-                 allow_insecure_plaintext: bool = False) -> None:
+                 allow_insecure_plaintext: bool = False, pki_dir: Path | None = None) -> None:
         self.workdir = workdir
         self.database = database
         self.core_config = dict(core_config or {})
@@ -121,6 +124,10 @@ class ManagerHarness:
         self.admin_port = admin_port or find_free_port()
         self.metrics_listen = metrics_listen
         self.allow_insecure_plaintext = allow_insecure_plaintext
+        # Mutual TLS unless plaintext is explicitly asked for: the manager's certificate covers the agents'
+        # address; the harness's own admin calls use a lab admin certificate (kvmha.lab.pki).
+        self.pki = LabPki(pki_dir or workdir / "pki")
+        self.tls = None if allow_insecure_plaintext else self.pki.manager([split_host(agent_listen)])
         self.manager: ChildProcess | None = None
         self._channel: grpc.Channel | None = None
         self.dashboard_toml = ""  # a [dashboard] table (kvmha.lab.dashboard.LabDashboard.toml()) turns it on
@@ -138,9 +145,12 @@ class ManagerHarness:
     def manager_toml(self) -> str:
         overrides = "\n".join(f'"{key}" = "{value}"' for key, value in self.core_config.items())
         plaintext = "allow_insecure_plaintext = true\n" if self.allow_insecure_plaintext else ""
+        tls = self.tls.manager_toml() if self.tls is not None else ""
+        # Hosts register on their first Hello: with mutual TLS only hosts holding a certificate of the lab's CA.
         return (f'[manager]\nid = "{self.manager_id}"\nlisten = "{self.agent_listen}"\n'
                 f'admin_listen = "{self.admin_address}"\nmetrics_listen = "{self.metrics_listen}"\n'
-                f'database = "{self.database}"\n{plaintext}{self.dashboard_toml}[config]\n{overrides}\n')
+                f'database = "{self.database}"\nauto_register_hosts = true\n{plaintext}{tls}{self.dashboard_toml}'
+                f'[config]\n{overrides}\n')
 
     def start_manager(self) -> ChildProcess:
         """Write manager.toml, start the manager and wait until its admin port answers."""
@@ -176,8 +186,14 @@ class ManagerHarness:
 
     def admin(self) -> admin_pb2_grpc.AdminServiceStub:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.admin_address)
+            self._channel = (grpc.insecure_channel(self.admin_address) if self.tls is None else
+                             grpc.secure_channel(self.admin_address, self.pki.operator().channel_credentials()))
         return admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def cli_env(self, role: Role = Role.ADMIN) -> dict[str, str]:
+        """The environment of a `kvmha` CLI process talking to this manager as `role`."""
+        tls = {} if self.tls is None else self.pki.operator(role).cli_env()
+        return {"KVMHA_MANAGER": self.admin_address, **tls}
 
     def close_admin(self) -> None:
         if self._channel is not None:
@@ -218,6 +234,10 @@ class ManagerHarness:
         lines += [f"vm {v.name}: {v.state} {v.power_state} on {v.host or '-'} (last {v.last_host or '-'})"
                   for v in vms]
         return "\n".join(lines)
+
+
+def split_host(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]")
 
 
 @dataclass
@@ -267,7 +287,7 @@ class LabCluster(ManagerHarness):
                  admin_port: int | None = None) -> None:
         super().__init__(workdir, database, core_config, manager_id="lab-manager",
                          agent_listen=f"{lab.spec.bridge_address}:{MANAGER_AGENT_PORT}", admin_port=admin_port,
-                         allow_insecure_plaintext=True)
+                         pki_dir=Path(lab.spec.state_dir) / "pki")
         self.lab = lab
         self.dashboard: LabDashboard | None = None
 
@@ -301,6 +321,7 @@ class LabCluster(ManagerHarness):
             cluster.dashboard_toml = cluster.dashboard.toml()
         try:
             cluster.start_manager()
+            cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE, cluster.admin_address)
             cluster.wait_hosts_up()
             cluster.register_bmcs()
         except BaseException:

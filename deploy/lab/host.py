@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kvmha.lab import agent_config, watchdog
 from kvmha.lab.boot import BootConfig, Service
+from kvmha.lab.pki import LabPki
 from kvmha.lab.state import HostSpec, LabSpec
 
 RUN_LIBVIRT = "/run/libvirt"
@@ -85,7 +86,9 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
         "resync_interval_s": 30.0,
         "log_format": "kv",
     }
-    return agent_config.agent_toml(agent, overrides, isolation={"policy": "destroy-vms", "after_s": 30.0},
+    # Mutual TLS with a certificate binding this host's uuid, from the lab's CA (the manager's harness uses it too).
+    tls = LabPki(Path(lab.state_dir) / "pki").host(host.name, host.host_uuid, host.address).agent_overrides()
+    return agent_config.agent_toml(agent, {**tls, **overrides}, isolation={"policy": "destroy-vms", "after_s": 30.0},
                                    watchdog=watchdog.agent_section(lab, host),
                                    comment=f"Written by kvmha-lab for lab host {host.name}.")
 

@@ -1,7 +1,9 @@
 """The AgentLink gRPC servicer: one bidirectional stream per agent, translated into core facts.
 
 Stream protocol (see proto/kvmha/v1/agent.proto): Hello first, within `hello_timeout_s`; the manager answers Welcome
-or Reject. After Welcome the agent's messages become facts; commands from the core are queued on the session and
+or Reject. Every message is checked field by field first (wirecheck.py): a bad one ends its stream with
+INVALID_ARGUMENT and one `wire.invalid` event, and never reaches the core or the database. After Welcome the
+agent's messages become facts; commands from the core are queued on the session and
 written by this stream. A bad stream is ended with a gRPC status that says why (INVALID_ARGUMENT for a malformed
 message, FAILED_PRECONDITION for messages out of order, ALREADY_EXISTS for a duplicate host, RESOURCE_EXHAUSTED for
 a flood); other agents' streams are never affected.
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import grpc
 
-from kvmha.manager.adapters import translate
+from kvmha.manager.adapters import translate, wirecheck
 from kvmha.manager.adapters.translate import WireError
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.actions import Severity
@@ -211,15 +213,19 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                                                      retry_after_s=rejected.retry_after_s))
             await context.abort(rejected.status, rejected.reason)
             return
-        yield pb.ManagerMessage(welcome=translate.welcome(self._hub.welcome(session.host_id)))
-        log.info("event=agent_connected host_id=%s uuid=%s peer=%s", session.host_id, session.uuid, peer)
-        reader = asyncio.create_task(self._read(request_iterator, session))
-        try:
+        reader: asyncio.Task[bool | StreamError] | None = None
+        planned: bool | StreamError | None = None
+        try:  # from here on the session is claimed: every exit (a cancel during Welcome too) releases it
+            yield pb.ManagerMessage(welcome=translate.welcome(self._hub.welcome(session.host_id)))
+            log.info("event=agent_connected host_id=%s uuid=%s peer=%s", session.host_id, session.uuid, peer)
+            reader = asyncio.create_task(self._read(request_iterator, session))
             while (message := await session.outbound.get()) is not None:
                 yield message
         finally:
-            reader.cancel()
-            planned = await _result(reader)
+            session.close("the stream ended")
+            if reader is not None:
+                reader.cancel()
+                planned = await _result(reader)
             if self._registry.release(session):
                 self._hub.submit(facts.AgentDisconnected(host_id=session.host_id, planned=planned is True))
             log.info("event=agent_disconnected host_id=%s peer=%s planned=%s reason=%s", session.host_id, peer,
@@ -238,8 +244,10 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                               grpc.StatusCode.FAILED_PRECONDITION)
         try:
             translate.validate_hello(first.hello)
+            wirecheck.check(first.hello, "Hello")
         except WireError as error:
             code = pb.REJECT_PROTOCOL_VERSION if "protocol" in str(error) else pb.REJECT_BAD_HELLO
+            self._hub.record_event("warning", "wire.invalid", f"refused a Hello from {peer}: {error}")
             raise RejectError(code, str(error), grpc.StatusCode.INVALID_ARGUMENT) from None
         # One spelling per host: "ABCD..." and "abcd..." are the same uuid, never two hosts.
         first.hello.host_uuid = translate.check_uuid(first.hello.host_uuid, "host_uuid")
@@ -280,6 +288,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                     raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many messages; slow down")
                 if message.WhichOneof("msg") == "goodbye":
                     return True
+                wirecheck.check(message, "AgentMessage")
                 fact = self._fact(message, session)
                 if fact is not None:  # stamped with its arrival: the core counts silence from here
                     self._hub.submit(fact, session.last_heard_at)
@@ -288,6 +297,8 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             status = error.status if isinstance(error, StreamError) else grpc.StatusCode.INVALID_ARGUMENT
             log.warning("event=stream_error host_id=%s peer=%s status=%s error=%s", session.host_id, session.peer,
                         status.name, error)
+            self._hub.record_event("warning", "wire.invalid", f"ended the stream of host {session.host_id} from "
+                                   f"{session.peer}: {status.name}: {error}")
             return StreamError(status, str(error))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             return False
@@ -325,3 +336,6 @@ async def _result(task: asyncio.Task[bool | StreamError]) -> bool | StreamError 
         return await task
     except asyncio.CancelledError:
         return None
+    except Exception as error:  # a bug in translating one message: end this stream (one line), keep the manager
+        log.error("event=stream_failed error=%r", error)
+        return StreamError(grpc.StatusCode.INTERNAL, f"the manager could not handle a message: {error!r}"[:300])

@@ -25,6 +25,10 @@ log_format = "kv"
 [isolation]
 policy = "destroy-vms"
 after_s = 45.0
+[tls]
+ca = "/etc/kvmha/pki/ca.crt"
+cert = "/etc/kvmha/pki/host-h1.crt"
+key = "/etc/kvmha/pki/host-h1.key"
 """
 
 
@@ -79,3 +83,17 @@ def test_cli_help_and_config_error_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([".venv/bin/kvmha-agent", "--config", write(tmp_path, "[agent]\n")], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "host_uuid is required" in bad.stderr
+
+
+def test_mutual_tls_is_the_default(tmp_path: Path) -> None:
+    """Without [tls] the agent refuses to start unless plaintext is explicitly allowed; half a [tls] is refused."""
+    plain = EXAMPLE.split("[tls]")[0]
+    with pytest.raises(ConfigError, match="mutual TLS is the default"):
+        load_config(["--config", write(tmp_path, plain)], environ={})
+    allowed = load_config(["--config", write(tmp_path, plain + "[tls]\nallow_insecure_plaintext = true\n")],
+                          environ={})
+    assert allowed.allow_insecure_plaintext and not allowed.tls_ca
+    with pytest.raises(ConfigError, match="ca, cert and key"):
+        load_config(["--config", write(tmp_path, plain + '[tls]\nca = "/x/ca.crt"\n')], environ={})
+    cfg = load_config(["--config", write(tmp_path, EXAMPLE)], environ={})
+    assert (cfg.tls_ca, cfg.tls_key) == ("/etc/kvmha/pki/ca.crt", "/etc/kvmha/pki/host-h1.key")

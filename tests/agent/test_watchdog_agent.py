@@ -117,12 +117,13 @@ def test_a_takeover_continues_the_predecessors_clock(tmp_path: Path) -> None:
 
 def test_watchdog_configuration(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
-    path.write_text(f'[agent]\nhost_uuid = "{HOST}"\n[watchdog]\nsocket = "/run/x.sock"\ntimeout_s = 12\n')
+    plaintext = "[tls]\nallow_insecure_plaintext = true\n"
+    path.write_text(f'[agent]\nhost_uuid = "{HOST}"\n[watchdog]\nsocket = "/run/x.sock"\ntimeout_s = 12\n{plaintext}')
     cfg = load_config(["--config", str(path)], environ={})
     assert (cfg.watchdog_enabled, cfg.watchdog_socket, cfg.watchdog_timeout_s) == (True, "/run/x.sock", 12.0)
     assert not load_config(["--config", str(path), "--no-watchdog"], environ={}).watchdog_enabled
     assert not load_config(["--config", str(path)], environ={"KVMHA_AGENT_WATCHDOG_ENABLED": "false"}).watchdog_enabled
     for bad in ('enabled = "maybe"', 'socket = "relative.sock"', "timeout_s = -1", "unknown = 1"):
-        path.write_text(f'[agent]\nhost_uuid = "{HOST}"\n[watchdog]\n{bad}\n')
+        path.write_text(f'[agent]\nhost_uuid = "{HOST}"\n{plaintext}[watchdog]\n{bad}\n')
         with pytest.raises(ConfigError):
             load_config(["--config", str(path)], environ={})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import time
 import uuid as uuid_module
@@ -26,6 +27,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmha.lab.domain import domain_xml
+from kvmha.lab.pki import LabPki
 from kvmha.lab.testing.databases import DatabaseUnavailable, fresh_database
 from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.wait import wait_for
@@ -82,11 +84,35 @@ class Outcome:
         return self.replies[0].reject
 
 
+# The manager runs mutual TLS (the default): each fake agent presents a host certificate of its manager's CA for
+# the uuid its Hello names, so that what is tested here is the message, not the handshake.
+_PKIS: dict[str, LabPki] = {}
+ANY_UUID = "00000000-0000-4000-8000-000000000000"
+
+
+def credentials(address: str, host_uuid: str = ANY_UUID) -> grpc.ChannelCredentials:
+    try:
+        host_uuid = str(uuid_module.UUID(host_uuid))
+    except ValueError:
+        host_uuid = ANY_UUID  # a Hello with a bad uuid: refused for its uuid, after a good handshake
+    return _PKIS[address].host(f"h-{host_uuid}", host_uuid).channel_credentials()
+
+
+def secure_channel(address: str, host_uuid: str = ANY_UUID) -> grpc.Channel:
+    return grpc.secure_channel(address, credentials(address, host_uuid), options=CHANNEL_OPTIONS)
+
+
+def local_cluster(tmp: Path, url: str) -> LocalCluster:
+    cluster = LocalCluster(tmp, url, core_config=dict(FAST))
+    _PKIS[f"127.0.0.1:{cluster.agent_port}"] = cluster.pki
+    return cluster
+
+
 class FakeAgent:
     """One AgentLink stream, driven message by message."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, host_uuid: str = ANY_UUID) -> None:
+        self.channel = grpc.aio.secure_channel(address, credentials(address, host_uuid), options=CHANNEL_OPTIONS)
         self.call = agent_pb2_grpc.AgentLinkStub(self.channel).Connect(None)  # None: messages come from write()
         self.outcome = Outcome()
 
@@ -134,7 +160,8 @@ async def exchange(address: str, *messages: pb.AgentMessage, half_close: bool = 
     """Send `messages` and return what came back. Nothing is written after the message meant to end the stream:
     a grpc.aio write that races the server's close fails locally and records INTERNAL ("Internal error from
     Core") as the call's status, hiding the status the manager sent."""
-    agent = FakeAgent(address)
+    first = messages[0] if messages else pb.AgentMessage()
+    agent = FakeAgent(address, first.hello.host_uuid if first.WhichOneof("msg") == "hello" else ANY_UUID)
     await agent.send(*messages)
     if half_close:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -143,7 +170,7 @@ async def exchange(address: str, *messages: pb.AgentMessage, half_close: bool = 
 
 
 async def accepted(address: str, host_uuid: str, name: str) -> tuple[FakeAgent, pb.Welcome]:
-    agent = FakeAgent(address)
+    agent = FakeAgent(address, host_uuid)
     await agent.send(hello(host_uuid, name))
     first = await agent.read()
     assert first is not None and first.WhichOneof("msg") == "welcome", (first, await agent.finish())
@@ -206,7 +233,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("bad-input")
     try:
         with fresh_database("postgresql", tmp) as url:
-            cluster = LocalCluster(tmp, url, core_config=dict(FAST))
+            cluster = local_cluster(tmp, url)
             try:
                 cluster.start_manager()
                 cluster.start_agent(GOOD)
@@ -266,7 +293,7 @@ def test_garbage_bytes_are_dropped_and_the_port_still_serves(world: World) -> No
             _read_until_closed(sock, 10)
         assert world.cluster.manager is not None and world.cluster.manager.alive, what
     # The same port still serves: the health service, and a good agent is welcomed.
-    with grpc.insecure_channel(world.link) as channel:
+    with secure_channel(world.link) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="kvmha.v1.AgentLink"), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -297,6 +324,15 @@ def test_first_message_not_hello_is_rejected(world: World) -> None:
     assert not [v for v in world.cluster.vms().values() if v.name == "x"], "a rejected stream's report was used"
 
 
+def poisoned(memory_mib: int = 4096, cpus: int = 4, boot_id: str = "b", management_address: str = "127.0.0.1",
+             watchdog_timeout_s: float = 0.0) -> pb.AgentMessage:
+    message = hello(str(uuid_module.uuid4()), "poison")
+    message.hello.capacity.memory_mib, message.hello.capacity.cpus = memory_mib, cpus
+    message.hello.boot_id, message.hello.management_address = boot_id, management_address
+    message.hello.watchdog.timeout_s = watchdog_timeout_s
+    return message
+
+
 @pytest.mark.parametrize(("message", "code", "words"), [
     (hello("not-a-uuid", "evil1"), pb.REJECT_BAD_HELLO, "is not a UUID"),
     (hello("", "evil2"), pb.REJECT_BAD_HELLO, "is not a UUID"),
@@ -304,7 +340,15 @@ def test_first_message_not_hello_is_rejected(world: World) -> None:
     (hello(str(uuid_module.uuid4()), "evil4", version=0), pb.REJECT_PROTOCOL_VERSION, "protocol version 0"),
     (hello(str(uuid_module.uuid4()), ""), pb.REJECT_BAD_HELLO, "host name"),
     (hello(str(uuid_module.uuid4()), "bad name; drop table hosts"), pb.REJECT_BAD_HELLO, "host name"),
-], ids=["not-uuid", "empty-uuid", "protocol-2", "protocol-0", "no-hostname", "bad-hostname"])
+    # Issue 13's poison Hellos: values no database column takes (on the old code the batch's write failed and was
+    # retried forever, and every agent and admin write behind it waited).
+    (poisoned(memory_mib=2**64 - 1), pb.REJECT_BAD_HELLO, "Hello.capacity.memory_mib: 18446744073709551615 is more"),
+    (poisoned(cpus=2**31), pb.REJECT_BAD_HELLO, "Hello.capacity.cpus: 2147483648 is more than 2147483647"),
+    (poisoned(boot_id="a\x00b"), pb.REJECT_BAD_HELLO, "Hello.boot_id: control character '\\x00'"),
+    (poisoned(management_address="x" * 300), pb.REJECT_BAD_HELLO, "management_address"),
+    (poisoned(watchdog_timeout_s=math.nan), pb.REJECT_BAD_HELLO, "Hello.watchdog.timeout_s: nan is not a finite"),
+], ids=["not-uuid", "empty-uuid", "protocol-2", "protocol-0", "no-hostname", "bad-hostname", "memory-2^64",
+        "cpus-2^31", "nul-boot-id", "long-address", "nan-watchdog"])
 def test_bad_hello_is_rejected_as_invalid_argument(
     world: World, message: pb.AgentMessage, code: pb.RejectCode.ValueType, words: str
 ) -> None:
@@ -313,7 +357,16 @@ def test_bad_hello_is_rejected_as_invalid_argument(
     reject = outcome.reject()
     assert reject.code == code and words in reject.reason and reject.retry_after_s > 0, outcome
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and words in outcome.details, outcome
+    assert_one_event(world, started, words)
     world.check_unaffected(started)
+
+
+def assert_one_event(world: World, since: float, words: str) -> None:
+    """Each refused stream leaves exactly one `wire.invalid` event saying why (no traceback in the log)."""
+    events = wait_for(lambda: [e for e in world.cluster.events() if e.kind == "wire.invalid" and e.at >= since],
+                      5, "a wire.invalid event")
+    assert len(events) == 1 and words in events[0].message, events
+    assert "Traceback" not in world.cluster.manager_log_tail(200)
 
 
 def test_a_second_hello_on_an_accepted_stream_ends_it(world: World) -> None:
@@ -345,11 +398,21 @@ def _domain(name: str, state: pb.PowerState.ValueType = pb.POWER_ON, uuid: str =
     (report(2, domains=[_domain("bad1", uuid="nope")]), grpc.StatusCode.INVALID_ARGUMENT,
      "domain uuid 'nope' is not a UUID"),
     (report(2, domains=[_domain("ok2"), _domain("bad2", state=UNKNOWN_STATE)]), grpc.StatusCode.INVALID_ARGUMENT,
-     "power state 7 is not known"),
+     "7 is not a known PowerState"),
     (report(2, domains=[_domain(f"many{i}") for i in range(10_001)]), grpc.StatusCode.INVALID_ARGUMENT,
      "more than 10000"),
     (pb.AgentMessage(), grpc.StatusCode.FAILED_PRECONDITION, "unexpected empty message after Hello"),
-], ids=["domain-uuid", "power-state", "too-many-domains", "empty"])
+    # Issue 13: a NUL in a domain name (PostgreSQL refuses it: the batch would never be written) and NaN evidence
+    # (a NaN heartbeat age turns an honest "fresh" into "stale"); on the old code neither ended the stream.
+    (report(2, domains=[_domain("nul\x00name")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "AgentMessage.power.domains[0].name: control character '\\x00'"),
+    (pb.AgentMessage(result=pb.CommandResult(request_id="m1.1", ok=True, neighbor=pb.NeighborReport(
+        heartbeat_found=True, heartbeat_age_s=math.nan))), grpc.StatusCode.INVALID_ARGUMENT,
+     "AgentMessage.result.neighbor.heartbeat_age_s: nan is not a finite number"),
+    (pb.AgentMessage(ping=pb.Ping(sequence=3, domains_running=2**32 - 1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "AgentMessage.ping.domains_running: 4294967295 is more than 2147483647"),
+], ids=["domain-uuid", "power-state", "too-many-domains", "empty", "nul-domain-name", "nan-evidence",
+        "uint32-ping"])
 def test_a_malformed_message_after_welcome_ends_the_stream(
     world: World, message: pb.AgentMessage, code: grpc.StatusCode, words: str
 ) -> None:
@@ -364,6 +427,7 @@ def test_a_malformed_message_after_welcome_ends_the_stream(
 
     outcome = asyncio.run(scenario())
     assert outcome.kinds() == ["welcome"] and outcome.code == code and words in outcome.details, outcome
+    assert_one_event(world, started, words)
     reported = {d.name for d in message.power.domains}
     assert not reported & set(world.cluster.vms()), "a domain of the refused report was recorded"
     assert not world.cluster.hosts()[name].connected
@@ -386,7 +450,10 @@ def test_a_result_for_a_command_never_sent_is_ignored(world: World) -> None:
         return await agent.finish()
 
     outcome = asyncio.run(scenario())
-    assert outcome.kinds() == ["welcome"] and outcome.code == grpc.StatusCode.OK, outcome
+    # The forger may be asked to check a neighbour (the fake hosts of earlier cases went silent): commands to it are
+    # fine; what matters is that its forged results settle nothing.
+    kinds = outcome.kinds()
+    assert kinds[0] == "welcome" and set(kinds[1:]) <= {"command"} and outcome.code == grpc.StatusCode.OK, outcome
     world.check_unaffected(started)  # among others: web still Running on h1, not moved to "forger"
 
 
@@ -436,7 +503,7 @@ def _flood(link: str, host_uuid: str, count: int) -> tuple[list[str], grpc.Statu
             written = sequence
 
     kinds: list[str] = []
-    with grpc.insecure_channel(link, options=CHANNEL_OPTIONS) as channel:
+    with secure_channel(link, host_uuid) as channel:
         call = agent_pb2_grpc.AgentLinkStub(channel).Connect(messages(), timeout=60)
         try:
             for message in call:
@@ -522,7 +589,7 @@ def test_unknown_host_is_rejected_when_auto_registration_is_off(
         uow.commit()
     engine.dispose()
     monkeypatch.setenv("KVMHA_MANAGER_AUTO_REGISTER_HOSTS", "false")
-    cluster = LocalCluster(tmp_path, url, core_config=dict(FAST))
+    cluster = local_cluster(tmp_path, url)
     try:
         cluster.start_manager()
         link = f"127.0.0.1:{cluster.agent_port}"

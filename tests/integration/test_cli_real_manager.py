@@ -47,7 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def kvmha(cluster: LocalCluster, *args: str, input: str = "", manager: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([KVMHA, "--manager", manager or cluster.admin_address, *args], input=input,
-                          capture_output=True, text=True, env=ENV, timeout=30)
+                          capture_output=True, text=True, env={**ENV, **cluster.cli_env()}, timeout=30)
 
 
 def ok(cluster: LocalCluster, *args: str, input: str = "") -> Any:

@@ -78,7 +78,8 @@ def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: LocalClus
     manager = cluster.manager
     assert manager is not None and manager.process is not None
     follower = subprocess.Popen([str(BIN / "kvmha"), "--manager", cluster.admin_address, "events", "--follow"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**ENV, **cluster.cli_env()})
     try:
         time.sleep(1.0)  # the follower is connected and has printed the past events
         assert follower.poll() is None

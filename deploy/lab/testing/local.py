@@ -45,7 +45,8 @@ class AgentProcess(ChildProcess):
             "host_uuid": self.host_uuid, "hostname": f"test-{short}", "management_address": "127.0.0.1",
             "managers": list(managers), "libvirt_uri": libvirt_uri, "storage_paths": list(storage_paths),
             "heartbeat_interval_s": heartbeat_interval_s, "resync_interval_s": 30.0, "reconnect_max_s": 2.0,
-        }, isolation={"policy": isolation, "after_s": isolation_after_s}))
+        }, {"tls.allow_insecure_plaintext": True},  # its manager is a plaintext fake (kvmha.lab.testing)
+            isolation={"policy": isolation, "after_s": isolation_after_s}))
 
     def start(self, env: Mapping[str, str] | None = None) -> Self:
         return super().start({"PYTHONUNBUFFERED": "1", **(env or {})})
@@ -55,11 +56,13 @@ class LocalCluster(ManagerHarness):
     """The manager on free 127.0.0.1 ports (agents, admin, metrics) with the given database URL; agents added by
     `start_agent` / `start_powered_agent`, named like hosts ("h1")."""
 
-    def __init__(self, workdir: Path, database: str, core_config: Mapping[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
+                 allow_insecure_plaintext: bool = False) -> None:
         self.agent_port = find_free_port()
         self.metrics_port = find_free_port()
         super().__init__(workdir, database, core_config, manager_id="m1",
-                         agent_listen=f"127.0.0.1:{self.agent_port}", metrics_listen=f"127.0.0.1:{self.metrics_port}")
+                         agent_listen=f"127.0.0.1:{self.agent_port}", metrics_listen=f"127.0.0.1:{self.metrics_port}",
+                         allow_insecure_plaintext=allow_insecure_plaintext)
         self.agents: dict[str, ChildProcess] = {}
         self.bmcs: dict[str, BmcSimulator] = {}
         self.host_uuids: dict[str, str] = {}
@@ -88,12 +91,15 @@ class LocalCluster(ManagerHarness):
                            settings: Mapping[str, object] | None = None) -> Path:
         """The agent config of host `name` (settings override [agent] keys); its uuid is kept across restarts."""
         config = self.workdir / f"agent-{name}.toml"
+        host_uuid = self.host_uuids.setdefault(name, str(uuid.uuid4()))
+        tls = (self.pki.host(name, host_uuid, "127.0.0.1").agent_overrides() if self.tls is not None
+               else {"tls.allow_insecure_plaintext": True})
         config.write_text(agent_toml({
-            "host_uuid": self.host_uuids.setdefault(name, str(uuid.uuid4())), "hostname": name,
+            "host_uuid": host_uuid, "hostname": name,
             "management_address": "127.0.0.1", "managers": [f"127.0.0.1:{self.agent_port}"],
             "libvirt_uri": libvirt_uri or self.node_uri(name), "storage_paths": [str(self.storage)],
             "heartbeat_interval_s": 1.0, "resync_interval_s": 10.0, "neighbor_port": 9, "log_format": "kv",
-        }, settings))
+        }, {**tls, **(settings or {})}))
         return config
 
     def start_agent(self, name: str, libvirt_uri: str | None = None,
