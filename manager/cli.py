@@ -204,6 +204,19 @@ def host_show(ctx: typer.Context, host: HostRef, as_json: Json = False) -> None:
     _show(reply, as_json, render.print_host)
 
 
+@host_app.command("add")
+def host_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The host's name.")],
+    uuid: Annotated[str, typer.Option("--uuid", help="Its agent's host_uuid (the one its certificate binds).")],
+    address: Annotated[str, typer.Option(metavar="ADDR", help="Its management address.")] = "",
+    as_json: Json = False,
+) -> None:
+    """Enrol a host: its agent (with a certificate for this uuid) is then welcomed."""
+    link = _link(ctx)
+    _host_line(link.call(link.stub.AddHost, pb.AddHostRequest(name=name, uuid=uuid, address=address)), as_json)
+
+
 @host_app.command("maintenance")
 def host_maintenance(ctx: typer.Context, host: HostRef, state: Switch, as_json: Json = False) -> None:
     """Put a host in maintenance (on) or give it back to the cluster (off)."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 
+from kvmha.manager import domainpolicy
 from kvmha.manager.core.model import VmId, VmRecord, VmState, VmUuid
 from kvmha.manager.operations import Refusal, refuse
 
@@ -17,9 +19,12 @@ MAX_XML_BYTES = 1 << 20
 
 def vm_from_xml(
     domain_xml: str, *, name: str = "", ha_enabled: bool = False, restart_priority: int = 0,
-    anti_affinity_group: str = "",
+    anti_affinity_group: str = "", allowed: Iterable[str] | None = None,
 ) -> VmRecord:
-    """Read name, uuid, memory and vCPUs from the domain XML; a missing uuid is added so restarts keep it."""
+    """Read name, uuid, memory and vCPUs from the domain XML; a missing uuid is added so restarts keep it.
+
+    `allowed`: the guarded elements this manager allows (domainpolicy.py); None skips the policy (the XML of VMs
+    already registered, or found running on a host)."""
     if len(domain_xml.encode()) > MAX_XML_BYTES:
         refuse(Refusal.INVALID, "domain XML is larger than 1 MiB")
     try:
@@ -28,6 +33,8 @@ def vm_from_xml(
         refuse(Refusal.INVALID, f"domain XML does not parse: {error}")
     if root.tag != "domain":
         refuse(Refusal.INVALID, f"the XML's root is <{root.tag}>, not <domain>")
+    if allowed is not None and (refusals := domainpolicy.refused(root, allowed)):
+        refuse(Refusal.INVALID, domainpolicy.explain(refusals))
     name = name or (root.findtext("name") or "").strip()
     if not name:
         refuse(Refusal.INVALID, "the domain has no <name> (or pass a name)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.actions import Severity
-from kvmha.manager.core.model import NO_WATCHDOG, HostCapacity, HostId, WatchdogReport
+from kvmha.manager.core.model import NO_WATCHDOG, HostCapacity, HostId, HostStatus, WatchdogReport
 from kvmha.manager.driver import Driver
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
@@ -69,6 +69,9 @@ class AgentHub:
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
         manager_id = self._driver.settings.manager_id
         known = self._host_ids.get(hello.host_uuid)
+        current = self._driver.core.hosts.get(known) if known is not None else None
+        if current is not None and current.status is HostStatus.REMOVED:
+            raise UnknownHost(f"host {hello.host_uuid} was removed (its agent is refused from then on)")
 
         def record(uow: UnitOfWork) -> bool:
             assert known is not None
@@ -94,8 +97,12 @@ class AgentHub:
         created = host_id is None
         if host_id is None:
             if not self._auto_register:
-                raise UnknownHost(f"host {hello.host_uuid} is not registered")
+                raise UnknownHost(f"host {hello.host_uuid} is not registered (kvmha host add NAME --uuid UUID)")
             host_id = uow.hosts.add(hello.host_uuid, hello.hostname, hello.management_address or peer, uow.now)
+        else:
+            stored = uow.hosts.get(host_id)
+            if stored is not None and stored.status is HostStatus.REMOVED:
+                raise UnknownHost(f"host {hello.host_uuid} was removed (its agent is refused from then on)")
         uow.hosts.record_agent(host_id, hello.agent, self._driver.settings.manager_id, uow.now)
         uow.commit()
         return host_id, created

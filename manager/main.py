@@ -128,7 +128,7 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None,
     # Roles are checked in one place (security/auth.py); plaintext has no identities, so its callers are admins.
     plaintext_role = Role.ADMIN if credentials is None else None
     admin = grpc.aio.server(options=options, interceptors=[RoleInterceptor(plaintext_role)])
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service), admin)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, settings.domain_xml_allow), admin)
     _add_port(admin, settings.admin_listen, credentials)
     if settings.metrics_listen:
         host, port = split_address(settings.metrics_listen)

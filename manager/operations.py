@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import uuid as uuid_module
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.config import ConfigError, CoreConfig
-from kvmha.manager.core.model import HostId, HostStatus, PowerState, VmId, VmRecord, VmState
+from kvmha.manager.core.model import HostId, HostRecord, HostStatus, PowerState, VmId, VmRecord, VmState
 from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
 from kvmha.manager.store import BmcCredentials, ConfigRow, HostDetails, UnitOfWork
 
 T = TypeVar("T")
 Operation = Callable[[UnitOfWork], T]
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 ACTIVE_VM_STATES = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING)
 
 
@@ -160,6 +163,31 @@ def confirm_down(ref: str, by: str) -> tuple[Operation[HostId], Callable[[HostId
         return found.id
 
     return check, lambda host_id: [facts.HostConfirmedDown(host_id, who)]
+
+
+def add_host(name: str, uuid: str, address: str) -> tuple[Operation[HostRecord], Callable[[HostRecord],
+                                                                                        list[facts.Fact]]]:
+    """Enrol a host before its agent connects (`kvmha host add`); its agent is then welcomed under this uuid."""
+    if not _HOST_NAME.match(name):
+        refuse(Refusal.INVALID, f"host name {name[:64]!r}: letters, digits, '.', '_' or '-' (at most 255)")
+    try:
+        canonical = str(uuid_module.UUID(uuid))
+    except ValueError:
+        refuse(Refusal.INVALID, f"--uuid {uuid[:64]!r} is not a UUID")
+    if len(address) > 255 or any(ord(c) < 32 for c in address):
+        refuse(Refusal.INVALID, "the address is not a host address")
+
+    def store(uow: UnitOfWork) -> HostRecord:
+        if uow.hosts.id_of(canonical) is not None:
+            refuse(Refusal.ALREADY_EXISTS, f"a host with uuid {canonical} is already registered")
+        if uow.hosts.find(name) is not None:
+            refuse(Refusal.ALREADY_EXISTS, f"a host named {name!r} is already registered")
+        record = uow.hosts.get(uow.hosts.add(canonical, name, address, uow.now))
+        assert record is not None
+        uow.commit()
+        return record
+
+    return store, lambda record: [facts.HostRegistered(record)]
 
 
 # ---------------------------------------------------------------------- VMs

@@ -11,7 +11,7 @@ Example (deploy/config/manager.toml):
     admin_listen = "127.0.0.1:50052"  # the operator CLI
     metrics_listen = "127.0.0.1:9464" # Prometheus; "" = off
     database = "sqlite:////var/lib/kvmha/manager.sqlite"
-    auto_register_hosts = true
+    auto_register_hosts = false       # true: hosts with a certificate of our CA register on their first Hello
     log_format = "kv"                 # or "json"
     [tls]                              # mutual TLS (kvmha pki), the default; plaintext needs allow_insecure_plaintext
     cert = "/etc/kvmha/pki/manager-mgr1.crt"
@@ -22,6 +22,8 @@ Example (deploy/config/manager.toml):
     cert = "/etc/kvmha/dashboard.crt"  # default: [tls] cert/key
     key = "/etc/kvmha/dashboard.key"
     tokens = "/etc/kvmha/dashboard-tokens.json"  # `kvmha dashboard token --role reader` adds to it
+    [domain_xml]                       # guarded elements CreateVm may use (kvmha.manager.domainpolicy)
+    allow = ["qemu:override"]
     [config]
     "ping.interval" = "2"
 """
@@ -36,6 +38,8 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from kvmha.manager.domainpolicy import KNOWN
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvmha/manager.toml")
 DEFAULT_DATABASE = "sqlite:////var/lib/kvmha/manager.sqlite"
@@ -53,7 +57,9 @@ class ManagerSettings:
     admin_listen: str = "127.0.0.1:50052"
     metrics_listen: str = "127.0.0.1:9464"
     database: str = DEFAULT_DATABASE
-    auto_register_hosts: bool = True
+    # Off: hosts are enrolled with `kvmha host add`. On: any host with a certificate of our CA registers itself on
+    # its first Hello (with mutual TLS only such hosts get that far).
+    auto_register_hosts: bool = False
     log_format: str = "kv"
     log_level: str = "INFO"
     tls_cert: str = ""
@@ -66,6 +72,8 @@ class ManagerSettings:
     dashboard_cert: str = ""
     dashboard_key: str = ""
     dashboard_tokens: str = DEFAULT_DASHBOARD_TOKENS
+    # Guarded domain XML elements CreateVm may use (kvmha.manager.domainpolicy): [domain_xml] allow = [...]
+    domain_xml_allow: tuple[str, ...] = ()
 
     def check(self) -> None:
         for name in ("listen", "admin_listen"):
@@ -141,6 +149,7 @@ def _from_toml(settings: ManagerSettings, path: Path) -> ManagerSettings:
     changes.update(_dashboard(path, data.get("dashboard", {}), str(changes["tls_cert"]), str(changes["tls_key"])))
     overrides = tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v))
                       for k, v in data.get("config", {}).items())
+    changes["domain_xml_allow"] = _domain_xml_allow(path, data.get("domain_xml", {}))
     return replace(settings, config_overrides=overrides, **changes)  # type: ignore[arg-type]
 
 
@@ -156,6 +165,18 @@ def _dashboard(path: Path, table: dict[str, Any], tls_cert: str, tls_key: str) -
     values.setdefault("dashboard_cert", tls_cert)
     values.setdefault("dashboard_key", tls_key)
     return values
+
+
+def _domain_xml_allow(path: Path, section: dict[str, Any]) -> tuple[str, ...]:
+    unknown = set(section) - {"allow"}
+    allow = section.get("allow", [])
+    if unknown or not isinstance(allow, list):
+        raise SettingsError(f"{path}: [domain_xml] takes one key, allow = [...] (one of {', '.join(KNOWN)})")
+    names = tuple(str(name) for name in allow)
+    for name in names:
+        if name not in KNOWN and not name.startswith("qemu:"):
+            raise SettingsError(f"{path}: [domain_xml] allow: {name!r} is not one of {', '.join(KNOWN)}")
+    return names
 
 
 def _coerce(attribute: str, value: object) -> object:

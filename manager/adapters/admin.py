@@ -37,8 +37,9 @@ STATUS = {
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, port: OperatorPort) -> None:
+    def __init__(self, port: OperatorPort, domain_xml_allow: tuple[str, ...] = ()) -> None:
         self._port = port
+        self._domain_xml_allow = domain_xml_allow  # guarded domain XML elements allowed (domainpolicy.py)
         self._events_recorded = asyncio.Event()
         port.on_events_recorded(self._notify)
 
@@ -98,6 +99,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def RemoveHost(self, request: pb.Ref, context: Context) -> pb.HostInfo:
         return await self._guard(context, self._host_change(*ops.removable_host(request.ref)))
 
+    async def AddHost(self, request: pb.AddHostRequest, context: Context) -> pb.HostInfo:
+        async def add() -> pb.HostInfo:
+            record = await self._port.run(*ops.add_host(request.name, request.uuid, request.address))
+            return await self._host_info(str(record.id))
+
+        return await self._guard(context, add())
+
     async def _host_change(self, operation: ops.Operation[HostId],
                            then: Callable[[HostId], list[facts.Fact]]) -> pb.HostInfo:
         host_id = await self._port.run(operation, then)
@@ -132,7 +140,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 ops.refuse(Refusal.INVALID, "choosing the host is not supported yet: placement picks it")
             record = vm_from_xml(request.domain_xml, name=request.name, ha_enabled=request.ha_enabled,
                                  restart_priority=request.restart_priority,
-                                 anti_affinity_group=request.anti_affinity_group)
+                                 anti_affinity_group=request.anti_affinity_group, allowed=self._domain_xml_allow)
             registered = await self._port.run(*ops.register_vm(record, start=request.start))
             return await self._vm_info(str(registered.id))
 

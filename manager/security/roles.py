@@ -62,6 +62,8 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "RemoveHost": Role.ADMIN,  # host enrolment's other end
     "CreateVm": Role.ADMIN,
     "DeleteVm": Role.ADMIN,
+    "AddHost": Role.ADMIN,
+    "RemoveHost": Role.ADMIN,
 }
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmha/proto/v1/admin.proto\x12\x08kvmha.v1\"\x12\n\x03Ref\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x8e\x03\n\x08HostInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x16\n\x0eresource_state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x14\n\x0clast_ping_at\x18\x08 \x01(\x01\x12\x0c\n\x04\x63pus\x18\t \x01(\r\x12\x12\n\nmemory_mib\x18\n \x01(\x04\x12\x13\n\x0bvms_running\x18\x0b \x01(\r\x12\x11\n\tconnected\x18\x0c \x01(\x08\x12\x0f\n\x07has_bmc\x18\r \x01(\x08\x12\x13\n\x0b\x62mc_address\x18\x0e \x01(\t\x12\x12\n\nmanager_id\x18\x0f \x01(\t\x12\x15\n\ragent_version\x18\x10 \x01(\t\x12\x16\n\x0ewatchdog_armed\x18\x11 \x01(\x08\x12\x1a\n\x12watchdog_timeout_s\x18\x12 \x01(\x01\x12\x17\n\x0fwatchdog_detail\x18\x13 \x01(\t\x12\x15\n\rlease_manager\x18\x14 \x01(\t\"<\n\x16\x43onfirmHostDownRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x14\n\x0c\x63onfirmed_by\x18\x02 \x01(\t\"9\n\x10ListHostsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListHostsResponse\x12!\n\x05hosts\x18\x01 \x03(\x0b\x32\x12.kvmha.v1.HostInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x15SetMaintenanceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02on\x18\x02 \x01(\x08\"o\n\x11SetHostBmcRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\r\n\x05\x63lear\x18\x06 \x01(\x08\"\xa9\x02\n\x06VmInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bpower_state\x18\x05 \x01(\t\x12\x1e\n\x16power_state_updated_at\x18\x06 \x01(\x01\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\tlast_host\x18\x08 \x01(\t\x12\x12\n\nha_enabled\x18\t \x01(\x08\x12\x18\n\x10restart_priority\x18\n \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x0b \x01(\t\x12\x12\n\nmemory_mib\x18\x0c \x01(\x04\x12\r\n\x05vcpus\x18\r \x01(\r\x12\x14\n\x0cupdate_count\x18\x0e \x01(\x04\x12\x0e\n\x06reason\x18\x0f \x01(\t\"E\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x0fListVmsResponse\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.kvmha.v1.VmInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x0f\x43reateVmRequest\x12\x12\n\ndomain_xml\x18\x01 \x01(\t\x12\x12\n\nha_enabled\x18\x02 \x01(\x08\x12\x18\n\x10restart_priority\x18\x03 \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"\x1e\n\x10\x44\x65leteVmResponse\x12\n\n\x02id\x18\x01 \x01(\x04\"6\n\x15SetHostEnabledRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"/\n\x10MigrateVmRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07to_host\x18\x02 \x01(\t\"-\n\x0eSetVmHaRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\xd0\x01\n\nHaWorkInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\r\n\x05tried\x18\x07 \x01(\r\x12\x16\n\x0etime_to_try_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nupdated_at\x18\x0b \x01(\x01\x12\x10\n\x08taken_by\x18\x0c \x01(\t\"(\n\x11ListHaWorkRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\"9\n\x12ListHaWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.HaWorkInfo\"e\n\tEventInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"E\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07subject\x18\x03 \x01(\t\"R\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvmha.v1.EventInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\nConfigItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\t\"\x13\n\x11ListConfigRequest\"9\n\x12ListConfigResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.ConfigItem\"/\n\x10SetConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t2\xca\t\n\x0c\x41\x64minService\x12\x44\n\tListHosts\x12\x1a.kvmha.v1.ListHostsRequest\x1a\x1b.kvmha.v1.ListHostsResponse\x12,\n\x07GetHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetMaintenance\x12\x1f.kvmha.v1.SetMaintenanceRequest\x1a\x12.kvmha.v1.HostInfo\x12=\n\nSetHostBmc\x12\x1b.kvmha.v1.SetHostBmcRequest\x1a\x12.kvmha.v1.HostInfo\x12G\n\x0f\x43onfirmHostDown\x12 .kvmha.v1.ConfirmHostDownRequest\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetHostEnabled\x12\x1f.kvmha.v1.SetHostEnabledRequest\x1a\x12.kvmha.v1.HostInfo\x12/\n\nRemoveHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12>\n\x07ListVms\x12\x18.kvmha.v1.ListVmsRequest\x1a\x19.kvmha.v1.ListVmsResponse\x12(\n\x05GetVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x37\n\x08\x43reateVm\x12\x19.kvmha.v1.CreateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12*\n\x07StartVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12)\n\x06StopVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x35\n\x08\x44\x65leteVm\x12\r.kvmha.v1.Ref\x1a\x1a.kvmha.v1.DeleteVmResponse\x12\x35\n\x07SetVmHa\x12\x18.kvmha.v1.SetVmHaRequest\x1a\x10.kvmha.v1.VmInfo\x12\x39\n\tMigrateVm\x12\x1a.kvmha.v1.MigrateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12G\n\nListHaWork\x12\x1b.kvmha.v1.ListHaWorkRequest\x1a\x1c.kvmha.v1.ListHaWorkResponse\x12G\n\nListEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x1c.kvmha.v1.ListEventsResponse\x12\x42\n\x0c\x46ollowEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x13.kvmha.v1.EventInfo0\x01\x12G\n\nListConfig\x12\x1b.kvmha.v1.ListConfigRequest\x1a\x1c.kvmha.v1.ListConfigResponse\x12=\n\tSetConfig\x12\x1a.kvmha.v1.SetConfigRequest\x1a\x14.kvmha.v1.ConfigItemb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmha/proto/v1/admin.proto\x12\x08kvmha.v1\"\x12\n\x03Ref\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x8e\x03\n\x08HostInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x16\n\x0eresource_state\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x14\n\x0clast_ping_at\x18\x08 \x01(\x01\x12\x0c\n\x04\x63pus\x18\t \x01(\r\x12\x12\n\nmemory_mib\x18\n \x01(\x04\x12\x13\n\x0bvms_running\x18\x0b \x01(\r\x12\x11\n\tconnected\x18\x0c \x01(\x08\x12\x0f\n\x07has_bmc\x18\r \x01(\x08\x12\x13\n\x0b\x62mc_address\x18\x0e \x01(\t\x12\x12\n\nmanager_id\x18\x0f \x01(\t\x12\x15\n\ragent_version\x18\x10 \x01(\t\x12\x16\n\x0ewatchdog_armed\x18\x11 \x01(\x08\x12\x1a\n\x12watchdog_timeout_s\x18\x12 \x01(\x01\x12\x17\n\x0fwatchdog_detail\x18\x13 \x01(\t\x12\x15\n\rlease_manager\x18\x14 \x01(\t\"<\n\x16\x43onfirmHostDownRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x14\n\x0c\x63onfirmed_by\x18\x02 \x01(\t\"9\n\x10ListHostsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListHostsResponse\x12!\n\x05hosts\x18\x01 \x03(\x0b\x32\x12.kvmha.v1.HostInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x15SetMaintenanceRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\n\n\x02on\x18\x02 \x01(\x08\"=\n\x0e\x41\x64\x64HostRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"o\n\x11SetHostBmcRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08password\x18\x05 \x01(\t\x12\r\n\x05\x63lear\x18\x06 \x01(\x08\"\xa9\x02\n\x06VmInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x13\n\x0bpower_state\x18\x05 \x01(\t\x12\x1e\n\x16power_state_updated_at\x18\x06 \x01(\x01\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\tlast_host\x18\x08 \x01(\t\x12\x12\n\nha_enabled\x18\t \x01(\x08\x12\x18\n\x10restart_priority\x18\n \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x0b \x01(\t\x12\x12\n\nmemory_mib\x18\x0c \x01(\x04\x12\r\n\x05vcpus\x18\r \x01(\r\x12\x14\n\x0cupdate_count\x18\x0e \x01(\x04\x12\x0e\n\x06reason\x18\x0f \x01(\t\"E\n\x0eListVmsRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x0fListVmsResponse\x12\x1d\n\x03vms\x18\x01 \x03(\x0b\x32\x10.kvmha.v1.VmInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x0f\x43reateVmRequest\x12\x12\n\ndomain_xml\x18\x01 \x01(\t\x12\x12\n\nha_enabled\x18\x02 \x01(\x08\x12\x18\n\x10restart_priority\x18\x03 \x01(\x05\x12\x1b\n\x13\x61nti_affinity_group\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"\x1e\n\x10\x44\x65leteVmResponse\x12\n\n\x02id\x18\x01 \x01(\x04\"6\n\x15SetHostEnabledRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"/\n\x10MigrateVmRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07to_host\x18\x02 \x01(\t\"-\n\x0eSetVmHaRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"\xd0\x01\n\nHaWorkInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0f\n\x07vm_uuid\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\r\n\x05tried\x18\x07 \x01(\r\x12\x16\n\x0etime_to_try_at\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x12\n\nupdated_at\x18\x0b \x01(\x01\x12\x10\n\x08taken_by\x18\x0c \x01(\t\"(\n\x11ListHaWorkRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\"9\n\x12ListHaWorkResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.HaWorkInfo\"e\n\tEventInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x10\n\x08severity\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\"E\n\x11ListEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07subject\x18\x03 \x01(\t\"R\n\x12ListEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.kvmha.v1.EventInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\nConfigItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x15\n\rdefault_value\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\r\n\x05scope\x18\x05 \x01(\t\"\x13\n\x11ListConfigRequest\"9\n\x12ListConfigResponse\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.kvmha.v1.ConfigItem\"/\n\x10SetConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t2\x83\n\n\x0c\x41\x64minService\x12\x44\n\tListHosts\x12\x1a.kvmha.v1.ListHostsRequest\x1a\x1b.kvmha.v1.ListHostsResponse\x12,\n\x07GetHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetMaintenance\x12\x1f.kvmha.v1.SetMaintenanceRequest\x1a\x12.kvmha.v1.HostInfo\x12=\n\nSetHostBmc\x12\x1b.kvmha.v1.SetHostBmcRequest\x1a\x12.kvmha.v1.HostInfo\x12G\n\x0f\x43onfirmHostDown\x12 .kvmha.v1.ConfirmHostDownRequest\x1a\x12.kvmha.v1.HostInfo\x12\x45\n\x0eSetHostEnabled\x12\x1f.kvmha.v1.SetHostEnabledRequest\x1a\x12.kvmha.v1.HostInfo\x12/\n\nRemoveHost\x12\r.kvmha.v1.Ref\x1a\x12.kvmha.v1.HostInfo\x12\x37\n\x07\x41\x64\x64Host\x12\x18.kvmha.v1.AddHostRequest\x1a\x12.kvmha.v1.HostInfo\x12>\n\x07ListVms\x12\x18.kvmha.v1.ListVmsRequest\x1a\x19.kvmha.v1.ListVmsResponse\x12(\n\x05GetVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x37\n\x08\x43reateVm\x12\x19.kvmha.v1.CreateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12*\n\x07StartVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12)\n\x06StopVm\x12\r.kvmha.v1.Ref\x1a\x10.kvmha.v1.VmInfo\x12\x35\n\x08\x44\x65leteVm\x12\r.kvmha.v1.Ref\x1a\x1a.kvmha.v1.DeleteVmResponse\x12\x35\n\x07SetVmHa\x12\x18.kvmha.v1.SetVmHaRequest\x1a\x10.kvmha.v1.VmInfo\x12\x39\n\tMigrateVm\x12\x1a.kvmha.v1.MigrateVmRequest\x1a\x10.kvmha.v1.VmInfo\x12G\n\nListHaWork\x12\x1b.kvmha.v1.ListHaWorkRequest\x1a\x1c.kvmha.v1.ListHaWorkResponse\x12G\n\nListEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x1c.kvmha.v1.ListEventsResponse\x12\x42\n\x0c\x46ollowEvents\x12\x1b.kvmha.v1.ListEventsRequest\x1a\x13.kvmha.v1.EventInfo0\x01\x12G\n\nListConfig\x12\x1b.kvmha.v1.ListConfigRequest\x1a\x1c.kvmha.v1.ListConfigResponse\x12=\n\tSetConfig\x12\x1a.kvmha.v1.SetConfigRequest\x1a\x14.kvmha.v1.ConfigItemb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,44 +43,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSTSRESPONSE']._serialized_end=661
   _globals['_SETMAINTENANCEREQUEST']._serialized_start=663
   _globals['_SETMAINTENANCEREQUEST']._serialized_end=712
-  _globals['_SETHOSTBMCREQUEST']._serialized_start=714
-  _globals['_SETHOSTBMCREQUEST']._serialized_end=825
-  _globals['_VMINFO']._serialized_start=828
-  _globals['_VMINFO']._serialized_end=1125
-  _globals['_LISTVMSREQUEST']._serialized_start=1127
-  _globals['_LISTVMSREQUEST']._serialized_end=1196
-  _globals['_LISTVMSRESPONSE']._serialized_start=1198
-  _globals['_LISTVMSRESPONSE']._serialized_end=1271
-  _globals['_CREATEVMREQUEST']._serialized_start=1274
-  _globals['_CREATEVMREQUEST']._serialized_end=1429
-  _globals['_DELETEVMRESPONSE']._serialized_start=1431
-  _globals['_DELETEVMRESPONSE']._serialized_end=1461
-  _globals['_SETHOSTENABLEDREQUEST']._serialized_start=1463
-  _globals['_SETHOSTENABLEDREQUEST']._serialized_end=1517
-  _globals['_MIGRATEVMREQUEST']._serialized_start=1519
-  _globals['_MIGRATEVMREQUEST']._serialized_end=1566
-  _globals['_SETVMHAREQUEST']._serialized_start=1568
-  _globals['_SETVMHAREQUEST']._serialized_end=1613
-  _globals['_HAWORKINFO']._serialized_start=1616
-  _globals['_HAWORKINFO']._serialized_end=1824
-  _globals['_LISTHAWORKREQUEST']._serialized_start=1826
-  _globals['_LISTHAWORKREQUEST']._serialized_end=1866
-  _globals['_LISTHAWORKRESPONSE']._serialized_start=1868
-  _globals['_LISTHAWORKRESPONSE']._serialized_end=1925
-  _globals['_EVENTINFO']._serialized_start=1927
-  _globals['_EVENTINFO']._serialized_end=2028
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2030
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2099
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2101
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2183
-  _globals['_CONFIGITEM']._serialized_start=2185
-  _globals['_CONFIGITEM']._serialized_end=2285
-  _globals['_LISTCONFIGREQUEST']._serialized_start=2287
-  _globals['_LISTCONFIGREQUEST']._serialized_end=2306
-  _globals['_LISTCONFIGRESPONSE']._serialized_start=2308
-  _globals['_LISTCONFIGRESPONSE']._serialized_end=2365
-  _globals['_SETCONFIGREQUEST']._serialized_start=2367
-  _globals['_SETCONFIGREQUEST']._serialized_end=2414
-  _globals['_ADMINSERVICE']._serialized_start=2417
-  _globals['_ADMINSERVICE']._serialized_end=3643
+  _globals['_ADDHOSTREQUEST']._serialized_start=714
+  _globals['_ADDHOSTREQUEST']._serialized_end=775
+  _globals['_SETHOSTBMCREQUEST']._serialized_start=777
+  _globals['_SETHOSTBMCREQUEST']._serialized_end=888
+  _globals['_VMINFO']._serialized_start=891
+  _globals['_VMINFO']._serialized_end=1188
+  _globals['_LISTVMSREQUEST']._serialized_start=1190
+  _globals['_LISTVMSREQUEST']._serialized_end=1259
+  _globals['_LISTVMSRESPONSE']._serialized_start=1261
+  _globals['_LISTVMSRESPONSE']._serialized_end=1334
+  _globals['_CREATEVMREQUEST']._serialized_start=1337
+  _globals['_CREATEVMREQUEST']._serialized_end=1492
+  _globals['_DELETEVMRESPONSE']._serialized_start=1494
+  _globals['_DELETEVMRESPONSE']._serialized_end=1524
+  _globals['_SETHOSTENABLEDREQUEST']._serialized_start=1526
+  _globals['_SETHOSTENABLEDREQUEST']._serialized_end=1580
+  _globals['_MIGRATEVMREQUEST']._serialized_start=1582
+  _globals['_MIGRATEVMREQUEST']._serialized_end=1629
+  _globals['_SETVMHAREQUEST']._serialized_start=1631
+  _globals['_SETVMHAREQUEST']._serialized_end=1676
+  _globals['_HAWORKINFO']._serialized_start=1679
+  _globals['_HAWORKINFO']._serialized_end=1887
+  _globals['_LISTHAWORKREQUEST']._serialized_start=1889
+  _globals['_LISTHAWORKREQUEST']._serialized_end=1929
+  _globals['_LISTHAWORKRESPONSE']._serialized_start=1931
+  _globals['_LISTHAWORKRESPONSE']._serialized_end=1988
+  _globals['_EVENTINFO']._serialized_start=1990
+  _globals['_EVENTINFO']._serialized_end=2091
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2093
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2162
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2164
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2246
+  _globals['_CONFIGITEM']._serialized_start=2248
+  _globals['_CONFIGITEM']._serialized_end=2348
+  _globals['_LISTCONFIGREQUEST']._serialized_start=2350
+  _globals['_LISTCONFIGREQUEST']._serialized_end=2369
+  _globals['_LISTCONFIGRESPONSE']._serialized_start=2371
+  _globals['_LISTCONFIGRESPONSE']._serialized_end=2428
+  _globals['_SETCONFIGREQUEST']._serialized_start=2430
+  _globals['_SETCONFIGREQUEST']._serialized_end=2477
+  _globals['_ADMINSERVICE']._serialized_start=2480
+  _globals['_ADMINSERVICE']._serialized_end=3763
 # @@protoc_insertion_point(module_scope)

@@ -226,6 +226,33 @@ class SetMaintenanceRequest(_message.Message):
 Global___SetMaintenanceRequest: _TypeAlias = SetMaintenanceRequest  # noqa: Y015
 
 @_typing.final
+class AddHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UUID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uuid: _builtins.str
+    """the host_uuid its agent says in Hello (and its certificate proves)"""
+    address: _builtins.str
+    """its management address; the agent's Hello may update it"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uuid: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "uuid", b"uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddHostRequest: _TypeAlias = AddHostRequest  # noqa: Y015
+
+@_typing.final
 class SetHostBmcRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

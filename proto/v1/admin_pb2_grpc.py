@@ -69,6 +69,11 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
                 _registered_method=True)
+        self.AddHost = channel.unary_unary(
+                '/kvmha.v1.AdminService/AddHost',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.AddHostRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+                _registered_method=True)
         self.ListVms = channel.unary_unary(
                 '/kvmha.v1.AdminService/ListVms',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListVmsRequest.SerializeToString,
@@ -181,6 +186,13 @@ class AdminServiceServicer:
 
     def RemoveHost(self, request, context):
         """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddHost(self, request, context):
+        """Enrolment: a host is known before its agent connects (unless the manager auto-registers certified hosts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -304,6 +316,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'RemoveHost': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveHost,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
+            ),
+            'AddHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddHost,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.AddHostRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.SerializeToString,
             ),
             'ListVms': grpc.unary_unary_rpc_method_handler(
@@ -560,6 +577,33 @@ class AdminService:
             target,
             '/kvmha.v1.AdminService/RemoveHost',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/AddHost',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.AddHostRequest.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.HostInfo.FromString,
             options,
             channel_credentials,

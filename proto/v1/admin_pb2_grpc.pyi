@@ -50,6 +50,8 @@ class AdminServiceStub:
     """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts)."""
     RemoveHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]
     """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
+    AddHost: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddHostRequest, _admin_pb2.HostInfo]
+    """Enrolment: a host is known before its agent connects (unless the manager auto-registers certified hosts)."""
     ListVms: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]
     GetVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
     CreateVm: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]
@@ -85,6 +87,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Disabled: no new VMs are placed on the host; its running HA VMs stay protected (ha.disabled.hosts)."""
     RemoveHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.HostInfo]  # type: ignore[assignment]
     """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
+    AddHost: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddHostRequest, _admin_pb2.HostInfo]  # type: ignore[assignment]
+    """Enrolment: a host is known before its agent connects (unless the manager auto-registers certified hosts)."""
     ListVms: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListVmsRequest, _admin_pb2.ListVmsResponse]  # type: ignore[assignment]
     GetVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
     CreateVm: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateVmRequest, _admin_pb2.VmInfo]  # type: ignore[assignment]
@@ -159,6 +163,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]:
         """Removes a host from the cluster: FAILED_PRECONDITION while VMs run on it (maintenance moves them off first)."""
+
+    @_abc_1.abstractmethod
+    def AddHost(
+        self,
+        request: _admin_pb2.AddHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.HostInfo, _abc.Awaitable[_admin_pb2.HostInfo]]:
+        """Enrolment: a host is known before its agent connects (unless the manager auto-registers certified hosts)."""
 
     @_abc_1.abstractmethod
     def ListVms(

@@ -208,6 +208,13 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         host.status = "Removed"
         return host
 
+    def AddHost(self, request: pb.AddHostRequest, context: grpc.ServicerContext) -> pb.HostInfo:
+        self._record("AddHost", request)
+        host = pb.HostInfo(id=max((h.id for h in self.hosts), default=0) + 1, uuid=request.uuid, name=request.name,
+                           address=request.address, status="Connecting", resource_state="Enabled")
+        self.hosts.append(host)
+        return host
+
     # --- VMs ---
 
     def MigrateVm(self, request: pb.MigrateVmRequest, context: grpc.ServicerContext) -> pb.VmInfo:
