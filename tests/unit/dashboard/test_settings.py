@@ -33,6 +33,10 @@ def test_bad_dashboard_settings_are_refused(tmp_path: Path, text: str, message: 
 
 
 def _write(tmp_path: Path, text: str) -> Path:
+    """manager.toml with `text`; without [tls] it runs plaintext (explicitly: mutual TLS is the default)."""
     path = tmp_path / "manager.toml"
+    if "[tls]" not in text:
+        plaintext = "[manager]\nallow_insecure_plaintext = true\n"
+        text = text.replace("[manager]\n", plaintext) if "[manager]\n" in text else plaintext + text
     path.write_text(text)
     return path
