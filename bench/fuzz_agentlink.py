@@ -26,6 +26,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import socket
 import ssl
 import sys
@@ -202,9 +203,9 @@ class Fuzzer:
                 else:
                     await call.write(pb.AgentMessage(goodbye=pb.Goodbye(reason="fuzz round done")))
                 await call.done_writing()
-                async for _ in call:
-                    pass
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass  # commands the manager sends (neighbour checks): not answered
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
                 pass
             self.tally.status(await call.code())
         return sent
@@ -259,15 +260,17 @@ class Fuzzer:
         per_host = welcomed_target // POOL + 1
 
         async def host_loop(name: str, host_uuid: str) -> None:
-            left = per_host
-            while left > 0:
+            left, refusals = per_host, 0
+            while left > 0 and refusals < 50:
                 sent = await self.welcomed_stream(name, host_uuid, left)
-                left -= max(sent, 1)
+                refusals += sent == 0
+                left -= sent
                 self.tally.welcomed_messages += sent
 
         async def handshake_loop(count: int) -> None:
             for _ in range(count):
-                self.tally.handshake_messages += await self.handshake_stream()
+                sent = await self.handshake_stream()  # not `+= await`: the += would read before the await
+                self.tally.handshake_messages += sent
 
         raw_task = asyncio.to_thread(self.raw, raw_count)
         results = await asyncio.gather(*(host_loop(n, u) for n, u in self.pool),
@@ -318,6 +321,8 @@ class Report:
     duration_s: float
     manager_crashed: bool
     tracebacks_in_log: int
+    stream_failures_in_log: int  # event=stream_failed: a message the manager could not translate (a bug)
+    stream_errors: dict[str, int]  # why the manager ended streams (its log), by the first words of the error
     leaked_sessions: list[str]
     honest_up_at_end: bool
     honest_not_up_samples: int
@@ -369,13 +374,26 @@ def fuzz(total: int, seed: int, workdir: Path) -> tuple[Report, Tally]:
             welcomed_share=tally.welcomed_messages / max(tally.messages, 1),
             handshake_messages=tally.handshake_messages, raw_messages=tally.raw_messages,
             welcomed_streams=tally.welcomed_streams, statuses=tally.statuses, duration_s=round(duration_s, 1),
-            manager_crashed=crashed, tracebacks_in_log=log.count("Traceback"), leaked_sessions=leaked,
+            manager_crashed=crashed, tracebacks_in_log=log.count("Traceback"),
+            stream_failures_in_log=log.count("event=stream_failed"), stream_errors=_reasons(log),
+            leaked_sessions=leaked,
             honest_up_at_end=honest_up, honest_not_up_samples=tally.honest_not_up_samples,
             operator_calls=tally.operator_calls, operator_failures=tally.operator_failures,
             slowest_operator_call_s=round(tally.slowest_operator_call_s, 3), rss_start_kib=rss_start,
             rss_end_kib=rss_end, rss_growth_kib=rss_end - rss_start), tally
     finally:
         cluster.close()
+
+
+def _reasons(log: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in log.splitlines():
+        for marker in ("event=stream_error", "event=agent_rejected"):
+            if marker in line and ("error=" in line or "reason=" in line):
+                text = line.split("error=" if "error=" in line else "reason=", 1)[1]
+                key = re.sub(r"[0-9a-f-]{36}|\d+|'.*?'|\[.*?\]", "#", text)[:60]
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])
 
 
 def plot(tally: Tally, path: Path) -> None:
@@ -408,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "fuzz_agentlink.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         plot(tally, out / "fuzz_agentlink.png")
     ok = (not report.manager_crashed and not report.leaked_sessions and report.honest_up_at_end
-          and report.tracebacks_in_log == 0 and report.operator_failures == 0)
+          and report.tracebacks_in_log == 0 and report.operator_failures == 0 and report.stream_failures_in_log == 0)
     return 0 if ok else 1
 
 

@@ -12,17 +12,20 @@ when a test fails (`LabCluster.stop`).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
 from kvmha.lab import Lab
 from kvmha.lab.harness import BIN, DuplicateWatch, LabCluster
+from kvmha.lab.pki import ENV_FILE
 from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 
@@ -245,12 +248,16 @@ def hold(e2e: E2E, seconds: float, check: Callable[[], str | None], interval_s: 
 
 
 def kvmha_cli(cluster: LabCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as an operator runs it against the lab: through the lab's env file (mutual TLS, admin role)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KVMHA_")},
+           "KVMHA_ENV_FILE": str(Path(cluster.lab.spec.state_dir) / ENV_FILE)}
     return subprocess.run(
-        [str(BIN / "kvmha"), "--manager", cluster.admin_address, *args],
+        [str(BIN / "kvmha"), *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env=env,
     )
 
 
