@@ -62,8 +62,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "RemoveHost": Role.ADMIN,  # host enrolment's other end
     "CreateVm": Role.ADMIN,
     "DeleteVm": Role.ADMIN,
-    "AddHost": Role.ADMIN,
-    "RemoveHost": Role.ADMIN,
+    "AddHost": Role.ADMIN,  # host enrolment
 }
 
 
