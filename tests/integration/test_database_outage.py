@@ -73,7 +73,8 @@ class Outage:
 
 
 def _health(cluster: LocalCluster) -> int:
-    with grpc.insecure_channel(f"127.0.0.1:{cluster.agent_port}") as channel:
+    credentials = cluster.pki.host("health", "00000000-0000-4000-8000-000000000000").channel_credentials()
+    with grpc.secure_channel(f"127.0.0.1:{cluster.agent_port}", credentials) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         except grpc.RpcError:
@@ -92,7 +93,7 @@ def test_an_outage_decides_nothing_and_a_host_lost_meanwhile_is_found_after(kind
             cluster.start_manager()
             cluster.start_powered_agent("h1")
             cluster.start_agent("h2")
-            with Swarm(f"127.0.0.1:{cluster.agent_port}", AGENTS, ping_interval_s=2.0) as swarm:
+            with Swarm(f"127.0.0.1:{cluster.agent_port}", AGENTS, ping_interval_s=2.0, pki=cluster.pki) as swarm:
                 wait_for(lambda: sum(h.status == "Up" for h in cluster.hosts().values()) == AGENTS + 2, 120,
                          f"{AGENTS + 2} hosts Up")
                 cluster.register_bmcs()

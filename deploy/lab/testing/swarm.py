@@ -19,6 +19,7 @@ from typing import Self
 
 import grpc
 
+from kvmha.lab.pki import LabPki
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc
 
@@ -26,8 +27,11 @@ CONNECTS_IN_FLIGHT = 32
 
 
 class Swarm:
-    def __init__(self, link: str, count: int, ping_interval_s: float, prefix: str = "swarm") -> None:
+    def __init__(self, link: str, count: int, ping_interval_s: float, prefix: str = "swarm",
+                 pki: LabPki | None = None) -> None:
+        """`pki`: the manager's lab CA (mutual TLS, each agent with its own host certificate); None: plaintext."""
         self.link, self.count, self.ping_interval_s = link, count, ping_interval_s
+        self._pki = pki
         self.names = [f"{prefix}-{index:04d}" for index in range(count)]
         self.connected: set[str] = set()
         self.reconnects = 0  # streams opened again after one broke
@@ -59,7 +63,9 @@ class Swarm:
         gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
         ready = [asyncio.Event() for _ in self.names]
         for name, event in zip(self.names, ready, strict=True):
-            self._tasks.append(asyncio.create_task(self._agent(name, str(uuid.uuid4()), gate, event)))
+            host_uuid = str(uuid.uuid4())
+            credentials = self._pki.host(name, host_uuid).channel_credentials() if self._pki else None
+            self._tasks.append(asyncio.create_task(self._agent(name, host_uuid, gate, event, credentials)))
         await asyncio.gather(*(event.wait() for event in ready))
 
     async def _cancel_all(self) -> None:
@@ -67,11 +73,14 @@ class Swarm:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _agent(self, name: str, host_uuid: str, gate: asyncio.Semaphore, ready: asyncio.Event) -> None:
+    async def _agent(self, name: str, host_uuid: str, gate: asyncio.Semaphore, ready: asyncio.Event,
+                     credentials: grpc.ChannelCredentials | None) -> None:
         first = True
+        options = [("grpc.use_local_subchannel_pool", 1)]
         while True:
             try:
-                channel = grpc.aio.insecure_channel(self.link, options=[("grpc.use_local_subchannel_pool", 1)])
+                channel = (grpc.aio.secure_channel(self.link, credentials, options=options) if credentials
+                           else grpc.aio.insecure_channel(self.link, options=options))
                 async with channel:
                     async with gate if first else _Nothing():
                         call = await self._hello(channel, name, host_uuid)
