@@ -1,10 +1,12 @@
-"""Hosts the manager cannot fence (issue 7 points 4 and 6): their BMC is dead, so only time proves them dead.
+"""Hosts the manager cannot fence (issue 7 points 4 and 6): their BMC is dead, so only time proves them dead — and
+only because a watchdog guarantees the self-fence (issue 11).
 
-The agents run the isolation response destroy-vms after 8 s without both the manager and their storage heartbeat
-(agent setting isolation.after_s); the manager is told the same (isolation.after 8) and adds a margin of 3 s: a
-silent, unreachable host without a working BMC is taken for dead only once its heartbeat is stale and its agent
-silent for 11 s, and never earlier. fence.timeout is short (5 s) so that a fence attempt on a dead BMC fails fast;
-the lab's BMC answers a working power-off in about 2 s.
+Every lab host has a hardware watchdog (device timeout 4 s; the agents arm kvmha-watchdog with 8 s). The agents run
+the isolation response destroy-vms after 8 s without both the manager and their storage heartbeat (agent setting
+isolation.after_s); the manager is told the same (isolation.after 8), adds the watchdog's bound (8 s) and a margin of
+3 s: a silent, unreachable host without a working BMC is taken for dead only once its heartbeat is stale for 19 s and
+its agent silent for that + isolation.link.slack (3 s), and never earlier. fence.timeout is short (5 s) so that a
+fence attempt on a dead BMC fails fast; the lab's BMC answers a working power-off in about 2 s.
 
 The hypervisor's own guard — a start of an already running VM's disk on another host refused by virtlockd, tried
 directly with virsh — is tested in tests/lab/test_power.py
@@ -18,15 +20,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmha.lab.harness import LabCluster
+
+from ..lab.conftest import caps_cache
 from .conftest import (
     AGENT_SETTINGS,
     E2E,
+    E2E_PREFIX,
+    E2E_SUBNET,
     FAST_CONFIG,
     SharedCluster,
     Timeline,
     e2e_test,
     place,
-    shared_cluster,
     vm_is,
     wait_manager,
 )
@@ -35,19 +41,37 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 ISOLATION_AFTER_S = 8.0
 MARGIN_S = 3.0
+DEVICE_S = 4  # the lab watchdog device's timeout
+WATCHDOG_S = 2.0 * DEVICE_S  # the agents' watchdog.timeout_s (the lab's default: twice the device's)
 CONFIG = {
     **FAST_CONFIG,
     "isolation.after": str(ISOLATION_AFTER_S),
     "isolation.margin": str(MARGIN_S),
+    "isolation.link.slack": "3",
     "fence.timeout": "5",
 }
 AGENTS = {**AGENT_SETTINGS, "isolation.policy": "destroy-vms", "isolation.after_s": ISOLATION_AFTER_S}
 
 
+class WatchdogCluster(SharedCluster):
+    """Without a watchdog a lab host's silence proves nothing (it would wait in Alert for the operator)."""
+
+    def get(self) -> LabCluster:
+        if self.cluster is None:
+            self.cluster = LabCluster.start(
+                self.hosts, state_dir=self.factory.mktemp("e2e") / "state", prefix=E2E_PREFIX, subnet=E2E_SUBNET,
+                core_config=self.core_config, agent_settings=self.agent_settings,
+                cache_dir=caps_cache(self.factory), watchdog_device_timeout_s=DEVICE_S)
+        return self.cluster
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCluster]:
-    with shared_cluster(tmp_path_factory, CONFIG, AGENTS) as cluster:
+    cluster = WatchdogCluster(tmp_path_factory, dict(CONFIG), dict(AGENTS))
+    try:
         yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -60,14 +84,15 @@ def _restarted_not_before_the_bound(
     e2e: E2E, watch: Timeline, names: list[str], victim: str, cut_at: float, settled_at: float
 ) -> None:
     """The manager's last ping from the host came while the faults were being made (a power-off takes ~1.5 s, the
-    pings come every second), and no VM of the host started anywhere before last ping + isolation.after + margin."""
+    pings come every second), and no VM of the host started anywhere before last ping + isolation.after + the
+    watchdog's bound + margin."""
     c = e2e.cluster
     last_ping = c.hosts()[victim].last_ping_at
     assert cut_at - 1.5 <= last_ping <= settled_at + 0.5, (
         f"last ping {last_ping - cut_at:+.1f} s from the cut, faults done after {settled_at - cut_at:.1f} s"
         f"{e2e.story()}"
     )
-    bound = last_ping + ISOLATION_AFTER_S + MARGIN_S
+    bound = last_ping + ISOLATION_AFTER_S + WATCHDOG_S + MARGIN_S
     starts = e2e.starts_of(names, cut_at)
     assert len(starts) == len(names), e2e.story()
     for start in starts:
@@ -85,8 +110,9 @@ def _restarted_not_before_the_bound(
 def test_host_dead_with_its_bmc_is_waited_out_then_its_vms_restart(e2e: E2E) -> None:
     """The host loses power together with its BMC (`fail power` then `fail bmc`: nobody can confirm it is off).
     The manager cannot fence; it restarts the VMs only once the host's heartbeat has been stale and its agent
-    silent for isolation.after + margin (11 s) since its last ping — not before — and then does. (The lab's power
-    supply takes the host's eth0 down with its power, so the neighbours no longer reach it, as with a real host.)"""
+    silent for isolation.after + watchdog bound + margin (19 s) since its last ping — not before — and then does.
+    (The lab's power supply takes the host's eth0 down with its power, so the neighbours no longer reach it, as with
+    a real host.)"""
     c = e2e.cluster
     victim = "h1"
     names = ["bd-ha1", "bd-ha2"]
@@ -99,7 +125,7 @@ def test_host_dead_with_its_bmc_is_waited_out_then_its_vms_restart(e2e: E2E) -> 
         settled_at = time.time()
         assert c.lab.faults(victim) == ["bmc", "power"]
         try:
-            placed = c.wait_running(names, 45, not_on=victim)
+            placed = c.wait_running(names, 60, not_on=victim)
         except TimeoutError as error:
             pytest.fail(f"{error}{e2e.story()}")
     _restarted_not_before_the_bound(e2e, watch, names, victim, cut_at, settled_at)
@@ -110,9 +136,10 @@ def test_host_dead_with_its_bmc_is_waited_out_then_its_vms_restart(e2e: E2E) -> 
 def test_isolated_host_with_a_dead_bmc_self_fences_before_the_manager_restarts_its_vms(e2e: E2E) -> None:
     """A running host cut from the network and its storage, with a dead BMC: the manager cannot fence it and
     cannot tell whether it runs. Its agent, having lost the manager and its storage heartbeat for isolation.after
-    (8 s), destroys its VMs (policy destroy-vms); the manager waits isolation.after + margin from the last ping and
-    only then restarts them elsewhere. The old QEMUs are gone before the new ones start, the host itself stays
-    powered on (nobody fenced it), and no VM ever runs twice."""
+    (8 s), destroys its VMs (policy destroy-vms); the manager waits isolation.after + the watchdog's bound + margin
+    from the last ping and only then restarts them elsewhere. The old QEMUs are gone before the new ones start, the
+    host itself stays powered on (nobody fenced it, the watchdog did not fire: the response completed in time), and no
+    VM ever runs twice."""
     c = e2e.cluster
     victim = "h2"
     names = ["is-ha1", "is-ha2"]
@@ -125,7 +152,7 @@ def test_isolated_host_with_a_dead_bmc_self_fences_before_the_manager_restarts_i
         c.lab.fail(victim, "storage")
         settled_at = time.time()
         try:
-            placed = c.wait_running(names, 45, not_on=victim)
+            placed = c.wait_running(names, 60, not_on=victim)
         except TimeoutError as error:
             pytest.fail(f"{error}{e2e.story()}")
     _restarted_not_before_the_bound(e2e, watch, names, victim, cut_at, settled_at)
