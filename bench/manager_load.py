@@ -4,14 +4,20 @@
                                            [--budget-s 330] [--window-s 30] [--search-window-s 20]
                                            [--domains 3] [--database URL]
     .venv/bin/python bench/manager_load.py --restart-at 2000
+    .venv/bin/python bench/manager_load.py --steps 10000 --search-from 0 --stall-s 10 --fail-share 0.01
+
+The third form is the fixed 10,000-agent step with its two extra phases: a database stall (every kvmha table locked
+by another session for 10 s; hosts declared behind are counted, 0 expected) and failure injection (1 % of the agents
+go silent at once, their streams left open as after a power loss; detection latency = the "Up -> Investigating"
+event - the agent's last ping, p50/p99, and any other host leaving Up is a false host-down).
 
 The second form measures a manager restart instead of the search: N agents connected, the manager stopped (SIGTERM)
 and started again on the same database and ports; it reports how long until all N are back Up and pinging, and
 whether any host was declared behind (Investigating) meanwhile. The simulated agents retry every 1-2 s (the real
 agent backs off exponentially up to 30 s, which only makes returns later); results in manager_restart.json.
 
-Set-up: a fresh PostgreSQL database (kvmha.lab.testing.databases; the server of KVMHA_TEST_POSTGRES_URL, or
---database), one real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local,
+Set-up: a fresh PostgreSQL database (kvmha.lab.testing.databases: a database of its own, dropped afterwards, on the
+server of KVMHA_TEST_POSTGRES_URL, by default the machine's PostgreSQL at 127.0.0.1:5432; or --database), one real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local,
 manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
 process (this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP
 connection (a local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full
@@ -27,9 +33,11 @@ N hosts Up, then measures over the window:
 * manager CPU (% of one core, utime+stime from /proc/<pid>/stat over the window) and RSS (VmRSS at the end, VmHWM
   peak); for context the load process's own CPU, all postgres processes' CPU and the whole machine's busy share
   (2 cores shared with other work: the figures are what this machine gave, not what the manager needs alone);
-* ping handling latency. The manager does not acknowledge pings, so it is measured from what it records: the
-  core stamps a host's `last_ping_at` with the wall-clock time at which its driver handled the ping (the admin API
-  returns that in-memory value). A few times per window the load process calls ListHosts and, for each host,
+* ping latency. The manager does not acknowledge pings, so it is measured from what it records: the gRPC adapter
+  stamps each ping with its arrival and the core keeps it as the host's `last_ping_at` (the admin API returns that
+  in-memory value, on the wall clock). Since silence is measured from arrivals, this latency no longer shows a slow
+  driver: the driver's own lag (arrival -> handled) is read separately from the manager's
+  kvmha_driver_lag_seconds histogram over the window (p50/p99 are bucket upper bounds). A few times per window the load process calls ListHosts and, for each host,
   matches `last_ping_at` to the latest ping that agent sent before that instant: latency = last_ping_at - send time
   (same machine, same clock). This covers the whole path: the client's write, TCP, gRPC in the manager, the queue
   to the single driver task and the core's handling. It is exact while the latency stays under the ping interval
@@ -86,6 +94,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "manager_load.json"
 RESTART_SETTLE_S = 20.0 + 7.0 + 8.0  # startup.grace + ping.timeout (defaults) + margin
 RESTART_WAIT_S = 120.0  # all agents back within this, or the restart counts as not recovered
+PING_TIMEOUT_S = 7.0  # the manager's default ping.timeout
+LIST_PAGE = 1000  # hosts per ListHosts page
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/test"  # the machine's PostgreSQL (the bench makes its own db)
+STALLED_TABLES = "mshost, host, vm_instance, op_ha_work, configuration, event"
 
 
 # ---------------------------------------------------------------------------------------------- /proc
@@ -143,6 +155,7 @@ class SimAgent:
     domains: list[pb.DomainPower]
     sent: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # wall-clock send times of pings
     connected: bool = False
+    silent: bool = False  # failure injection: the host "loses power" (its stream stays open, it says nothing)
     errors: int = 0
     last_error: str = ""
     credentials: grpc.ChannelCredentials | None = None
@@ -212,6 +225,9 @@ class Load:
                 while not reader.done():
                     await asyncio.sleep(max(0.0, next_ping - loop.time()))
                     self.late_s.append(loop.time() - next_ping)
+                    if agent.silent:
+                        next_ping += PING_INTERVAL_S
+                        continue
                     sequence += 1
                     async with lock:
                         agent.sent.append(time.time())
@@ -282,10 +298,35 @@ class Load:
         await asyncio.gather(*starting)
 
     async def hosts(self) -> tuple[float, list[apb.HostInfo]]:
+        """Every host, in pages of LIST_PAGE (as the CLI reads them); the time before the first page."""
         before = time.time()
-        reply = await self.admin.ListHosts(apb.ListHostsRequest(), timeout=60)
-        self.list_hosts_s.append(time.time() - before)
-        return before, list(reply.hosts)
+        found: list[apb.HostInfo] = []
+        token = ""
+        while True:
+            started = time.time()
+            reply = await self.admin.ListHosts(apb.ListHostsRequest(page_size=LIST_PAGE, page_token=token), timeout=60)
+            self.list_hosts_s.append(time.time() - started)
+            found += reply.hosts
+            token = reply.next_page_token
+            if not token:
+                return before, found
+
+    async def metric_lines(self) -> list[str]:
+        def fetch() -> list[str]:
+            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as reply:
+                text: str = reply.read().decode()
+            return text.splitlines()
+
+        return await asyncio.to_thread(fetch)
+
+    async def lag_buckets(self) -> dict[float, float]:
+        """The driver's lag histogram (a fact's arrival -> handled): upper bound -> cumulative count."""
+        buckets: dict[float, float] = {}
+        for line in await self.metric_lines():
+            if line.startswith("kvmha_driver_lag_seconds_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float("inf") if bound == "+Inf" else float(bound)] = float(line.split()[-1])
+        return buckets
 
     async def wait_up(self, count: int, timeout_s: float) -> float:
         started = time.monotonic()
@@ -367,6 +408,7 @@ class Load:
 
         self.late_s, self.list_hosts_s = [], []
         pings_before, handled_before = await self.counters()
+        lag_before = await self.lag_buckets()
         t0, m0, l0, p0, (busy0, all0) = (time.monotonic(), cpu_s(self.manager_pid), cpu_s(os.getpid()),
                                           postgres_cpu_s(), machine_ticks())
         latencies: list[float] = []
@@ -382,6 +424,7 @@ class Load:
         elapsed = time.monotonic() - t0
         m1, l1, p1, (busy1, all1) = cpu_s(self.manager_pid), cpu_s(os.getpid()), postgres_cpu_s(), machine_ticks()
         pings_after, handled_after = await self.counters()
+        lag = lag_quantiles(lag_before, await self.lag_buckets())
         offered, handled = pings_after - pings_before, handled_after - handled_before
         memory = memory_mib(self.manager_pid)
         downs = await self.false_downs()
@@ -407,6 +450,9 @@ class Load:
             "ping_latency_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
             "ping_latency_max_ms": round(max(latencies, default=float("nan")) * 1000, 1),
             "latency_samples": len(latencies),
+            "driver_lag_p50_ms": lag[0],
+            "driver_lag_p99_ms": lag[1],
+            "driver_lag_max_bucket_ms": lag[2],
             "snapshots": samples,
             "list_hosts_max_s": round(max(self.list_hosts_s, default=0.0), 2),
             "lagging_hosts": lagging,
@@ -428,15 +474,82 @@ class Load:
             problems.append(f"{lagging} hosts lagging more than one ping, {not_up} not Up")
         if not latencies or percentile(latencies, 0.99) > PING_INTERVAL_S:
             problems.append("ping latency p99 above the ping interval")
+        if lag[1] > 1000 * PING_INTERVAL_S:
+            problems.append("driver lag p99 above the ping interval")
         result["ok"] = not problems
         result["problems"] = problems
         return result
 
 
+def lag_quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[float, float, float]:
+    """p50, p99 and the largest non-empty bucket of the histogram's growth between two scrapes, in ms (each is the
+    upper bound of its bucket: a histogram says no more)."""
+    bounds = sorted(after)
+    growth = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = growth[-1] if growth else 0.0
+    if total <= 0:
+        return float("nan"), float("nan"), float("nan")
+
+    def quantile(share: float) -> float:
+        return next(b for b, count in zip(bounds, growth, strict=True) if count >= share * total)
+
+    largest = next(b for b, count in zip(bounds, growth, strict=True) if count >= total)
+    return tuple(round(v * 1000, 1) for v in (quantile(0.5), quantile(0.99), largest))  # type: ignore[return-value]
+
+
+async def failure_phase(load: Load, share: float, settle_s: float) -> dict[str, Any]:
+    """A share of the agents goes silent at once (power loss: the stream stays open, nothing more comes); detection
+    latency = the 'Up -> Investigating' event's time - the agent's last ping sent. Other hosts must stay Up."""
+    await load.false_downs()  # move the cursor past what happened before
+    _, hosts = await load.hosts()
+    subjects = {f"host:{h.id}": h.uuid for h in hosts if h.uuid in load.by_uuid}
+    victims = random.sample([a for a in load.agents if a.connected], max(1, int(share * len(load.agents))))
+    for agent in victims:
+        agent.silent = True
+    silenced = {agent.host_uuid for agent in victims}
+    await asyncio.sleep(settle_s)
+    detection: list[float] = []
+    others: list[str] = []
+    while True:
+        reply = await load.admin.ListEvents(apb.ListEventsRequest(after_id=load.event_cursor, limit=10_000),
+                                            timeout=60)
+        for event in reply.events:
+            load.event_cursor = max(load.event_cursor, event.id)
+            uuid = subjects.get(event.subject)
+            if event.kind != "host.status" or not event.message.startswith("Up ->") or uuid is None:
+                continue
+            if uuid in silenced:
+                agent = load.by_uuid[uuid]
+                detection.append(event.at - max(agent.sent, default=event.at))
+            else:
+                others.append(event.message)
+        if len(reply.events) < 10_000:
+            break
+    for agent in victims:  # back to life for what follows (they reconnect or ping again)
+        agent.silent = False
+    return {"failed_agents": len(victims), "detected": len(detection),
+            "detection_p50_s": round(percentile(detection, 0.5), 2),
+            "detection_p99_s": round(percentile(detection, 0.99), 2),
+            "detection_max_s": round(max(detection, default=float("nan")), 2),
+            "false_host_downs": len(others), "false_host_down_examples": others[:3]}
+
+
+async def stall_phase(load: Load, stall_s: float, settle_s: float) -> dict[str, Any]:
+    """Ask the orchestrator to stall the database `stall_s` (every table locked), then count hosts declared behind."""
+    await load.false_downs()
+    print(json.dumps({"stall": stall_s}), flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    await asyncio.sleep(settle_s)
+    downs = await load.false_downs()
+    return {"stall_s": stall_s, "stall_agents": len(load.agents), "declared_behind": len(downs),
+            "declared_behind_examples": downs[:3]}
+
+
 def counts(plan: dict[str, Any]) -> Iterator[int]:
+    """The fixed steps, then (unless --search-from 0) the search."""
     yield from plan["steps"]
     count = plan["search_from"]
-    while True:
+    while count:
         yield count
         count += plan["search_step"]
 
@@ -495,7 +608,7 @@ async def load_main(plan: dict[str, Any]) -> None:
         print(json.dumps(await load.step(plan["restart_at"], plan["window_s"])), flush=True)
         print(json.dumps(await restart_phase(load, plan["restart_at"], plan["settle_s"])), flush=True)
         plan["steps"], plan["search_from"] = [], 0
-    for count in counts(plan) if plan["search_from"] else ():
+    for count in counts(plan):
         # A step needs its ramp (at the rate the last one had), the wait for Up and the window: skip what cannot
         # finish within the budget.
         window_s = plan["window_s"] if count in plan["steps"] else plan["search_window_s"]
@@ -510,6 +623,10 @@ async def load_main(plan: dict[str, Any]) -> None:
         print(json.dumps(result), flush=True)
         if not result["ok"]:
             break
+    if plan["stall_s"] and load.agents:
+        print(json.dumps(await stall_phase(load, plan["stall_s"], settle_s=PING_TIMEOUT_S + 8)), flush=True)
+    if plan["fail_share"] and load.agents:
+        print(json.dumps(await failure_phase(load, plan["fail_share"], settle_s=PING_TIMEOUT_S + 6)), flush=True)
     for task in load.tasks:
         task.cancel()
     await asyncio.gather(*load.tasks, return_exceptions=True)
@@ -536,6 +653,20 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stall_database(url: str, seconds: float) -> None:
+    """Every kvmha table locked by another session for `seconds`: each of the manager's transactions waits."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"LOCK TABLE {STALLED_TABLES} IN ACCESS EXCLUSIVE MODE"))
+            time.sleep(seconds)
+    finally:
+        engine.dispose()
+    print(f"database stalled {seconds:.0f} s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="100,1000", help="agent counts always measured")
@@ -548,6 +679,11 @@ def main() -> int:
     parser.add_argument("--database", default="", help="PostgreSQL URL of an empty database (default: a fresh one)")
     parser.add_argument("--restart-at", type=int, default=0,
                         help="instead of the search: N agents, then restart the manager and measure their return")
+    parser.add_argument("--stall-s", type=float, default=0.0,
+                        help="after the steps: stall the database this long (every table locked) and count hosts "
+                             "declared behind")
+    parser.add_argument("--fail-share", type=float, default=0.0,
+                        help="after the steps: this share of the agents goes silent; detection latency p50/p99")
     parser.add_argument("--load-process", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_process:
@@ -562,10 +698,13 @@ def main() -> int:
         raise SystemExit(f"terminated by signal {signum}")  # unwinds the ExitStack: load process, manager, database
 
     signal.signal(signal.SIGTERM, terminated)
+    # As its docstring says: no environment needed. A database of its own on the machine's PostgreSQL, dropped after.
+    os.environ.setdefault("KVMHA_TEST_POSTGRES_URL", DEFAULT_SERVER)
 
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))  # the manager inherits it: one fd per agent
     results: list[dict[str, Any]] = []
+    extra: list[dict[str, Any]] = []  # the stall and failure-injection phases
     restart: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="kvmha-manager-load-") as tmp_name:
         tmp = Path(tmp_name)
@@ -581,7 +720,8 @@ def main() -> int:
                     "domains": args.domains, "steps": [int(s) for s in args.steps.split(",") if s],
                     "search_from": args.search_from, "search_step": args.search_step, "budget_s": args.budget_s,
                     "window_s": args.window_s, "search_window_s": args.search_window_s,
-                    "restart_at": args.restart_at, "settle_s": RESTART_SETTLE_S}
+                    "restart_at": args.restart_at, "settle_s": RESTART_SETTLE_S, "stall_s": args.stall_s,
+                    "fail_share": args.fail_share}
             print(f"manager pid {manager.process.pid} on {url.split('@')[-1]}; ping.interval {PING_INTERVAL_S} s; "
                   f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
             load = subprocess.Popen([sys.executable, __file__, "--load-process", json.dumps(plan)],
@@ -613,6 +753,16 @@ def main() -> int:
                     print(f"manager restarted (stopped in {stop_s:.1f} s), new pid {manager.process.pid}", flush=True)
                     load.stdin.write(f"restarted {manager.process.pid} {started} {stop_s}\n")
                     load.stdin.flush()
+                    continue
+                if "stall" in result:
+                    assert load.stdin is not None
+                    stall_database(url, float(result["stall"]))
+                    load.stdin.write("stalled\n")
+                    load.stdin.flush()
+                    continue
+                if "stall_agents" in result or "failed_agents" in result:
+                    extra.append(result)
+                    print(json.dumps(result), flush=True)
                     continue
                 if "restart_agents" in result:
                     restart = result
@@ -647,7 +797,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(),
                                "max_agents": None if args.restart_at else maximum, "steps": results,
-                               "restart": restart}, indent=2))
+                               "restart": restart, "phases": extra}, indent=2))
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 
