@@ -17,8 +17,8 @@ whether any host was declared behind (Investigating) meanwhile. The simulated ag
 agent backs off exponentially up to 30 s, which only makes returns later); results in manager_restart.json.
 
 Set-up: a fresh PostgreSQL database (kvmha.lab.testing.databases: a database of its own, dropped afterwards, on the
-server of KVMHA_TEST_POSTGRES_URL, by default the machine's PostgreSQL at 127.0.0.1:5432; or --database), one real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local,
-manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
+server of KVMHA_TEST_POSTGRES_URL, by default the machine's PostgreSQL at 127.0.0.1:5432; or --database), one
+real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local, manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
 process (this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP
 connection (a local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full
 power report of `--domains` running domains, then a Ping every 2 s (±5 % jitter, random phase) and a full report
@@ -37,8 +37,8 @@ N hosts Up, then measures over the window:
   stamps each ping with its arrival and the core keeps it as the host's `last_ping_at` (the admin API returns that
   in-memory value, on the wall clock). Since silence is measured from arrivals, this latency no longer shows a slow
   driver: the driver's own lag (arrival -> handled) is read separately from the manager's
-  kvmha_driver_lag_seconds histogram over the window (p50/p99 are bucket upper bounds). A few times per window the load process calls ListHosts and, for each host,
-  matches `last_ping_at` to the latest ping that agent sent before that instant: latency = last_ping_at - send time
+  kvmha_driver_lag_seconds histogram over the window (p50/p99 are bucket upper bounds). A few times per window
+  the load process calls ListHosts and, for each host, matches `last_ping_at` to the latest ping that agent sent before that instant: latency = last_ping_at - send time
   (same machine, same clock). This covers the whole path: the client's write, TCP, gRPC in the manager, the queue
   to the single driver task and the core's handling. It is exact while the latency stays under the ping interval
   (2 s); a host whose manager-side record is older than a ping sent more than 1 s before the snapshot is counted
