@@ -18,11 +18,12 @@ agent backs off exponentially up to 30 s, which only makes returns later); resul
 
 Set-up: a fresh PostgreSQL database (kvmha.lab.testing.databases: a database of its own, dropped afterwards, on the
 server of KVMHA_TEST_POSTGRES_URL, by default the machine's PostgreSQL at 127.0.0.1:5432; or --database), one
-real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local, manager.toml with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load
-process (this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP
-connection (a local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full
-power report of `--domains` running domains, then a Ping every 2 s (±5 % jitter, random phase) and a full report
-every 30 s (the agent's default resync); it answers CheckNeighbor/GetCapacity commands like a healthy agent.
+real `kvmha-manager` process started like the integration tests start it (kvmha.lab.testing.local, manager.toml
+with ping.interval = 2, every other setting at its default: ping.timeout 7 s), and ONE separate load process
+(this file with --load-process) that runs N simulated agents as grpc.aio clients, each on its own TCP connection (a
+local subchannel pool, as N real agents would be). Each simulated agent says Hello, sends a full power report of
+`--domains` running domains, then a Ping every 2 s (±5 % jitter, random phase) and a full report every 30 s (the
+agent's default resync); it answers CheckNeighbor/GetCapacity commands like a healthy agent.
 
 Steps: N = 100, 1,000 (30 s windows), then a search 2,000, 3,500, 5,000, ... (20 s windows; agents are added,
 never restarted) until a step fails or the next one cannot finish within the time budget (~5.5 min, predicted from
@@ -38,11 +39,12 @@ N hosts Up, then measures over the window:
   in-memory value, on the wall clock). Since silence is measured from arrivals, this latency no longer shows a slow
   driver: the driver's own lag (arrival -> handled) is read separately from the manager's
   kvmha_driver_lag_seconds histogram over the window (p50/p99 are bucket upper bounds). A few times per window
-  the load process calls ListHosts and, for each host, matches `last_ping_at` to the latest ping that agent sent before that instant: latency = last_ping_at - send time
-  (same machine, same clock). This covers the whole path: the client's write, TCP, gRPC in the manager, the queue
-  to the single driver task and the core's handling. It is exact while the latency stays under the ping interval
-  (2 s); a host whose manager-side record is older than a ping sent more than 1 s before the snapshot is counted
-  as "lagging", which flags the case where the matching would understate the latency;
+  the load process calls ListHosts and, for each host, matches `last_ping_at` to the latest ping that agent sent
+  before that instant: latency = last_ping_at - send time (same machine, same clock). This covers the whole path: the
+  client's write, TCP, gRPC in the manager, the queue to the single driver task and the core's handling. It is exact
+  while the latency stays under the ping interval (2 s); a host whose manager-side record is older than a ping sent
+  more than 1 s before the snapshot is counted as "lagging", which flags the case where the matching would understate
+the latency;
 * handled vs offered pings: the manager's kvmha_facts_total{kind="HeartbeatReceived"} rate (metrics port) against
   the pings the load process sent per second;
 * the duration of those ListHosts calls (each loads every host and VM row: with thousands of hosts it is real
