@@ -655,6 +655,45 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict[str, Any]], phases: list[dict[str, Any]], path: Path) -> None:
+    """Latency (ping p50/p99, driver lag p99) and manager CPU/RSS against the agent count; the phases in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted((r for r in results if "ping_latency_p99_ms" in r), key=lambda r: r["agents"])
+    if not steps:
+        return
+    agents = [r["agents"] for r in steps]
+    figure, (latency, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, style in (("ping_latency_p50_ms", "ping latency p50", "o-"),
+                              ("ping_latency_p99_ms", "ping latency p99", "s-"),
+                              ("driver_lag_p99_ms", "driver lag p99 (bucket bound)", "^--")):
+        latency.plot(agents, [r.get(key) for r in steps], style, label=label)
+    latency.axhline(50, color="grey", linewidth=0.8, linestyle=":", label="acceptance 50 ms")
+    latency.set_xlabel("agents (2 s pings)")
+    latency.set_ylabel("ms")
+    latency.set_yscale("symlog", linthresh=1)
+    latency.legend(fontsize=8)
+    cost.plot(agents, [r["manager_cpu_pct"] for r in steps], "o-", label="manager CPU % of one core")
+    cost.plot(agents, [r["manager_rss_mib"] for r in steps], "s-", label="manager RSS MiB")
+    cost.set_xlabel("agents (2 s pings)")
+    cost.legend(fontsize=8)
+    notes = []
+    for phase in phases:
+        if "stall_s" in phase:
+            notes.append(f"{phase['stall_s']:.0f} s DB stall: {phase['declared_behind']} declared behind")
+        if "failed_agents" in phase:
+            notes.append(f"{phase['failed_agents']} silenced: detection p50 {phase['detection_p50_s']} s, "
+                         f"p99 {phase['detection_p99_s']} s, {phase['false_host_downs']} false downs")
+    figure.suptitle("kvmha-manager under simulated agents, PostgreSQL, 2 cores shared with the load\n"
+                    + "; ".join(notes), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def stall_database(url: str, seconds: float) -> None:
     """Every kvmha table locked by another session for `seconds`: each of the manager's transactions waits."""
     from sqlalchemy import create_engine, text
@@ -800,6 +839,8 @@ def main() -> int:
     out.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(),
                                "max_agents": None if args.restart_at else maximum, "steps": results,
                                "restart": restart, "phases": extra}, indent=2))
+    if not args.restart_at:
+        plot(results, extra, out.with_suffix(".png"))
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 

@@ -6,10 +6,14 @@ of pings); counters and histograms are fed by the driver as facts and actions pa
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
@@ -26,7 +30,8 @@ class Metrics:
         self.vms = Gauge("kvmha_vms", "VMs by state and power state", ["state", "power_state"], registry=r)
         self.work = Gauge("kvmha_ha_work", "HA work items by step", ["step"], registry=r)
         self.streams = Gauge("kvmha_agent_streams", "Open agent streams", registry=r)
-        self.facts = Counter("kvmha_facts_total", "Facts handled by the core", ["kind"], registry=r)
+        self.tally = FactTally()  # kvmha_facts_total and kvmha_driver_lag_seconds, counted off prometheus' hot path
+        r.register(self.tally)
         self.commands = Counter("kvmha_commands_total", "Commands sent to agents", ["command"], registry=r)
         self.fences = Counter("kvmha_fence_results_total", "Fence results", ["result"], registry=r)
         self.db_errors = Counter("kvmha_db_errors_total", "Failed database writes (retried)", registry=r)
@@ -35,9 +40,6 @@ class Metrics:
         self.store_available.set(1)
         self.facts_dropped = Counter("kvmha_facts_dropped_total", "Facts whose changes the database refused",
                                      registry=r)
-        self.driver_lag = Histogram(
-            "kvmha_driver_lag_seconds", "A fact's arrival (stamped by the adapter) to the driver handling it",
-            buckets=LAG_BUCKETS_S, registry=r)
         self.backlog = Gauge("kvmha_driver_backlog", "Facts and operations waiting for the driver", registry=r)
         self.coalesced = Gauge("kvmha_pings_coalesced", "Pings replaced by a newer one of the same host while "
                                "they waited for the driver (total)", registry=r)
@@ -54,8 +56,7 @@ class Metrics:
         start_http_server(port, addr=address, registry=self.registry)
 
     def observe_fact(self, fact: facts.Fact, waited_s: float = 0.0) -> None:
-        self.facts.labels(type(fact).__name__).inc()
-        self.driver_lag.observe(waited_s)
+        self.tally.add(type(fact).__name__, waited_s)
         if isinstance(fact, facts.FenceCompleted):
             self.fences.labels("already_off" if fact.already_off else "ok" if fact.ok else "failed").inc()
 
@@ -84,6 +85,37 @@ class Metrics:
         _set_all(self.vms, Tally((v.state.value, v.power_state.value) for v in vms))
         _set_all(self.work, Tally((w.step.value,) for w in works))
         self.streams.set(streams)
+
+
+class FactTally(Collector):
+    """Facts handled by kind and the driver's lag (a fact's arrival, stamped by the adapter, to its handling), in
+    plain Python on the hot path and made into metric families only when scraped: a prometheus Counter.labels().inc()
+    plus a Histogram.observe() cost ~20 µs per fact under their locks, 40 % of what handling a ping cost at 10,000
+    agents (profiled). The scrape thread reads while the loop counts: each value is read once, the GIL keeps it
+    whole, and a scrape may miss facts counted during it (they show at the next)."""
+
+    def __init__(self) -> None:
+        self.kinds: Tally[str] = Tally()
+        self.lag_counts = [0] * (len(LAG_BUCKETS_S) + 1)  # the last one: above every bound (+Inf)
+        self.lag_sum_s = 0.0
+
+    def add(self, kind: str, waited_s: float) -> None:
+        self.kinds[kind] += 1
+        self.lag_counts[bisect.bisect_left(LAG_BUCKETS_S, waited_s)] += 1  # prometheus' le: value <= bound
+        self.lag_sum_s += waited_s
+
+    def collect(self) -> Iterator[Metric]:
+        handled = CounterMetricFamily("kvmha_facts", "Facts handled by the core", labels=["kind"])
+        for kind, count in dict(self.kinds).items():
+            handled.add_metric([kind], count)
+        yield handled
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(floatToGoString, LAG_BUCKETS_S), "+Inf"), list(self.lag_counts), strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("kvmha_driver_lag_seconds",
+                                    "A fact's arrival (stamped by the adapter) to the driver handling it",
+                                    buckets=buckets, sum_value=self.lag_sum_s)
 
 
 def _set_all(gauge: Gauge, counts: Tally[tuple[str, ...]]) -> None:

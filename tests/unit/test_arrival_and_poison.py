@@ -182,3 +182,21 @@ def test_health_says_why_once_the_store_has_not_committed_for_the_set_time() -> 
         loop.run_until_complete(body())
     finally:
         loop.close()
+
+
+def test_the_fact_tally_exports_counts_and_the_lag_histogram_as_prometheus_would() -> None:
+    from prometheus_client import generate_latest
+
+    from kvmha.manager.metrics import Metrics
+
+    metrics = Metrics()
+    for waited_s in (0.0, 0.001, 0.004, 3.0, 100.0):
+        metrics.observe_fact(_ping(1), waited_s)
+    metrics.observe_fact(facts.AgentDisconnected(HostId(1), planned=False))
+    text = generate_latest(metrics.registry).decode()
+    assert 'kvmha_facts_total{kind="HeartbeatReceived"} 5.0' in text
+    assert 'kvmha_facts_total{kind="AgentDisconnected"} 1.0' in text
+    assert 'kvmha_driver_lag_seconds_bucket{le="0.001"} 3.0' in text  # 0, exactly 1 ms (le), and the disconnect
+    assert 'kvmha_driver_lag_seconds_bucket{le="0.005"} 4.0' in text
+    assert 'kvmha_driver_lag_seconds_bucket{le="30.0"} 5.0' in text
+    assert 'kvmha_driver_lag_seconds_bucket{le="+Inf"} 6.0' in text
