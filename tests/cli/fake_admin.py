@@ -113,6 +113,10 @@ def _config() -> list[pb.ConfigItem]:
 
 class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self) -> None:
+        # The sample times are relative to now: a fake made minutes after this module was imported (the whole suite
+        # in one process) must still show "2 s ago".
+        global NOW
+        NOW = time.time()
         self.requests: list[tuple[str, Message]] = []
         self.hosts, self.vms, self.work = _hosts(), _vms(), _work()
         self.events, self.config = _events(), _config()
