@@ -39,7 +39,6 @@ adapters/clock.py on the way out (`_persist`) and in (`start`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from kvmha.manager.core.core import Core
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 from kvmha.manager.env import Commit, Env
 from kvmha.manager.inbox import Inbox
+from kvmha.manager.recorder import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, Recorder
 from kvmha.manager.store import ConfigRow, UnitOfWork
 from kvmha.manager.storewatch import StoreWatch
 
@@ -60,8 +60,6 @@ log = logging.getLogger("kvmha.manager.driver")
 T = TypeVar("T")
 Operation = Callable[[UnitOfWork], T]
 PERSISTED = (a.SaveHost, a.SaveVm, a.SaveWork, a.DeleteVmRecord, a.RecordEvent)
-DB_RETRY_FIRST_S = 0.5
-DB_RETRY_MAX_S = 10.0
 MAX_FACTS_PER_BATCH = 500
 
 
@@ -121,6 +119,7 @@ class Driver:
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self.store = StoreWatch(env.clock, env.journal, lambda down_s: self.submit(facts.StoreRecovered(down_s)))
+        self._recorder = Recorder(env, settings.manager_id, settings.store_probe_timeout_s, self.store)
         self.busy_since: float | None = None  # when the batch being handled began; None while waiting
         self._stopping = False
 
@@ -323,7 +322,7 @@ class Driver:
                             if isinstance(action, PERSISTED)]) for source, first, end in batch.sources]
         dropped: set[int] = set()
         if any(persisted for _, persisted in groups):
-            attempts, dropped = await self._persist(groups)
+            attempts, dropped = await self._recorder.persist(groups)
             persisted = [action for index, (_, group) in enumerate(groups) if index not in dropped for action in group]
             env.journal.committed(_summary(persisted, batch, now, clock.monotonic(), attempts))
         answer, sent = self.submit, []
@@ -357,85 +356,10 @@ class Driver:
             late.facts = 1
             await self._execute(late, sent_at)
 
-    async def _persist(self, groups: list[tuple[str, list[a.Action]]]) -> tuple[int, set[int]]:
-        """Record the batch; retry until the store takes it. Returns the attempts and the groups dropped because
-        the store, though it commits, refused them (a poison fact)."""
-        pending = [index for index, (_, group) in enumerate(groups) if group]
-        dropped: set[int] = set()
-        delay_s, attempts = DB_RETRY_FIRST_S, 0
-        while True:
-            attempts += 1
-            actions = [action for index in pending for action in groups[index][1]]
-            try:
-                await self.env.persistence.transact(functools.partial(self._write, batch=actions))
-                self.store.committed()
-                return attempts, dropped
-            except Exception as error:
-                failure: Exception = error
-            if await self._store_commits():
-                # The store commits, this batch does not: one fact's changes at a time, so that one bad fact
-                # (a value the columns cannot hold) never blocks the others.
-                pending = await self._one_by_one(groups, pending, dropped)
-                if not pending:
-                    return attempts, dropped
-            # Nothing of this batch may act before it is recorded: wait for the store, however long.
-            self.env.journal.write_failed(failure, delay_s)
-            self.store.failed(_text(failure))
-            await self.store.wait_up(delay_s)
-            delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
-
-    async def _one_by_one(self, groups: list[tuple[str, list[a.Action]]], pending: list[int],
-                          dropped: set[int]) -> list[int]:
-        """Write each group alone; drop those the store refuses while it commits. Returns the groups still to
-        write (the store went down meanwhile)."""
-        for position, index in enumerate(pending):
-            source, group = groups[index]
-            try:
-                await self.env.persistence.transact(functools.partial(self._write, batch=group))
-                continue
-            except Exception as error:
-                failure: Exception = error
-            if not await self._store_commits():
-                return pending[position:]
-            dropped.add(index)
-            await self._record_drop(source, failure)
-        return []
-
-    async def _record_drop(self, source: str, error: Exception) -> None:
-        message = f"{source}: the database refused its changes ({_text(error)}); dropped, HA work goes on"
-        self.env.journal.fact_dropped(source, _text(error))
-        event = a.RecordEvent(self.env.clock.monotonic(), "alert", "manager", "fact.dropped", message[:2000])
-        wall_event = to_wall_action(event, self.env.clock)
-        try:
-            await self.env.persistence.transact(functools.partial(self._write, batch=[wall_event]))
-        except Exception as failure:  # the log line above says it anyway
-            log.error("event=fact_drop_unrecorded error=%s", _text(failure))
-
-    async def _store_commits(self) -> bool:
-        """Probe the store: True when a transaction commits within the probe timeout."""
-        manager_id = self.settings.manager_id
-
-        def probe(uow: UnitOfWork) -> None:
-            uow.managers.heartbeat(manager_id, uow.now)
-            uow.commit()
-
-        began_at, timeout_s = self.env.clock.monotonic(), self.settings.store_probe_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.env.persistence.transact(probe)
-        except TimeoutError:
-            self.store.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
-            return False
-        except Exception as error:
-            self.store.failed(_text(error))
-            return False
-        self.store.committed()
-        return True
-
     async def _probe_store(self) -> None:
         while not self._stopping:  # (a cancel that meets a finished transaction can be swallowed: say it twice)
             await asyncio.sleep(self.settings.store_probe_interval_s)
-            await self._store_commits()
+            await self._recorder.store_commits()
 
     async def _retrying(self, operation: Operation[T]) -> tuple[T, int]:
         """The operation's result and the attempts it took; waits for the store however long it is down."""
@@ -449,26 +373,6 @@ class Driver:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
 
-    def _write(self, uow: UnitOfWork, batch: list[a.Action]) -> None:
-        now, manager_id = uow.now, self.settings.manager_id
-        for action in batch:
-            match action:
-                case a.SaveHost(host):
-                    uow.hosts.save(host, now)
-                case a.SaveVm(vm):
-                    uow.vms.upsert(vm, now)
-                case a.SaveWork(work):
-                    uow.works.save(work, manager_id, now)
-                case a.DeleteVmRecord(vm_id):
-                    uow.vms.delete(vm_id)
-                case a.RecordEvent():
-                    uow.events.add(action.at, action.severity, action.subject, action.kind, action.message)
-        uow.commit()
-
-
-def _text(error: BaseException) -> str:
-    text = str(error)
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def effective_config(rows: Sequence[ConfigRow], overrides: Mapping[str, str]) -> CoreConfig:

@@ -39,6 +39,7 @@ VERSION = "0.1.0"
 MAX_MESSAGE_BYTES = 8 << 20  # a full report of thousands of domains fits; a larger message is refused
 METRICS_REFRESH_S = 5.0
 HEALTH_SERVICE = "kvmha.v1.AgentLink"
+ADMIN_CONCURRENT_RPCS = 64  # event followers included
 STOP_GRACE_S = 2.0  # calls in flight get this long once the manager stops
 STOP_DEADLINE_S = 4.5  # SIGTERM to exit, at most (issue 14: <= 5 s under 10,000 agents)
 # Evidence at once (core/linkloss.py): a host that loses its power or its cable closes nothing, so the manager pings
@@ -127,7 +128,10 @@ async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None,
     _add_port(agents, settings.listen, credentials)
     # Roles are checked in one place (security/auth.py); plaintext has no identities, so its callers are admins.
     plaintext_role = Role.ADMIN if credentials is None else None
-    admin = grpc.aio.server(options=options, interceptors=[RoleInterceptor(plaintext_role)])
+    # Push back on operators rather than queue without end: beyond ADMIN_CONCURRENT_RPCS calls at once, a new one is
+    # refused with RESOURCE_EXHAUSTED (the CLI says so); listings are paged, so each call is short.
+    admin = grpc.aio.server(options=options, interceptors=[RoleInterceptor(plaintext_role)],
+                            maximum_concurrent_rpcs=ADMIN_CONCURRENT_RPCS)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(service, settings.domain_xml_allow), admin)
     _add_port(admin, settings.admin_listen, credentials)
     if settings.metrics_listen:

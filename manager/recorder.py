@@ -1,0 +1,129 @@
+"""Writing the driver's batches: retried until the store takes them, fact by fact when the store commits but refuses
+one, and the store probe. The driver (kvmha.manager.driver) decides what a batch is; this module only records it.
+
+Invariants:
+- **Nothing is lost, nothing acts unrecorded.** `persist` returns only when every group of the batch is recorded or
+  was refused by a store that commits (a poison fact); the driver then sends the commands of the recorded groups
+  only.
+- **A poison fact is not an outage.** A failed write is followed by a probe: when the probe commits, the batch is at
+  fault and is split; when it does not, the store is down (StoreWatch says so once) and the whole batch waits.
+- **One error event per poison fact** (`fact.dropped`, alert), recorded in its own transaction; if even that fails
+  the log has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from kvmha.manager.adapters.clock import to_wall_action
+from kvmha.manager.core import actions as a
+from kvmha.manager.env import Env
+from kvmha.manager.store import UnitOfWork
+from kvmha.manager.storewatch import StoreWatch
+
+log = logging.getLogger("kvmha.manager.driver")
+DB_RETRY_FIRST_S = 0.5
+DB_RETRY_MAX_S = 10.0
+
+
+class Recorder:
+    def __init__(self, env: Env, manager_id: str, probe_timeout_s: float, watch: StoreWatch) -> None:
+        self._env, self._manager_id, self._probe_timeout_s, self._watch = env, manager_id, probe_timeout_s, watch
+
+    async def persist(self, groups: list[tuple[str, list[a.Action]]]) -> tuple[int, set[int]]:
+        """Record the batch; retry until the store takes it. Returns the attempts and the groups dropped because
+        the store, though it commits, refused them (a poison fact)."""
+        pending = [index for index, (_, group) in enumerate(groups) if group]
+        dropped: set[int] = set()
+        delay_s, attempts = DB_RETRY_FIRST_S, 0
+        while True:
+            attempts += 1
+            actions = [action for index in pending for action in groups[index][1]]
+            try:
+                await self._env.persistence.transact(functools.partial(self.write, batch=actions))
+                self._watch.committed()
+                return attempts, dropped
+            except Exception as error:
+                failure: Exception = error
+            if await self.store_commits():
+                # The store commits, this batch does not: one fact's changes at a time, so that one bad fact
+                # (a value the columns cannot hold) never blocks the others.
+                pending = await self._one_by_one(groups, pending, dropped)
+                if not pending:
+                    return attempts, dropped
+            # Nothing of this batch may act before it is recorded: wait for the store, however long.
+            self._env.journal.write_failed(failure, delay_s)
+            self._watch.failed(_text(failure))
+            await self._watch.wait_up(delay_s)
+            delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
+
+    async def _one_by_one(self, groups: list[tuple[str, list[a.Action]]], pending: list[int],
+                          dropped: set[int]) -> list[int]:
+        """Write each group alone; drop those the store refuses while it commits. Returns the groups still to
+        write (the store went down meanwhile)."""
+        for position, index in enumerate(pending):
+            source, group = groups[index]
+            try:
+                await self._env.persistence.transact(functools.partial(self.write, batch=group))
+                continue
+            except Exception as error:
+                failure: Exception = error
+            if not await self.store_commits():
+                return pending[position:]
+            dropped.add(index)
+            await self._record_drop(source, failure)
+        return []
+
+    async def _record_drop(self, source: str, error: Exception) -> None:
+        message = f"{source}: the database refused its changes ({_text(error)}); dropped, HA work goes on"
+        self._env.journal.fact_dropped(source, _text(error))
+        event = a.RecordEvent(self._env.clock.monotonic(), "alert", "manager", "fact.dropped", message[:2000])
+        wall_event = to_wall_action(event, self._env.clock)
+        try:
+            await self._env.persistence.transact(functools.partial(self.write, batch=[wall_event]))
+        except Exception as failure:  # the log line above says it anyway
+            log.error("event=fact_drop_unrecorded error=%s", _text(failure))
+
+    async def store_commits(self) -> bool:
+        """Probe the store: True when a transaction commits within the probe timeout."""
+        manager_id = self._manager_id
+
+        def probe(uow: UnitOfWork) -> None:
+            uow.managers.heartbeat(manager_id, uow.now)
+            uow.commit()
+
+        began_at, timeout_s = self._env.clock.monotonic(), self._probe_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._env.persistence.transact(probe)
+        except TimeoutError:
+            self._watch.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
+            return False
+        except Exception as error:
+            self._watch.failed(_text(error))
+            return False
+        self._watch.committed()
+        return True
+
+    def write(self, uow: UnitOfWork, batch: list[a.Action]) -> None:
+        now, manager_id = uow.now, self._manager_id
+        for action in batch:
+            match action:
+                case a.SaveHost(host):
+                    uow.hosts.save(host, now)
+                case a.SaveVm(vm):
+                    uow.vms.upsert(vm, now)
+                case a.SaveWork(work):
+                    uow.works.save(work, manager_id, now)
+                case a.DeleteVmRecord(vm_id):
+                    uow.vms.delete(vm_id)
+                case a.RecordEvent():
+                    uow.events.add(action.at, action.severity, action.subject, action.kind, action.message)
+        uow.commit()
+
+
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0][:300] if text else type(error).__name__
