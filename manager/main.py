@@ -30,6 +30,7 @@ from kvmha.manager.fencing import ipmi_factory
 from kvmha.manager.metrics import Metrics
 from kvmha.manager.security.auth import RoleInterceptor, server_credentials
 from kvmha.manager.security.roles import Role
+from kvmha.manager.security.secrets import SecretBox, SecretError
 from kvmha.manager.service import ManagerService, ServiceSettings
 from kvmha.manager.settings import ManagerSettings, SettingsError, environment, load, parse_args, split_address
 from kvmha.proto.v1 import admin_pb2_grpc, agent_pb2_grpc
@@ -60,10 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmha-manager: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
+    # The state this manager writes (the SQLite file, the secrets key) is for its user alone, also when it runs
+    # outside systemd (whose unit says UMask=0077 too).
+    os.umask(0o077)
     try:
         asyncio.run(serve(settings, on_stopping=_stop_deadline))
     except KeyboardInterrupt:
         pass
+    except SecretError as error:
+        print(f"kvmha-manager: {error}", file=sys.stderr)
+        return 2
     except Exception as error:
         log.exception("event=manager_failed error=%s", error)
         return 1
@@ -99,12 +106,22 @@ def _stop_deadline() -> None:
     timer.start()
 
 
+def _seal_stored_passwords(store: SqlStore) -> None:
+    with store.unit_of_work() as uow:
+        sealed = uow.hosts.seal_stored_passwords()
+        uow.commit()
+    if sealed:
+        log.info("event=bmc_passwords_sealed count=%d", sealed)
+
+
 async def serve(settings: ManagerSettings, ready: asyncio.Event | None = None,
                 on_stopping: Callable[[], None] | None = None) -> None:
     engine = make_engine(settings.database)
     await _migrate_when_reachable(engine)
     metrics = Metrics()
-    store = SqlStore(engine)
+    secrets = SecretBox.from_file(Path(settings.secrets_key))
+    store = SqlStore(engine, secrets=secrets)
+    await asyncio.to_thread(_seal_stored_passwords, store)
     service = ManagerService(
         store,
         ServiceSettings(manager_id=settings.manager_id, address=settings.listen, version=VERSION,

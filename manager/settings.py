@@ -12,6 +12,7 @@ Example (deploy/config/manager.toml):
     metrics_listen = "127.0.0.1:9464" # Prometheus; "" = off
     database = "sqlite:////var/lib/kvmha/manager.sqlite"
     auto_register_hosts = false       # true: hosts with a certificate of our CA register on their first Hello
+    secrets_key = "/var/lib/kvmha/secrets.key"  # seals BMC passwords in the database (0600, made if missing)
     log_format = "kv"                 # or "json"
     [tls]                              # mutual TLS (kvmha pki), the default; plaintext needs allow_insecure_plaintext
     cert = "/etc/kvmha/pki/manager-mgr1.crt"
@@ -43,6 +44,7 @@ from kvmha.manager.domainpolicy import KNOWN
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvmha/manager.toml")
 DEFAULT_DATABASE = "sqlite:////var/lib/kvmha/manager.sqlite"
+DEFAULT_SECRETS_KEY = "/var/lib/kvmha/secrets.key"
 DEFAULT_DASHBOARD_TOKENS = "/etc/kvmha/dashboard-tokens.json"
 
 
@@ -72,6 +74,8 @@ class ManagerSettings:
     dashboard_cert: str = ""
     dashboard_key: str = ""
     dashboard_tokens: str = DEFAULT_DASHBOARD_TOKENS
+    # The key BMC passwords are sealed with (0600, made at first start; never in the database): security/secrets.py
+    secrets_key: str = DEFAULT_SECRETS_KEY
     # Guarded domain XML elements CreateVm may use (kvmha.manager.domainpolicy): [domain_xml] allow = [...]
     domain_xml_allow: tuple[str, ...] = ()
 
@@ -112,7 +116,7 @@ def is_loopback(host: str) -> bool:
 _KEYS = {
     "id": "manager_id", "listen": "listen", "admin_listen": "admin_listen", "metrics_listen": "metrics_listen",
     "database": "database", "auto_register_hosts": "auto_register_hosts", "log_format": "log_format",
-    "log_level": "log_level", "allow_insecure_plaintext": "allow_insecure_plaintext",
+    "log_level": "log_level", "allow_insecure_plaintext": "allow_insecure_plaintext", "secrets_key": "secrets_key",
 }
 
 

@@ -149,7 +149,8 @@ class ManagerHarness:
         # Hosts register on their first Hello: with mutual TLS only hosts holding a certificate of the lab's CA.
         return (f'[manager]\nid = "{self.manager_id}"\nlisten = "{self.agent_listen}"\n'
                 f'admin_listen = "{self.admin_address}"\nmetrics_listen = "{self.metrics_listen}"\n'
-                f'database = "{self.database}"\nauto_register_hosts = true\n{plaintext}{tls}{self.dashboard_toml}'
+                f'database = "{self.database}"\nauto_register_hosts = true\n'
+                f'secrets_key = "{self.workdir}/secrets.key"\n{plaintext}{tls}{self.dashboard_toml}'
                 f'[domain_xml]\nallow = {list(LAB_DOMAIN_XML_ALLOW)!r}\n[config]\n{overrides}\n')
 
     def start_manager(self) -> ChildProcess:

@@ -116,7 +116,8 @@ class Host(Base):
     bmc_address: Mapped[str | None] = mapped_column(String(255), nullable=True)
     bmc_port: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bmc_user: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    bmc_password: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Sealed with the manager's key (security/secrets.py): "fernet:" + a token, longer than the password.
+    bmc_password: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     created_at: Mapped[float] = mapped_column(Double)
     updated_at: Mapped[float] = mapped_column(Double)
 

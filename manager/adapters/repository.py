@@ -8,6 +8,7 @@ module, so nothing above it sees SQLAlchemy or can change a column the repositor
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -36,15 +37,19 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkStep,
 )
+from kvmha.manager.security.secrets import SecretBox, SecretError, is_sealed
 from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
+
+log = logging.getLogger("kvmha.manager.repository")
 
 _Row = TypeVar("_Row", Host, VmInstance)
 ACTIVE_STEPS = [step for step in WorkStep if step.active]
 
 
 class SqlHosts:
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, secrets: SecretBox | None = None) -> None:
         self._session = session
+        self._secrets = secrets  # BMC passwords sealed at rest (security/secrets.py); None: stored as given
 
     def all(self) -> list[HostRecord]:
         return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
@@ -100,7 +105,8 @@ class SqlHosts:
             row.bmc_address = row.bmc_port = row.bmc_user = row.bmc_password = None
         else:
             row.bmc_address, row.bmc_port = credentials.address, credentials.port
-            row.bmc_user, row.bmc_password = credentials.user, credentials.password
+            row.bmc_user = credentials.user
+            row.bmc_password = self._secrets.seal(credentials.password) if self._secrets else credentials.password
         row.updated_at = now
         self._session.flush()
 
@@ -108,7 +114,27 @@ class SqlHosts:
         row = self._session.get(Host, host_id)
         if row is None or not row.bmc_address:
             return None
-        return BmcCredentials(row.bmc_address, row.bmc_port or 623, row.bmc_user or "", row.bmc_password or "")
+        password = row.bmc_password or ""
+        if self._secrets is not None:
+            try:
+                password = self._secrets.open(password)
+            except SecretError as error:
+                # Fencing then fails with an authentication error and says so; the host keeps its BMC.
+                log.error("event=bmc_password_unreadable host_id=%s error=%s", host_id, error)
+                password = ""
+        return BmcCredentials(row.bmc_address, row.bmc_port or 623, row.bmc_user or "", password)
+
+    def seal_stored_passwords(self) -> int:
+        """Encrypt BMC passwords stored before encryption (or by a manager without a key); how many were sealed."""
+        if self._secrets is None:
+            return 0
+        sealed = 0
+        for row in self._session.scalars(select(Host).where(Host.bmc_password.is_not(None))):
+            if row.bmc_password is not None and not is_sealed(row.bmc_password):
+                row.bmc_password = self._secrets.seal(row.bmc_password)
+                sealed += 1
+        self._session.flush()
+        return sealed
 
 
 class SqlVms:
@@ -290,13 +316,14 @@ class SqlManagers:
 class SqlUnitOfWork:
     """One transaction; the repositories share its session."""
 
-    def __init__(self, session_factory: sessionmaker[Session], wall: Callable[[], float]) -> None:
-        self._factory, self._wall = session_factory, wall
+    def __init__(self, session_factory: sessionmaker[Session], wall: Callable[[], float],
+                 secrets: SecretBox | None = None) -> None:
+        self._factory, self._wall, self._secrets = session_factory, wall, secrets
 
     def __enter__(self) -> Self:
         self.now = self._wall()
         self.session = self._factory()
-        self.hosts = SqlHosts(self.session)
+        self.hosts = SqlHosts(self.session, self._secrets)
         self.vms = SqlVms(self.session)
         self.works = SqlWorks(self.session)
         self.events = SqlEvents(self.session)
@@ -315,13 +342,15 @@ class SqlUnitOfWork:
 class SqlStore:
     """The store port on SQLAlchemy (SQLite, PostgreSQL, MariaDB)."""
 
-    def __init__(self, engine: Engine, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, engine: Engine, wall: Callable[[], float] = time.time,
+                 secrets: SecretBox | None = None) -> None:
         self.engine = engine
         self._factory = sessionmaker(engine, expire_on_commit=False)
         self._wall = wall
+        self._secrets = secrets
 
     def unit_of_work(self) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self._factory, self._wall)
+        return SqlUnitOfWork(self._factory, self._wall, self._secrets)
 
 
 def _find(session: Session, model: type[_Row], ref: str) -> _Row | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from kvmha.lab.bmc import find_free_port
 from kvmha.lab.domain import domain_xml
@@ -159,6 +160,12 @@ def test_bmc_password_never_shown(cluster: LocalCluster) -> None:
     assert host["has_bmc"] is True and host["bmc_address"] == f"127.0.0.1:{port}", host
     assert not [o for o in outputs if PASSWORD in o], "the BMC password was printed"
     assert cluster.manager is not None and PASSWORD not in cluster.manager.log_path.read_text(errors="replace")
+    # At rest it is sealed with the manager's key (a copy of the database holds no password).
+    engine = create_engine(cluster.database)
+    with engine.connect() as connection:
+        stored = connection.execute(text("SELECT bmc_password FROM host WHERE name = 'h1'")).scalar_one()
+    engine.dispose()
+    assert stored.startswith("fernet:") and PASSWORD not in stored
     # Without --password-stdin and without a terminal: refused before anything is sent.
     done = kvmha(cluster, "host", "bmc", "h2", "--address", "127.0.0.1", "--user", "u")
     assert done.returncode == 4 and "--password-stdin" in done.stderr, done

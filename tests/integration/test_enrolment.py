@@ -70,3 +70,11 @@ def test_enrolment_needs_the_admin_role(cluster: LocalCluster) -> None:
                           text=True, env=env, timeout=30)
     assert done.returncode == 4 and "AddHost needs the admin role" in done.stderr, done
     assert cluster.hosts() == {}
+
+
+def test_the_managers_state_is_its_own(cluster: LocalCluster, tmp_path: Path) -> None:
+    """UMask 0077 in the manager itself: its database file and its secrets key are 0600 wherever it runs."""
+    import stat
+
+    for path in (tmp_path / "kvmha.sqlite", cluster.workdir / "secrets.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
