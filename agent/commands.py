@@ -21,7 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from kvmha.agent import lease
-from kvmha.agent.hypervisor import Hypervisor, HypervisorError, MigrationStats, domain_uuid_from_xml
+from kvmha.agent.hypervisor import (
+    Hypervisor,
+    HypervisorError,
+    MigrationOptions,
+    MigrationStats,
+    domain_uuid_from_xml,
+)
 from kvmha.agent.neighbor import check_neighbor
 from kvmha.proto.v1 import agent_pb2 as pb
 
@@ -36,6 +42,7 @@ MAX_LEASE_DISKS = 256
 DEFAULT_MIGRATION_TIMEOUT_S = 300.0
 MAX_MIGRATION_TIMEOUT_S = 6 * 3600.0
 DEFAULT_MIGRATION_URI = "qemu+tls://{address}/system"
+DEFAULT_MIGRATION = MigrationOptions()
 ProgressSend = Callable[[pb.MigrationProgress], None]
 _LEASE_STATES = {lease.LeaseState.HELD: pb.LEASE_HELD, lease.LeaseState.FREE: pb.LEASE_FREE,
                  lease.LeaseState.UNKNOWN: pb.LEASE_UNKNOWN}
@@ -66,10 +73,11 @@ def _error(request_id: str, code: int, message: str) -> pb.CommandResult:
 class CommandRunner:
     def __init__(self, hypervisor: Hypervisor, storage_paths: tuple[str, ...], neighbor_port: int,
                  cache_size: int = 1024, lock_config: lease.LockConfig | None = None,
-                 migration_uri: str = DEFAULT_MIGRATION_URI, migration_tls: bool = True) -> None:
+                 migration_uri: str = DEFAULT_MIGRATION_URI,
+                 migration: MigrationOptions = DEFAULT_MIGRATION) -> None:
         self._hypervisor = hypervisor
         self._migration_uri = migration_uri
-        self._migration_tls = migration_tls
+        self._migration = migration
         self._lock_config = lock_config or lease.LockConfig()
         self._storage_paths = storage_paths
         self._neighbor_port = neighbor_port
@@ -202,7 +210,7 @@ class CommandRunner:
 
         log.info("event=migration_start vm=%s dest=%s timeout_s=%.0f", vm_uuid, dest_uri, timeout_s)
         with self._vm_lock(vm_uuid):
-            self._hypervisor.migrate_vm(vm_uuid, dest_uri, timeout_s, self._migration_tls, report)
+            self._hypervisor.migrate_vm(vm_uuid, dest_uri, timeout_s, self._migration, report)
         return pb.CommandResult(ok=True, message=f"migrated to {address}")
 
     def _check_neighbor(self, cmd: pb.CheckNeighbor) -> pb.CommandResult:

@@ -6,7 +6,8 @@ The file schema is a contract with the lab and the deploy docs (deploy/config/ag
                  heartbeat_interval_s, resync_interval_s, neighbor_port, log_format, libvirt_config_dir
     [isolation]  policy (none | destroy-vms | reboot-host), after_s
     [tls]        ca, cert, key (mutual TLS, the default), allow_insecure_plaintext (false)
-    [migration]  uri (qemu+tls://{address}/system: the peer's libvirtd), tls (true: QEMU encrypts the stream)
+    [migration]  uri (qemu+tls://{address}/system: the peer's libvirtd), tls (true: QEMU encrypts the stream),
+                 unsafe (false; true only where libvirt cannot see that the storage is shared, as in the lab)
     [watchdog]   enabled (true), socket (kvmha-watchdog's, /run/kvmha/watchdog.sock), timeout_s (20: the host
                  resets at most this long after the agent's last sign of life; see docs/watchdog.md)
 
@@ -74,6 +75,7 @@ class AgentConfig:
     # address) and whether QEMU encrypts the migration stream (VIR_MIGRATE_TLS); see docs/operations.md.
     migration_uri: str = "qemu+tls://{address}/system"
     migration_tls: bool = True
+    migration_unsafe: bool = False  # VIR_MIGRATE_UNSAFE: only where libvirt cannot see that storage is shared (lab)
 
 
 _AGENT_KEYS = {
@@ -85,7 +87,7 @@ _ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
 _WATCHDOG_KEYS = {"enabled": "watchdog_enabled", "socket": "watchdog_socket", "timeout_s": "watchdog_timeout_s"}
 _TLS_KEYS = {"ca": "tls_ca", "cert": "tls_cert", "key": "tls_key",
              "allow_insecure_plaintext": "allow_insecure_plaintext"}
-_MIGRATION_KEYS = {"uri": "migration_uri", "tls": "migration_tls"}
+_MIGRATION_KEYS = {"uri": "migration_uri", "tls": "migration_tls", "unsafe": "migration_unsafe"}
 _SECTIONS = {"isolation": _ISOLATION_KEYS, "watchdog": _WATCHDOG_KEYS, "tls": _TLS_KEYS,
              "migration": _MIGRATION_KEYS}  # [section] key -> field
 _TYPES = {f.name: f.type for f in fields(AgentConfig)}

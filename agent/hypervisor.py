@@ -108,6 +108,17 @@ ProgressSink = Callable[[MigrationStats], None]
 
 
 @dataclass(frozen=True)
+class MigrationOptions:
+    """How the agent migrates ([migration] in its configuration)."""
+
+    tls: bool = True  # QEMU encrypts the migration stream (VIR_MIGRATE_TLS)
+    # VIR_MIGRATE_UNSAFE: migrate although libvirt cannot tell that the disks are on shared storage (the lab's
+    # "shared storage" is one local folder that every host namespace sees; libvirt 9.0 knows only network file
+    # systems as shared). Never on real hosts with local disks.
+    unsafe: bool = False
+
+
+@dataclass(frozen=True)
 class StartOutcome:
     uuid: str
     already_running: bool
@@ -147,7 +158,8 @@ class Hypervisor(Protocol):
 
     def capacity(self) -> HostCapacity: ...
 
-    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, options: MigrationOptions,
+                   progress: ProgressSink) -> None:
         """Live-migrate the domain to `dest_uri` (peer to peer); returns when libvirt completed it. After
         `timeout_s` the job is aborted (the VM keeps running here) and HypervisorError(TIMEOUT) raised."""
 
@@ -275,7 +287,8 @@ class FakeHypervisor:
         self._enter("versions")
         return Versions("9.0.0", "7.2.0")
 
-    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, options: MigrationOptions,
+                   progress: ProgressSink) -> None:
         self._enter("migrate_vm")
         dom = self._find(vm_uuid)
         peer = self.peers.get(dest_uri)

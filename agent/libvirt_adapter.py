@@ -31,6 +31,7 @@ from kvmha.agent.hypervisor import (
     HostCapacity,
     HypervisorError,
     HypervisorListener,
+    MigrationOptions,
     MigrationStats,
     Power,
     ProgressSink,
@@ -378,7 +379,8 @@ class LibvirtHypervisor:
     # to encrypt the migration stream (VIR_MIGRATE_TLS, QEMU's own x509 setup). No post-copy: a failure half-way
     # would lose the guest. A migration still running at `timeout_s` is aborted: the VM stays here, running.
 
-    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, tls: bool, progress: ProgressSink) -> None:
+    def migrate_vm(self, vm_uuid: str, dest_uri: str, timeout_s: float, options: MigrationOptions,
+                   progress: ProgressSink) -> None:
         conn = self._use()
         dom = self._lookup(conn, vm_uuid)
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_AUTO_CONVERGE
@@ -388,8 +390,10 @@ class LibvirtHypervisor:
                 flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
         except libvirt.libvirtError as exc:
             raise self._error(conn, exc) from exc
-        if tls:
+        if options.tls:
             flags |= libvirt.VIR_MIGRATE_TLS
+        if options.unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
         failure: list[libvirt.libvirtError] = []
 
         def run() -> None:

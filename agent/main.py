@@ -83,6 +83,7 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
     # Here, not at the top: see the module docstring (the watchdog is armed before these take their time).
     from kvmha.agent.commands import CommandRunner
     from kvmha.agent.heartbeat import HeartbeatWriter
+    from kvmha.agent.hypervisor import MigrationOptions
     from kvmha.agent.isolation import IsolationMonitor
     from kvmha.agent.lease import read_lock_config
     from kvmha.agent.libvirt_adapter import LibvirtHypervisor
@@ -94,7 +95,8 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
     heartbeat = HeartbeatWriter(cfg.storage_paths, cfg.host_uuid, cfg.heartbeat_interval_s)
     lock_config = read_lock_config(cfg.libvirt_config_dir)
     runner = CommandRunner(hypervisor, cfg.storage_paths, cfg.neighbor_port, lock_config=lock_config,
-                           migration_uri=cfg.migration_uri, migration_tls=cfg.migration_tls)
+                           migration_uri=cfg.migration_uri,
+                           migration=MigrationOptions(tls=cfg.migration_tls, unsafe=cfg.migration_unsafe))
     settings = LinkSettings(
         managers=cfg.managers, host_uuid=cfg.host_uuid, hostname=cfg.hostname,
         management_address=cfg.management_address, storage_paths=cfg.storage_paths,

@@ -23,7 +23,7 @@ def toml_value(value: object) -> str:
 
 def agent_toml(agent: Mapping[str, object], overrides: Mapping[str, object] | None = None, *,
                isolation: Mapping[str, object] | None = None, watchdog: Mapping[str, object] | None = None,
-               comment: str = "") -> str:
+               migration: Mapping[str, object] | None = None, comment: str = "") -> str:
     """[agent] from `agent`, then [isolation] and [watchdog] if given. An override key "isolation.X" (or
     "watchdog.X", "tls.X") sets that section's X (adding the section if needed); any other override replaces or adds an
     [agent] key."""
@@ -32,6 +32,7 @@ def agent_toml(agent: Mapping[str, object], overrides: Mapping[str, object] | No
         "isolation": dict(isolation) if isolation is not None else None,
         "watchdog": dict(watchdog) if watchdog is not None else None,
         "tls": None,
+        "migration": dict(migration) if migration is not None else None,
     }
     for key, value in (overrides or {}).items():
         section, dot, name = key.partition(".")

@@ -247,12 +247,21 @@ LAB_DOMAIN_XML_ALLOW = ("qemu:override",)
 
 @dataclass
 class DuplicateWatch:
-    """Samples every host's QEMU processes in the background and remembers any VM seen on two hosts at once."""
+    """Samples every host's QEMU processes in the background and remembers any VM *running* on two hosts at once.
+
+    A live migration has two QEMUs for a while, which libvirt allows: the incoming copy on the target is paused
+    (PAUSED / migration) while the source runs, and at switchover the source pauses before the target resumes. So a
+    VM whose QEMU shows on several hosts in one /proc pass is judged by libvirt's state on each of those hosts, read
+    at the same moment (one thread per host, released together), not one after the other: it is a duplicate only if
+    two or more say `running` — twice in a row, since two concurrent reads can still straddle the switchover (the
+    source read just before it paused, the target just after it resumed). A host whose libvirtd does not answer
+    counts as running (nothing proves its copy paused). Such allowed overlaps are counted in `overlaps`."""
 
     lab: Lab
     interval_s: float = 0.1
     samples: int = 0
     duplicates: list[tuple[float, str, list[str]]] = field(default_factory=list)
+    overlaps: int = 0  # samples in which a VM had QEMUs on several hosts but at most one ran (a migration)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -274,8 +283,36 @@ class DuplicateWatch:
                 for host, vms in self.lab.running_vms().items():
                     for vm in vms:
                         by_vm.setdefault(vm, []).append(host)
+            for vm, hosts in list(by_vm.items()):
+                if len(hosts) > 1:
+                    running = self.running_on(vm, hosts)
+                    if len(running) > 1:
+                        running = self.running_on(vm, running)  # again, at once: not a read across the switchover
+                    if len(running) <= 1:
+                        self.overlaps += 1
+                        by_vm[vm] = running
             self.record(at, by_vm)
             self._stop.wait(self.interval_s)
+
+    def running_on(self, vm: str, hosts: list[str]) -> list[str]:
+        """The hosts among `hosts` whose libvirt says the VM is running, all read at the same moment."""
+        states: dict[str, str] = {}
+        start = threading.Barrier(len(hosts))
+
+        def read(host: str) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                start.wait(5.0)
+            try:
+                states[host] = self.lab.virsh(host, "domstate", vm, check=False).strip() or "unknown"
+            except Exception:
+                states[host] = "unknown"
+
+        readers = [threading.Thread(target=read, args=(host,), daemon=True) for host in hosts]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(10.0)
+        return sorted(host for host in hosts if states.get(host, "unknown") not in ("paused", "shut off"))
 
     def record(self, at: float, by_vm: Mapping[str, list[str]]) -> None:
         """One sample taken at `at` (epoch seconds): VM -> the hosts whose /proc ran a QEMU for it."""

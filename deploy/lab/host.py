@@ -49,6 +49,10 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 # Disk leases through virtlockd: a second start of the same disk anywhere in the lab fails at the hypervisor.
 lock_manager = "lockd"
+# Live migration between lab hosts: the hosts share the machine's host name, so QEMU's incoming migration listens
+# on, and is reached at, the host's own bridge address (libvirt would otherwise hand out the machine's name).
+migration_address = "{address}"
+migration_host = "{address}"
 """
 
 # Leases are indirect files in one folder of the shared storage (named by the SHA-256 of the disk path), held
@@ -60,10 +64,18 @@ require_lease_for_disks = 1
 file_lockspace_dir = "{leases_dir}"
 """
 
-LIBVIRTD_CONF = """# Written by kvmha-lab for lab host {host}: only the local unix socket, no TCP listener.
+# Live migration is peer to peer: the source's libvirtd connects to the target's over TCP on the lab's private
+# bridge, without authentication (kvmha's PKI is not in the lab yet: qemu+tls with its certificates is the
+# production setting, docs/operations.md). Every host needs its own host_uuid: the hosts share one machine's
+# SMBIOS/machine-id, and libvirt refuses to migrate a domain "to the same host".
+LIBVIRTD_CONF = """# Written by kvmha-lab for lab host {host}: the unix socket, and TCP on the lab bridge (migrations).
 listen_tls = 0
-listen_tcp = 0
+listen_tcp = 1
+listen_addr = "{address}"
+auth_tcp = "none"
+host_uuid = "{host_uuid}"
 """
+MIGRATION_URI = "qemu+tcp://{address}/system"
 
 
 def agent_executable() -> Path:
@@ -90,6 +102,7 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
     tls = LabPki(Path(lab.state_dir) / "pki").host(host.name, host.host_uuid, host.address).agent_overrides()
     return agent_config.agent_toml(agent, {**tls, **overrides}, isolation={"policy": "destroy-vms", "after_s": 30.0},
                                    watchdog=watchdog.agent_section(lab, host),
+                                   migration={"uri": MIGRATION_URI, "tls": False, "unsafe": True},
                                    comment=f"Written by kvmha-lab for lab host {host.name}.")
 
 
@@ -107,7 +120,8 @@ def boot_config(lab: LabSpec, host: HostSpec) -> BootConfig:
     services = [
         Service("virtlogd", ["virtlogd", "-p", f"{RUN_LIBVIRT}/virtlogd.pid"], f"{RUN_LIBVIRT}/virtlogd-sock"),
         Service("virtlockd", ["virtlockd", "-p", f"{RUN_LIBVIRT}/virtlockd.pid"], f"{RUN_LIBVIRT}/virtlockd-sock"),
-        Service("libvirtd", ["libvirtd", "-p", f"{RUN_LIBVIRT}/libvirtd.pid"], f"{RUN_LIBVIRT}/libvirt-sock"),
+        Service("libvirtd", ["libvirtd", "--listen", "-p", f"{RUN_LIBVIRT}/libvirtd.pid"],
+                f"{RUN_LIBVIRT}/libvirt-sock"),
     ]
     if lab.manager:
         services += watchdog.services(lab, host)  # kvmha-watchdog first: the agent arms it at start
@@ -134,9 +148,11 @@ def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object])
     for conf in Path("/etc/libvirt").glob("*.conf"):
         shutil.copyfile(conf, etc / conf.name)
     leases_dir = Path(lab.shared_dir) / LEASES_DIR_NAME
-    (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name))
+    (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name, address=host.address))
     (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF.format(host=host.name, leases_dir=leases_dir))
-    (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(host=host.name))
+    (etc / "libvirtd.conf").write_text(
+        LIBVIRTD_CONF.format(host=host.name, address=host.address, host_uuid=host.host_uuid)
+    )
     watchdog.prepare(lab, host)
     if lab.manager:
         (host_dir / "agent.toml").write_text(agent_toml(lab, host, agent_overrides))

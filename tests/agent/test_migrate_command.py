@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from kvmha.agent.commands import CommandRunner
-from kvmha.agent.hypervisor import FakeHypervisor
+from kvmha.agent.hypervisor import FakeHypervisor, MigrationOptions
 from kvmha.lab.domain import domain_xml
 from kvmha.proto.v1 import agent_pb2 as pb
 from tests.agent.conftest import new_uuid
@@ -27,7 +27,7 @@ def hosts() -> tuple[FakeHypervisor, FakeHypervisor]:
 
 def _runner(source: FakeHypervisor) -> CommandRunner:
     return CommandRunner(source, (), neighbor_port=22, migration_uri="qemu+tcp://{address}/system",
-                         migration_tls=False)
+                         migration=MigrationOptions(tls=False))
 
 
 def _migrate(vm: str, address: str = "10.251.0.12", timeout_s: float = 60.0, rid: str = "m1") -> pb.Command:

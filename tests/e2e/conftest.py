@@ -182,6 +182,10 @@ class E2E:
     def maintenance(self, host: str, on: bool) -> None:
         self.cluster.admin().SetMaintenance(apb.SetMaintenanceRequest(host=host, on=on), timeout=10)
 
+    def enabled(self, host: str, on: bool) -> None:
+        """Disabled hosts take no new VMs (and, unlike maintenance, move none of theirs off)."""
+        self.cluster.admin().SetHostEnabled(apb.SetHostEnabledRequest(host=host, enabled=on), timeout=10)
+
 
 def _safe(call: Callable[[], T], default: T) -> T:
     try:
@@ -208,13 +212,13 @@ def vm_is(e2e: E2E, name: str, state: str, host: str | None = None, power: str |
 
 
 def place(e2e: E2E, host: str, vms: Mapping[str, bool]) -> dict[str, int]:
-    """Create VMs (name -> HA) through the manager so that they run on `host`: the other hosts are put in
-    maintenance meanwhile (placement only picks Enabled hosts). Returns VM -> QEMU PID, once the host's libvirtd and
-    the manager both say they run there."""
+    """Create VMs (name -> HA) through the manager so that they run on `host`: the other hosts are disabled
+    meanwhile (placement only picks Enabled hosts; maintenance would migrate their VMs away). Returns VM -> QEMU
+    PID, once the host's libvirtd and the manager both say they run there."""
     cluster = e2e.cluster
     others = [h.name for h in cluster.lab.hosts if h.name != host]
     for other in others:
-        e2e.maintenance(other, True)
+        e2e.enabled(other, False)
     try:
         for name, ha in vms.items():
             cluster.create_vm(name, ha=ha)
@@ -230,7 +234,7 @@ def place(e2e: E2E, host: str, vms: Mapping[str, bool]) -> dict[str, int]:
         )
     finally:
         for other in others:
-            e2e.maintenance(other, False)
+            e2e.enabled(other, True)
     pids = qemu_pids(cluster)
     return {name: pids[name][1] for name in vms}
 
@@ -273,7 +277,9 @@ def reset(cluster: LabCluster) -> None:
         if cluster.lab.faults(host.name):
             cluster.lab.heal(host.name)
     for name, info in cluster.hosts().items():
-        if info.resource_state != "Enabled":
+        if info.resource_state == "Disabled":
+            cluster.admin().SetHostEnabled(apb.SetHostEnabledRequest(host=name, enabled=True), timeout=10)
+        elif info.resource_state != "Enabled":
             cluster.admin().SetMaintenance(apb.SetMaintenanceRequest(host=name, on=False), timeout=10)
     cluster.wait_hosts_up(timeout_s=60)
 

@@ -28,6 +28,7 @@ import pytest
 from kvmha.lab import proc, watchdog
 from kvmha.lab.fault import Fault
 from kvmha.lab.harness import LabCluster
+from kvmha.proto.v1 import admin_pb2 as apb
 
 from ..lab.conftest import caps_cache
 from .conftest import (
@@ -281,15 +282,24 @@ def test_an_isolated_host_whose_libvirtd_hangs_is_reset_by_its_watchdog(e2e: E2E
     """Cut from network and storage with libvirtd hung: the agent declares isolation after the manager's
     isolation.after (6 s, from Welcome; its own configuration says 30) plus its own link-loss detection (up to
     ~12 s: HTTP/2 keepalive), withholds its pets because the destroy cannot complete, and the watchdog resets the
-    host TIMEOUT_S after its last pet: the VM's QEMU dies with the host. The host is in maintenance so that the
-    manager neither fences it nor restarts its VM (its rules for a silent host come with issue 11's manager side):
-    this is the host alone keeping the promise."""
+    host TIMEOUT_S after its last pet: the VM's QEMU dies with the host. The host is Disabled with the seed's rule
+    (ha.disabled.hosts=false) so that the manager neither fences it nor restarts its VM (maintenance would move the
+    VM off first): this is the host alone keeping the promise."""
     c = e2e.cluster
     victim = "h1"
     pids = place(e2e, victim, {"wi-ha": True})
     _armed(e2e, victim)
     assert "event=isolation_after_changed from_s=30.0 to_s=6.0 source=manager" in _agent_log(e2e, victim)
-    e2e.maintenance(victim, True)
+    c.admin().SetConfig(apb.SetConfigRequest(name="ha.disabled.hosts", value="false"), timeout=10)
+    try:
+        e2e.enabled(victim, False)
+        _isolated_host_reset(e2e, victim, pids)
+    finally:
+        c.admin().SetConfig(apb.SetConfigRequest(name="ha.disabled.hosts", value="true"), timeout=10)
+
+
+def _isolated_host_reset(e2e: E2E, victim: str, pids: dict[str, int]) -> None:
+    c = e2e.cluster
     faults: tuple[Fault, ...] = ("network", "storage", "libvirtd-hang")
     watch = Timeline(c.lab)
     with watch:
