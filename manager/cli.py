@@ -392,9 +392,14 @@ def vm_migrate(
     vm: VmRef,
     to: Annotated[str, typer.Option("--to", metavar="HOST", help="Target host (default: placement picks).")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the migration with a progress bar.")] = True,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Abort its migration in progress instead.")] = False,
     as_json: Json = False,
 ) -> None:
     """Live-migrate a running VM to another host, with a progress bar until it runs there (or stays put)."""
+    if cancel:
+        link = _link(ctx)
+        _vm_line(link.call(link.stub.CancelMigration, pb.Ref(ref=vm)), as_json, "Cancel requested. ")
+        return
     reply = migrate(_link(ctx), vm, to, follow=wait and not as_json)
     if reply is not None:
         _vm_line(reply, as_json, "Migration requested. ")

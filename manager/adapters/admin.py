@@ -163,6 +163,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         return await self._guard(context, migrate())
 
+    async def CancelMigration(self, request: pb.Ref, context: Context) -> pb.VmInfo:
+        return await self._guard(context, self._vm_fact(
+            request.ref, lambda v: facts.VmMigrationCancelRequested(vm_id=v)))
+
     async def _vm_fact(self, ref: str, make: Callable[[VmId], facts.Fact]) -> pb.VmInfo:
         vm_id = await self._port.run(ops.managed_vm(ref), lambda v: [make(v)])
         return await self._vm_info(str(vm_id))

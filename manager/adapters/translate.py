@@ -215,6 +215,8 @@ def command_message(request_id: RequestId, command: actions.AgentCommand, timeou
     elif isinstance(command, actions.MigrateVm):
         message.migrate_vm.CopyFrom(pb.MigrateVm(vm_uuid=command.vm_uuid, target_host_uuid=command.target_uuid,
                                                  target_address=command.target_address, timeout_s=command.timeout_s))
+    elif isinstance(command, actions.CancelMigration):
+        message.cancel_migration.CopyFrom(pb.CancelMigration(vm_uuid=command.vm_uuid))
     elif isinstance(command, actions.GetCapacity):
         message.get_capacity.CopyFrom(pb.GetCapacity())
     else:

@@ -69,7 +69,14 @@ class MigrateVm:
     timeout_s: float
 
 
-AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity | CheckLease | MigrateVm
+@dataclass(frozen=True, slots=True)
+class CancelMigration:
+    """Abort the VM's migration job on its source (virDomainAbortJob): the VM keeps running there."""
+
+    vm_uuid: VmUuid
+
+
+AgentCommand = StartVm | StopVm | DestroyVm | CheckNeighbor | GetCapacity | CheckLease | MigrateVm | CancelMigration
 
 
 @dataclass(frozen=True, slots=True)

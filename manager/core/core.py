@@ -64,6 +64,7 @@ from kvmha.manager.core.routing import (
     LinkLossRecheck,
     MaintenanceDue,
     MigrationAttempt,
+    MigrationCancel,
     NeighborQuery,
     OperatorDestroy,
     OperatorStop,
@@ -231,6 +232,8 @@ class Core:
                 operator.host_enabled(fact)
             case f.VmMigrateRequested():
                 operator.vm_migrate(fact)
+            case f.VmMigrationCancelRequested():
+                self._migration.cancel_requested(fact.vm_id)
             case f.VmRegistered():
                 operator.vm_registered(fact)
             case f.VmStartRequested():
@@ -311,6 +314,8 @@ class Core:
                 self._operator.destroy_result(owner, pending.host_id, done.ok, done.error)
             case MigrationAttempt(work_id):
                 self._migration.on_result(work_id, done)
+            case MigrationCancel(work_id):
+                self._migration.on_cancel_answer(work_id, done)
             case _:
                 assert_never(owner)
 

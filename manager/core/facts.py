@@ -207,6 +207,13 @@ class VmMigrateRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class VmMigrationCancelRequested:
+    """kvmha vm migrate VM --cancel."""
+
+    vm_id: VmId
+
+
+@dataclass(frozen=True, slots=True)
 class HostBmcChanged:
     host_id: HostId
     has_bmc: bool
@@ -271,6 +278,7 @@ Fact = (
     | HostConfirmedDown
     | HostEnabledChanged
     | VmMigrateRequested
+    | VmMigrationCancelRequested
     | VmRegistered
     | VmStartRequested
     | VmStopRequested

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from kvmha.manager.core import facts as f
-from kvmha.manager.core.actions import MigrateVm
+from kvmha.manager.core.actions import CancelMigration, MigrateVm
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.hoststate import DEAD, SILENT
 from kvmha.manager.core.model import (
@@ -43,7 +43,7 @@ from kvmha.manager.core.model import (
     WorkType,
 )
 from kvmha.manager.core.placement import PlacementRequest, choose_host
-from kvmha.manager.core.routing import MaintenanceDue, MigrationAttempt
+from kvmha.manager.core.routing import MaintenanceDue, MigrationAttempt, MigrationCancel
 from kvmha.manager.core.shared import Migration, Side
 from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
@@ -358,6 +358,26 @@ class MigrationFlow:
         self.ctx.save_work(work)
 
     # ------------------------------------------------------------ operator and restart
+
+    def cancel_requested(self, vm_id: VmId) -> None:
+        """The operator cancels a migration kvmha started: its source aborts the libvirt job; the MigrateVm's failed
+        answer then settles the VM on the source (the target's copy is destroyed by libvirt)."""
+        ctx = self.ctx
+        job = ctx.migrations.get(vm_id)
+        if job is None or job.work_id is None or job.source not in ctx.connected:
+            why = "no migration started by kvmha" if job is None or job.work_id is None else "its source is silent"
+            ctx.event("info", f"vm:{vm_id}", "operator.migrate", f"cancel ignored: {why}")
+            return
+        vm = ctx.vms.get(vm_id)
+        assert vm is not None
+        ctx.send(MigrationCancel(job.work_id), job.source, CancelMigration(vm.uuid), ctx.config.start_timeout_s)
+        ctx.event("info", f"vm:{vm_id}", "vm.migration.cancel", f"cancel asked of {ctx.host_name(job.source)}")
+
+    def on_cancel_answer(self, work_id: WorkId, done: f.CommandCompleted) -> None:
+        if not done.ok:
+            work = self.ctx.works.get(work_id)
+            subject = f"vm:{work.vm_id}" if work is not None else f"work:{work_id}"
+            self.ctx.event("warning", subject, "vm.migration.cancel", f"cancel failed: {done.error}")
 
     def cancel(self, vm: VmRecord, reason: str) -> None:
         """The VM was deleted or stopped by the operator: forget its migration (the stop settles where it runs)."""

@@ -157,6 +157,13 @@ class MigrationAttempt:
     work_id: WorkId
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationCancel:
+    """CancelMigration of a Migration work item; its MigrateVm's failed answer then settles it on the source."""
+
+    work_id: WorkId
+
+
 Owner = (
     NeighborQuery
     | LeaseQuery
@@ -167,6 +174,7 @@ Owner = (
     | OperatorStop
     | OperatorDestroy
     | MigrationAttempt
+    | MigrationCancel
 )
 
 

@@ -52,6 +52,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "SetMaintenance": Role.OPERATOR,
     "SetHostEnabled": Role.OPERATOR,
     "MigrateVm": Role.OPERATOR,
+    "CancelMigration": Role.OPERATOR,
     "StartVm": Role.OPERATOR,
     "StopVm": Role.OPERATOR,
     "SetVmHa": Role.OPERATOR,

@@ -225,6 +225,9 @@ class Agents:
         elif isinstance(command, a.MigrateVm):
             target = self.world.hosts[command.target_host_id]
             self.migrations.start(host, command.vm_uuid, target, epoch, rid)
+        elif isinstance(command, a.CancelMigration):
+            self.migrations.cancel(command.vm_uuid)
+            self.sim.schedule(now + 0.05, self.reply, epoch, host, f.CommandCompleted(rid, True))
         elif isinstance(command, a.CheckNeighbor):
             target = self.world.hosts[command.target_host_id]
             reached = self.world.reaches(host, target)

@@ -129,6 +129,12 @@ class Migrations:
                 self.sim.schedule(self.sim.now + FAIL_NOTICE_S, self._fail, migration,
                                   f"ERROR_LIBVIRT: connection to {host.name} lost during the migration")
 
+    def cancel(self, uuid: VmUuid) -> None:
+        """virDomainAbortJob on the source: libvirt gives the migration up."""
+        migration = self.active.get(uuid)
+        if migration is not None:
+            self._fail(migration, "ERROR_LIBVIRT: operation aborted: migration out job: canceled by client")
+
     def vm_stopped(self, host: SimHost, uuid: VmUuid) -> None:
         """The guest died on its source mid-migration: libvirt aborts the migration."""
         migration = self.active.get(uuid)

@@ -17,7 +17,7 @@ script.txt (`<simulated seconds> <command>`; the last line is `<t> end`):
     maintenance h4 on|off      restart manager   network manager off|on
     disable h2 / enable h2     remove h2 (refused while it runs VMs)
     ha vm3 on|off              start vm3         stop vm3
-    migrate vm3 [h2]           (kvmha vm migrate; placement picks when no host is given)
+    migrate vm3 [h2]           (kvmha vm migrate; placement picks when no host is given)   migrate vm3 --cancel
     virsh-migrate vm3 h2       (a live migration an admin runs with virsh, outside kvmha)
     database down|up           database stall 8 (every transaction waits until 8 s from now)
     driver stall 10            (the driver is held 10 s, as by a long batch or a starved CPU: facts keep arriving,
@@ -169,6 +169,8 @@ def apply(sim: Simulator, command: str) -> None:
             agents.stop_vm(world.hosts[host_id], uuid, cause)
     elif verb in ("ha", "start", "stop"):
         _operator_vm(sim, verb, target, arg)
+    elif verb == "migrate" and arg == "--cancel":
+        sim.operate(ops.managed_vm(target), lambda vm_id: [f.VmMigrationCancelRequested(vm_id)])
     elif verb == "migrate":
         sim.operate(*ops.migratable_vm(target, arg or None))
     elif verb == "virsh-migrate":

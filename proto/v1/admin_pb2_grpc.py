@@ -114,6 +114,11 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
                 _registered_method=True)
+        self.CancelMigration = channel.unary_unary(
+                '/kvmha.v1.AdminService/CancelMigration',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
+                _registered_method=True)
         self.ListHaWork = channel.unary_unary(
                 '/kvmha.v1.AdminService/ListHaWork',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkRequest.SerializeToString,
@@ -249,6 +254,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelMigration(self, request, context):
+        """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListHaWork(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -361,6 +373,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'MigrateVm': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateVm,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.SerializeToString,
+            ),
+            'CancelMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMigration,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.SerializeToString,
             ),
             'ListHaWork': grpc.unary_unary_rpc_method_handler(
@@ -820,6 +837,33 @@ class AdminService:
             target,
             '/kvmha.v1.AdminService/MigrateVm',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.MigrateVmRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/CancelMigration',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.Ref.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.VmInfo.FromString,
             options,
             channel_credentials,

@@ -64,6 +64,8 @@ class AdminServiceStub:
     recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
     vm.migration.failed) for its course.
     """
+    CancelMigration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
+    """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled."""
     ListHaWork: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]
     ListEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]
     FollowEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]
@@ -101,6 +103,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
     vm.migration.failed) for its course.
     """
+    CancelMigration: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
+    """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled."""
     ListHaWork: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]  # type: ignore[assignment]
     ListEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]  # type: ignore[assignment]
     FollowEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]  # type: ignore[assignment]
@@ -231,6 +235,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         recorded the request; follow the VM's events (vm.migrating, vm.migration.progress, vm.migrated or
         vm.migration.failed) for its course.
         """
+
+    @_abc_1.abstractmethod
+    def CancelMigration(
+        self,
+        request: _admin_pb2.Ref,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VmInfo, _abc.Awaitable[_admin_pb2.VmInfo]]:
+        """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled."""
 
     @_abc_1.abstractmethod
     def ListHaWork(

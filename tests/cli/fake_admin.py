@@ -221,6 +221,10 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     # --- VMs ---
 
+    def CancelMigration(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.VmInfo:
+        self._record("CancelMigration", request)
+        return self._find(self.vms, request.ref, "VM", context)
+
     def MigrateVm(self, request: pb.MigrateVmRequest, context: grpc.ServicerContext) -> pb.VmInfo:
         """Records the request and plays the manager's events of the migration (the test may add more)."""
         self._record("MigrateVm", request)

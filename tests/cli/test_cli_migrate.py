@@ -40,3 +40,8 @@ def test_host_disable_enable_and_remove(fake: FakeAdmin, manager: str) -> None:
     result = kvmha(manager, "host", "remove", "h1")
     assert result.exit_code == 4 and result.stderr.startswith("kvmha: host h1 still runs ")
     assert fake.sent("RemoveHost") == [pb.Ref(ref="h1")]
+
+
+def test_vm_migrate_cancel(fake: FakeAdmin, manager: str) -> None:
+    assert "Cancel requested. VM web1" in ok(kvmha(manager, "vm", "migrate", "web1", "--cancel"))
+    assert fake.sent("CancelMigration") == [pb.Ref(ref="web1")]
