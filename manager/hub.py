@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.actions import Severity
-from kvmha.manager.core.model import NO_WATCHDOG, HostCapacity, HostId, HostStatus, WatchdogReport
+from kvmha.manager.core.model import (
+    NO_WATCHDOG,
+    UNREPORTED,
+    HostCapacity,
+    HostId,
+    HostInventory,
+    HostStatus,
+    WatchdogReport,
+)
 from kvmha.manager.driver import Driver
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
@@ -35,6 +43,7 @@ class AgentHello:
     agent: AgentInfo
     watchdog: WatchdogReport = NO_WATCHDOG
     lease_manager: str = ""  # libvirt's lock manager on the host ("" = no disk leases)
+    inventory: HostInventory = UNREPORTED  # storage, networks, free memory, reserve (older agents: unreported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,7 @@ class AgentHub:
         self.submit(facts.AgentConnected(host_id=host_id, uuid=hello.host_uuid, name=hello.hostname,
                                          address=hello.management_address or peer, capacity=hello.capacity,
                                          boot_id=hello.agent.boot_id, watchdog=hello.watchdog,
-                                         lease_manager=hello.lease_manager))
+                                         lease_manager=hello.lease_manager, inventory=hello.inventory))
         return host_id
 
     def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:

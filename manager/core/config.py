@@ -58,6 +58,7 @@ class CoreConfig:
     lease_probe_timeout_s: float = 5.0
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
+    host_memory_reserve_mib: int = 0
     migration_timeout_s: float = 300.0
     maintenance_migrations: int = 2
     ha_disabled_hosts: bool = True
@@ -115,6 +116,16 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _non_negative_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{name}: {value} must be 0 or more")
+    return value
+
+
 def _ratio(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -153,7 +164,7 @@ def _check_relations(config: CoreConfig) -> None:
         raise ConfigError("fence.retry.max.interval must not be shorter than fence.retry.interval")
 
 
-_F, _I, _R, _B, _Z = _positive_float, _positive_int, _ratio, _bool, _non_negative_float
+_F, _I, _R, _B, _Z, _N = _positive_float, _positive_int, _ratio, _bool, _non_negative_float, _non_negative_int
 
 # (dotted name, CoreConfig field, parser, description); the default comes from the dataclass.
 _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
@@ -246,6 +257,12 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
     ("lease.probe.timeout", "lease_probe_timeout_s", _F, "seconds a neighbour has to answer one CheckLease"),
     ("cpu.overcommit.ratio", "cpu_overcommit_ratio", _F, "vCPUs placed per host CPU"),
     ("placement.candidates", "placement_candidates", _I, "fitting hosts compared per placement (spread)"),
+    (
+        "host.memory.reserve",
+        "host_memory_reserve_mib",
+        _N,
+        "MiB of each host's memory kept for the hypervisor and never placed (an agent's own memory_reserve_mib wins)",
+    ),
     (
         "migration.timeout",
         "migration_timeout_s",

@@ -207,6 +207,8 @@ class Core:
                 self._migration.on_progress(fact)
             case f.AgentConnected():
                 hosts.on_agent_connected(fact)
+            case f.InventoryChanged():
+                hosts.on_inventory(fact)
             case f.AgentDisconnected():
                 self._linkloss.on_disconnected(fact)  # first: it reads whether this link was the open one
                 hosts.on_agent_disconnected(fact)

@@ -12,8 +12,10 @@ from typing import Literal
 
 from kvmha.manager.core.model import (
     NO_WATCHDOG,
+    UNREPORTED,
     HostCapacity,
     HostId,
+    HostInventory,
     HostRecord,
     PowerState,
     RequestId,
@@ -42,6 +44,15 @@ class AgentConnected:
     boot_id: str
     watchdog: WatchdogReport = NO_WATCHDOG  # an agent that says nothing has no self-fence the manager counts on
     lease_manager: str = ""
+    inventory: HostInventory = UNREPORTED  # storage, networks, free memory, reserve (an older agent: unreported)
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryChanged:
+    """An agent's storage, networks, free memory or reserve changed since it last said (or its Hello)."""
+
+    host_id: HostId
+    inventory: HostInventory
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +274,7 @@ class ConfigChanged:
 Fact = (
     AgentConnected
     | HeartbeatReceived
+    | InventoryChanged
     | AgentDisconnected
     | PowerStateReported
     | CommandCompleted

@@ -146,6 +146,7 @@ class HostFlow:
             return
         host.name, host.address, host.capacity = fact.name, fact.address, fact.capacity
         host.lease_manager = fact.lease_manager
+        host.inventory = fact.inventory
         selffence.note_watchdog(self.ctx, host, fact.watchdog)
         self.awaiting_rejoin.discard(host.id)
         self._heard(host)
@@ -160,6 +161,19 @@ class HostFlow:
         self.told_operator.discard(host_id)
         for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline):
             self.ctx.timers.cancel(timer(host_id))
+
+    def on_inventory(self, fact: f.InventoryChanged) -> None:
+        """Storage, networks or memory changed: placement reads them from the record (nothing else to decide); a
+        storage that turned unhealthy or vanished leaves an event, since VMs needing it no longer go there."""
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None or host.id not in self.ctx.connected:
+            return
+        before = {s.identity for s in host.inventory.storage if s.healthy}
+        host.inventory = fact.inventory
+        lost = sorted(before - {s.identity for s in fact.inventory.storage if s.healthy})
+        if lost:
+            self.ctx.event("warning", f"host:{host.id}", "host.storage.lost",
+                           f"no longer reaches {', '.join(lost)}: VMs on it are not placed here")
 
     def on_heartbeat(self, fact: f.HeartbeatReceived) -> None:
         host = self.ctx.hosts.get(fact.host_id)

@@ -124,6 +124,7 @@ class MigrationFlow:
             start=vm.id,
             compare=ctx.config.placement_candidates,
             cpu_ratio=ctx.config.cpu_overcommit_ratio,
+            reserve_mib=ctx.config.host_memory_reserve_mib,
         )
 
     # ------------------------------------------------------------ the command's answer

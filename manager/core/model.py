@@ -144,6 +144,37 @@ class HostCapacity:
     memory_mib: int
 
 
+@dataclass(frozen=True, slots=True)
+class StorageReach:
+    """One storage a host reaches: `identity` is taken from the storage itself and is the same on every host that
+    sees it ("nfs:SERVER:/EXPORT", "pool:UUID", "fs:UUID"); `mount` is where this host sees it. A VM's disk under
+    `mount` lives on `identity`."""
+
+    identity: str
+    mount: str
+    healthy: bool = True
+    detail: str = ""  # why not healthy
+
+
+@dataclass(frozen=True, slots=True)
+class HostInventory:
+    """What a host offers a VM besides CPUs and memory, as its agent last reported it (Hello, then on change).
+
+    `reported` False: an agent that says nothing about storage and networks (an older agent): placement does not test
+    them on that host, as before. `networks`: "network:NAME" (libvirt networks, active) and "bridge:NAME".
+    `free_memory_mib` caps what placement counts as free (None: not reported); `memory_reserve_mib` is kept for the
+    hypervisor (None: the manager's `host.memory.reserve`)."""
+
+    reported: bool = False
+    storage: tuple[StorageReach, ...] = ()
+    networks: frozenset[str] = frozenset()
+    free_memory_mib: int | None = None
+    memory_reserve_mib: int | None = None
+
+
+UNREPORTED = HostInventory()
+
+
 @dataclass(slots=True)
 class HostRecord:
     """What the manager knows about a host; the core mutates its own copies, adapters persist them."""
@@ -163,6 +194,8 @@ class HostRecord:
     watchdog_timeout_s: float | None = None
     watchdog_detail: str = ""
     lease_manager: str = ""  # libvirt's lock manager on the host ("lockd"); "" = its VMs' disks have no leases
+    # Storage, networks, free memory and reserve as the agent last reported them; not stored: every Hello resends it.
+    inventory: HostInventory = UNREPORTED
 
 
 @dataclass(slots=True)

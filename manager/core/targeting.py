@@ -67,4 +67,5 @@ class Targeting:
             start=self._cursor,
             compare=ctx.config.placement_candidates,
             cpu_ratio=ctx.config.cpu_overcommit_ratio,
+            reserve_mib=ctx.config.host_memory_reserve_mib,
         )

@@ -78,6 +78,7 @@ class Agents:
             agent,
             self.watchdog_report(host),
             "lockd" if host.leases else "",
+            host.inventory(),
         )
         self.sim.to_core(hello, stream=host.id)
         self.sim.checker.host_booted(host.id)
@@ -250,6 +251,10 @@ class Agents:
         if uuid in host.running:
             done = f.CommandCompleted(RequestId(rid), True, "", f.VmStartConfirmed(uuid, True))
             self.sim.schedule(self.sim.now + 0.05, self.reply, epoch, host, done)
+            return
+        if not host.reaches_disks(self.world.vms[uuid]):  # libvirt: "Cannot access storage file"
+            failed = f.CommandCompleted(RequestId(rid), False, "cannot access storage file")
+            self.sim.schedule(self.sim.now + 0.05, self.reply, epoch, host, failed)
             return
         self.sim.schedule(self.sim.now + VM_BOOT_S, self._vm_booted, epoch, host, rid, uuid)
 

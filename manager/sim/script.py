@@ -76,7 +76,27 @@ def _host(name: str, opts: dict[str, str]) -> SimHost:
         has_bmc=_yes(opts.get("bmc", "yes")),
         watchdog=_yes(opts.get("watchdog", "yes")),
         leases=_yes(opts.get("leases", "yes")),
+        storage=_storage(opts["storage"]) if "storage" in opts else None,
+        networks=_networks(opts.get("nets", "")),
+        free_memory_mib=int(opts["free"]) if "free" in opts else None,
+        memory_reserve_mib=int(opts["reserve"]) if "reserve" in opts else None,
     )
+
+
+def _storage(text: str) -> dict[str, str]:
+    """`storage=a,b@other,-`: shared storage a (nfs:nas:/a at /mnt/a), and at /mnt/b another server's export
+    (a different mount at the same path); `-` alone: the agent reports storage, and has none."""
+    mounts: dict[str, str] = {}
+    for item in text.split(","):
+        if item and item != "-":
+            name, _, server = item.partition("@")
+            mounts[name] = f"nfs:{server or 'nas'}:/{name}"
+    return mounts
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """`nets=br0,network:default`: a bare name is a bridge."""
+    return tuple(item if ":" in item else f"bridge:{item}" for item in text.split(",") if item)
 
 
 def parse_setup(text: str, scenario: Scenario) -> None:
@@ -100,6 +120,8 @@ def parse_setup(text: str, scenario: Scenario) -> None:
                     int(opts.get("priority", 0)),
                     opts.get("group"),
                     opts.get("host"),
+                    tuple(name for name in opts.get("disk", "").split(",") if name),
+                    _networks(opts.get("net", "")),
                 )
             )
         elif kind == "config":
@@ -235,6 +257,9 @@ def _host_command(sim: Simulator, verb: str, host: SimHost, arg: str, more: list
             host.lease_until.clear()  # renewing again: its running VMs' locks are its own, current ones
         host.storage_ok = arg == "on"
         host.update_heartbeat(now)
+    elif verb == "mount":  # mount h2 a off|on: the host's storage a turns unhealthy / healthy again
+        (host.storage_down.add if more and more[0] == "off" else host.storage_down.discard)(arg)
+        agents.send(host, f.InventoryChanged(host.id, host.inventory()))
     elif verb == "hypervisor":
         host.hypervisor_ok = arg == "on"
         agents.full_report(host)

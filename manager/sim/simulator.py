@@ -113,7 +113,7 @@ class Simulator:
                                      host_id=placed.id if placed else None, ha_enabled=vm.ha,
                                      restart_priority=vm.priority, anti_affinity_group=vm.group,
                                      memory_mib=vm.memory_mib, vcpus=vm.vcpus,
-                                     domain_xml=f"<domain>{vm.name}</domain>"), 0.0)
+                                     domain_xml=vm.domain_xml()), 0.0)
                 if placed:
                     placed.running.add(vm.uuid)
             uow.config.sync_defaults(((s.name, s.default, s.description) for s in CONFIG_SPECS), 0.0)

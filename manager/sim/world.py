@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kvmha.manager.core.model import HostId, VmId, VmUuid
+from kvmha.manager.core.model import HostId, HostInventory, StorageReach, VmId, VmUuid
 
 HEARTBEAT_INTERVAL_S = 2.0  # the agent writes its storage heartbeat this often
 
@@ -23,6 +23,20 @@ class SimVm:
     priority: int = 0
     group: str | None = None
     host: str | None = None  # where it runs at the start (None: registered Stopped)
+    disks: tuple[str, ...] = ()  # storage names ("a": a disk in /mnt/a) its disks live on
+    networks: tuple[str, ...] = ()  # "bridge:br0" / "network:default" it attaches to
+
+    def domain_xml(self) -> str:
+        """The domain XML the manager registers: its disks and interfaces are what placement reads."""
+        devices = "".join(
+            f"<disk type='file'><source file='/mnt/{name}/{self.name}.qcow2'/></disk>" for name in self.disks
+        ) + "".join(
+            f"<interface type='{kind}'><source {kind}='{name}'/></interface>"
+            for kind, _, name in (net.partition(":") for net in self.networks)
+        )
+        return f"<domain><name>{self.name}</name><devices>{devices}</devices></domain>" if devices else (
+            f"<domain>{self.name}</domain>"
+        )
 
 
 @dataclass(slots=True)
@@ -68,6 +82,31 @@ class SimHost:
     # its host renews it (powered and reaching its storage), then until `World.lease_expiry_s` after the last renewal.
     leases: bool = True
     lease_until: dict[VmUuid, float] = field(default_factory=dict)  # NFS: locks left behind, and until when
+    # What its agent reports for placement (None: an older agent that reports nothing): storage name -> the identity
+    # mounted at /mnt/NAME ("nfs:nas:/a"; another identity at the same path models a different mount there), the
+    # unhealthy ones, networks, free memory (None: not reported) and the hypervisor's memory reserve.
+    storage: dict[str, str] | None = None
+    storage_down: set[str] = field(default_factory=set)
+    networks: tuple[str, ...] = ()
+    free_memory_mib: int | None = None
+    memory_reserve_mib: int | None = None
+
+    def inventory(self) -> HostInventory:
+        if self.storage is None and not self.networks:
+            return HostInventory(free_memory_mib=self.free_memory_mib, memory_reserve_mib=self.memory_reserve_mib)
+        storage = tuple(
+            StorageReach(identity, f"/mnt/{name}", name not in self.storage_down)
+            for name, identity in sorted((self.storage or {}).items())
+        )
+        return HostInventory(True, storage, frozenset(self.networks), self.free_memory_mib, self.memory_reserve_mib)
+
+    def reaches_disks(self, vm: SimVm) -> bool:
+        """What the real hypervisor finds: the VM's disks exist here (a mount of the same storage, healthy)."""
+        if self.storage is None:
+            return True
+        return all(
+            self.storage.get(name) == f"nfs:nas:/{name}" and name not in self.storage_down for name in vm.disks
+        )
 
     def renews_leases(self) -> bool:
         return self.powered and self.storage_ok

@@ -67,7 +67,7 @@ def test_placed_usage_counts_against_capacity() -> None:
     assert host is not None and host.id == 2
     index.add(_vm(2, 3500, host=2))
     host, why = _choose(_vm(9, 1024), hosts, index)
-    assert host is None and "2 not enough free memory" in why
+    assert host is None and "not enough free memory: h1, h2" in why
 
 
 def test_vcpus_are_a_limit_too() -> None:
