@@ -283,15 +283,16 @@ class DuplicateWatch:
                 for host, vms in self.lab.running_vms().items():
                     for vm in vms:
                         by_vm.setdefault(vm, []).append(host)
-            for vm, hosts in list(by_vm.items()):
+            running_by_vm = dict(by_vm)
+            for vm, hosts in by_vm.items():
                 if len(hosts) > 1:
                     running = self.running_on(vm, hosts)
                     if len(running) > 1:
                         running = self.running_on(vm, running)  # again, at once: not a read across the switchover
                     if len(running) <= 1:
                         self.overlaps += 1
-                        by_vm[vm] = running
-            self.record(at, by_vm)
+                    running_by_vm[vm] = running
+            self.record(at, by_vm, running_by_vm)
             self._stop.wait(self.interval_s)
 
     def running_on(self, vm: str, hosts: list[str]) -> list[str]:
@@ -314,10 +315,12 @@ class DuplicateWatch:
             reader.join(10.0)
         return sorted(host for host in hosts if states.get(host, "unknown") not in ("paused", "shut off"))
 
-    def record(self, at: float, by_vm: Mapping[str, list[str]]) -> None:
-        """One sample taken at `at` (epoch seconds): VM -> the hosts whose /proc ran a QEMU for it."""
+    def record(self, at: float, by_vm: Mapping[str, list[str]],
+               running: Mapping[str, list[str]] | None = None) -> None:
+        """One sample taken at `at` (epoch seconds): VM -> the hosts whose /proc ran a QEMU for it, and (when some
+        VM had several) VM -> the hosts where libvirt says it runs, which decides duplicates."""
         self.samples += 1
-        for vm, hosts in by_vm.items():
+        for vm, hosts in (running if running is not None else by_vm).items():
             if len(hosts) > 1:
                 self.duplicates.append((at, vm, sorted(hosts)))
 

@@ -78,9 +78,10 @@ class Timeline(DuplicateWatch):
     seen: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, at: float, by_vm: Mapping[str, list[str]]) -> None:
+    def record(self, at: float, by_vm: Mapping[str, list[str]],
+               running: Mapping[str, list[str]] | None = None) -> None:
         with self._lock:
-            super().record(at, by_vm)
+            super().record(at, by_vm, running)
             for vm, hosts in by_vm.items():
                 for host in hosts:
                     self.seen.setdefault((vm, host), [at, at])[1] = at

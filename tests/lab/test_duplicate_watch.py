@@ -1,0 +1,67 @@
+"""The duplicate sampler's judgment of a VM with QEMUs on several hosts (no lab needed: a stand-in lab answers
+/proc and virsh): a migration's overlap is allowed, two running copies are not."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+
+from kvmha.lab.harness import DuplicateWatch
+from kvmha.lab.lab import Lab
+
+
+class StandIn:
+    """running_vms() from a fixed map; `virsh domstate` answers from a script of reads per host."""
+
+    def __init__(self, qemus: dict[str, dict[str, int]], states: dict[str, list[str]]) -> None:
+        self.qemus, self.states = qemus, {host: iter(seq) for host, seq in states.items()}
+
+    def running_vms(self) -> dict[str, dict[str, int]]:
+        return self.qemus
+
+    def virsh(self, host: str, *args: str, check: bool = True) -> str:
+        state = next(self.states[host])
+        if state == "error":
+            raise RuntimeError("libvirtd does not answer")
+        return state + "\n"
+
+
+def _sample(qemus: dict[str, dict[str, int]], states: dict[str, list[str]]) -> DuplicateWatch:
+    watch = DuplicateWatch(cast(Lab, StandIn(qemus, states)))
+    original = watch._stop.wait  # one pass of the sampling loop, in this thread
+
+    def once(timeout: float | None = None) -> bool:
+        watch._stop.set()
+        return original(0)
+
+    watch._stop.wait = once  # type: ignore[method-assign]
+    watch._run()
+    return watch
+
+
+TWO = {"h1": {"vm1": 10}, "h2": {"vm1": 20}}
+
+
+@pytest.mark.parametrize(
+    ("states", "duplicate"),
+    [
+        ({"h1": ["running"], "h2": ["paused"]}, False),  # precopy: the incoming copy is paused
+        ({"h1": ["paused"], "h2": ["running"]}, False),  # just after the switchover
+        ({"h1": ["running", "paused"], "h2": ["running", "running"]}, False),  # a read across the switchover
+        ({"h1": ["running", "running"], "h2": ["running", "running"]}, True),  # two running copies
+        ({"h1": ["running", "running"], "h2": ["error", "error"]}, True),  # no answer: nothing proves it paused
+    ],
+)
+def test_a_migration_overlap_is_allowed_two_running_copies_are_not(
+    states: dict[str, list[str]], duplicate: bool
+) -> None:
+    watch = _sample(TWO, states)
+    assert watch.samples == 1
+    assert bool(watch.duplicates) is duplicate, watch.duplicates
+    assert watch.overlaps == (0 if duplicate else 1)
+
+
+def test_one_qemu_per_vm_asks_libvirt_nothing() -> None:
+    watch = _sample({"h1": {"vm1": 1}, "h2": {"vm2": 2}}, {})  # any virsh call would raise KeyError in StandIn
+    assert watch.samples == 1 and not watch.duplicates and watch.overlaps == 0
