@@ -256,6 +256,7 @@ def start_keeper(out: Out, args: argparse.Namespace, state_dir: Path) -> dict[st
     params = {"state_dir": str(state_dir), "prefix": args.prefix, "subnet": args.subnet,
               "admin_port": args.admin_port, "dashboard_port": DASHBOARD_PORT if _port_free(DASHBOARD_PORT) else 0}
     log_path = keeper_log(state_dir)
+    log_path.parent.mkdir(parents=True, exist_ok=True)  # --state-dir may name a folder whose parent is new
     with log_path.open("wb") as log:
         keeper = subprocess.Popen([sys.executable, "-m", "kvmha.lab.demo", "--keeper", json.dumps(params)],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
