@@ -11,6 +11,7 @@ the defaults, reported with this test).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -81,7 +82,11 @@ def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: LocalClus
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**ENV, **cluster.cli_env()})
     try:
-        time.sleep(1.0)  # the follower is connected and has printed the past events
+        # The follower is connected once it has printed the past events (there are some: both hosts came Up). A
+        # fixed sleep here raced the CLI's own start-up on a loaded machine.
+        assert follower.stdout is not None
+        ready, _, _ = select.select([follower.stdout], [], [], 60)
+        assert ready and follower.stdout.readline(), f"the follower printed nothing: {follower.poll()}"
         assert follower.poll() is None
         stopped_at = time.monotonic()
         manager.process.send_signal(signal.SIGTERM)
@@ -92,7 +97,7 @@ def test_sigterm_then_agents_come_back_to_a_restarted_manager(cluster: LocalClus
         assert "event=manager_stopped" in manager.tail(10), manager.tail()
         # The operator following the events is told in one line, and exits with "unreachable" (2), not success.
         # (grpc reports the server's shutdown as UNAVAILABLE "Cancelling all calls" or as the stream's end.)
-        _, err = follower.communicate(timeout=10)
+        _, err = follower.communicate(timeout=30)
         assert follower.returncode == 2 and err.startswith("kvmha: ") and err.count("\n") == 1, err
         assert "ended the stream" in err or "cannot reach the manager" in err, err
     finally:
