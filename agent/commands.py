@@ -85,6 +85,12 @@ class CommandRunner:
         self._results: OrderedDict[str, Future[pb.CommandResult]] = OrderedDict()
         self._lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
+        self.newest_epoch = 0  # the newest manager lease epoch seen (Welcome or command): the fencing token
+
+    def saw_epoch(self, epoch: int) -> None:
+        """A manager of `epoch` welcomed this agent: commands of older epochs are refused from now on."""
+        with self._lock:
+            self.newest_epoch = max(self.newest_epoch, epoch)
 
     def run(self, command: pb.Command, progress: ProgressSend | None = None) -> pb.CommandResult:
         """Run `command` once per request id; a replay waits for and returns the first result. `progress` gets the
@@ -93,6 +99,17 @@ class CommandRunner:
         if not request_id or len(request_id) > MAX_REQUEST_ID_LEN:
             return _error(request_id[:MAX_REQUEST_ID_LEN], pb.ERROR_INVALID_ARGUMENT,
                           "request_id must be 1..256 characters (it makes the command idempotent)")
+        with self._lock:
+            # Fencing token: a manager that took this host over has a newer epoch; a command of an older one comes
+            # from a deposed manager (paused, cut off) and must not act, however late it arrives. 0: no leases.
+            stale = 0 < command.epoch < self.newest_epoch
+            if not stale:
+                self.newest_epoch = max(self.newest_epoch, command.epoch)
+        if stale:
+            log.warning("event=command_refused reason=stale_epoch request_id=%s epoch=%d newest_epoch=%d",
+                        request_id, command.epoch, self.newest_epoch)
+            return _error(request_id, pb.ERROR_STALE_EPOCH,
+                          f"epoch {command.epoch} is older than {self.newest_epoch}: its manager was deposed")
         with self._lock:
             future = self._results.get(request_id)
             first = future is None

@@ -313,6 +313,7 @@ class AgentLink:
         resync_s = welcome.resync_interval_s if welcome.resync_interval_s > 0 else self.settings.resync_interval_s
         log.info("event=manager_welcome manager=%s manager_id=%s host_id=%d ping_interval_s=%.2f resync_s=%.1f",
                  address, welcome.manager_id, welcome.host_id, ping_interval_s, resync_s)
+        self._runner.saw_epoch(welcome.epoch)
         if self._hooks.welcome is not None:
             self._hooks.welcome(welcome)
         self._session = session

@@ -72,10 +72,13 @@ host_app = typer.Typer(help="Hypervisor hosts.", no_args_is_help=True)
 vm_app = typer.Typer(help="Virtual machines registered with the manager.", no_args_is_help=True)
 ha_app = typer.Typer(help="HA work items (restarts in progress and done).", no_args_is_help=True)
 config_app = typer.Typer(help="Manager configuration.", no_args_is_help=True)
+manager_app = typer.Typer(help="The managers sharing the database and the lease over the hosts.",
+                          no_args_is_help=True)
 app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(ha_app, name="ha")
 app.add_typer(config_app, name="config")
+app.add_typer(manager_app, name="manager")
 app.add_typer(pki_app, name="pki")
 app.add_typer(dashboard_app, name="dashboard")
 
@@ -488,6 +491,15 @@ def config_set(
         render.print_json(reply)
     else:
         render.print_line(f"{reply.name} = ", Text(reply.value, style="bold"), f" (default {reply.default_value})")
+
+
+@manager_app.command("list")
+def manager_list(ctx: typer.Context, as_json: Json = False) -> None:
+    """Managers, their heartbeats and hosts owned, and which one holds the lease over the hosts (any manager
+    answers: it reads the database)."""
+    link = _link(ctx)
+    reply = link.call(link.stub.ListManagers, pb.ListManagersRequest())
+    _show_list(reply, reply.managers, "managers", as_json, lambda rows: render.print_managers(reply))
 
 
 def main() -> None:

@@ -269,5 +269,23 @@ def print_config(items: Iterable[pb.ConfigItem]) -> None:
     console().print(table)
 
 
+def print_managers(reply: pb.ListManagersResponse, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    table = _table("Manager", "Address", "Version", "Lease", "Hosts", "Heartbeat", "Started")
+    for m in reply.managers:
+        lease = Text("holder", style="bold green") if m.holds_lease else Text("standby", style=DIM)
+        name = Text(m.id + (" *" if m.answering else ""))
+        table.add_row(name, m.address, m.version, lease, str(m.hosts_owned), when(m.last_heartbeat_at, now),
+                      when(m.started_at, now))
+    console().print(table)
+    if reply.lease_holder:
+        left_s = reply.lease_expires_in_s
+        state = f"expires in {left_s:.1f} s" if left_s >= 0 else f"EXPIRED {-left_s:.1f} s ago (holder dead or cut off)"
+        print_line(f"Lease over the hosts: {reply.lease_holder}, epoch {reply.lease_epoch}, ", Text(state),
+                   Text("  (* answered this call)", style=DIM))
+    else:
+        print_line(Text("Nobody has held the lease yet.", style=DIM))
+
+
 def print_line(*parts: str | Text) -> None:
     console().print(Text.assemble(*parts))

@@ -24,6 +24,13 @@ Invariants:
   reconnecting at once would otherwise queue their pings behind each other's writes until they look silent).
 - **Received before judged.** The core's deadlines run (`Core.tick(now)`) only after every fact received before
   `now` has been handled: a ping that waited in the inbox while the store was slow still counts.
+- **One acting manager, on a confirmed lease** (kvmha.manager.lease). Several managers may share the database; the
+  one holding the lease over the hosts acts, the others wait as standbys (no core, agents refused, admin reads
+  served) and try to take it every `poll_s`. Every batch renews the lease in the transaction that records it
+  (kvmha.manager.recorder), so a manager whose lease moved on records nothing; its commands, fences and BMC queries
+  leave only inside the acting window of the last confirmed renewal (renewed by the store probe while idle). Taking
+  the lease takes every host and all active HA work; losing it to another epoch drops the core and tells the agents
+  to move; a renewal that only fails to come (the database is down) keeps the streams and acts on nothing.
 - **Health.** `health()` names why the manager should say NOT_SERVING: the store has not committed, or the driver
   has not finished a batch, for longer than `not_serving_after_s`.
 - **Operator operations in order.** An operation runs in its own transaction after everything before it is
@@ -39,9 +46,10 @@ adapters/clock.py on the way out (`_persist`) and in (`start`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, assert_never
 
 from kvmha.manager.adapters.clock import to_mono_fact, to_mono_host, to_mono_vm, to_mono_work, to_wall_action
@@ -52,14 +60,19 @@ from kvmha.manager.core.core import Core
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 from kvmha.manager.env import Commit, Env
 from kvmha.manager.inbox import Inbox
+from kvmha.manager.lease import Lease, LeaseLost, LeaseTerms
 from kvmha.manager.recorder import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, Recorder
 from kvmha.manager.store import ConfigRow, UnitOfWork
 from kvmha.manager.storewatch import StoreWatch
 
 log = logging.getLogger("kvmha.manager.driver")
 T = TypeVar("T")
+_Loaded = tuple[int, CoreConfig, list[HostRecord], list[VmRecord], list[HaWorkRecord], int]
 Operation = Callable[[UnitOfWork], T]
 PERSISTED = (a.SaveHost, a.SaveVm, a.SaveWork, a.DeleteVmRecord, a.RecordEvent)
+_OUTGOING = (a.SendCommand, a.Fence, a.QueryBmc)  # what acts on hosts: leaves only inside the lease's window
+_NOT_ACTIVE = ("this manager does not hold the lease over the hosts (a standby); "
+               "the active one is named by `kvmha manager list`")
 MAX_FACTS_PER_BATCH = 500
 
 
@@ -69,6 +82,30 @@ class ManagerStopped(RuntimeError):
 
 class StoreUnavailable(RuntimeError):
     """An operator operation refused because the store cannot commit (nothing is decided meanwhile)."""
+
+
+class NotActive(RuntimeError):
+    """An operator operation refused because this manager does not hold the lease over the hosts (a standby)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGuarded(Generic[T]):
+    """An operator's operation that runs only after `confirm` renewed the lease in its transaction (`operation`
+    stays visible: the simulator's environment recognises its driver-holding operation through it)."""
+
+    operation: Operation[T]
+    confirm: Callable[[UnitOfWork], None]
+
+    def __call__(self, uow: UnitOfWork) -> T:
+        self.confirm(uow)
+        return self.operation(uow)
+
+
+@dataclass(frozen=True, slots=True)
+class _StepDown:
+    """The store probe found the lease of `epoch` gone: the loop steps down (if it still holds that epoch)."""
+
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -81,6 +118,7 @@ class DriverSettings:
     store_probe_interval_s: float = 1.0  # how often the driver checks that the store commits (0: never)
     store_probe_timeout_s: float = 5.0  # a probe without an answer this long: the store is down
     not_serving_after_s: float = 10.0  # health NOT_SERVING once the store or the driver is stuck this long
+    lease: LeaseTerms = field(default_factory=LeaseTerms)
 
 
 @dataclass
@@ -114,20 +152,46 @@ def _source(fact: facts.Fact) -> str:
 class Driver:
     def __init__(self, env: Env, settings: DriverSettings) -> None:
         self.env, self.settings = env, settings
-        self._inbox: Inbox[_Job[Any]] = Inbox()
+        self._inbox: Inbox[_Job[Any] | _StepDown] = Inbox()
         self._core: Core | None = None
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self.store = StoreWatch(env.clock, env.journal, lambda down_s: self.submit(facts.StoreRecovered(down_s)))
-        self._recorder = Recorder(env, settings.manager_id, settings.store_probe_timeout_s, self.store)
+        self.lease = Lease(settings.lease)
+        self._recorder = Recorder(env, settings.manager_id, settings.store_probe_timeout_s, self.store, self.lease,
+                                  lambda epoch: self._inbox.put(_StepDown(epoch), env.clock.monotonic()))
         self.busy_since: float | None = None  # when the batch being handled began; None while waiting
         self._stopping = False
+        self._on_active: list[Callable[[int], None]] = []  # told the epoch each time this manager takes the lease
 
     # ------------------------------------------------------------------ life cycle
 
+    def on_active(self, listener: Callable[[int], None]) -> None:
+        self._on_active.append(listener)
+
     async def start(self) -> None:
-        """Load the records (waiting for the store if it is down), build the Core and start the loop."""
-        (config, hosts, vms, works, next_work_id), _ = await self._retrying(self._load)
+        """Register, then take the lease and build the Core from the records (waiting for the store if it is
+        down), or, when another manager holds the lease, wait as a standby; either way the loop task runs."""
+        s = self.settings
+
+        def register(uow: UnitOfWork) -> None:
+            uow.managers.register(s.manager_id, s.address, s.version, uow.now)
+            uow.commit()
+
+        await self._retrying(register)
+        asked_at = self.env.clock.monotonic()
+        loaded, _ = await self._retrying(self._acquire_and_load)
+        if loaded is not None:
+            self._activate(loaded, asked_at)
+        else:
+            log.info("event=manager_standby manager_id=%s reason=another_manager_holds_the_lease", s.manager_id)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"driver-{s.manager_id}")
+        if s.store_probe_interval_s > 0:
+            self._probe = loop.create_task(self._probe_store(), name=f"store-probe-{s.manager_id}")
+
+    def _activate(self, loaded: _Loaded, asked_at: float) -> None:
+        epoch, config, hosts, vms, works, next_work_id = loaded
         clock = self.env.clock
         prefix = f"{self.settings.manager_id}.{int(clock.wall() * 1000):x}."
         self._core = Core(
@@ -139,30 +203,30 @@ class Driver:
             next_work_id=next_work_id,
             request_prefix=prefix,
         )
-        log.info("event=manager_started manager_id=%s hosts=%d vms=%d active_work=%d", self.settings.manager_id,
-                 len(hosts), len(vms), sum(work.step.active for work in works))
-        loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._loop(), name=f"driver-{self.settings.manager_id}")
-        if self.settings.store_probe_interval_s > 0:
-            self._probe = loop.create_task(self._probe_store(), name=f"store-probe-{self.settings.manager_id}")
+        self.lease.acquired(epoch, asked_at)
+        log.info("event=manager_started manager_id=%s epoch=%d hosts=%d vms=%d active_work=%d",
+                 self.settings.manager_id, epoch, len(hosts), len(vms), sum(work.step.active for work in works))
+        for listener in list(self._on_active):
+            listener(epoch)
 
-    def _load(
-        self, uow: UnitOfWork
-    ) -> tuple[CoreConfig, list[HostRecord], list[VmRecord], list[HaWorkRecord], int]:
-        """Everything a new core needs: the active work this manager takes over, and the finished work of the
-        restart window (restart.max.per.window counts across manager restarts); work ids continue above the
-        highest ever stored, so a finished item is never overwritten."""
+    def _acquire_and_load(self, uow: UnitOfWork) -> _Loaded | None:
+        """Take the lease and, with it, everything a new core needs: every host, all active HA work (nobody else
+        may act on it now; its taker, if alive, is deposed), and the finished work of the restart window
+        (restart.max.per.window counts across managers); work ids continue above the highest ever stored, so a
+        finished item is never overwritten. None (nothing loaded) while another manager holds the lease."""
         s, now = self.settings, uow.now
-        uow.managers.register(s.manager_id, s.address, s.version, now)
+        epoch = uow.managers.acquire_lease(s.manager_id, s.lease.lease_s)
+        if epoch is None:
+            uow.commit()
+            return None
         uow.config.sync_defaults(((spec.name, spec.default, spec.description) for spec in CONFIG_SPECS), now)
         config = effective_config(uow.config.all(), dict(s.config_overrides))
-        live = uow.managers.live(now, s.manager_stale_after_s)
-        works = uow.works.claim_active(s.manager_id, now, live)
+        works = uow.works.claim_active(s.manager_id, now, ())
         works += uow.works.finished_since(now - config.restart_window_s)
         hosts, vms = uow.hosts.all(), uow.vms.all()
         next_work_id = uow.works.max_id() + 1
         uow.commit()
-        return config, hosts, vms, works, next_work_id
+        return epoch, config, hosts, vms, works, next_work_id
 
     async def stop(self) -> None:
         self._stopping = True
@@ -235,6 +299,8 @@ class Driver:
         the store cannot commit."""
         if self.store.down:
             raise StoreUnavailable(f"the database has not committed for {self.store.down_for_s():.0f} s")
+        if self._core is None:
+            raise NotActive(_NOT_ACTIVE)
         job: _Job[T] = _Job(operation, then, asyncio.get_running_loop().create_future())
         self._inbox.put(job, self.env.clock.monotonic())
         return await job.future
@@ -248,6 +314,45 @@ class Driver:
         return await self.env.persistence.transact(operation)
 
     # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        """Act while the lease is this manager's; when it is lost, step down and wait for it again."""
+        while True:
+            if self._core is None:
+                await self._wait_for_lease()
+            try:
+                await self._loop()
+            except LeaseLost as lost:
+                self._step_down(str(lost))
+
+    async def _wait_for_lease(self) -> None:
+        """A standby: try to take the lease every poll_s (a failure of the store is just another wait)."""
+        while True:
+            await asyncio.sleep(self.settings.lease.poll_s)
+            asked_at = self.env.clock.monotonic()
+            try:
+                loaded = await self.env.persistence.transact(self._acquire_and_load)
+            except Exception as error:
+                self.env.journal.write_failed(error, self.settings.lease.poll_s)
+                continue
+            if loaded is not None:
+                self._inbox.items.clear()  # nothing a standby was told is meant for the new core
+                self._activate(loaded, asked_at)
+                return
+
+    def _step_down(self, reason: str) -> None:
+        """Another manager holds the hosts now: drop the core (its view is stale), fail waiting operations, and
+        tell the agents to move: their hosts are taken over, so moving them costs no silence."""
+        core, self._core = self._core, None
+        if self.lease.epoch is not None:
+            self.lease.lost(self.env.clock.monotonic())
+        self.busy_since = None
+        log.warning("event=lease_lost manager_id=%s reason=%s action=standby_agents_told_to_move",
+                    self.settings.manager_id, reason)
+        self._fail_jobs(NotActive(_NOT_ACTIVE))
+        self._inbox.items.clear()
+        for host_id in (core.hosts if core is not None else ()):
+            self.env.transport.disconnect(a.DisconnectAgent(host_id, "another manager took this host over"))
 
     async def _loop(self) -> None:
         core, clock, inbox, journal = self.core, self.env.clock, self._inbox, self.env.journal
@@ -263,6 +368,10 @@ class Driver:
             self.busy_since = now
             batch = Batch()
             for item, received_at in inbox.take():
+                if isinstance(item, _StepDown):
+                    if item.epoch == self.lease.epoch:
+                        raise LeaseLost("the store probe found the lease taken over")
+                    continue
                 if isinstance(item, _Job):
                     # An operator's operation reads the store: what the facts before it changed goes first.
                     await self._execute(batch, now)
@@ -295,9 +404,15 @@ class Driver:
             await self.store.wait_up(1.0)
 
     async def _run_job(self, job: _Job[Any], now: float) -> None:
+        # An operator's change is recorded only on a confirmed lease too.
+        confirm = functools.partial(self._recorder.confirm_lease, epoch=self.lease.epoch)
         try:
-            result = await self.env.persistence.transact(job.operation)
+            result = await self.env.persistence.transact(LeaseGuarded(job.operation, confirm))
             derived = [to_mono_fact(fact, self.env.clock) for fact in (job.then(result) if job.then else ())]
+        except LeaseLost:
+            if not job.future.done():
+                job.future.set_exception(NotActive(_NOT_ACTIVE))
+            raise
         except Exception as error:  # the caller reports it (a refusal, or the store is down); the driver goes on
             if not job.future.done():
                 job.future.set_exception(error)
@@ -321,15 +436,29 @@ class Driver:
         groups = [(source, [to_wall_action(action, clock) for action in batch.actions[first:end]
                             if isinstance(action, PERSISTED)]) for source, first, end in batch.sources]
         dropped: set[int] = set()
-        if any(persisted for _, persisted in groups):
+        outgoing = any(isinstance(action, _OUTGOING) for action in batch.actions)
+        if any(persisted for _, persisted in groups) or (outgoing and not self.lease.may_act(clock.monotonic())):
+            # (A batch that only sends, after a quiet spell longer than the acting window: its empty transaction
+            # renews the lease before anything leaves.)
             attempts, dropped = await self._recorder.persist(groups)
             persisted = [action for index, (_, group) in enumerate(groups) if index not in dropped for action in group]
-            env.journal.committed(_summary(persisted, batch, now, clock.monotonic(), attempts))
+            if persisted:
+                env.journal.committed(_summary(persisted, batch, now, clock.monotonic(), attempts))
+        while outgoing and not self.lease.may_act(clock.monotonic()):
+            # The commit took longer than the acting window (a stalled database): nothing may leave on that
+            # renewal, so confirm the lease again; the same epoch means nobody acted meanwhile.
+            await self._recorder.persist([("lease renewal", [])])
         answer, sent = self.submit, []
         for index, (_, first, end) in enumerate(batch.sources):
             if index in dropped:
                 continue  # never recorded: nothing of it may act
             for action in batch.actions[first:end]:
+                if isinstance(action, _OUTGOING) and not self.lease.may_act(clock.monotonic()):
+                    # The window closed in between (this event loop was starved): it stays unsent; its owner times
+                    # it out as a failure, and whatever follows is decided on a renewed lease.
+                    log.warning("event=action_withheld reason=lease_window_closed action=%s host_id=%s",
+                                type(action).__name__, getattr(action, "host_id", "-"))
+                    continue
                 env.journal.action_taken(action, now)
                 match action:
                     case a.SendCommand():

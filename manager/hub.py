@@ -53,6 +53,10 @@ class WelcomeTerms:
     ping_timeout_s: float
     manager_id: str
     isolation_after_s: float  # the agents use the manager's value
+    epoch: int = 0  # the manager's lease epoch: the agent refuses commands of older epochs from now on
+
+
+NOT_ACTIVE_RETRY_S = 1.0
 
 
 class UnknownHost(Exception):
@@ -63,6 +67,10 @@ class UnknownHost(Exception):
         self.reason, self.retry_after_s = reason, retry_after_s
 
 
+class NotActive(UnknownHost):
+    """This manager is a standby (another one holds the lease over the hosts): the agent tries its next manager."""
+
+
 class AgentHub:
     def __init__(self, driver: Driver, auto_register_hosts: bool = True) -> None:
         self._driver = driver
@@ -70,12 +78,16 @@ class AgentHub:
         self._host_ids: dict[str, HostId] = {}  # host uuid -> id, for hosts already stored
         self._event_times: list[float] = []
         self._recording: set[asyncio.Task[None]] = set()
+        driver.on_active(lambda _epoch: self.remember_hosts())
 
     def remember_hosts(self) -> None:
         """After the driver started: the hosts it loaded are known."""
         self._host_ids = {host.uuid: host.id for host in self._driver.core.hosts.values()}
 
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
+        if not self._driver.started:
+            raise NotActive("this manager is a standby: another manager holds the lease over the hosts",
+                            NOT_ACTIVE_RETRY_S)
         manager_id = self._driver.settings.manager_id
         known = self._host_ids.get(hello.host_uuid)
         current = self._driver.core.hosts.get(known) if known is not None else None
@@ -119,7 +131,7 @@ class AgentHub:
     def welcome(self, host_id: HostId) -> WelcomeTerms:
         config = self._driver.config
         return WelcomeTerms(host_id, config.ping_interval_s, config.ping_timeout_s, self._driver.settings.manager_id,
-                            config.isolation_after_s)
+                            config.isolation_after_s, self._driver.lease.epoch or 0)
 
     def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
         """`received_at`: when the adapter read it (the manager's monotonic clock); default now."""

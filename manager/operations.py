@@ -68,6 +68,9 @@ class OperatorPort(Protocol):
     def config_overrides(self) -> Mapping[str, str]:
         """manager.toml's [config] values: they win over the stored ones."""
     def on_events_recorded(self, listener: Callable[[], None]) -> None: ...
+    @property
+    def manager_id(self) -> str:
+        """This manager's id (`manager list` marks the one that answered)."""
 
 
 # ---------------------------------------------------------------------- lookups

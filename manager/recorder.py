@@ -7,6 +7,9 @@ Invariants:
   only.
 - **A poison fact is not an outage.** A failed write is followed by a probe: when the probe commits, the batch is at
   fault and is split; when it does not, the store is down (StoreWatch says so once) and the whole batch waits.
+- **Recorded only on a confirmed lease** (kvmha.manager.lease). Every write renews this manager's lease first, in
+  its own transaction; a renewal that finds another epoch raises `LeaseLost` (nothing is written, and it is not an
+  outage); a commit moves the acting window on from the moment before the transaction began. The probe renews too.
 - **One error event per poison fact** (`fact.dropped`, alert), recorded in its own transaction; if even that fails
   the log has it.
 """
@@ -16,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 
 from kvmha.manager.adapters.clock import to_wall_action
 from kvmha.manager.core import actions as a
 from kvmha.manager.env import Env
+from kvmha.manager.lease import Lease, LeaseLost
 from kvmha.manager.store import UnitOfWork
 from kvmha.manager.storewatch import StoreWatch
 
@@ -29,8 +34,21 @@ DB_RETRY_MAX_S = 10.0
 
 
 class Recorder:
-    def __init__(self, env: Env, manager_id: str, probe_timeout_s: float, watch: StoreWatch) -> None:
+    def __init__(self, env: Env, manager_id: str, probe_timeout_s: float, watch: StoreWatch, lease: Lease,
+                 lease_lost: Callable[[int], None]) -> None:
         self._env, self._manager_id, self._probe_timeout_s, self._watch = env, manager_id, probe_timeout_s, watch
+        self._lease, self._lease_lost = lease, lease_lost  # lease_lost(epoch): the probe found it taken over
+
+    async def write_renewing(self, batch: list[a.Action]) -> None:
+        """Record `batch` in one transaction that renews the lease first (LeaseLost when it has moved on)."""
+        epoch, asked_at = self._lease.epoch, self._env.clock.monotonic()
+        await self._env.persistence.transact(functools.partial(self.write, batch=batch, epoch=epoch))
+        if epoch is not None:
+            self._lease.renewed(epoch, asked_at)
+
+    def confirm_lease(self, uow: UnitOfWork, epoch: int | None) -> None:
+        if epoch is None or not uow.managers.renew_lease(self._manager_id, epoch, self._lease.terms.lease_s):
+            raise LeaseLost(f"the lease of epoch {epoch} has moved on")
 
     async def persist(self, groups: list[tuple[str, list[a.Action]]]) -> tuple[int, set[int]]:
         """Record the batch; retry until the store takes it. Returns the attempts and the groups dropped because
@@ -42,9 +60,11 @@ class Recorder:
             attempts += 1
             actions = [action for index in pending for action in groups[index][1]]
             try:
-                await self._env.persistence.transact(functools.partial(self.write, batch=actions))
+                await self.write_renewing(actions)
                 self._watch.committed()
                 return attempts, dropped
+            except LeaseLost:
+                raise
             except Exception as error:
                 failure: Exception = error
             if await self.store_commits():
@@ -66,8 +86,10 @@ class Recorder:
         for position, index in enumerate(pending):
             source, group = groups[index]
             try:
-                await self._env.persistence.transact(functools.partial(self.write, batch=group))
+                await self.write_renewing(group)
                 continue
+            except LeaseLost:
+                raise
             except Exception as error:
                 failure: Exception = error
             if not await self.store_commits():
@@ -82,22 +104,26 @@ class Recorder:
         event = a.RecordEvent(self._env.clock.monotonic(), "alert", "manager", "fact.dropped", message[:2000])
         wall_event = to_wall_action(event, self._env.clock)
         try:
-            await self._env.persistence.transact(functools.partial(self.write, batch=[wall_event]))
+            await self.write_renewing([wall_event])
         except Exception as failure:  # the log line above says it anyway
             log.error("event=fact_drop_unrecorded error=%s", _text(failure))
 
     async def store_commits(self) -> bool:
-        """Probe the store: True when a transaction commits within the probe timeout."""
-        manager_id = self._manager_id
+        """Probe the store: True when a transaction commits within the probe timeout. It renews the lease while
+        this manager holds one (an idle holder keeps its acting window); a renewal that finds another epoch is
+        reported through `lease_lost`."""
+        manager_id, epoch, lease_s = self._manager_id, self._lease.epoch, self._lease.terms.lease_s
 
-        def probe(uow: UnitOfWork) -> None:
+        def probe(uow: UnitOfWork) -> bool:
             uow.managers.heartbeat(manager_id, uow.now)
+            renewed = epoch is None or uow.managers.renew_lease(manager_id, epoch, lease_s)
             uow.commit()
+            return renewed
 
         began_at, timeout_s = self._env.clock.monotonic(), self._probe_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                await self._env.persistence.transact(probe)
+                renewed = await self._env.persistence.transact(probe)
         except TimeoutError:
             self._watch.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
             return False
@@ -105,10 +131,16 @@ class Recorder:
             self._watch.failed(_text(error))
             return False
         self._watch.committed()
+        if epoch is not None:
+            if renewed:
+                self._lease.renewed(epoch, began_at)
+            else:
+                self._lease_lost(epoch)
         return True
 
-    def write(self, uow: UnitOfWork, batch: list[a.Action]) -> None:
+    def write(self, uow: UnitOfWork, batch: list[a.Action], epoch: int | None = None) -> None:
         now, manager_id = uow.now, self._manager_id
+        self.confirm_lease(uow, epoch)
         for action in batch:
             match action:
                 case a.SaveHost(host):

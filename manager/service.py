@@ -154,10 +154,10 @@ class ManagerService:
         self.driver = Driver(env, DriverSettings(settings.manager_id, settings.address, settings.version,
                                                  settings.config_overrides, settings.manager_stale_after_s))
         self.hub = AgentHub(self.driver, settings.auto_register_hosts)
+        self.driver.on_active(self.links.set_epoch)  # every command carries the lease epoch (fencing token)
 
     async def start(self) -> None:
-        await self.driver.start()
-        self.hub.remember_hosts()
+        await self.driver.start()  # the hub remembers the hosts each time the driver takes the lease
 
     async def stop(self) -> None:
         self.links.close_all("manager shutting down")
@@ -201,6 +201,10 @@ class ManagerService:
             if host.last_ping_at is not None
         }
         return LiveHosts(frozenset(self.links.hosts()), pings)
+
+    @property
+    def manager_id(self) -> str:
+        return self.settings.manager_id
 
     @property
     def config_overrides(self) -> Mapping[str, str]:

@@ -133,10 +133,45 @@ class ConfigRepository(Protocol):
         """Raises KeyError for an unknown name."""
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """The lease over the hosts: the one manager that may act on them (investigate, fence, restart, write the
+    records). `epoch` only grows: every acquisition takes one more than any before, so a command or record of an
+    older epoch is recognisably stale. Times are the database's clock (seconds), never a manager's."""
+
+    manager_id: str | None
+    epoch: int
+    expires_at: float
+    acquired_at: float
+    database_now: float  # the database's clock when the row was read: expiry is judged against it
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerRow:
+    """A manager as `kvmha manager list` shows it."""
+
+    id: str
+    address: str
+    version: str
+    started_at: float
+    last_heartbeat_at: float  # wall clock of the manager's last lease renewal or store probe
+    hosts_owned: int
+
+
 class ManagerRepository(Protocol):
     def register(self, manager_id: str, address: str, version: str, now: float) -> None: ...
     def heartbeat(self, manager_id: str, now: float) -> None: ...
     def live(self, now: float, stale_after_s: float) -> list[str]: ...
+    def acquire_lease(self, manager_id: str, lease_s: float) -> int | None:
+        """Take the lease over the hosts when it is free, expired in database time, or this manager's own (a
+        restart of the same manager): returns the new epoch, and every host is owned by this manager with it.
+        None while another manager holds a lease that has not expired. One conditional update of one row, so two
+        managers trying at the same instant cannot both win."""
+    def renew_lease(self, manager_id: str, epoch: int, lease_s: float) -> bool:
+        """Extend this manager's lease to the database's now + lease_s. False when the lease has moved on (another
+        epoch: someone took the hosts over). An expired lease nobody took is renewed: nobody acted meanwhile."""
+    def lease(self) -> LeaseRow | None: ...
+    def all(self) -> list[ManagerRow]: ...
 
 
 class UnitOfWork(Protocol):

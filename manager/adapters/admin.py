@@ -20,6 +20,7 @@ from kvmha.manager import operations as ops
 from kvmha.manager.core import facts
 from kvmha.manager.core.model import HaWorkRecord, HostId, PowerState, VmId, VmRecord
 from kvmha.manager.domainxml import vm_from_xml
+from kvmha.manager.driver import NotActive
 from kvmha.manager.operations import LiveHosts, OperationError, OperatorPort, Refusal
 from kvmha.manager.security.auth import peer_identity
 from kvmha.manager.store import BmcCredentials, ConfigRow, EventRow, HostDetails, UnitOfWork
@@ -53,6 +54,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return await call
         except OperationError as error:
             await context.abort(STATUS[error.refusal], str(error))
+        except NotActive as standby:  # a change needs the manager that holds the lease
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(standby))
 
     # ------------------------------------------------------------------ hosts
 
@@ -212,6 +215,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         rows = await self._port.read(lambda uow: uow.config.all())
         overrides = self._port.config_overrides
         return pb.ListConfigResponse(items=[_config_item(r, overrides.get(r.name)) for r in rows])
+
+    async def ListManagers(self, request: pb.ListManagersRequest, context: Context) -> pb.ListManagersResponse:
+        rows, lease = await self._port.read(lambda uow: (uow.managers.all(), uow.managers.lease()))
+        me = self._port.manager_id
+        holder = lease.manager_id if lease is not None else None
+        managers = [pb.ManagerInfo(id=r.id, address=r.address, version=r.version, started_at=r.started_at,
+                                   last_heartbeat_at=r.last_heartbeat_at, hosts_owned=r.hosts_owned,
+                                   holds_lease=r.id == holder, answering=r.id == me) for r in rows]
+        if lease is None or holder is None:
+            return pb.ListManagersResponse(managers=managers)
+        return pb.ListManagersResponse(managers=managers, lease_holder=holder, lease_epoch=lease.epoch,
+                                       lease_expires_in_s=lease.expires_at - lease.database_now)
 
     async def SetConfig(self, request: pb.SetConfigRequest, context: Context) -> pb.ConfigItem:
         async def change() -> pb.ConfigItem:

@@ -34,7 +34,7 @@ from kvmha.manager.adapters.translate import WireError
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.model import HostId, RequestId
-from kvmha.manager.hub import AgentHello, UnknownHost, WelcomeTerms
+from kvmha.manager.hub import AgentHello, NotActive, UnknownHost, WelcomeTerms
 from kvmha.manager.security.auth import peer_identity
 from kvmha.manager.security.pki import Identity
 from kvmha.proto.v1 import agent_pb2 as pb
@@ -103,6 +103,10 @@ class LinkRegistry:
         self._by_host: dict[HostId, AgentSession] = {}
         self._by_uuid: dict[str, AgentSession] = {}
         self._quiet_after_s = quiet_after_s
+        self.epoch = 0  # this manager's lease epoch, stamped on every command (the agents' fencing token)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def get(self, host_id: HostId) -> AgentSession | None:
         return self._by_host.get(host_id)
@@ -115,7 +119,8 @@ class LinkRegistry:
         session.awaiting.add(action.request_id)
         if isinstance(action.command, actions.CheckNeighbor):
             session.neighbor_targets[action.request_id] = action.command.target_host_id
-        return session.send(translate.command_message(action.request_id, action.command, action.timeout_s))
+        return session.send(translate.command_message(action.request_id, action.command, action.timeout_s,
+                                                      self.epoch))
 
     def disconnect(self, host_id: HostId, reason: str) -> None:
         session = self._by_host.get(host_id)
@@ -255,6 +260,9 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         self._registry.refuse_duplicate(first.hello.host_uuid, peer)
         try:
             host_id = await self._hub.register_agent(translate.hello(first.hello), peer)
+        except NotActive as standby:
+            raise RejectError(pb.REJECT_NOT_ACTIVE, standby.reason, grpc.StatusCode.UNAVAILABLE,
+                              retry_after_s=standby.retry_after_s) from None
         except UnknownHost as unknown:
             raise RejectError(pb.REJECT_UNKNOWN_HOST, unknown.reason, grpc.StatusCode.PERMISSION_DENIED,
                               retry_after_s=unknown.retry_after_s) from None

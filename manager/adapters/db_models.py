@@ -86,6 +86,19 @@ class ManagerInstance(Base):
     last_heartbeat_at: Mapped[float] = mapped_column(Double)
 
 
+class HaLease(Base):
+    """The lease over the hosts (kvmha.manager.lease): one row per scope ("hosts": all of them, today). Taken and
+    renewed by conditional updates of this one row, judged on the database's clock; `epoch` only grows."""
+
+    __tablename__ = "ha_lease"
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    manager_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[float] = mapped_column(Double, default=0.0)  # database clock, seconds
+    acquired_at: Mapped[float] = mapped_column(Double, default=0.0)
+
+
 class Host(Base):
     __tablename__ = "host"
 
@@ -108,6 +121,7 @@ class Host(Base):
     manager_id: Mapped[str | None] = mapped_column(
         ForeignKey("mshost.id", ondelete="SET NULL"), nullable=True
     )
+    owner_epoch: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the owner's lease epoch
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     libvirt_version: Mapped[str] = mapped_column(String(64), default="")
     qemu_version: Mapped[str] = mapped_column(String(64), default="")

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
-from sqlalchemy import Engine, delete, func, or_, select, true, update
+from sqlalchemy import Engine, delete, func, or_, select, text, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmha.manager.adapters.db_models import (
     Configuration,
     Event,
+    HaLease,
     HaWork,
     Host,
     ManagerInstance,
@@ -38,12 +39,13 @@ from kvmha.manager.core.model import (
     WorkStep,
 )
 from kvmha.manager.security.secrets import SecretBox, SecretError, is_sealed
-from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
+from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails, LeaseRow, ManagerRow
 
 log = logging.getLogger("kvmha.manager.repository")
 
 _Row = TypeVar("_Row", Host, VmInstance)
 ACTIVE_STEPS = [step for step in WorkStep if step.active]
+LEASE_SCOPE = "hosts"  # one lease over every host (one acting manager); scopes could split them later
 
 
 class SqlHosts:
@@ -291,8 +293,8 @@ class SqlConfig:
 
 
 class SqlManagers:
-    def __init__(self, session: Session) -> None:
-        self._session = session
+    def __init__(self, session: Session, wall: Callable[[], float]) -> None:
+        self._session, self._wall = session, wall
 
     def register(self, manager_id: str, address: str, version: str, now: float) -> None:
         row = self._session.get(ManagerInstance, manager_id)
@@ -312,6 +314,69 @@ class SqlManagers:
         query = select(ManagerInstance.id).where(ManagerInstance.last_heartbeat_at >= now - stale_after_s)
         return list(self._session.scalars(query))
 
+    def acquire_lease(self, manager_id: str, lease_s: float) -> int | None:
+        now = self._database_now()
+        if self._session.get(HaLease, LEASE_SCOPE) is None:
+            # The first manager ever: the row appears once (two at once: one insert fails and is retried).
+            self._session.add(HaLease(scope=LEASE_SCOPE, manager_id=None, epoch=0, expires_at=0.0, acquired_at=0.0))
+            self._session.flush()
+        taken = self._session.execute(
+            update(HaLease)
+            .where(HaLease.scope == LEASE_SCOPE,
+                   or_(HaLease.manager_id.is_(None), HaLease.manager_id == manager_id, HaLease.expires_at < now))
+            .values(manager_id=manager_id, epoch=HaLease.epoch + 1, expires_at=now + lease_s, acquired_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(taken) != 1:
+            return None
+        epoch = int(self._session.scalar(select(HaLease.epoch).where(HaLease.scope == LEASE_SCOPE)) or 0)
+        self._session.execute(update(Host).values(manager_id=manager_id, owner_epoch=epoch)
+                              .execution_options(synchronize_session=False))
+        self.heartbeat(manager_id, self._wall())
+        return epoch
+
+    def renew_lease(self, manager_id: str, epoch: int, lease_s: float) -> bool:
+        now = self._database_now()
+        renewed = self._session.execute(
+            update(HaLease)
+            .where(HaLease.scope == LEASE_SCOPE, HaLease.manager_id == manager_id, HaLease.epoch == epoch)
+            .values(expires_at=now + lease_s)
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(renewed) != 1:
+            return False
+        self.heartbeat(manager_id, self._wall())
+        return True
+
+    def lease(self) -> LeaseRow | None:
+        row = self._session.get(HaLease, LEASE_SCOPE)
+        if row is None:
+            return None
+        return LeaseRow(row.manager_id, row.epoch, row.expires_at, row.acquired_at, self._database_now())
+
+    def all(self) -> list[ManagerRow]:
+        owned = {str(manager_id): int(count) for manager_id, count in self._session.execute(
+            select(Host.manager_id, func.count()).where(Host.manager_id.is_not(None)).group_by(Host.manager_id)
+        )}
+        rows = self._session.scalars(select(ManagerInstance).order_by(ManagerInstance.id))
+        return [ManagerRow(r.id, r.address, r.version, r.started_at, r.last_heartbeat_at, int(owned.get(r.id, 0)))
+                for r in rows]
+
+    def _database_now(self) -> float:
+        """The database's clock: leases are judged on one clock, whichever manager reads them. (SQLite is one
+        process's file on one machine: its clock is that machine's.)"""
+        dialect = self._session.get_bind().dialect.name
+        if dialect == "postgresql":
+            return float(self._session.scalar(text("SELECT extract(epoch FROM clock_timestamp())")))
+        if dialect in ("mysql", "mariadb"):
+            return float(self._session.scalar(text("SELECT UNIX_TIMESTAMP(SYSDATE(6))")))
+        return self._wall()
+
+
+def _rowcount(result: object) -> int:
+    """Rows an UPDATE matched (the MySQL dialect asks for found rows, not changed ones)."""
+    return int(getattr(result, "rowcount", 0))
+
 
 class SqlUnitOfWork:
     """One transaction; the repositories share its session."""
@@ -328,7 +393,7 @@ class SqlUnitOfWork:
         self.works = SqlWorks(self.session)
         self.events = SqlEvents(self.session)
         self.config = SqlConfig(self.session)
-        self.managers = SqlManagers(self.session)
+        self.managers = SqlManagers(self.session, self._wall)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:

@@ -121,7 +121,7 @@ def watchdog(status: pb.WatchdogStatus) -> WatchdogReport:
 def welcome(terms: WelcomeTerms) -> pb.Welcome:
     return pb.Welcome(host_id=terms.host_id, ping_interval_s=terms.ping_interval_s, ping_timeout_s=terms.ping_timeout_s,
                       protocol_version=pb.PROTOCOL_VERSION_CURRENT, manager_id=terms.manager_id,
-                      isolation_after_s=terms.isolation_after_s)
+                      isolation_after_s=terms.isolation_after_s, epoch=terms.epoch)
 
 
 def heartbeat(host_id: HostId, ping: pb.Ping) -> facts.HeartbeatReceived:
@@ -198,8 +198,10 @@ def _neighbor(report: pb.NeighborReport) -> facts.NeighborCheck:
     )
 
 
-def command_message(request_id: RequestId, command: actions.AgentCommand, timeout_s: float) -> pb.ManagerMessage:
-    message = pb.Command(request_id=request_id, timeout_s=timeout_s)
+def command_message(request_id: RequestId, command: actions.AgentCommand, timeout_s: float,
+                    epoch: int = 0) -> pb.ManagerMessage:
+    """`epoch`: the sender's lease epoch, the fencing token the agent checks (0: a manager without leases)."""
+    message = pb.Command(request_id=request_id, timeout_s=timeout_s, epoch=epoch)
     if isinstance(command, actions.StartVm):
         message.start_vm.CopyFrom(pb.StartVm(vm_uuid=command.vm_uuid, domain_xml=command.domain_xml))
     elif isinstance(command, actions.StopVm):

@@ -48,6 +48,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "ListEvents": Role.READER,
     "FollowEvents": Role.READER,
     "ListConfig": Role.READER,
+    "ListManagers": Role.READER,
     # operations
     "SetMaintenance": Role.OPERATOR,
     "SetHostEnabled": Role.OPERATOR,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from kvmha.manager.core import actions, facts
+from kvmha.manager.driver import LeaseGuarded
 from kvmha.manager.env import Commit, Submit
 from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.store import UnitOfWork
@@ -60,8 +61,9 @@ class SimPersistence:
         self._store, self._clock = store, clock
 
     async def transact(self, operation: Callable[[UnitOfWork], T]) -> T:
-        if isinstance(operation, DriverHold):
-            await asyncio.sleep(operation.seconds)
+        held = operation.operation if isinstance(operation, LeaseGuarded) else operation
+        if isinstance(held, DriverHold):
+            await asyncio.sleep(held.seconds)
         # Never suspends unless the database is stalled: a transaction takes no simulated time, as before.
         wait_s = self._store.stalled_until - self._clock.monotonic()
         if wait_s > 0:

@@ -29,7 +29,9 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkType,
 )
-from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails
+from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails, LeaseRow, ManagerRow
+
+LEASE_SCOPE = "hosts"
 
 
 class StoreError(RuntimeError):
@@ -60,6 +62,7 @@ class Tables:
     events: list[EventRow] = field(default_factory=list)
     config: dict[str, ConfigRow] = field(default_factory=dict)
     managers: dict[str, _Manager] = field(default_factory=dict)
+    leases: dict[str, LeaseRow] = field(default_factory=dict)  # scope -> the lease (one scope today: "hosts")
     # Indexes, kept with the tables (and undone with them): a 100,000-VM world is seeded and queried in O(1).
     host_by_uuid: dict[str, HostId] = field(default_factory=dict)
     vm_by_uuid: dict[str, VmId] = field(default_factory=dict)
@@ -100,7 +103,7 @@ class MemoryUnitOfWork:
         self.works = MemoryWorks(t, self._undo)
         self.events = MemoryEvents(t, self._undo, self._new_events)
         self.config = MemoryConfig(t, self._undo)
-        self.managers = MemoryManagers(t, self._undo)
+        self.managers = MemoryManagers(t, self._undo, self._store.wall)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
@@ -347,8 +350,8 @@ class MemoryConfig:
 
 
 class MemoryManagers:
-    def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
-        self._t, self._undo = tables, undo
+    def __init__(self, tables: Tables, undo: list[Callable[[], None]], wall: Callable[[], float]) -> None:
+        self._t, self._undo, self._wall = tables, undo, wall  # the store's clock is "the database's"
 
     def register(self, manager_id: str, address: str, version: str, now: float) -> None:
         _set(self._t.managers, manager_id, _Manager(address, version, now, now), self._undo)
@@ -360,3 +363,39 @@ class MemoryManagers:
 
     def live(self, now: float, stale_after_s: float) -> list[str]:
         return sorted(m for m, row in self._t.managers.items() if row.last_heartbeat_at >= now - stale_after_s)
+
+    def acquire_lease(self, manager_id: str, lease_s: float) -> int | None:
+        now, current = self._wall(), self._t.leases.get(LEASE_SCOPE)
+        if current is not None and current.manager_id not in (None, manager_id) and current.expires_at >= now:
+            return None
+        epoch = (current.epoch if current is not None else 0) + 1
+        _set(self._t.leases, LEASE_SCOPE, LeaseRow(manager_id, epoch, now + lease_s, now, now), self._undo)
+        hosts = self._t.hosts
+        for host_id, row in hosts.items():
+            if row.manager_id != manager_id:
+                _set(hosts, host_id, _Host(row.record, row.agent, manager_id, row.bmc), self._undo)
+        self.heartbeat(manager_id, now)
+        return epoch
+
+    def renew_lease(self, manager_id: str, epoch: int, lease_s: float) -> bool:
+        now, current = self._wall(), self._t.leases.get(LEASE_SCOPE)
+        if current is None or current.manager_id != manager_id or current.epoch != epoch:
+            return False
+        _set(self._t.leases, LEASE_SCOPE,
+             LeaseRow(manager_id, epoch, now + lease_s, current.acquired_at, now), self._undo)
+        self.heartbeat(manager_id, now)
+        return True
+
+    def lease(self) -> LeaseRow | None:
+        current = self._t.leases.get(LEASE_SCOPE)
+        if current is None:
+            return None
+        return LeaseRow(current.manager_id, current.epoch, current.expires_at, current.acquired_at, self._wall())
+
+    def all(self) -> list[ManagerRow]:
+        owned: dict[str, int] = {}
+        for row in self._t.hosts.values():
+            if row.manager_id is not None:
+                owned[row.manager_id] = owned.get(row.manager_id, 0) + 1
+        return [ManagerRow(m, r.address, r.version, r.started_at, r.last_heartbeat_at, owned.get(m, 0))
+                for m, r in sorted(self._t.managers.items())]

@@ -131,7 +131,6 @@ class Simulator:
         self.driver, self.hub = driver, AgentHub(driver)
         await driver.start()
         driver.task.add_done_callback(self._driver_ended)
-        self.hub.remember_hosts()
         self.world.manager_running = True
 
     def _driver_ended(self, task: asyncio.Task[None]) -> None:

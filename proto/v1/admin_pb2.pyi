@@ -795,3 +795,95 @@ class SetConfigRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetConfigRequest: _TypeAlias = SetConfigRequest  # noqa: Y015
+
+@_typing.final
+class ManagerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_AT_FIELD_NUMBER: _builtins.int
+    HOSTS_OWNED_FIELD_NUMBER: _builtins.int
+    HOLDS_LEASE_FIELD_NUMBER: _builtins.int
+    ANSWERING_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    address: _builtins.str
+    """where agents reach it"""
+    version: _builtins.str
+    started_at: _builtins.float
+    """epoch seconds"""
+    last_heartbeat_at: _builtins.float
+    """epoch seconds: its last store probe or lease renewal"""
+    hosts_owned: _builtins.int
+    holds_lease: _builtins.bool
+    """the one manager that acts on the hosts"""
+    answering: _builtins.bool
+    """the manager that answered this call"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        version: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        last_heartbeat_at: _builtins.float = ...,
+        hosts_owned: _builtins.int = ...,
+        holds_lease: _builtins.bool = ...,
+        answering: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "answering", b"answering", "holds_lease", b"holds_lease", "hosts_owned", b"hosts_owned", "id", b"id", "last_heartbeat_at", b"last_heartbeat_at", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ManagerInfo: _TypeAlias = ManagerInfo  # noqa: Y015
+
+@_typing.final
+class ListManagersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListManagersRequest: _TypeAlias = ListManagersRequest  # noqa: Y015
+
+@_typing.final
+class ListManagersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANAGERS_FIELD_NUMBER: _builtins.int
+    LEASE_HOLDER_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_IN_S_FIELD_NUMBER: _builtins.int
+    lease_holder: _builtins.str
+    """empty: nobody has held it yet"""
+    lease_epoch: _builtins.int
+    """grows with every takeover"""
+    lease_expires_in_s: _builtins.float
+    """on the database's clock; negative: expired (its holder is dead or cut off)"""
+    @_builtins.property
+    def managers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManagerInfo]: ...
+    def __init__(
+        self,
+        *,
+        managers: _abc.Iterable[Global___ManagerInfo] | None = ...,
+        lease_holder: _builtins.str = ...,
+        lease_epoch: _builtins.int = ...,
+        lease_expires_in_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_epoch", b"lease_epoch", "lease_expires_in_s", b"lease_expires_in_s", "lease_holder", b"lease_holder", "managers", b"managers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListManagersResponse: _TypeAlias = ListManagersResponse  # noqa: Y015

@@ -139,6 +139,11 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigResponse.FromString,
                 _registered_method=True)
+        self.ListManagers = channel.unary_unary(
+                '/kvmha.v1.AdminService/ListManagers',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersResponse.FromString,
+                _registered_method=True)
         self.SetConfig = channel.unary_unary(
                 '/kvmha.v1.AdminService/SetConfig',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.SetConfigRequest.SerializeToString,
@@ -286,6 +291,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListManagers(self, request, context):
+        """The managers sharing the database, the lease over the hosts and who holds it (any manager answers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetConfig(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -399,6 +411,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListConfig,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigResponse.SerializeToString,
+            ),
+            'ListManagers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListManagers,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersResponse.SerializeToString,
             ),
             'SetConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.SetConfig,
@@ -973,6 +990,33 @@ class AdminService:
             '/kvmha.v1.AdminService/ListConfig',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigRequest.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.ListConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListManagers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/ListManagers',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.ListManagersResponse.FromString,
             options,
             channel_credentials,
             insecure,

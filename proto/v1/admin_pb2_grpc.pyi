@@ -71,6 +71,8 @@ class AdminServiceStub:
     FollowEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]
     """Sends the events after `after_id` and then every new one as it is recorded, until the client cancels."""
     ListConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListConfigRequest, _admin_pb2.ListConfigResponse]
+    ListManagers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListManagersRequest, _admin_pb2.ListManagersResponse]
+    """The managers sharing the database, the lease over the hosts and who holds it (any manager answers)."""
     SetConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetConfigRequest, _admin_pb2.ConfigItem]
 
 @_typing.type_check_only
@@ -110,6 +112,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     FollowEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]  # type: ignore[assignment]
     """Sends the events after `after_id` and then every new one as it is recorded, until the client cancels."""
     ListConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListConfigRequest, _admin_pb2.ListConfigResponse]  # type: ignore[assignment]
+    ListManagers: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListManagersRequest, _admin_pb2.ListManagersResponse]  # type: ignore[assignment]
+    """The managers sharing the database, the lease over the hosts and who holds it (any manager answers)."""
     SetConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetConfigRequest, _admin_pb2.ConfigItem]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -272,6 +276,14 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListConfigResponse, _abc.Awaitable[_admin_pb2.ListConfigResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListManagers(
+        self,
+        request: _admin_pb2.ListManagersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListManagersResponse, _abc.Awaitable[_admin_pb2.ListManagersResponse]]:
+        """The managers sharing the database, the lease over the hosts and who holds it (any manager answers)."""
 
     @_abc_1.abstractmethod
     def SetConfig(

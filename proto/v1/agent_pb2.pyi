@@ -136,6 +136,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     ERROR_HYPERVISOR_UNAVAILABLE: _ErrorCode.ValueType  # 5
     ERROR_NOT_FOUND: _ErrorCode.ValueType  # 6
     ERROR_INTERNAL: _ErrorCode.ValueType  # 7
+    ERROR_STALE_EPOCH: _ErrorCode.ValueType  # 8
+    """the command's epoch is older than the newest this agent has seen: its manager was deposed"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -148,6 +150,8 @@ ERROR_TIMEOUT: ErrorCode.ValueType  # 4
 ERROR_HYPERVISOR_UNAVAILABLE: ErrorCode.ValueType  # 5
 ERROR_NOT_FOUND: ErrorCode.ValueType  # 6
 ERROR_INTERNAL: ErrorCode.ValueType  # 7
+ERROR_STALE_EPOCH: ErrorCode.ValueType  # 8
+"""the command's epoch is older than the newest this agent has seen: its manager was deposed"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _LeaseState:
@@ -187,6 +191,8 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     REJECT_PROTOCOL_VERSION: _RejectCode.ValueType  # 3
     REJECT_BAD_HELLO: _RejectCode.ValueType  # 4
     REJECT_SHUTTING_DOWN: _RejectCode.ValueType  # 5
+    REJECT_NOT_ACTIVE: _RejectCode.ValueType  # 6
+    """a standby manager (another one holds the lease over the hosts): try the next manager"""
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper): ...
 
@@ -196,6 +202,8 @@ REJECT_DUPLICATE_HOST: RejectCode.ValueType  # 2
 REJECT_PROTOCOL_VERSION: RejectCode.ValueType  # 3
 REJECT_BAD_HELLO: RejectCode.ValueType  # 4
 REJECT_SHUTTING_DOWN: RejectCode.ValueType  # 5
+REJECT_NOT_ACTIVE: RejectCode.ValueType  # 6
+"""a standby manager (another one holds the lease over the hosts): try the next manager"""
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 
 @_typing.final
@@ -815,6 +823,7 @@ class Welcome(_message.Message):
     MANAGER_ID_FIELD_NUMBER: _builtins.int
     RESYNC_INTERVAL_S_FIELD_NUMBER: _builtins.int
     ISOLATION_AFTER_S_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     host_id: _builtins.int
     ping_interval_s: _builtins.float
     ping_timeout_s: _builtins.float
@@ -827,6 +836,8 @@ class Welcome(_message.Message):
     """The isolation response's delay the manager counts with: the agent uses this value, not its own configuration
     (0 = the agent's own). The manager takes a silent host for self-fenced only on this time.
     """
+    epoch: _builtins.int
+    """the manager's lease epoch: commands of older epochs are refused from now on"""
     def __init__(
         self,
         *,
@@ -837,10 +848,11 @@ class Welcome(_message.Message):
         manager_id: _builtins.str = ...,
         resync_interval_s: _builtins.float = ...,
         isolation_after_s: _builtins.float = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "isolation_after_s", b"isolation_after_s", "manager_id", b"manager_id", "ping_interval_s", b"ping_interval_s", "ping_timeout_s", b"ping_timeout_s", "protocol_version", b"protocol_version", "resync_interval_s", b"resync_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "host_id", b"host_id", "isolation_after_s", b"isolation_after_s", "manager_id", b"manager_id", "ping_interval_s", b"ping_interval_s", "ping_timeout_s", b"ping_timeout_s", "protocol_version", b"protocol_version", "resync_interval_s", b"resync_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1026,6 +1038,7 @@ class Command(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     START_VM_FIELD_NUMBER: _builtins.int
     STOP_VM_FIELD_NUMBER: _builtins.int
     DESTROY_VM_FIELD_NUMBER: _builtins.int
@@ -1037,6 +1050,10 @@ class Command(_message.Message):
     request_id: _builtins.str
     timeout_s: _builtins.float
     """the manager stops waiting after this; the agent should answer before it"""
+    epoch: _builtins.int
+    """Fencing token: the sending manager's lease epoch (only grows). The agent refuses a command whose epoch is older
+    than the newest it has seen for its host (0 = a manager without leases: accepted, never raises the newest).
+    """
     @_builtins.property
     def start_vm(self) -> Global___StartVm: ...
     @_builtins.property
@@ -1058,6 +1075,7 @@ class Command(_message.Message):
         *,
         request_id: _builtins.str = ...,
         timeout_s: _builtins.float = ...,
+        epoch: _builtins.int = ...,
         start_vm: Global___StartVm | None = ...,
         stop_vm: Global___StopVm | None = ...,
         destroy_vm: Global___DestroyVm | None = ...,
@@ -1069,7 +1087,7 @@ class Command(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_migration", b"cancel_migration", "check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "start_vm", b"start_vm", "stop_vm", b"stop_vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_migration", b"cancel_migration", "check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_migration", b"cancel_migration", "check_lease", b"check_lease", "check_neighbor", b"check_neighbor", "destroy_vm", b"destroy_vm", "epoch", b"epoch", "get_capacity", b"get_capacity", "kind", b"kind", "migrate_vm", b"migrate_vm", "request_id", b"request_id", "start_vm", b"start_vm", "stop_vm", b"stop_vm", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start_vm", "stop_vm", "destroy_vm", "check_neighbor", "get_capacity", "check_lease", "migrate_vm", "cancel_migration"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

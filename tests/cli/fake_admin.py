@@ -329,6 +329,16 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self._record("ListConfig", request)
         return pb.ListConfigResponse(items=self.config)
 
+    def ListManagers(self, request: pb.ListManagersRequest,
+                     context: grpc.ServicerContext) -> pb.ListManagersResponse:
+        self._record("ListManagers", request)
+        return pb.ListManagersResponse(managers=[
+            pb.ManagerInfo(id="mgr-a", address="10.0.0.251:50051", version="0.1.0", started_at=NOW - 600,
+                           last_heartbeat_at=NOW - 0.4, hosts_owned=3, holds_lease=True),
+            pb.ManagerInfo(id="mgr-b", address="10.0.0.252:50051", version="0.1.0", started_at=NOW - 60,
+                           last_heartbeat_at=NOW - 0.7, hosts_owned=0, answering=True),
+        ], lease_holder="mgr-a", lease_epoch=4, lease_expires_in_s=5.2)
+
     def SetConfig(self, request: pb.SetConfigRequest, context: grpc.ServicerContext) -> pb.ConfigItem:
         self._record("SetConfig", request)
         item = next((c for c in self.config if c.name == request.name), None)
