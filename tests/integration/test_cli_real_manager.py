@@ -198,3 +198,20 @@ def test_unreachable_manager(cluster: LocalCluster) -> None:
     # The real manager was not touched by those.
     items = {i["name"]: i["value"] for i in ok(cluster, "config", "list")["items"]}
     assert items["ping.timeout"] != "8"
+
+
+def test_host_list_shows_the_self_fence_guarantee_and_leases(cluster: LocalCluster) -> None:
+    """These agents run without kvmha-watchdog: the manager knows (from their Hello and pings) and says so."""
+    hosts = {h["name"]: h for h in ok(cluster, "host", "list")["hosts"]}
+    for host in hosts.values():
+        assert host["watchdog_armed"] is False and host["watchdog_detail"], host
+    done = kvmha(cluster, "host", "show", "h1")
+    assert done.returncode == 0 and "silence never proves it dead" in " ".join(done.stdout.split()), done
+
+
+def test_confirm_down_is_refused_for_a_host_that_is_up(cluster: LocalCluster) -> None:
+    done = kvmha(cluster, "host", "confirm-down", "h2", "--by", "alice")
+    assert done.returncode == 4 and "host h2 is Up" in done.stderr, done
+    assert ok(cluster, "host", "show", "h2")["status"] == "Up"
+    done = kvmha(cluster, "host", "confirm-down", "h9")
+    assert done.returncode == 3 and "no host 'h9'" in done.stderr, done
