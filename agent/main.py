@@ -121,6 +121,9 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
              "isolation_policy=%s isolation_after_s=%.1f version=%s", cfg.host_uuid, cfg.hostname,
              ",".join(cfg.managers), cfg.libvirt_uri, ",".join(cfg.storage_paths) or "-", cfg.isolation_policy,
              cfg.isolation_after_s, settings.agent_version)
+    if not cfg.tls_ca:
+        log.warning("event=plaintext_link warning='NO TLS: allow_insecure_plaintext is set; anyone on the path can "
+                    "read and forge this host's link to the manager'")
     if not lock_config.leases_on:
         log.warning("event=no_disk_leases lock_manager=%r error=%r why='without virtlockd leases nothing on the "
                     "hypervisor refuses a second start of a disk'", lock_config.lock_manager, lock_config.error)
