@@ -41,6 +41,7 @@ from kvmha.manager.core.model import (
     HostUuid,
     RequestId,
     ResourceState,
+    VmId,
 )
 from kvmha.manager.core.pingmap import PingMap
 from kvmha.manager.core.routing import (
@@ -94,6 +95,7 @@ class HostFlow:
         self.heartbeat_seen: dict[HostId, tuple[float, float]] = {}
         self.confirmed_by: dict[HostId, str] = {}  # an operator's confirm-down, evidence for the next verdict
         self.told_operator: set[HostId] = set()  # the "needs the operator" event is given once per silence
+        self.told_held: dict[HostId, set[VmId]] = {}  # VMs whose held lease was reported, per silence
 
     # ------------------------------------------------------------ status changes
 
@@ -159,6 +161,7 @@ class HostFlow:
         self.heartbeat_seen.pop(host_id, None)
         self.confirmed_by.pop(host_id, None)
         self.told_operator.discard(host_id)
+        self.told_held.pop(host_id, None)
         for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline):
             self.ctx.timers.cancel(timer(host_id))
 
@@ -392,7 +395,7 @@ class HostFlow:
             verdict, reason = decide(inv.bmc, heartbeat, inv.reach(), self_fence, operator, inv.lease())
         self.investigations.pop(inv.host_id, None)
         self.confirmed_by.pop(host.id, None)
-        leaseprobe.tell_held(self.ctx, host, inv)
+        leaseprobe.tell_held(self.ctx, host, inv, self.told_held.setdefault(host.id, set()))
         if inv.heartbeat_age_s is not None and not inv.reached:
             self.heartbeat_seen[host.id] = (inv.heartbeat_age_s, self.ctx.now)
         else:
@@ -507,6 +510,7 @@ class HostFlow:
 
     def _host_dead(self, host: HostRecord) -> None:
         self.told_operator.discard(host.id)
+        self.told_held.pop(host.id, None)
         self.fence_failures.pop(host.id, None)
         self.ctx.timers.cancel(Reinvestigate(host.id))
         self.power.host_dead(host)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from kvmha.manager.core.actions import CheckLease
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.investigation import Investigation, Lease, LeaseEvidence
-from kvmha.manager.core.model import HostRecord, RequestId
+from kvmha.manager.core.model import HostRecord, RequestId, VmId
 from kvmha.manager.core.routing import LeaseQuery
 from kvmha.manager.core.vmindex import occupies
 
@@ -56,11 +56,15 @@ def answer(inv: Investigation, request_id: RequestId, prober: str, state: str, d
     inv.leases.answer(request_id, lease, f"seen from {prober}{': ' + detail if detail else ''}")
 
 
-def tell_held(ctx: Ctx, host: HostRecord, inv: Investigation) -> None:
-    """One event per VM whose lease is held: it is not started elsewhere, and why."""
+def tell_held(ctx: Ctx, host: HostRecord, inv: Investigation, told: set[VmId]) -> None:
+    """One event per VM whose lease is held, once per silence of its host (`told`: the VMs already named): it is not
+    started elsewhere, and why. The host's status line names every held lease at each verdict anyway."""
     if inv.leases is None:
         return
     for vm_id, held in inv.leases.held:
+        if vm_id in told:
+            continue
+        told.add(vm_id)
         ctx.event(
             "alert",
             f"vm:{vm_id}",
