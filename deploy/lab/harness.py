@@ -131,6 +131,7 @@ class ManagerHarness:
         self.manager: ChildProcess | None = None
         self._channel: grpc.Channel | None = None
         self.dashboard_toml = ""  # a [dashboard] table (kvmha.lab.dashboard.LabDashboard.toml()) turns it on
+        self.secrets_key = workdir / "secrets.key"  # managers sharing one database share this key (BMC passwords)
 
     @property
     def admin_address(self) -> str:
@@ -150,7 +151,7 @@ class ManagerHarness:
         return (f'[manager]\nid = "{self.manager_id}"\nlisten = "{self.agent_listen}"\n'
                 f'admin_listen = "{self.admin_address}"\nmetrics_listen = "{self.metrics_listen}"\n'
                 f'database = "{self.database}"\nauto_register_hosts = true\n'
-                f'secrets_key = "{self.workdir}/secrets.key"\n{plaintext}{tls}{self.dashboard_toml}'
+                f'secrets_key = "{self.secrets_key}"\n{plaintext}{tls}{self.dashboard_toml}'
                 f'[domain_xml]\nallow = {list(LAB_DOMAIN_XML_ALLOW)!r}\n[config]\n{overrides}\n')
 
     def start_manager(self) -> ChildProcess:

@@ -11,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 DEFAULT_SQLITE_PATH = Path("/var/lib/kvmha/manager.sqlite")
@@ -66,9 +66,31 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+MIGRATION_LOCK_KEY = 0x6B766D6861  # "kvmha": PostgreSQL advisory lock key (MariaDB: the lock's name below)
+MIGRATION_LOCK_TIMEOUT_S = 120
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to `revision` (default: the newest)."""
-    command.upgrade(alembic_config(engine), revision)
+    """Bring the schema to `revision` (default: the newest). Managers started at the same instant on one server
+    database take turns (a session lock held around the upgrade): the second finds the schema current, instead of
+    both creating the same tables."""
+    dialect = engine.dialect.name
+    if dialect not in ("postgresql", "mysql", "mariadb"):
+        command.upgrade(alembic_config(engine), revision)  # SQLite: one manager, one file
+        return
+    if dialect == "postgresql":
+        take = f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"
+        give = f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"
+    else:
+        take = f"SELECT GET_LOCK('kvmha.migrate', {MIGRATION_LOCK_TIMEOUT_S})"
+        give = "SELECT RELEASE_LOCK('kvmha.migrate')"
+    with engine.connect() as lock:
+        lock.execute(text(take))
+        try:
+            command.upgrade(alembic_config(engine), revision)
+        finally:
+            lock.execute(text(give))
+            lock.rollback()
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:

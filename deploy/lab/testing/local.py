@@ -66,6 +66,21 @@ class LocalCluster(ManagerHarness):
         self.agents: dict[str, ChildProcess] = {}
         self.bmcs: dict[str, BmcSimulator] = {}
         self.host_uuids: dict[str, str] = {}
+        # More managers on the same database (several managers, one lease): `add_manager`; the agents know them all.
+        self.more_managers: list[ManagerHarness] = []
+        self.agent_settings: dict[str, object] = {}  # [agent] keys every agent config gets (before `settings`)
+
+    def add_manager(self, manager_id: str) -> ManagerHarness:
+        """Another manager process on this cluster's database, in its own folder, with the same PKI and secrets key
+        (not started yet); agents configured after this call list it after the first manager."""
+        workdir = self.workdir / manager_id
+        workdir.mkdir(exist_ok=True)
+        other = ManagerHarness(workdir, self.database, self.core_config, manager_id=manager_id,
+                               agent_listen=f"127.0.0.1:{find_free_port()}",
+                               allow_insecure_plaintext=self.allow_insecure_plaintext, pki_dir=self.workdir / "pki")
+        other.secrets_key = self.secrets_key
+        self.more_managers.append(other)
+        return other
 
     @property
     def storage(self) -> Path:
@@ -96,9 +111,11 @@ class LocalCluster(ManagerHarness):
                else {"tls.allow_insecure_plaintext": True})
         config.write_text(agent_toml({
             "host_uuid": host_uuid, "hostname": name,
-            "management_address": "127.0.0.1", "managers": [f"127.0.0.1:{self.agent_port}"],
+            "management_address": "127.0.0.1",
+            "managers": [f"127.0.0.1:{self.agent_port}", *(m.agent_listen for m in self.more_managers)],
             "libvirt_uri": libvirt_uri or self.node_uri(name), "storage_paths": [str(self.storage)],
             "heartbeat_interval_s": 1.0, "resync_interval_s": 10.0, "neighbor_port": 9, "log_format": "kv",
+            **self.agent_settings,
         }, {**tls, **(settings or {})}))
         return config
 
@@ -139,7 +156,8 @@ class LocalCluster(ManagerHarness):
 
     def logs(self) -> str:
         """The tail of every process's log, for failure messages."""
-        procs = [p for p in [self.manager, *self.agents.values()] if p is not None]
+        procs = [p for p in [self.manager, *(m.manager for m in self.more_managers), *self.agents.values()]
+                 if p is not None]
         procs += [ChildProcess(name, [], self.workdir / f"agent-{name}.log") for name in self.bmcs]
         return "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
 
@@ -150,5 +168,9 @@ class LocalCluster(ManagerHarness):
             agent.stop()
         if self.manager is not None:
             self.manager.stop()
+        for other in self.more_managers:
+            other.close_admin()
+            if other.manager is not None:
+                other.manager.stop()
         for bmc in self.bmcs.values():
             bmc.stop()
