@@ -305,16 +305,25 @@ class DuplicateWatch:
             with contextlib.suppress(threading.BrokenBarrierError):
                 start.wait(5.0)
             try:
-                states[host] = self.lab.virsh(host, "domstate", vm, check=False).strip() or "unknown"
-            except Exception:
+                done = self.lab.exec(host, ["virsh", "-q", "-c", "qemu:///system", "domstate", vm], check=False)
+            except Exception:  # a host powering off mid-read: nothing proves its copy paused
                 states[host] = "unknown"
+                return
+            if done.returncode == 0:
+                states[host] = done.stdout.strip() or "unknown"
+            elif "failed to get domain" in done.stderr or "Domain not found" in done.stderr:
+                # libvirt has no such domain there: the QEMU of a migration's source, undefined at its end and
+                # being torn down (libvirt tracks every QEMU it runs, also across its own restarts).
+                states[host] = "gone"
+            else:
+                states[host] = "unknown"  # libvirtd does not answer: nothing proves the copy paused
 
         readers = [threading.Thread(target=read, args=(host,), daemon=True) for host in hosts]
         for reader in readers:
             reader.start()
         for reader in readers:
             reader.join(10.0)
-        return sorted(host for host in hosts if states.get(host, "unknown") not in ("paused", "shut off"))
+        return sorted(host for host in hosts if states.get(host, "unknown") not in ("paused", "shut off", "gone"))
 
     def record(self, at: float, by_vm: Mapping[str, list[str]],
                running: Mapping[str, list[str]] | None = None) -> None:

@@ -49,6 +49,7 @@ from kvmha.manager.core.vmstate import VmEvent
 from kvmha.manager.core.workstep import WorkEvent, next_step
 
 COMMAND_MARGIN_S = 30.0  # the manager waits this much beyond the agent's own migration timeout
+TAIL_S = 30.0  # a paused-for-migration report from the host a VM just left is that migration's tail this long
 PROGRESS_EVERY_S = 2.0  # at most one progress event per migration this often (the agent reports every second)
 GIB = float(1 << 30)
 
@@ -240,6 +241,9 @@ class MigrationFlow:
         left = host.id == vm.host_id and domain.power is PowerState.POWER_OFF and domain.cause is StopCause.MIGRATED
         if not (incoming or left):
             return False
+        tail = ctx.migrations.left.get(vm.id)
+        if incoming and tail is not None and tail[0] == host.id and ctx.now - tail[1] <= TAIL_S:
+            return True  # the old source paused at the switchover just settled: no news, no new migration
         source = vm.host_id
         job = Migration(vm.id, source, host.id if incoming else None, ctx.now)
         job.at_target = Side.PAUSED if incoming else Side.UNKNOWN
@@ -292,6 +296,7 @@ class MigrationFlow:
             return  # it moved on meanwhile (an operator stop): that path settles it
         source_name = ctx.host_name(job.source)
         ctx.vms.update(vm, VmEvent.MIGRATED, host_id=job.target, power=PowerState.POWER_ON, at=ctx.now)
+        ctx.migrations.left[vm.id] = (job.source, ctx.now)
         ctx.save_vm(vm)
         took_s = ctx.now - job.started_at
         message = f"migrated from {source_name} to {ctx.host_name(job.target)} in {took_s:.1f} s ({why})"

@@ -121,6 +121,9 @@ class Migrations:
     def __init__(self) -> None:
         self._by_vm: dict[VmId, Migration] = {}
         self.failed: dict[VmId, str] = {}  # the last failed migration of each VM (maintenance reads it)
+        # The host each VM last left by a migration, and when: its copy's pause at switchover (a paused-for-migration
+        # report that can come after the target's "running") is that migration's tail, not a new incoming copy.
+        self.left: dict[VmId, tuple[HostId, float]] = {}
 
     def get(self, vm_id: VmId) -> Migration | None:
         return self._by_vm.get(vm_id)

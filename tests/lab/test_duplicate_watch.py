@@ -1,8 +1,9 @@
 """The duplicate sampler's judgment of a VM with QEMUs on several hosts (no lab needed: a stand-in lab answers
-/proc and virsh): a migration's overlap is allowed, two running copies are not."""
+/proc and virsh domstate): a migration's overlap is allowed, two running copies are not."""
 
 from __future__ import annotations
 
+import subprocess
 from typing import cast
 
 import pytest
@@ -20,11 +21,15 @@ class StandIn:
     def running_vms(self) -> dict[str, dict[str, int]]:
         return self.qemus
 
-    def virsh(self, host: str, *args: str, check: bool = True) -> str:
+    def exec(self, host: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         state = next(self.states[host])
         if state == "error":
-            raise RuntimeError("libvirtd does not answer")
-        return state + "\n"
+            raise RuntimeError("the host is gone mid-read")
+        if state == "gone":
+            return subprocess.CompletedProcess(argv, 1, "", "error: failed to get domain 'vm1'\n")
+        if state == "no answer":
+            return subprocess.CompletedProcess(argv, 1, "", "error: failed to connect to the hypervisor\n")
+        return subprocess.CompletedProcess(argv, 0, state + "\n", "")
 
 
 def _sample(qemus: dict[str, dict[str, int]], states: dict[str, list[str]]) -> DuplicateWatch:
@@ -51,6 +56,8 @@ TWO = {"h1": {"vm1": 10}, "h2": {"vm1": 20}}
         ({"h1": ["running", "paused"], "h2": ["running", "running"]}, False),  # a read across the switchover
         ({"h1": ["running", "running"], "h2": ["running", "running"]}, True),  # two running copies
         ({"h1": ["running", "running"], "h2": ["error", "error"]}, True),  # no answer: nothing proves it paused
+        ({"h1": ["running", "running"], "h2": ["no answer", "no answer"]}, True),
+        ({"h1": ["gone"], "h2": ["running"]}, False),  # the source's QEMU being torn down after the migration
     ],
 )
 def test_a_migration_overlap_is_allowed_two_running_copies_are_not(

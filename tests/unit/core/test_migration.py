@@ -157,3 +157,20 @@ def test_progress_reports_become_rate_limited_events_of_the_vm() -> None:
     ]
     other = f.MigrationProgressed(HostId(3), command.request_id, VmUuid("v1"), 9.0, 1, 1, 0, 1)
     assert not [m for m in messages(h.handle(other, at=9.0)) if "copied" in m]  # not from its source: ignored
+
+
+def test_the_old_sources_pause_at_switchover_after_the_target_runs_it_is_no_new_migration() -> None:
+    """Seen in the lab: h1's SUSPENDED_MIGRATED came after h2's RESUMED had settled the migration; it was taken for
+    an incoming copy on h1 (a migration outside kvmha back to h1), which then 'failed'."""
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    out = h.report(2, 1, PowerState.POWER_ON, at=2.0)
+    out += _paused(h, 1, 1, at=2.1)  # the source paused at switchover, reported late
+    out += h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED, at=2.2)
+    out += h.answer(command, at=2.3)
+    assert _state(h, 1) == (VmState.RUNNING, 2)
+    assert not [m for m in messages(out) if "not started by kvmha" in m or "stays on" in m], messages(out)
+    # Later, a real migration back to h1 done outside kvmha is followed again.
+    out = _paused(h, 1, 1, at=60.0)
+    assert _state(h, 1) == (VmState.MIGRATING, 2) and any("not started by kvmha" in m for m in messages(out))
