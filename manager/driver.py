@@ -22,8 +22,9 @@ Invariants:
   latest. The journal hears each fact's wait (arrival → handled): the driver's lag.
 - **Batching.** One transaction records up to `MAX_FACTS_PER_BATCH` facts' worth of changes (a thousand agents
   reconnecting at once would otherwise queue their pings behind each other's writes until they look silent).
-- **Received before judged.** The core's deadlines run (`Core.tick(now)`) only after every fact received before
-  `now` has been handled: a ping that waited in the inbox while the store was slow still counts.
+- **Received before judged.** The core's deadlines run (`Core.tick(t)`) only after every fact received before `t`
+  has been handled: a ping that waited in the inbox while the store was slow still counts. And `t` is `now` minus
+  the event loop's own lag (kvmha.manager.hearing): a ping still unread inside gRPC is not silence either.
 - **One acting manager, on a confirmed lease** (kvmha.manager.lease). Several managers may share the database; the
   one holding the lease over the hosts acts, the others wait as standbys (no core, agents refused, admin reads
   served) and try to take it every `poll_s`. Every batch renews the lease in the transaction that records it
@@ -59,6 +60,7 @@ from kvmha.manager.core.config import CONFIG_SPECS, ConfigError, CoreConfig
 from kvmha.manager.core.core import Core
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 from kvmha.manager.env import Commit, Env
+from kvmha.manager.hearing import Hearing
 from kvmha.manager.inbox import Inbox
 from kvmha.manager.lease import Lease, LeaseLost, LeaseTerms
 from kvmha.manager.recorder import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, Recorder
@@ -119,6 +121,7 @@ class DriverSettings:
     store_probe_timeout_s: float = 5.0  # a probe without an answer this long: the store is down
     not_serving_after_s: float = 10.0  # health NOT_SERVING once the store or the driver is stuck this long
     lease: LeaseTerms = field(default_factory=LeaseTerms)
+    hearing_period_s: float = 0.2  # how often the event loop's lag is sampled (0: never; the simulator's loop has none)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class Driver:
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self.store = StoreWatch(env.clock, env.journal, lambda down_s: self.submit(facts.StoreRecovered(down_s)))
+        self.hearing = Hearing(env.clock, settings.hearing_period_s)  # the loop's lag: slack for silence
         self.lease = Lease(settings.lease)
         self._recorder = Recorder(env, settings.manager_id, settings.store_probe_timeout_s, self.store, self.lease,
                                   lambda epoch: self._inbox.put(_StepDown(epoch), env.clock.monotonic()))
@@ -186,6 +190,7 @@ class Driver:
         else:
             log.info("event=manager_standby manager_id=%s reason=another_manager_holds_the_lease", s.manager_id)
         loop = asyncio.get_running_loop()
+        self.hearing.start()
         self._task = loop.create_task(self._run(), name=f"driver-{s.manager_id}")
         if s.store_probe_interval_s > 0:
             self._probe = loop.create_task(self._probe_store(), name=f"store-probe-{s.manager_id}")
@@ -235,6 +240,7 @@ class Driver:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._inbox.close()
+        self.hearing.stop()
         self._fail_jobs(ManagerStopped("the manager stopped before it ran the operation"))
         self._inbox.items.clear()
 
@@ -360,7 +366,8 @@ class Driver:
         while True:
             # The loop's timers run on clock.monotonic() (the Env's contract), so the deadline is a loop time.
             if not inbox.items:
-                await inbox.wait(deadline, clock.monotonic())
+                wake_at = None if deadline is None else deadline + self.hearing.lag_s(clock.monotonic())
+                await inbox.wait(wake_at, clock.monotonic())
             if self.store.down:
                 await self._hold_while_down()
                 continue  # StoreRecovered now waits in the inbox: it is handled before anything is judged
@@ -389,9 +396,11 @@ class Driver:
                 if batch.facts >= MAX_FACTS_PER_BATCH:
                     await self._execute(batch, now)
                     batch = Batch()
+            # Silence is judged at what the loop has surely read by now: its own lag is no host's silence.
+            judged_at = now - self.hearing.lag_s(clock.monotonic())
             deadline = core.next_deadline()
-            if deadline is not None and deadline <= now and not self.store.down:
-                batch.add("timers", core.tick(now))
+            if deadline is not None and deadline <= judged_at and not self.store.down:
+                batch.add("timers", core.tick(judged_at))
                 batch.ticked = True
                 deadline = core.next_deadline()
             await self._execute(batch, now)

@@ -127,7 +127,7 @@ class Simulator:
     async def _start_manager(self) -> None:
         """A manager process starts: a new driver loads the store (waiting while it is down), then listens."""
         env = Env(self.clock, SimPersistence(self.store, self.clock), SimTransport(self, self.epoch), self.journal)
-        driver = Driver(env, DriverSettings(MANAGER_ID, "10.0.0.254:50051", "sim"))
+        driver = Driver(env, DriverSettings(MANAGER_ID, "10.0.0.254:50051", "sim", hearing_period_s=0.0))
         self.driver, self.hub = driver, AgentHub(driver)
         await driver.start()
         driver.task.add_done_callback(self._driver_ended)

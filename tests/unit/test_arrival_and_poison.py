@@ -14,6 +14,7 @@ issue 13 item 4's driver half).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,34 @@ def test_the_fact_tally_exports_counts_and_the_lag_histogram_as_prometheus_would
     assert 'kvmha_driver_lag_seconds_bucket{le="0.005"} 4.0' in text
     assert 'kvmha_driver_lag_seconds_bucket{le="30.0"} 5.0' in text
     assert 'kvmha_driver_lag_seconds_bucket{le="+Inf"} 6.0' in text
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_event_loop_is_the_managers_deafness_not_the_hosts_silence(tmp_path: Path) -> None:
+    """Pings are stamped when the loop reads them: while the loop is blocked they wait unread inside gRPC. The
+    driver judges silence at now minus the loop's measured lag, so the host that kept pinging is not behind."""
+
+    async def body() -> None:
+        rig = await _production(tmp_path)
+        try:
+            loop = asyncio.get_running_loop()
+            for _ in range(4):
+                rig.driver.submit(_ping(rig.host_id))
+                await asyncio.sleep(0.25)
+            blocked_at = loop.time()
+            loop.call_soon(time.sleep, 3.0)  # the loop is blocked (or starved) for 3 s: nothing is read
+            # A ping that reached the socket 2.1 s in is read (stamped) only some loop turns after the block, once
+            # the driver's ping-timeout deadline (2 s after the last ping) has woken it.
+            loop.call_at(blocked_at + 3.3, rig.driver.submit, _ping(rig.host_id))
+            await asyncio.sleep(3.5)  # (this test's own pings resume after the block)
+            for _ in range(4):
+                await asyncio.sleep(0.25)
+                rig.driver.submit(_ping(rig.host_id))
+            assert rig.driver.core.host_status(rig.host_id) is HostStatus.UP
+            changes = [e.message for e in rig.read(lambda uow: uow.events.all(subject=f"host:{rig.host_id}"))]
+            assert not [m for m in changes if "Investigating" in m], changes
+            assert rig.driver.hearing.lag_s(loop.time()) >= 2.5  # it was measured
+        finally:
+            await rig.service.stop()
+
+    asyncio.run(body())
