@@ -61,6 +61,8 @@ class AgentConfig:
     watchdog_timeout_s: float = 20.0
     # Where libvirt's qemu.conf / qemu-lockd.conf are read from (the disk lease configuration reported in Hello).
     libvirt_config_dir: str = "/etc/libvirt"
+    # Memory kept for the hypervisor and never placed (issue 16); -1: the manager's host.memory.reserve decides.
+    memory_reserve_mib: int = -1
     # Not in the documented schema (optional, defaults are fine): the first ping interval before Welcome says
     # otherwise, and the longest pause between two connection attempts.
     ping_interval_s: float = 2.0
@@ -81,7 +83,7 @@ class AgentConfig:
 _AGENT_KEYS = {
     "host_uuid", "hostname", "management_address", "managers", "libvirt_uri", "storage_paths",
     "heartbeat_interval_s", "resync_interval_s", "neighbor_port", "log_format", "ping_interval_s", "reconnect_max_s",
-    "libvirt_config_dir",
+    "libvirt_config_dir", "memory_reserve_mib",
 }
 _ISOLATION_KEYS = {"policy": "isolation_policy", "after_s": "isolation_after_s"}
 _WATCHDOG_KEYS = {"enabled": "watchdog_enabled", "socket": "watchdog_socket", "timeout_s": "watchdog_timeout_s"}

@@ -461,6 +461,14 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             raise self._error(conn, exc) from exc
 
+    def active_networks(self) -> list[str]:
+        """Active libvirt networks as placement names them ("network:NAME"); [] when libvirt cannot say."""
+        conn = self._use()
+        try:
+            return [f"network:{name}" for name in conn.listNetworks()]
+        except libvirt.libvirtError:
+            return []
+
     def versions(self) -> Versions:
         conn = self._use()
         try:

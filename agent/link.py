@@ -32,6 +32,7 @@ import grpc
 from kvmha.agent.commands import CommandRunner
 from kvmha.agent.heartbeat import HeartbeatWriter
 from kvmha.agent.hypervisor import DomainPower, HostCapacity, Hypervisor, HypervisorError, Power, Versions
+from kvmha.agent.inventory import changed as inventory_changed
 from kvmha.proto.v1 import agent_pb2 as pb
 from kvmha.proto.v1 import agent_pb2_grpc as pb_grpc
 
@@ -68,6 +69,9 @@ class LinkSettings:
     tls_ca: str = ""  # with tls_cert and tls_key: mutual TLS; "" = plaintext (only when explicitly allowed)
     tls_cert: str = ""
     tls_key: str = ""
+    # Storage, networks, memory for placement (agent/inventory.py); blocking, run in a worker thread. None: not sent.
+    inventory: Callable[[], pb.Inventory] | None = None
+    inventory_interval_s: float = 10.0  # how often it is read again; sent only when it changed
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A channel to `address`; the certificate files are read now, so a renewed one is used at the next
@@ -139,6 +143,7 @@ class AgentLink:
         self._session: _Session | None = None
         self._running: dict[str, bool] = {}
         self._ping_sequence = 0
+        self._inventory_sent: pb.Inventory | None = None
         self._report_sequence = 0
         self.manager_seen_at = time.monotonic()
         self.sessions_started = 0
@@ -212,14 +217,40 @@ class AgentLink:
         except TimeoutError:
             cap, ver = HostCapacity(0, 0, 0), Versions("", "")
         s = self.settings
+        inventory = await self._read_inventory()
         msg = pb.AgentMessage(hello=pb.Hello(
             host_uuid=s.host_uuid, hostname=s.hostname, management_address=s.management_address,
             capacity=pb.Capacity(cpus=cap.cpus, memory_mib=cap.memory_mib, free_memory_mib=cap.free_memory_mib),
             libvirt_version=ver.libvirt, qemu_version=ver.qemu, agent_version=s.agent_version,
             protocol_version=pb.PROTOCOL_VERSION_CURRENT, boot_id=s.boot_id, storage_paths=list(s.storage_paths)))
+        if inventory is not None:
+            msg.hello.inventory.CopyFrom(inventory)
+        self._inventory_sent = inventory
         if self._hooks.hello is not None:
             self._hooks.hello(msg.hello)
         return msg
+
+    async def _read_inventory(self) -> pb.Inventory | None:
+        source = self.settings.inventory
+        if source is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._snap, source), 5.0)
+        except Exception as exc:  # an inventory that cannot be read must not hold the link back
+            log.warning("event=inventory_failed error=%r", exc)
+            return None
+
+    async def _inventory_sender(self, session: _Session) -> None:
+        """Read the inventory every inventory_interval_s; send it when it changed (issue 16)."""
+        if self.settings.inventory is None:
+            return
+        while True:
+            await asyncio.sleep(self.settings.inventory_interval_s)
+            inventory = await self._read_inventory()
+            if inventory is not None and inventory_changed(self._inventory_sent, inventory):
+                session.send(pb.AgentMessage(inventory=inventory))
+                self._inventory_sent = inventory
 
     async def _send_full(self, session: _Session) -> None:
         """List every domain off the loop and send a full report; deltas meanwhile wait and follow it."""
@@ -322,7 +353,8 @@ class AgentLink:
         retry_after_s = 0.0
         reader = asyncio.ensure_future(self._reader(responses, session))
         helpers = [asyncio.ensure_future(c) for c in (
-            self._pinger(session, ping_interval_s), self._resyncer(session, resync_s))]
+            self._pinger(session, ping_interval_s), self._resyncer(session, resync_s),
+            self._inventory_sender(session))]
         stopper = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait([reader, *helpers, stopper], return_when=asyncio.FIRST_COMPLETED)

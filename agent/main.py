@@ -19,12 +19,17 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from kvmha.agent.config import AgentConfig, ConfigError, load_config
 from kvmha.agent.watchdog_client import ContactNote, WatchdogClient, arm_at_start
+
+if TYPE_CHECKING:
+    from kvmha.agent.libvirt_adapter import LibvirtHypervisor
+    from kvmha.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger("kvmha.agent")
 
@@ -102,7 +107,7 @@ async def run_agent(cfg: AgentConfig, watchdog: WatchdogClient | None = None,
         management_address=cfg.management_address, storage_paths=cfg.storage_paths,
         agent_version=_agent_version(), boot_id=str(uuid.uuid4()), ping_interval_s=cfg.ping_interval_s,
         resync_interval_s=cfg.resync_interval_s, reconnect_max_s=cfg.reconnect_max_s, tls_ca=cfg.tls_ca,
-        tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+        tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, inventory=_inventory_source(cfg, hypervisor))
     isolation = IsolationMonitor(hypervisor, cfg.isolation_policy, cfg.isolation_after_s,
                                  storage_configured=bool(cfg.storage_paths), started_at=started_at)
     # Issue 11: kvmha-watchdog backs the agent's liveness and its isolation response (kvmha.agent.watchdog_agent).
@@ -180,3 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _inventory_source(cfg: AgentConfig, hypervisor: LibvirtHypervisor) -> Callable[[], pb.Inventory]:
+    """Storage, networks, free memory (MemAvailable) and reserve for the manager's placement (agent/inventory.py)."""
+    from kvmha.agent import inventory
+    from kvmha.agent.hypervisor import HypervisorError
+
+    probe = inventory.HealthProbe()
+    reserve = cfg.memory_reserve_mib if cfg.memory_reserve_mib >= 0 else None
+
+    def read() -> pb.Inventory:
+        try:
+            networks = hypervisor.active_networks()
+        except HypervisorError:
+            networks = []
+        return inventory.collect(cfg.host_uuid, inventory.mem_available_mib(), reserve, networks, probe=probe)
+
+    return read

@@ -319,6 +319,8 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             return translate.heartbeat(session.host_id, message.ping)
         if kind == "power":
             return translate.power_report(session.host_id, message.power)
+        if kind == "inventory":
+            return facts.InventoryChanged(session.host_id, translate.inventory(message.inventory))
         if kind == "progress":
             if message.progress.request_id not in session.awaiting:
                 return None  # progress of a command this stream did not carry: nothing to say about it

@@ -13,7 +13,18 @@ import uuid as uuid_module
 from typing import Literal, assert_never
 
 from kvmha.manager.core import actions, facts
-from kvmha.manager.core.model import HostCapacity, HostId, PowerState, RequestId, StopCause, VmUuid, WatchdogReport
+from kvmha.manager.core.model import (
+    UNREPORTED,
+    HostCapacity,
+    HostId,
+    HostInventory,
+    PowerState,
+    RequestId,
+    StopCause,
+    StorageReach,
+    VmUuid,
+    WatchdogReport,
+)
 from kvmha.manager.hub import AgentHello, WelcomeTerms
 from kvmha.manager.store import AgentInfo
 from kvmha.proto.v1 import agent_pb2 as pb
@@ -101,7 +112,18 @@ def hello(message: pb.Hello) -> AgentHello:
     return AgentHello(host_uuid=message.host_uuid, hostname=message.hostname,
                       management_address=message.management_address, capacity=capacity(message.capacity), agent=agent,
                       watchdog=watchdog(message.watchdog) if message.HasField("watchdog") else _UNREPORTED,
-                      lease_manager=lease_manager)
+                      lease_manager=lease_manager,
+                      inventory=inventory(message.inventory) if message.HasField("inventory") else UNREPORTED)
+
+
+def inventory(message: pb.Inventory) -> HostInventory:
+    """What the host offers VMs (issue 16), as placement reads it."""
+    storage = tuple(StorageReach(m.identity, m.mount, m.healthy, m.detail[:MAX_DETAIL_CHARS]) for m in message.mounts)
+    return HostInventory(
+        reported=True, storage=storage, networks=frozenset(message.networks),
+        free_memory_mib=int(message.free_memory_mib) if message.HasField("free_memory_mib") else None,
+        memory_reserve_mib=int(message.memory_reserve_mib) if message.HasField("memory_reserve_mib") else None,
+    )
 
 
 _UNREPORTED = WatchdogReport(armed=False, detail="the agent reports no watchdog (an agent older than kvmha-watchdog)")

@@ -36,9 +36,9 @@ MAX_CHARS = {
     "message": _LONG_TEXT, "error": _LONG_TEXT, "detail": _LONG_TEXT, "reason": _LONG_TEXT,
     "path": _PATH, "storage_paths": _PATH, "disk_path": _PATH, "lease_path": _PATH, "lockspace_dir": _PATH,
     "file_lockspace_dir": _PATH, "agent_version": 64, "libvirt_version": 64, "qemu_version": 64, "boot_id": 64,
-    "request_id": 128, "uuid": 64, "host_uuid": 64, "vm_uuid": 64,
+    "identity": _LONG_TEXT, "mount": _PATH, "request_id": 128, "uuid": 64, "host_uuid": 64, "vm_uuid": 64,
 }
-MAX_ITEMS = {"domains": MAX_DOMAINS_PER_REPORT, "storage_paths": 64, "storage": 64}
+MAX_ITEMS = {"domains": MAX_DOMAINS_PER_REPORT, "storage_paths": 64, "storage": 64, "mounts": 256, "networks": 256}
 # Negative means "none": a heartbeat never written, or not found (the agents send -1 then).
 SIGNED = {"kvmha.v1.StorageHeartbeatStatus.last_ok_age_s", "kvmha.v1.NeighborReport.heartbeat_age_s"}
 WIDE = {"kvmha.v1.Ping.sequence", "kvmha.v1.PowerStateReport.sequence"}

@@ -218,6 +218,7 @@ class AgentMessage(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    INVENTORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -230,6 +231,10 @@ class AgentMessage(_message.Message):
     def goodbye(self) -> Global___Goodbye: ...
     @_builtins.property
     def progress(self) -> Global___MigrationProgress: ...
+    @_builtins.property
+    def inventory(self) -> Global___Inventory:
+        """what the host offers VMs changed since the last Hello or Inventory"""
+
     def __init__(
         self,
         *,
@@ -239,12 +244,13 @@ class AgentMessage(_message.Message):
         result: Global___CommandResult | None = ...,
         goodbye: Global___Goodbye | None = ...,
         progress: Global___MigrationProgress | None = ...,
+        inventory: Global___Inventory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "inventory", b"inventory", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goodbye", b"goodbye", "hello", b"hello", "inventory", b"inventory", "msg", b"msg", "ping", b"ping", "power", b"power", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ping", "power", "result", "goodbye", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "ping", "power", "result", "goodbye", "progress", "inventory"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -294,6 +300,7 @@ class Hello(_message.Message):
     WATCHDOG_FIELD_NUMBER: _builtins.int
     DISK_LEASES_FIELD_NUMBER: _builtins.int
     ISOLATION_POLICY_FIELD_NUMBER: _builtins.int
+    INVENTORY_FIELD_NUMBER: _builtins.int
     host_uuid: _builtins.str
     """stable identity of the host (agent config or /etc/machine-id based)"""
     hostname: _builtins.str
@@ -321,6 +328,10 @@ class Hello(_message.Message):
     def disk_leases(self) -> Global___DiskLeaseConfig:
         """libvirt's disk lease configuration on this host (qemu.conf, qemu-lockd.conf), read at agent start."""
 
+    @_builtins.property
+    def inventory(self) -> Global___Inventory:
+        """Storage, networks, free memory and reserve for placement (issue 16); absent from older agents."""
+
     def __init__(
         self,
         *,
@@ -337,14 +348,93 @@ class Hello(_message.Message):
         watchdog: Global___WatchdogStatus | None = ...,
         disk_leases: Global___DiskLeaseConfig | None = ...,
         isolation_policy: _builtins.str = ...,
+        inventory: Global___Inventory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "disk_leases", b"disk_leases", "watchdog", b"watchdog"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "disk_leases", b"disk_leases", "inventory", b"inventory", "watchdog", b"watchdog"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_id", b"boot_id", "capacity", b"capacity", "disk_leases", b"disk_leases", "host_uuid", b"host_uuid", "hostname", b"hostname", "isolation_policy", b"isolation_policy", "libvirt_version", b"libvirt_version", "management_address", b"management_address", "protocol_version", b"protocol_version", "qemu_version", b"qemu_version", "storage_paths", b"storage_paths", "watchdog", b"watchdog"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "boot_id", b"boot_id", "capacity", b"capacity", "disk_leases", b"disk_leases", "host_uuid", b"host_uuid", "hostname", b"hostname", "inventory", b"inventory", "isolation_policy", b"isolation_policy", "libvirt_version", b"libvirt_version", "management_address", b"management_address", "protocol_version", b"protocol_version", "qemu_version", b"qemu_version", "storage_paths", b"storage_paths", "watchdog", b"watchdog"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class StorageMount(_message.Message):
+    """One storage the host reaches. `identity` comes from the storage itself and is the same on every host that sees it:
+    "nfs:SERVER:EXPORT" for an NFS mount, "fs:UUID" for a filesystem with a UUID, "pool:UUID" for a libvirt pool that
+    is not a mount; a filesystem nobody else can see gets "local:HOST_UUID:MOUNT". `mount` is where this host sees it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    MOUNT_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    mount: _builtins.str
+    healthy: _builtins.bool
+    """statvfs answered in time"""
+    detail: _builtins.str
+    """why not healthy"""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        mount: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "healthy", b"healthy", "identity", b"identity", "mount", b"mount"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageMount: _TypeAlias = StorageMount  # noqa: Y015
+
+@_typing.final
+class Inventory(_message.Message):
+    """What a VM needs from a host besides CPUs: sent in Hello and again whenever it changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOUNTS_FIELD_NUMBER: _builtins.int
+    NETWORKS_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    MEMORY_RESERVE_MIB_FIELD_NUMBER: _builtins.int
+    free_memory_mib: _builtins.int
+    """MemAvailable, as the host sees it now"""
+    memory_reserve_mib: _builtins.int
+    """kept for the hypervisor (agent config); absent: the manager's default"""
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageMount]: ...
+    @_builtins.property
+    def networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"network:NAME" (active libvirt networks), "bridge:NAME" """
+
+    def __init__(
+        self,
+        *,
+        mounts: _abc.Iterable[Global___StorageMount] | None = ...,
+        networks: _abc.Iterable[_builtins.str] | None = ...,
+        free_memory_mib: _builtins.int | None = ...,
+        memory_reserve_mib: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_free_memory_mib", b"_free_memory_mib", "_memory_reserve_mib", b"_memory_reserve_mib", "free_memory_mib", b"free_memory_mib", "memory_reserve_mib", b"memory_reserve_mib"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_free_memory_mib", b"_free_memory_mib", "_memory_reserve_mib", b"_memory_reserve_mib", "free_memory_mib", b"free_memory_mib", "memory_reserve_mib", b"memory_reserve_mib", "mounts", b"mounts", "networks", b"networks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__free_memory_mib: _TypeAlias = _typing.Literal["free_memory_mib"]  # noqa: Y015
+    _WhichOneofArgType__free_memory_mib: _TypeAlias = _typing.Literal["_free_memory_mib", b"_free_memory_mib"]  # noqa: Y015
+    _WhichOneofReturnType__memory_reserve_mib: _TypeAlias = _typing.Literal["memory_reserve_mib"]  # noqa: Y015
+    _WhichOneofArgType__memory_reserve_mib: _TypeAlias = _typing.Literal["_memory_reserve_mib", b"_memory_reserve_mib"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__free_memory_mib) -> _WhichOneofReturnType__free_memory_mib | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_reserve_mib) -> _WhichOneofReturnType__memory_reserve_mib | None: ...
+
+Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
 
 @_typing.final
 class WatchdogStatus(_message.Message):
