@@ -4,7 +4,8 @@ memory and the memory kept for the hypervisor. Sent in Hello and again when it c
 Invariants:
 - A storage's identity comes from the storage, never from its path, so the manager can tell the same export mounted
   on two hosts from two different things mounted at the same path: NFS "nfs:SERVER:EXPORT" (the mount source),
-  a block filesystem "fs:UUID" (/dev/disk/by-uuid), anything else "local:HOST_UUID:MOUNT" (seen by nobody else).
+  a block filesystem "fs:UUID" (/dev/disk/by-uuid) or "fsid:HEX" (statvfs, derived from the UUID), anything
+  else "local:HOST_UUID:MOUNT" (seen by nobody else).
 - Reading the inventory never hangs the agent: it runs in a worker thread, and an NFS mount's statvfs gets
   `HEALTH_TIMEOUT_S`; one that does not answer is reported unhealthy (and not asked again while its probe hangs).
 - Pseudo filesystems (proc, sysfs, cgroup, ...) are not storage and are left out.
@@ -52,11 +53,25 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return list(found.values())[:MAX_MOUNTS]
 
 
-def identity(mount: Mount, uuids: dict[str, str], host_uuid: str) -> str:
+def identity(mount: Mount, uuids: dict[str, str], host_uuid: str, fsid: Callable[[str], int] | None = None) -> str:
+    """NFS: the export; a block filesystem: its UUID (/dev/disk/by-uuid, else statvfs's f_fsid, which ext4, xfs and
+    btrfs derive from that UUID); anything else (tmpfs: f_fsid 0) is local to this host."""
     if mount.fstype.startswith("nfs"):
         return f"nfs:{mount.source}"
     uuid = uuids.get(mount.device)
-    return f"fs:{uuid}" if uuid else f"local:{host_uuid}:{mount.mount}"
+    if uuid:
+        return f"fs:{uuid}"
+    number = 0
+    if fsid is not None and mount.fstype not in ("tmpfs", "overlay", "fuse", "squashfs"):
+        try:
+            number = fsid(mount.mount)
+        except OSError:
+            number = 0
+    return f"fsid:{number:x}" if number else f"local:{host_uuid}:{mount.mount}"
+
+
+def statvfs_fsid(path: str) -> int:
+    return int(os.statvfs(path).f_fsid)
 
 
 def filesystem_uuids(by_uuid: Path = Path("/dev/disk/by-uuid")) -> dict[str, str]:
@@ -118,6 +133,7 @@ def collect(
     host_uuid: str, free_memory_mib: int | None, reserve_mib: int | None, networks: Iterable[str] = (),
     *, mountinfo: Callable[[], str] = lambda: Path("/proc/self/mountinfo").read_text(),
     uuids: Callable[[], dict[str, str]] = filesystem_uuids, probe: HealthProbe | None = None,
+    fsid: Callable[[str], int] | None = statvfs_fsid,
 ) -> pb.Inventory:
     """The inventory now (blocking: call it in a worker thread)."""
     inventory = pb.Inventory(networks=sorted(set(networks) | set(bridges())))
@@ -128,7 +144,7 @@ def collect(
     known = uuids()
     for mount in mounts:
         detail = probe.check(mount.mount) if probe is not None and mount.fstype.startswith("nfs") else ""
-        inventory.mounts.append(pb.StorageMount(identity=identity(mount, known, host_uuid)[:2000],
+        inventory.mounts.append(pb.StorageMount(identity=identity(mount, known, host_uuid, fsid)[:2000],
                                                 mount=mount.mount, healthy=not detail, detail=detail))
     if free_memory_mib is not None:
         inventory.free_memory_mib = free_memory_mib

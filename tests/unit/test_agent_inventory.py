@@ -29,6 +29,14 @@ def test_mounts_and_their_identities() -> None:
     assert inv.identity(by_point["/mnt/a"], uuids, "h") == "nfs:other:/export/a"
     assert inv.identity(by_point["/mnt/b"], uuids, "h") == "local:h:/mnt/b"
     assert "/mnt/with space" in by_point
+    # no /dev/disk/by-uuid (containers): ext4/xfs derive f_fsid from their UUID; tmpfs stays local
+    assert inv.identity(by_point["/"], {}, "h", lambda _: 0xBEEF) == "fsid:beef"
+    assert inv.identity(by_point["/mnt/b"], {}, "h", lambda _: 0xBEEF) == "local:h:/mnt/b"
+
+
+def test_this_machine_root_has_a_shared_identity() -> None:
+    root = next(m for m in inv.parse_mountinfo(Path("/proc/self/mountinfo").read_text()) if m.mount == "/")
+    assert not inv.identity(root, inv.filesystem_uuids(), "h", inv.statvfs_fsid).startswith("local:")
 
 
 def test_collect_reports_health_and_memory(tmp_path: Path) -> None:
@@ -36,7 +44,8 @@ def test_collect_reports_health_and_memory(tmp_path: Path) -> None:
         def check(self, path: str) -> str:
             return "statvfs did not answer in 2 s" if path == "/mnt/a" else ""
 
-    report = inv.collect("h", 3000, None, ["network:default"], mountinfo=lambda: MOUNTINFO, uuids=dict, probe=Hung())
+    report = inv.collect("h", 3000, None, ["network:default"], mountinfo=lambda: MOUNTINFO, uuids=dict, probe=Hung(),
+                         fsid=None)
     health = {m.mount: m.healthy for m in report.mounts}
     assert health == {"/": True, "/mnt/a": False, "/mnt/b": True, "/mnt/with space": True}
     assert report.free_memory_mib == 3000 and not report.HasField("memory_reserve_mib")
