@@ -78,7 +78,10 @@ def dense_violations(seeds: range, *, old_rules: bool) -> tuple[int, int]:
             old = self.ctx.hosts.get(vm.host_id) if vm.host_id is not None else None
             if old is not None and old.status.value != "Up":
                 exclude.add(old.id)
-            return self._choose(vm, exclude)
+            ctx = self.ctx
+            view = targeting.PlacementView(ctx.hosts, ctx.vms, ctx.up.ids, frozenset(exclude), frozenset(), ctx.config)
+            target, why, _ = targeting.target_for(vm, view, self.cursor)
+            return target, why
 
         targeting.Targeting.place = excluding  # type: ignore[method-assign]
     total = hit = 0

@@ -59,6 +59,7 @@ class CoreConfig:
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
     host_memory_reserve_mib: int = 0
+    admission_host_failures: int = 1
     migration_timeout_s: float = 300.0
     maintenance_migrations: int = 2
     ha_disabled_hosts: bool = True
@@ -262,6 +263,13 @@ _TABLE: tuple[tuple[str, str, Callable[[str, str], object], str], ...] = (
         "host_memory_reserve_mib",
         _N,
         "MiB of each host's memory kept for the hypervisor and never placed (an agent's own memory_reserve_mib wins)",
+    ),
+    (
+        "admission.host.failures",
+        "admission_host_failures",
+        _N,
+        "an operator start of an HA VM is refused if, with the worst N hosts lost, some HA VM could not be restarted "
+        "(0: off; HA restarts are never refused)",
     ),
     (
         "migration.timeout",

@@ -28,9 +28,10 @@ flow; Core wires them. What one flow learns for another (Up hosts, held-out host
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import assert_never
 
+from kvmha.manager.core import capacityplan
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import Action
 from kvmha.manager.core.config import ConfigError, CoreConfig
@@ -150,6 +151,15 @@ class Core:
         return min(behind_at, timer_at)
 
     # ------------------------------------------------------------ read-only views
+
+    def plan_failure(self, failed: Sequence[HostId]) -> list[capacityplan.PlannedVm]:
+        """What-if: what the core would do if `failed` hosts lost power now (core/capacityplan.py). Changes nothing."""
+        return capacityplan.plan_failure(capacityplan.world_of(self._ctx, self._sched.placement_cursor), failed)
+
+    def worst_failure(self) -> tuple[tuple[HostId, ...], list[capacityplan.PlannedVm]]:
+        """The admission.host.failures hosts whose loss strands the most HA VMs, and the plan for it."""
+        world = capacityplan.world_of(self._ctx, self._sched.placement_cursor)
+        return capacityplan.worst_failure(world, max(1, self._ctx.config.admission_host_failures))
 
     @property
     def config(self) -> CoreConfig:

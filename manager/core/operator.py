@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Protocol
 
+from kvmha.manager.core import capacityplan
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.actions import DeleteVmRecord, DestroyVm, StopVm
 from kvmha.manager.core.context import Ctx
@@ -28,6 +29,8 @@ class OperatorWork(Protocol):
 
     def schedule_restart(self, vm: VmRecord, reason: str, *, operator: bool = False) -> WorkId | None: ...
     def cancel_for_vm(self, vm: VmRecord, reason: str) -> None: ...
+    @property
+    def placement_cursor(self) -> int: ...
     def forget_vm(self, vm_id: VmId) -> None: ...
 
 
@@ -92,6 +95,11 @@ class OperatorFlow:
             # An operator start is the manual clean-up of Error: the work needs the VM's last known power facts.
             self.ctx.vms.update(vm, VmEvent.OPERATOR_RESET)
             self.ctx.save_vm(vm)
+        if vm.ha_enabled:
+            verdict = capacityplan.admission(capacityplan.world_of(self.ctx, self.work.placement_cursor), vm)
+            if not verdict.ok:
+                self.ctx.event("warning", f"vm:{vm.id}", "vm.start.refused", f"start refused: {verdict.message}")
+                return
         self.work.schedule_restart(vm, "operator start", operator=True)
 
     def vm_stop(self, fact: f.VmStopRequested) -> None:

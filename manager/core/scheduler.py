@@ -248,6 +248,10 @@ class Scheduler:
             f"starting on {target.name} ({why}; attempt {work.tried}/{ctx.config.max_retries})",
         )
 
+    @property
+    def placement_cursor(self) -> int:
+        return self.targets.cursor
+
     def _place(self, vm: VmRecord) -> tuple[HostRecord | None, str]:
         return self.targets.place(vm)  # flapping hosts only when no stable host fits (core/targeting.py)
 

@@ -7,14 +7,63 @@ Invariants:
 - Excluded outright are only hosts that cannot take a start now: the VM's own failed host while it is not Up, and a
   host a command could not be delivered to (no open agent stream) for one `ping.timeout` — by then it is either back
   or being investigated, and no longer a candidate anyway.
+- `target_for` is the whole choice, over a `PlacementView`: the live core calls it on its own state, the what-if
+  planner and admission control (core/capacityplan.py) on copies. One implementation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, HostStatus, VmRecord
 from kvmha.manager.core.placement import PlacementRequest, choose_host
-from kvmha.manager.core.vmindex import occupies
+from kvmha.manager.core.vmindex import VmIndex, occupies
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementView:
+    """What a restart target is chosen from: the core's live state, or a planner's copy of it."""
+
+    hosts: Mapping[HostId, HostRecord]
+    usage: VmIndex
+    candidates: Sequence[HostId]  # Up, ROUTING, connected, in the core's order
+    exclude: frozenset[HostId]
+    held: frozenset[HostId]  # flapping: tried only when no stable host fits
+    config: CoreConfig
+
+
+def target_for(vm: VmRecord, view: PlacementView, cursor: int) -> tuple[HostRecord | None, str, bool]:
+    """(target, why nothing fits, whether the target is a held-out host)."""
+    target, why = _choose(vm, view, view.exclude | view.held, cursor)
+    if target is not None or not view.held - view.exclude:
+        return target, why, False
+    fallback, _ = _choose(vm, view, view.exclude, cursor)
+    return fallback, why, fallback is not None
+
+
+def _choose(
+    vm: VmRecord, view: PlacementView, exclude: frozenset[HostId], cursor: int
+) -> tuple[HostRecord | None, str]:
+    group = vm.anti_affinity_group
+    request = PlacementRequest(
+        vm,
+        exclude,
+        frozenset(view.usage.group_hosts(group, vm.id) if group else ()),
+        vm.host_id if occupies(vm) else None,
+    )
+    return choose_host(
+        request,
+        view.candidates,
+        view.hosts,
+        view.usage,
+        start=cursor,
+        compare=view.config.placement_candidates,
+        cpu_ratio=view.config.cpu_overcommit_ratio,
+        reserve_mib=view.config.host_memory_reserve_mib,
+    )
 
 
 class Targeting:
@@ -38,34 +87,18 @@ class Targeting:
             exclude.add(old.id)
         held = ctx.held.at(now)
         self._cursor += 1
-        target, why = self._choose(vm, exclude | held)
-        if target is not None or not held - exclude:
-            return target, why
-        fallback, _ = self._choose(vm, exclude)
-        if fallback is not None:
+        view = PlacementView(ctx.hosts, ctx.vms, ctx.up.ids, frozenset(exclude), frozenset(held), ctx.config)
+        target, why, on_held = target_for(vm, view, self._cursor)
+        if on_held and target is not None:
             ctx.event(
                 "warning",
                 f"vm:{vm.id}",
                 "vm.placed.held",
-                f"no stable host fits: placed on {fallback.name}, held out as flapping ({why})",
+                f"no stable host fits: placed on {target.name}, held out as flapping ({why})",
             )
-        return fallback, why
+        return target, why
 
-    def _choose(self, vm: VmRecord, exclude: set[HostId]) -> tuple[HostRecord | None, str]:
-        ctx, group = self.ctx, vm.anti_affinity_group
-        request = PlacementRequest(
-            vm,
-            frozenset(exclude),
-            frozenset(ctx.vms.group_hosts(group, vm.id) if group else ()),
-            vm.host_id if occupies(vm) else None,
-        )
-        return choose_host(
-            request,
-            ctx.up.ids,
-            ctx.hosts,
-            ctx.vms,
-            start=self._cursor,
-            compare=ctx.config.placement_candidates,
-            cpu_ratio=ctx.config.cpu_overcommit_ratio,
-            reserve_mib=ctx.config.host_memory_reserve_mib,
-        )
+    @property
+    def cursor(self) -> int:
+        """The rotating start the next placement uses minus one (the planner continues from it)."""
+        return self._cursor

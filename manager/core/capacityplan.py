@@ -1,0 +1,168 @@
+"""What-if planning and admission control (issue 16): what the core would do if some hosts failed now.
+
+Theory of operation: `plan_failure` copies the core's VM index, marks the failed hosts out, and walks their VMs in
+the order the scheduler would take their restarts (higher `restart_priority` first, then by VM id, host by host), each
+through `targeting.target_for` — the very function HA restarts use — continuing the live rotating cursor, and books
+each placed VM on its target in the copy, as a Starting VM holds its resources in the live core. `admission` asks,
+for every set of N Up hosts, whether every HA VM of that set would find a place; N = `admission.host.failures`.
+
+Invariants:
+- Pure: nothing here changes the core's state (the index is a copy; host records are read, never written).
+- One implementation: placement is `target_for`/`choose_host`; order is the scheduler's heap order.
+- The estimate is an estimate: detection + verdict from the configuration, then restarts in waves of `ha.workers`,
+  each `start_s` (a measured start time when the caller has one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvmha.manager.core.config import CoreConfig
+from kvmha.manager.core.context import Ctx
+from kvmha.manager.core.model import HostId, HostRecord, ResourceState, VmId, VmRecord, VmState
+from kvmha.manager.core.targeting import PlacementView, target_for
+from kvmha.manager.core.vmindex import VmIndex
+
+RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
+EARLY_NOTICE_S = 1.3  # a lost link noticed by keepalive (~1 s) + a BMC query (decisions.md, "Evidence at once")
+DEFAULT_START_S = 1.1  # a VM start confirmed by its target's power report (bench/failover.py, lab)
+MAX_FAILURE_SETS = 5000  # admission tries at most this many host sets (N >= 2 on large clusters: the first ones)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedVm:
+    vm_id: VmId
+    name: str
+    from_host: str
+    ha: bool
+    target: str | None  # None: not restarted (HA off) or no capacity
+    reason: str  # why no target; "" when placed
+    order: int  # 1-based restart order among the HA VMs; 0 for VMs that are not restarted
+    eta_s: float | None  # seconds after the failure at which it should run again
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """The part of the core's state a plan reads: hosts, VMs, Up candidates in the core's order, held-out hosts,
+    the configuration and the live placement cursor."""
+
+    hosts: Mapping[HostId, HostRecord]
+    vms: VmIndex
+    up: Sequence[HostId]
+    held: frozenset[HostId]
+    config: CoreConfig
+    cursor: int
+
+
+def world_of(ctx: Ctx, cursor: int) -> World:
+    """The live core's state as a plan reads it (not copied: plans copy what they change)."""
+    return World(ctx.hosts, ctx.vms, list(ctx.up.ids), frozenset(ctx.held.at(ctx.now)), ctx.config, cursor)
+
+
+def copy_index(vms: Iterable[VmRecord]) -> VmIndex:
+    index = VmIndex()
+    for vm in vms:
+        index.add(dataclasses.replace(vm))
+    return index
+
+
+def restart_order(vms: Iterable[VmRecord]) -> list[VmRecord]:
+    """The scheduler's heap order for one batch: (-priority, scheduling order); scheduling goes host by host, VM id
+    order within a host."""
+    return sorted(vms, key=lambda vm: -vm.restart_priority)  # stable: keeps the scheduling order within a priority
+
+
+def detection_s(host: HostRecord, config: CoreConfig) -> float:
+    """From the failure to the verdict that lets its VMs restart (power loss; decisions.md timelines)."""
+    if host.has_bmc:
+        return EARLY_NOTICE_S
+    if host.watchdog_timeout_s is not None and config.isolation_self_fence:
+        return (config.ping_timeout_s + config.isolation_after_s + host.watchdog_timeout_s
+                + config.isolation_margin_s + config.isolation_link_slack_s)
+    return float("inf")  # waits for an operator's confirm-down
+
+
+def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAULT_START_S) -> list[PlannedVm]:
+    """Per VM of the failed hosts, in restart order: its target, or why it has none, and when it should run."""
+    lost = frozenset(failed)
+    usage = copy_index(world.vms)
+    candidates = [h for h in world.up if h not in lost]
+    view = PlacementView(world.hosts, usage, candidates, lost, world.held - lost, world.config)
+    scheduled: list[VmRecord] = []
+    plans: list[PlannedVm] = []
+    for host_id in failed:
+        for vm in usage.on_host(host_id):
+            if vm.ha_enabled and vm.state in RESTARTABLE:
+                scheduled.append(vm)
+            elif vm.state in RESTARTABLE:
+                plans.append(PlannedVm(vm.id, vm.name, world.hosts[host_id].name, False, None,
+                                       "HA off: stays Stopped", 0, None))
+    cursor, workers = world.cursor, max(1, world.config.ha_workers)
+    for order, vm in enumerate(restart_order(scheduled), start=1):
+        cursor += 1
+        source = world.hosts[vm.host_id] if vm.host_id is not None else None
+        target, why, _ = target_for(vm, view, cursor)
+        detect = detection_s(source, world.config) if source is not None else 0.0
+        eta = detect + ((order - 1) // workers + 1) * start_s
+        if target is not None:
+            usage.remove(vm.id)
+            usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING))
+        plans.append(PlannedVm(vm.id, vm.name, source.name if source else "-", True,
+                               target.name if target else None, why, order,
+                               eta if target is not None and eta != float("inf") else None))
+    return plans
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    ok: bool
+    failures: tuple[str, ...] = ()  # the host set that breaks the reserve (names)
+    stranded: tuple[str, ...] = ()  # HA VMs that would not be restarted after it
+    message: str = ""
+
+
+def failure_sets(world: World, count: int) -> Iterable[tuple[HostId, ...]]:
+    enabled = [h for h in world.up if world.hosts[h].resource_state is ResourceState.ENABLED]
+    return itertools.islice(itertools.combinations(enabled, min(count, len(enabled))), MAX_FAILURE_SETS)
+
+
+def worst_failure(world: World, count: int) -> tuple[tuple[HostId, ...], list[PlannedVm]]:
+    """The set of `count` hosts whose loss strands the most HA VMs, and the plan for it."""
+    worst: tuple[tuple[HostId, ...], list[PlannedVm]] = ((), [])
+    worst_stranded = -1
+    for failed in failure_sets(world, count):
+        plan = plan_failure(world, failed)
+        stranded = sum(1 for p in plan if p.ha and p.target is None)
+        if stranded > worst_stranded:
+            worst, worst_stranded = (failed, plan), stranded
+    return worst
+
+
+def admission(world: World, vm: VmRecord | None = None) -> Admission:
+    """Would every HA VM still be restarted after the worst `admission.host.failures` hosts fail, with `vm` (an HA
+    VM about to start) placed where a start would put it now? HA restarts never ask this."""
+    count = world.config.admission_host_failures
+    if count <= 0:
+        return Admission(True)
+    if vm is not None:
+        view = PlacementView(world.hosts, world.vms, world.up, frozenset(), world.held, world.config)
+        target, _, _ = target_for(vm, view, world.cursor + 1)
+        if target is None:
+            return Admission(True)  # it fits nowhere now: the start waits with its own reason
+        usage = copy_index(v for v in world.vms if v.id != vm.id)
+        usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING, ha_enabled=True))
+        world = dataclasses.replace(world, vms=usage)
+    failed, plan = worst_failure(world, count)
+    stranded = tuple(p.name for p in plan if p.ha and p.target is None)
+    if not stranded:
+        return Admission(True)
+    names = tuple(world.hosts[h].name for h in failed)
+    return Admission(
+        False, names, stranded,
+        f"admission control (admission.host.failures = {count}): if {', '.join(names)} failed, "
+        f"{len(stranded)} HA VM(s) could not be restarted ({', '.join(stranded[:5])}"
+        f"{' ...' if len(stranded) > 5 else ''})",
+    )
