@@ -439,6 +439,27 @@ def ha_list(
     _show_list(reply, reply.items, "HA work", as_json, render.print_work)
 
 
+@app.command("plan")
+def plan(
+    ctx: typer.Context,
+    failing: Annotated[str, typer.Option("--fail", metavar="HOST[,HOST]", help="Hosts that lose power.")],
+    as_json: Json = False,
+) -> None:
+    """What-if: what the manager would do if these hosts lost power now (its own placement, on a copy)."""
+    link = _link(ctx)
+    hosts = [name.strip() for name in failing.split(",") if name.strip()]
+    if not hosts:
+        fail("--fail needs at least one host", Exit.REFUSED)
+    _show(link.call(link.stub.PlanFailure, pb.PlanFailureRequest(fail=hosts)), as_json, render.print_plan)
+
+
+@app.command("capacity")
+def capacity(ctx: typer.Context, as_json: Json = False) -> None:
+    """Headroom per host, the reserve, and the HA VMs that would not fit after the worst admission.host.failures."""
+    link = _link(ctx)
+    _show(link.call(link.stub.PlanFailure, pb.PlanFailureRequest()), as_json, render.print_capacity)
+
+
 @app.command("events")
 def events(
     ctx: typer.Context,

@@ -289,3 +289,33 @@ def print_managers(reply: pb.ListManagersResponse, now: float | None = None) -> 
 
 def print_line(*parts: str | Text) -> None:
     console().print(Text.assemble(*parts))
+
+
+def print_plan(reply: pb.PlanFailureResponse) -> None:
+    """`kvmha plan`: per VM of the failed hosts, in restart order, its target or why none, and when."""
+    console().print(Text(f"If {', '.join(reply.failed) or 'nothing'} lost power now:", style="bold"))
+    table = _table("Order", "VM", "From", "HA", "Target", "ETA", "Why not")
+    for v in reply.vms:
+        eta = f"~{v.eta_s:.0f} s" if v.HasField("eta_s") else "-"
+        table.add_row(str(v.order) if v.order else "-", v.vm, v.from_host, "yes" if v.ha else "no",
+                      v.target or Text("no capacity" if v.ha else "not restarted", style="red" if v.ha else DIM),
+                      eta, v.reason or "")
+    console().print(table)
+
+
+def print_capacity(reply: pb.PlanFailureResponse) -> None:
+    """`kvmha capacity`: the reserve, the headroom per host, what would not fit after the worst failure."""
+    table = _table("Host", "Free memory", "Reserve", "Free vCPUs", "Inventory")
+    for h in reply.hosts:
+        table.add_row(h.host, f"{h.free_memory_mib} MiB", f"{h.reserve_mib} MiB", str(h.free_vcpus),
+                      "reported" if h.inventory_reported else Text("not reported", style=DIM))
+    console().print(table)
+    stranded = [v.vm for v in reply.vms if v.ha and not v.target]
+    n = reply.admission_host_failures
+    worst = ", ".join(reply.failed) or "-"
+    if stranded:
+        console().print(Text(f"After the worst {max(n, 1)} host failure(s) ({worst}) these HA VMs would not be "
+                             f"restarted: {', '.join(stranded)}", style="red"))
+    else:
+        console().print(Text(f"Every HA VM would be restarted after the worst {max(n, 1)} host failure(s) ({worst})."
+                             + ("" if n else " Admission control is off (admission.host.failures = 0).")))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol, TypeVar
 
 from kvmha.manager.core import facts
+from kvmha.manager.core.capacityplan import Headroom, PlannedVm
 from kvmha.manager.core.config import ConfigError, CoreConfig
 from kvmha.manager.core.model import HostId, HostRecord, HostStatus, PowerState, VmId, VmRecord, VmState
 from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
@@ -58,12 +59,24 @@ class LiveHosts:
     last_ping_at: Mapping[HostId, float]
 
 
+@dataclass(frozen=True, slots=True)
+class FailurePlan:
+    failed: tuple[str, ...]
+    vms: tuple[PlannedVm, ...]
+    headroom: tuple[Headroom, ...]
+    admission_host_failures: int
+
+
 class OperatorPort(Protocol):
     """What the admin API needs from the manager (implemented by ManagerService)."""
 
     async def run(self, operation: Operation[T], then: Callable[[T], Sequence[facts.Fact]] | None = None) -> T: ...
     async def read(self, operation: Operation[T]) -> T: ...
     def live_hosts(self) -> LiveHosts: ...
+    def plan_failure(self, fail: Sequence[str]) -> FailurePlan:
+        """What-if (core/capacityplan.py) on the live core; refuses unknown or non-Up hosts."""
+    def admission(self, vm_ref: str) -> str:
+        """'' when an operator start of the VM passes admission control, else why it is refused."""
     @property
     def config_overrides(self) -> Mapping[str, str]:
         """manager.toml's [config] values: they win over the stored ones."""

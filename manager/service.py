@@ -24,13 +24,13 @@ from kvmha.manager.adapters.clock import SystemClock
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.core import Core
-from kvmha.manager.core.model import HostId
+from kvmha.manager.core.model import HostId, HostStatus
 from kvmha.manager.driver import Driver, DriverSettings
 from kvmha.manager.env import Clock, Commit, Env, Submit
 from kvmha.manager.fencing import FencerFactory, fence_host, query_bmc
 from kvmha.manager.hub import AgentHello, AgentHub, WelcomeTerms
 from kvmha.manager.metrics import Metrics
-from kvmha.manager.operations import LiveHosts, Operation
+from kvmha.manager.operations import FailurePlan, LiveHosts, Operation, Refusal, refuse
 from kvmha.manager.store import Store, UnitOfWork
 
 log = logging.getLogger("kvmha.manager.service")
@@ -201,6 +201,36 @@ class ManagerService:
             if host.last_ping_at is not None
         }
         return LiveHosts(frozenset(self.links.hosts()), pings)
+
+    def plan_failure(self, fail: Sequence[str]) -> FailurePlan:
+        core = self.core
+        if core is None:
+            refuse(Refusal.FAILED_PRECONDITION, "the manager is still starting: no plan yet")
+        up = {host.id for host in core.hosts.values() if host.status is HostStatus.UP}
+        failed: list[HostId] = []
+        for ref in fail:
+            host = next((h for h in core.hosts.values() if ref in (h.name, h.uuid, str(h.id))), None)
+            if host is None:
+                refuse(Refusal.NOT_FOUND, f"no host {ref!r} (give its id, uuid or name)")
+            if host.id not in up:
+                refuse(Refusal.FAILED_PRECONDITION, f"host {host.name} is {host.status.value}, not Up: plan a failure "
+                       "of Up hosts")
+            if host.id not in failed:
+                failed.append(host.id)
+        if failed:
+            plan = core.plan_failure(failed)
+        else:
+            worst, plan = core.worst_failure()
+            failed = list(worst)
+        return FailurePlan(tuple(core.hosts[h].name for h in failed), tuple(plan), tuple(core.headroom()),
+                           core.config.admission_host_failures)
+
+    def admission(self, vm_ref: str) -> str:
+        core = self.core
+        if core is None:
+            return ""
+        vm = next((v for v in core.vms if vm_ref in (v.name, v.uuid, str(v.id))), None)
+        return "" if vm is None else core.admission(vm.id).message
 
     @property
     def manager_id(self) -> str:

@@ -150,7 +150,30 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._guard(context, create())
 
     async def StartVm(self, request: pb.Ref, context: Context) -> pb.VmInfo:
-        return await self._guard(context, self._vm_fact(request.ref, lambda v: facts.VmStartRequested(vm_id=v)))
+        async def start() -> pb.VmInfo:
+            refused = self._port.admission(request.ref)  # issue 16: an HA VM that would break the failure reserve
+            if refused:
+                ops.refuse(Refusal.FAILED_PRECONDITION, refused)
+            return await self._vm_fact(request.ref, lambda v: facts.VmStartRequested(vm_id=v))
+
+        return await self._guard(context, start())
+
+    async def PlanFailure(self, request: pb.PlanFailureRequest, context: Context) -> pb.PlanFailureResponse:
+        async def plan() -> pb.PlanFailureResponse:
+            result = self._port.plan_failure(list(request.fail))
+            reply = pb.PlanFailureResponse(failed=list(result.failed),
+                                           admission_host_failures=result.admission_host_failures)
+            for step in result.vms:
+                item = reply.vms.add(vm=step.name, from_host=step.from_host, ha=step.ha, target=step.target or "",
+                                     reason=step.reason, order=step.order)
+                if step.eta_s is not None:
+                    item.eta_s = step.eta_s
+            for room in result.headroom:
+                reply.hosts.add(host=room.host, free_memory_mib=room.free_memory_mib, reserve_mib=room.reserve_mib,
+                                free_vcpus=room.free_vcpus, inventory_reported=room.inventory_reported)
+            return reply
+
+        return await self._guard(context, plan())
 
     async def StopVm(self, request: pb.Ref, context: Context) -> pb.VmInfo:
         return await self._guard(context, self._vm_fact(request.ref, lambda v: facts.VmStopRequested(vm_id=v)))

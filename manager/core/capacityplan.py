@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, ResourceState, VmId, VmRecord, VmState
+from kvmha.manager.core.placement import free_memory_mib
 from kvmha.manager.core.targeting import PlacementView, target_for
 from kvmha.manager.core.vmindex import VmIndex
 
@@ -114,6 +115,28 @@ def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAUL
                                target.name if target else None, why, order,
                                eta if target is not None and eta != float("inf") else None))
     return plans
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    host: str
+    free_memory_mib: int
+    reserve_mib: int
+    free_vcpus: int
+    inventory_reported: bool
+
+
+def headroom(world: World) -> list[Headroom]:
+    """Room left per Up host, as placement counts it."""
+    rows = []
+    for host_id in world.up:
+        host = world.hosts[host_id]
+        own = host.inventory.memory_reserve_mib
+        reserve = world.config.host_memory_reserve_mib if own is None else own
+        vcpus = int(host.capacity.cpus * world.config.cpu_overcommit_ratio) - world.vms.used_vcpus[host_id]
+        rows.append(Headroom(host.name, free_memory_mib(host, world.vms, world.config.host_memory_reserve_mib),
+                             reserve, vcpus, host.inventory.reported))
+    return rows
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from kvmha.manager.core.model import (
     RequestId,
     VmId,
     VmRecord,
+    VmState,
     WorkId,
     WorkType,
 )
@@ -155,6 +156,16 @@ class Core:
     def plan_failure(self, failed: Sequence[HostId]) -> list[capacityplan.PlannedVm]:
         """What-if: what the core would do if `failed` hosts lost power now (core/capacityplan.py). Changes nothing."""
         return capacityplan.plan_failure(capacityplan.world_of(self._ctx, self._sched.placement_cursor), failed)
+
+    def headroom(self) -> list[capacityplan.Headroom]:
+        return capacityplan.headroom(capacityplan.world_of(self._ctx, self._sched.placement_cursor))
+
+    def admission(self, vm_id: VmId) -> capacityplan.Admission:
+        """Admission control for an operator start of this VM (the core refuses it the same way when it comes)."""
+        vm = self._ctx.vms.get(vm_id)
+        if vm is None or not vm.ha_enabled or vm.state not in (VmState.STOPPED, VmState.ERROR):
+            return capacityplan.Admission(True)
+        return capacityplan.admission(capacityplan.world_of(self._ctx, self._sched.placement_cursor), vm)
 
     def worst_failure(self) -> tuple[tuple[HostId, ...], list[capacityplan.PlannedVm]]:
         """The admission.host.failures hosts whose loss strands the most HA VMs, and the plan for it."""

@@ -45,6 +45,7 @@ RPC_ROLES: Final[dict[str, Role]] = {
     "ListVms": Role.READER,
     "GetVm": Role.READER,
     "ListHaWork": Role.READER,
+    "PlanFailure": Role.READER,
     "ListEvents": Role.READER,
     "FollowEvents": Role.READER,
     "ListConfig": Role.READER,

@@ -797,6 +797,7 @@ class SetConfigRequest(_message.Message):
 Global___SetConfigRequest: _TypeAlias = SetConfigRequest  # noqa: Y015
 
 @_typing.final
+<<<<<<< HEAD
 class ManagerInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -887,3 +888,133 @@ class ListManagersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListManagersResponse: _TypeAlias = ListManagersResponse  # noqa: Y015
+=======
+class PlanFailureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAIL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fail(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host names, ids or uuids; empty: the worst admission.host.failures hosts"""
+
+    def __init__(
+        self,
+        *,
+        fail: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail", b"fail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanFailureRequest: _TypeAlias = PlanFailureRequest  # noqa: Y015
+
+@_typing.final
+class PlannedVm(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    FROM_HOST_FIELD_NUMBER: _builtins.int
+    HA_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    ETA_S_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    from_host: _builtins.str
+    ha: _builtins.bool
+    target: _builtins.str
+    """empty: not restarted (reason says why)"""
+    reason: _builtins.str
+    order: _builtins.int
+    """restart order among HA VMs, 1-based; 0: not restarted"""
+    eta_s: _builtins.float
+    """estimated seconds after the failure until it runs again"""
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        from_host: _builtins.str = ...,
+        ha: _builtins.bool = ...,
+        target: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        order: _builtins.int = ...,
+        eta_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s", "eta_s", b"eta_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s", "eta_s", b"eta_s", "from_host", b"from_host", "ha", b"ha", "order", b"order", "reason", b"reason", "target", b"target", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__eta_s: _TypeAlias = _typing.Literal["eta_s"]  # noqa: Y015
+    _WhichOneofArgType__eta_s: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_s) -> _WhichOneofReturnType__eta_s | None: ...
+
+Global___PlannedVm: _TypeAlias = PlannedVm  # noqa: Y015
+
+@_typing.final
+class HostHeadroom(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    RESERVE_MIB_FIELD_NUMBER: _builtins.int
+    FREE_VCPUS_FIELD_NUMBER: _builtins.int
+    INVENTORY_REPORTED_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    free_memory_mib: _builtins.int
+    """capacity - reserve - placed, capped by the reported free memory"""
+    reserve_mib: _builtins.int
+    free_vcpus: _builtins.int
+    inventory_reported: _builtins.bool
+    """false: an older agent (storage and networks not tested)"""
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        free_memory_mib: _builtins.int = ...,
+        reserve_mib: _builtins.int = ...,
+        free_vcpus: _builtins.int = ...,
+        inventory_reported: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_memory_mib", b"free_memory_mib", "free_vcpus", b"free_vcpus", "host", b"host", "inventory_reported", b"inventory_reported", "reserve_mib", b"reserve_mib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostHeadroom: _TypeAlias = HostHeadroom  # noqa: Y015
+
+@_typing.final
+class PlanFailureResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAILED_FIELD_NUMBER: _builtins.int
+    VMS_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    ADMISSION_HOST_FAILURES_FIELD_NUMBER: _builtins.int
+    admission_host_failures: _builtins.int
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedVm]: ...
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___HostHeadroom]:
+        """now, before the failure"""
+
+    def __init__(
+        self,
+        *,
+        failed: _abc.Iterable[_builtins.str] | None = ...,
+        vms: _abc.Iterable[Global___PlannedVm] | None = ...,
+        hosts: _abc.Iterable[Global___HostHeadroom] | None = ...,
+        admission_host_failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_host_failures", b"admission_host_failures", "failed", b"failed", "hosts", b"hosts", "vms", b"vms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanFailureResponse: _TypeAlias = PlanFailureResponse  # noqa: Y015
+>>>>>>> 5859f78 (kvmha plan / kvmha capacity, admission refused with exit 4 (issue 16, part 4): AdminService.PlanFailure (reader role) runs Core.plan_failure on the live core for the given Up hosts, or Core.worst_failure for the worst admission.host.failures hosts, and returns per VM (restart order, target or why not, ETA) and per host headroom (free memory as placement counts it, reserve, free vCPUs, inventory reported). StartVm asks admission control first: FAILED_PRECONDITION with the reason (CLI exit 4); the core refuses the same way for starts that reach it otherwise. CLI: kvmha plan --fail h2[,h3] [--json], kvmha capacity [--json]; fake admin + CLI tests)

@@ -124,6 +124,11 @@ class AdminServiceStub:
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkRequest.SerializeToString,
                 response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkResponse.FromString,
                 _registered_method=True)
+        self.PlanFailure = channel.unary_unary(
+                '/kvmha.v1.AdminService/PlanFailure',
+                request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureRequest.SerializeToString,
+                response_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureResponse.FromString,
+                _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/kvmha.v1.AdminService/ListEvents',
                 request_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListEventsRequest.SerializeToString,
@@ -272,6 +277,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanFailure(self, request, context):
+        """What-if (issue 16): what the manager would do if these hosts lost power now, computed by the core's own
+        placement on a copy of its state; no hosts: the worst admission.host.failures hosts (kvmha capacity).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEvents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -396,6 +409,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListHaWork,
                     request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkRequest.FromString,
                     response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkResponse.SerializeToString,
+            ),
+            'PlanFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanFailure,
+                    request_deserializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureRequest.FromString,
+                    response_serializer=kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
@@ -909,6 +927,33 @@ class AdminService:
             '/kvmha.v1.AdminService/ListHaWork',
             kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkRequest.SerializeToString,
             kvmha_dot_proto_dot_v1_dot_admin__pb2.ListHaWorkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmha.v1.AdminService/PlanFailure',
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureRequest.SerializeToString,
+            kvmha_dot_proto_dot_v1_dot_admin__pb2.PlanFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,10 @@ class AdminServiceStub:
     CancelMigration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]
     """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled."""
     ListHaWork: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]
+    PlanFailure: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PlanFailureRequest, _admin_pb2.PlanFailureResponse]
+    """What-if (issue 16): what the manager would do if these hosts lost power now, computed by the core's own
+    placement on a copy of its state; no hosts: the worst admission.host.failures hosts (kvmha capacity).
+    """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]
     FollowEvents: _grpc.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]
     """Sends the events after `after_id` and then every new one as it is recorded, until the client cancels."""
@@ -108,6 +112,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CancelMigration: _aio.UnaryUnaryMultiCallable[_admin_pb2.Ref, _admin_pb2.VmInfo]  # type: ignore[assignment]
     """Aborts the VM's migration in progress (the VM stays on its source); the events say when it settled."""
     ListHaWork: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListHaWorkRequest, _admin_pb2.ListHaWorkResponse]  # type: ignore[assignment]
+    PlanFailure: _aio.UnaryUnaryMultiCallable[_admin_pb2.PlanFailureRequest, _admin_pb2.PlanFailureResponse]  # type: ignore[assignment]
+    """What-if (issue 16): what the manager would do if these hosts lost power now, computed by the core's own
+    placement on a copy of its state; no hosts: the worst admission.host.failures hosts (kvmha capacity).
+    """
     ListEvents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.ListEventsResponse]  # type: ignore[assignment]
     FollowEvents: _aio.UnaryStreamMultiCallable[_admin_pb2.ListEventsRequest, _admin_pb2.EventInfo]  # type: ignore[assignment]
     """Sends the events after `after_id` and then every new one as it is recorded, until the client cancels."""
@@ -254,6 +262,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListHaWorkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListHaWorkResponse, _abc.Awaitable[_admin_pb2.ListHaWorkResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanFailure(
+        self,
+        request: _admin_pb2.PlanFailureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PlanFailureResponse, _abc.Awaitable[_admin_pb2.PlanFailureResponse]]:
+        """What-if (issue 16): what the manager would do if these hosts lost power now, computed by the core's own
+        placement on a copy of its state; no hosts: the worst admission.host.failures hosts (kvmha capacity).
+        """
 
     @_abc_1.abstractmethod
     def ListEvents(

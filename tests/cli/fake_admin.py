@@ -301,6 +301,16 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         done = {"Done", "Error", "Cancelled"}
         return pb.ListHaWorkResponse(items=[w for w in self.work if not (request.active_only and w.step in done)])
 
+    def PlanFailure(self, request: pb.PlanFailureRequest, context: grpc.ServicerContext) -> pb.PlanFailureResponse:
+        self._record("PlanFailure", request)
+        reply = pb.PlanFailureResponse(failed=list(request.fail) or ["h1"], admission_host_failures=1)
+        reply.vms.add(vm="web", from_host=reply.failed[0], ha=True, target="h2", order=1, eta_s=2.4)
+        reply.vms.add(vm="db", from_host=reply.failed[0], ha=True, reason="no host fits 8192 MiB / 2 vCPUs "
+                      "(not enough free memory: h2)", order=2)
+        reply.vms.add(vm="scratch", from_host=reply.failed[0], ha=False, reason="HA off: stays Stopped")
+        reply.hosts.add(host="h2", free_memory_mib=3072, reserve_mib=1024, free_vcpus=12, inventory_reported=True)
+        return reply
+
     def _matching(self, request: pb.ListEventsRequest, after_id: int) -> list[pb.EventInfo]:
         return [e for e in self.events if e.id > after_id and (not request.subject or e.subject == request.subject)]
 

@@ -358,3 +358,26 @@ def test_status_colours_on_a_terminal_and_none_in_json(manager: str) -> None:
     assert "\x1b[31mDown" in out  # red
     assert "\x1b[33mFencing" in out  # yellow
     assert "\x1b[" not in ok(kvmha(manager, "host", "list", "--json", env={"FORCE_COLOR": "1"}))
+
+
+# --- capacity (issue 16) ---
+
+
+def test_plan_lists_each_vm_in_restart_order_with_its_target_or_why_not(fake: FakeAdmin, manager: str) -> None:
+    out = ok(kvmha(manager, "plan", "--fail", "h3, h4"))
+    assert fake.sent("PlanFailure") == [pb.PlanFailureRequest(fail=["h3", "h4"])]
+    assert "If h3, h4 lost power now" in out and "web" in out and "~2 s" in out
+    assert "no capacity" in out and "not enough free memory: h2" in out and "not restarted" in out
+
+
+def test_plan_json_and_a_missing_host_list(fake: FakeAdmin, manager: str) -> None:
+    vms = as_json(kvmha(manager, "plan", "--fail", "h3", "--json"))["vms"]
+    assert [v["vm"] for v in vms] == ["web", "db", "scratch"] and vms[0]["target"] == "h2"
+    result = kvmha(manager, "plan", "--fail", " ,")
+    assert result.exit_code == 4 and fake.sent("PlanFailure") == [pb.PlanFailureRequest(fail=["h3"])]
+
+
+def test_capacity_shows_headroom_and_what_would_not_fit(fake: FakeAdmin, manager: str) -> None:
+    out = ok(kvmha(manager, "capacity"))
+    assert fake.sent("PlanFailure") == [pb.PlanFailureRequest()]
+    assert "3072 MiB" in out and "1024 MiB" in out and "would not be restarted: db" in out
