@@ -231,6 +231,8 @@ async def _refresh_metrics(service: ManagerService, health: health_aio.HealthSer
         core = service.core
         if core is not None and tick % int(METRICS_REFRESH_S) == 0:
             service.metrics.refresh(core.hosts.values(), core.vms, core.works.values(), len(service.links))
+            _, worst = core.worst_failure()
+            service.metrics.refresh_capacity(core.headroom(), sum(1 for p in worst if p.ha and p.target is None))
         service.metrics.backlog.set(service.driver.backlog)
         service.metrics.coalesced.set(service.driver.coalesced)
         tick += 1

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from kvmha.manager.core import actions, facts
+from kvmha.manager.core.capacityplan import Headroom
 from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 
 LATENCY_BUCKETS_S = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
@@ -49,6 +50,12 @@ class Metrics:
         self.restart_latency = Histogram(
             "kvmha_restart_latency_seconds", "HA work created to the VM confirmed running elsewhere",
             buckets=LATENCY_BUCKETS_S, registry=r)
+        # issue 16: room per host as placement counts it, and the HA VMs the worst admission.host.failures would strand
+        self.free_memory = Gauge("kvmha_host_free_memory_mib", "Memory a new VM may take per Up host (capacity - "
+                                 "reserve - placed, capped by the reported free memory)", ["host"], registry=r)
+        self.free_vcpus = Gauge("kvmha_host_free_vcpus", "vCPUs a new VM may take per Up host", ["host"], registry=r)
+        self.stranded = Gauge("kvmha_capacity_stranded_ha_vms", "HA VMs that would not be restarted after the worst "
+                              "admission.host.failures host failures", registry=r)
         self._done_work: set[int] = set()
         self._behind: set[int] = set()
 
@@ -78,6 +85,14 @@ class Metrics:
         elif host.id not in self._behind and host.last_ping_at is not None:
             self._behind.add(host.id)
             self.detection_latency.observe(max(0.0, now - host.last_ping_at))
+
+    def refresh_capacity(self, headroom: Iterable[Headroom], stranded: int) -> None:
+        self.free_memory.clear()
+        self.free_vcpus.clear()
+        for room in headroom:
+            self.free_memory.labels(room.host).set(room.free_memory_mib)
+            self.free_vcpus.labels(room.host).set(room.free_vcpus)
+        self.stranded.set(stranded)
 
     def refresh(self, hosts: Iterable[HostRecord], vms: Iterable[VmRecord], works: Iterable[HaWorkRecord],
                 streams: int) -> None:

@@ -63,13 +63,6 @@ def world_of(ctx: Ctx, cursor: int) -> World:
     return World(ctx.hosts, ctx.vms, list(ctx.up.ids), frozenset(ctx.held.at(ctx.now)), ctx.config, cursor)
 
 
-def copy_index(vms: Iterable[VmRecord]) -> VmIndex:
-    index = VmIndex()
-    for vm in vms:
-        index.add(dataclasses.replace(vm))
-    return index
-
-
 def restart_order(vms: Iterable[VmRecord]) -> list[VmRecord]:
     """The scheduler's heap order for one batch: (-priority, scheduling order); scheduling goes host by host, VM id
     order within a host."""
@@ -89,7 +82,7 @@ def detection_s(host: HostRecord, config: CoreConfig) -> float:
 def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAULT_START_S) -> list[PlannedVm]:
     """Per VM of the failed hosts, in restart order: its target, or why it has none, and when it should run."""
     lost = frozenset(failed)
-    usage = copy_index(world.vms)
+    usage = world.vms.copy()
     candidates = [h for h in world.up if h not in lost]
     view = PlacementView(world.hosts, usage, candidates, lost, world.held - lost, world.config)
     scheduled: list[VmRecord] = []
@@ -148,7 +141,9 @@ class Admission:
 
 
 def failure_sets(world: World, count: int) -> Iterable[tuple[HostId, ...]]:
-    enabled = [h for h in world.up if world.hosts[h].resource_state is ResourceState.ENABLED]
+    # a host without an HA VM to restart strands nothing when it fails alone
+    enabled = [h for h in world.up if world.hosts[h].resource_state is ResourceState.ENABLED
+               and (count > 1 or any(vm.ha_enabled for vm in world.vms.on_host(h)))]
     return itertools.islice(itertools.combinations(enabled, min(count, len(enabled))), MAX_FAILURE_SETS)
 
 
@@ -175,7 +170,7 @@ def admission(world: World, vm: VmRecord | None = None) -> Admission:
         target, _, _ = target_for(vm, view, world.cursor + 1)
         if target is None:
             return Admission(True)  # it fits nowhere now: the start waits with its own reason
-        usage = copy_index(v for v in world.vms if v.id != vm.id)
+        usage = world.vms.copy()
         usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING, ha_enabled=True))
         world = dataclasses.replace(world, vms=usage)
     failed, plan = worst_failure(world, count)

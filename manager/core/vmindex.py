@@ -71,6 +71,18 @@ class VmIndex:
     def max_id(self) -> int:
         return max(self._vms, default=0)
 
+    def copy(self) -> VmIndex:
+        """An index over the same records whose own changes (add, remove) do not reach this one: the planner's
+        scratch copy (core/capacityplan.py). Records are shared, so callers must not `update` them."""
+        twin = VmIndex()
+        twin._vms, twin._by_uuid, twin._reserved = dict(self._vms), dict(self._by_uuid), dict(self._reserved)
+        twin._by_host = defaultdict(set, {h: set(ids) for h, ids in self._by_host.items()})
+        twin._by_group = defaultdict(set, {g: set(ids) for g, ids in self._by_group.items()})
+        twin.used_memory_mib = defaultdict(int, self.used_memory_mib)
+        twin.used_vcpus = defaultdict(int, self.used_vcpus)
+        twin.placed_count = defaultdict(int, self.placed_count)
+        return twin
+
     # ------------------------------------------------------------ changes
 
     def add(self, vm: VmRecord) -> None:
