@@ -215,3 +215,33 @@ def test_confirm_down_is_refused_for_a_host_that_is_up(cluster: LocalCluster) ->
     assert ok(cluster, "host", "show", "h2")["status"] == "Up"
     done = kvmha(cluster, "host", "confirm-down", "h9")
     assert done.returncode == 3 and "no host 'h9'" in done.stderr, done
+
+
+def test_capacity_plan_and_admission_control(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Issue 16 against real agents (which report their inventory): the planner names where an HA VM would go, and a
+    second big HA VM that would leave the first without a place after a host failure is refused with exit code 4."""
+    rooms = {h["host"]: h for h in ok(cluster, "capacity")["hosts"]}
+    assert sorted(rooms) == ["h1", "h2"] and all(r["inventory_reported"] for r in rooms.values()), rooms
+    for name in ("big1", "big2"):
+        (tmp_path / f"{name}.xml").write_text(domain_xml(name, domain_type="test", memory_mib=2500))
+        ok(cluster, "vm", "create", "--xml", str(tmp_path / f"{name}.xml"), "--ha")
+    try:
+        ok(cluster, "vm", "start", "big1")
+        big1 = wait_for(lambda: (v := ok(cluster, "vm", "show", "big1"))["state"] == "Running" and v, 30,
+                        "big1 Running", interval_s=0.5)
+        other = "h2" if big1["host"] == "h1" else "h1"
+        plan = ok(cluster, "plan", "--fail", big1["host"])
+        assert plan["failed"] == [big1["host"]] and plan["vms"][0]["vm"] == "big1", plan
+        assert plan["vms"][0]["target"] == other and plan["vms"][0]["order"] == 1, plan
+        refused = kvmha(cluster, "vm", "start", "big2")
+        assert refused.returncode == 4 and "admission control" in refused.stderr, refused
+        assert ok(cluster, "vm", "show", "big2")["state"] == "Stopped"
+        unknown = kvmha(cluster, "plan", "--fail", "nosuchhost")
+        assert unknown.returncode == 3, unknown
+    finally:
+        for name in ("big1", "big2"):
+            kvmha(cluster, "vm", "stop", name)
+        wait_for(lambda: all(ok(cluster, "vm", "show", n)["state"] == "Stopped" for n in ("big1", "big2")), 30,
+                 "both Stopped", interval_s=0.5)
+        for name in ("big1", "big2"):
+            ok(cluster, "vm", "delete", name)
