@@ -163,8 +163,9 @@ def admission(world: World, vm: VmRecord | None = None) -> Admission:
     """Would every HA VM still be restarted after the worst `admission.host.failures` hosts fail, with `vm` (an HA
     VM about to start) placed where a start would put it now? HA restarts never ask this."""
     count = world.config.admission_host_failures
-    if count <= 0:
-        return Admission(True)
+    enabled = [h for h in world.up if world.hosts[h].resource_state is ResourceState.ENABLED]
+    if count <= 0 or len(enabled) <= count:
+        return Admission(True)  # off, or too few hosts to survive N failures at all: nothing to keep in reserve
     if vm is not None:
         view = PlacementView(world.hosts, world.vms, world.up, frozenset(), world.held, world.config)
         target, _, _ = target_for(vm, view, world.cursor + 1)
