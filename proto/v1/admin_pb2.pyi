@@ -797,7 +797,6 @@ class SetConfigRequest(_message.Message):
 Global___SetConfigRequest: _TypeAlias = SetConfigRequest  # noqa: Y015
 
 @_typing.final
-<<<<<<< HEAD
 class ManagerInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -888,7 +887,8 @@ class ListManagersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListManagersResponse: _TypeAlias = ListManagersResponse  # noqa: Y015
-=======
+
+@_typing.final
 class PlanFailureRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1017,4 +1017,3 @@ class PlanFailureResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanFailureResponse: _TypeAlias = PlanFailureResponse  # noqa: Y015
->>>>>>> 5859f78 (kvmha plan / kvmha capacity, admission refused with exit 4 (issue 16, part 4): AdminService.PlanFailure (reader role) runs Core.plan_failure on the live core for the given Up hosts, or Core.worst_failure for the worst admission.host.failures hosts, and returns per VM (restart order, target or why not, ETA) and per host headroom (free memory as placement counts it, reserve, free vCPUs, inventory reported). StartVm asks admission control first: FAILED_PRECONDITION with the reason (CLI exit 4); the core refuses the same way for starts that reach it otherwise. CLI: kvmha plan --fail h2[,h3] [--json], kvmha capacity [--json]; fake admin + CLI tests)
