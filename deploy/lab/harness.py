@@ -246,6 +246,9 @@ def split_host(address: str) -> str:
 LAB_DOMAIN_XML_ALLOW = ("qemu:override",)
 
 
+CONFIRM_AFTER_S = 0.2  # DuplicateWatch.confirm looks again this much later
+
+
 @dataclass
 class DuplicateWatch:
     """Samples every host's QEMU processes in the background and remembers any VM *running* on two hosts at once.
@@ -254,9 +257,10 @@ class DuplicateWatch:
     (PAUSED / migration) while the source runs, and at switchover the source pauses before the target resumes. So a
     VM whose QEMU shows on several hosts in one /proc pass is judged by libvirt's state on each of those hosts, read
     at the same moment (one thread per host, released together), not one after the other: it is a duplicate only if
-    two or more say `running` — twice in a row, since two concurrent reads can still straddle the switchover (the
-    source read just before it paused, the target just after it resumed). A host whose libvirtd does not answer
-    counts as running (nothing proves its copy paused). Such allowed overlaps are counted in `overlaps`."""
+    two or more say `running` — and still do 0.2 s later with their QEMUs still there (`confirm`), since two
+    concurrent reads can still straddle the switchover and a host being powered off still shows its QEMU while its
+    libvirtd no longer answers. A host whose libvirtd does not answer counts as running (nothing proves its copy
+    paused). Such allowed overlaps are counted in `overlaps`."""
 
     lab: Lab
     interval_s: float = 0.1
@@ -289,12 +293,24 @@ class DuplicateWatch:
                 if len(hosts) > 1:
                     running = self.running_on(vm, hosts)
                     if len(running) > 1:
-                        running = self.running_on(vm, running)  # again, at once: not a read across the switchover
+                        running = self.confirm(vm, running)
                     if len(running) <= 1:
                         self.overlaps += 1
                     running_by_vm[vm] = running
             self.record(at, by_vm, running_by_vm)
             self._stop.wait(self.interval_s)
+
+    def confirm(self, vm: str, hosts: list[str]) -> list[str]:
+        """Two hosts seemed to run the VM: look again, a moment later, at the QEMUs and at libvirt. Two reads can
+        straddle the switchover (the source read just before it paused, the target just after it resumed), and a
+        host being powered off still shows its QEMU while its libvirtd no longer answers."""
+        self._stop.wait(CONFIRM_AFTER_S)
+        try:
+            qemus = self.lab.running_vms()
+        except Exception:  # a host powering off mid-walk: judge on what the first look saw
+            qemus = {host: {vm: 0} for host in hosts}
+        still = [host for host in hosts if vm in qemus.get(host, {})]
+        return self.running_on(vm, still) if len(still) > 1 else still
 
     def running_on(self, vm: str, hosts: list[str]) -> list[str]:
         """The hosts among `hosts` whose libvirt says the VM is running, all read at the same moment."""

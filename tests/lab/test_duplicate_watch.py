@@ -15,11 +15,12 @@ from kvmha.lab.lab import Lab
 class StandIn:
     """running_vms() from a fixed map; `virsh domstate` answers from a script of reads per host."""
 
-    def __init__(self, qemus: dict[str, dict[str, int]], states: dict[str, list[str]]) -> None:
+    def __init__(self, qemus: list[dict[str, dict[str, int]]], states: dict[str, list[str]]) -> None:
         self.qemus, self.states = qemus, {host: iter(seq) for host, seq in states.items()}
 
     def running_vms(self) -> dict[str, dict[str, int]]:
-        return self.qemus
+        """The next /proc pass (the last one again once the script is used up)."""
+        return self.qemus.pop(0) if len(self.qemus) > 1 else self.qemus[0]
 
     def exec(self, host: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         state = next(self.states[host])
@@ -32,8 +33,9 @@ class StandIn:
         return subprocess.CompletedProcess(argv, 0, state + "\n", "")
 
 
-def _sample(qemus: dict[str, dict[str, int]], states: dict[str, list[str]]) -> DuplicateWatch:
-    watch = DuplicateWatch(cast(Lab, StandIn(qemus, states)))
+def _sample(qemus: dict[str, dict[str, int]] | list[dict[str, dict[str, int]]],
+            states: dict[str, list[str]]) -> DuplicateWatch:
+    watch = DuplicateWatch(cast(Lab, StandIn(qemus if isinstance(qemus, list) else [qemus], states)))
     original = watch._stop.wait  # one pass of the sampling loop, in this thread
 
     def once(timeout: float | None = None) -> bool:
@@ -67,6 +69,12 @@ def test_a_migration_overlap_is_allowed_two_running_copies_are_not(
     assert watch.samples == 1
     assert bool(watch.duplicates) is duplicate, watch.duplicates
     assert watch.overlaps == (0 if duplicate else 1)
+
+
+def test_a_host_powered_off_mid_read_is_judged_on_its_qemu_being_gone() -> None:
+    """Its libvirtd no longer answers (counted as running), but its QEMU is gone a moment later: no duplicate."""
+    watch = _sample([TWO, {"h1": {"vm1": 10}, "h2": {}}], {"h1": ["running", "running"], "h2": ["no answer"]})
+    assert not watch.duplicates and watch.overlaps == 1
 
 
 def test_one_qemu_per_vm_asks_libvirt_nothing() -> None:
