@@ -175,6 +175,8 @@ def admission(world: World, vm: VmRecord | None = None) -> Admission:
         usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING, ha_enabled=True))
         world = dataclasses.replace(world, vms=usage)
     failed, plan = worst_failure(world, count)
+    if not failed:
+        return Admission(True)
     stranded = tuple(p.name for p in plan if p.ha and p.target is None)
     if not stranded:
         return Admission(True)

@@ -192,7 +192,17 @@ class OperatorFlow:
     def host_maintenance(self, fact: f.HostMaintenanceChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)
         if host is not None:
+            before = host.resource_state
             self.life.set_maintenance(host, fact.on)
+            if fact.on and before is not host.resource_state:
+                self._warn_reserve(host)
+
+    def _warn_reserve(self, host: HostRecord) -> None:
+        """Maintenance is allowed even when it eats the failure reserve (issue 16): it is said, not refused."""
+        verdict = capacityplan.admission(capacityplan.world_of(self.ctx, self.work.placement_cursor))
+        if not verdict.ok:
+            self.ctx.event("warning", f"host:{host.id}", "capacity.reserve.used",
+                           f"maintenance uses the failure reserve: {verdict.message}")
 
     def host_enabled(self, fact: f.HostEnabledChanged) -> None:
         host = self.ctx.hosts.get(fact.host_id)

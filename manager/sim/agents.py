@@ -253,6 +253,7 @@ class Agents:
             self.sim.schedule(self.sim.now + 0.05, self.reply, epoch, host, done)
             return
         if not host.reaches_disks(self.world.vms[uuid]):  # libvirt: "Cannot access storage file"
+            self.sim.metrics.storage_refusals += 1
             failed = f.CommandCompleted(RequestId(rid), False, "cannot access storage file")
             self.sim.schedule(self.sim.now + 0.05, self.reply, epoch, host, failed)
             return

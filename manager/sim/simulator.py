@@ -53,6 +53,7 @@ class Metrics:
     failure_to_running_s: list[float] = field(default_factory=list)
     detection_to_running_s: list[float] = field(default_factory=list)
     no_capacity_events: int = 0
+    storage_refusals: int = 0  # starts the simulated hypervisor refused: the host could not reach the VM's disks
 
 
 class Simulator:

@@ -54,6 +54,9 @@ FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {
     "watchdog-killed": (1, (40.0, 80.0)),
     "watchdog-broken-agent-dies": (1, (150.0, 250.0)),
 }
+# Issue 16: a host's storage "a" turns unhealthy (its inventory says so at once). Not in FAULTS' default weights, so
+# the storms above keep their draws; a storm that wants it passes `weights` with it.
+STORAGE_FAULTS: dict[str, tuple[int, tuple[float, float] | None]] = {"mount": (3, (20.0, 150.0))}
 # Issue 11's compound faults, and the plain failures they must not be confused with.
 ISSUE_11_FAULTS = (
     "agent-dies-cut-off",
@@ -206,7 +209,7 @@ class Storm:
 
     def _inject(self, kind: str, host: str) -> None:
         self.injected[kind] = self.injected.get(kind, 0) + 1
-        recovery = FAULTS[kind][1]
+        recovery = (FAULTS | STORAGE_FAULTS)[kind][1]
         later = self.sim.now + self.rng.uniform(*recovery) if recovery else None
         if kind in ("kill-vm", "guest-shutdown"):
             running = sorted(self.sim.world.hosts_by_name[host].running)
@@ -220,6 +223,7 @@ class Storm:
             "network": (["network {h} off"], ["network {h} on"]),
             "link": (["link {h} off"], ["link {h} on"]),
             "storage": (["storage {h} off"], ["storage {h} on"]),
+            "mount": (["mount {h} a off"], ["mount {h} a on"]),
             "isolation": (["network {h} off", "storage {h} off"], []),
             "bmc-dead-power-loss": (["bmc {h} dead", "power {h} off"], []),
             "fence-fails": (["bmc {h} fail 2", "network {h} off", "storage {h} off"], []),

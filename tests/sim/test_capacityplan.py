@@ -4,6 +4,9 @@ without capacity — and admission control's verdict agrees with the plan of the
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +14,7 @@ from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, VmId, VmState, VmUuid
 from kvmha.manager.sim.script import apply
 from kvmha.manager.sim.simulator import Simulator
+from kvmha.manager.sim.storm import FAULTS, Storm, build_cluster
 from kvmha.manager.sim.world import SimHost, SimVm
 
 STORAGE = ("a", "b")
@@ -78,3 +82,31 @@ def test_admission_agrees_with_the_worst_plan(cluster: tuple[list[SimHost], list
             assert sum(p.target is None and p.ha for p in other) <= sum(p.target is None and p.ha for p in plan)
     finally:
         sim.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_storm_on_hosts_with_different_storage_never_starts_a_vm_where_its_disks_are_not(seed: int) -> None:
+    """Issue 16 in a compound storm: every host mounts storage a, half of them b as well, and one in five has another
+    server's export at /mnt/b (same path, other storage); VMs live on a or b. Power losses, partitions, storage that
+    turns unhealthy (`mount`), manager restarts and database outages at once: no VM on two hosts, and the simulated
+    hypervisor never has to refuse a start because the host cannot reach the VM's disks."""
+    rng = random.Random(seed)
+    hosts, vms = build_cluster(60, 4, rng)
+    for host in hosts:
+        host.storage = {"a": "nfs:nas:/a"} | ({"b": "nfs:nas:/b"} if host.id % 2 else {})
+        if host.id % 5 == 0:
+            host.storage["b"] = "nfs:other:/b"
+    for vm in vms:
+        placed = next(h for h in hosts if h.name == vm.host)
+        vm.disks = ("b",) if placed.storage and placed.storage.get("b") == "nfs:nas:/b" and vm.id % 2 else ("a",)
+    sim = Simulator(hosts, vms, seed=seed, jitter_s=0.05)
+    weights = {name: weight for name, (weight, _) in FAULTS.items()} | {"mount": 20}
+    storm = Storm(sim, rng, rate_per_s=0.2, until_s=900.0, compound=2, weights=weights, max_concurrent_share=0.15)
+    storm.start()
+    try:
+        sim.run_until(1300.0)
+    finally:
+        sim.close()
+    assert sim.checker.violations == []
+    assert storm.injected.get("mount", 0) >= 5 and storm.injected.get("power-loss", 0) >= 1, storm.injected
+    assert sim.metrics.storage_refusals == 0
