@@ -137,6 +137,7 @@ class AgentLink:
         self._hv = hypervisor
         self._runner = runner
         self._heartbeat = heartbeat
+        self._standby_refused = False  # the last session ended in a standby manager's REJECT_NOT_ACTIVE
         self._work = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-cmd")
         self._snap = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-snap")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -295,6 +296,8 @@ class AgentLink:
                 break
             if welcomed and time.monotonic() - began >= STABLE_SESSION_S:
                 attempt = 0  # a session that worked for a while: try the same manager again, soon
+            elif self._standby_refused:
+                index, attempt, self._standby_refused = index + 1, 0, False  # (see _refused)
             else:
                 # Failed, or welcomed and dropped at once (a manager in a crash loop): back off, next address.
                 index, attempt = index + 1, attempt + 1
@@ -329,8 +332,12 @@ class AgentLink:
             return True, await self._serve(address, call, responses, session, first.welcome, stop)
 
     def _refused(self, address: str, first: pb.ManagerMessage | None) -> float:
+        self._standby_refused = False
         if first is not None and first.WhichOneof("msg") == "reject":
             r = first.reject
+            # A standby manager is alive and answering: the next manager in the list (or this one, once it has
+            # taken the lease over) is worth trying soon, so its refusal does not grow the back-off.
+            self._standby_refused = r.code == pb.REJECT_NOT_ACTIVE
             log.error("event=manager_rejected manager=%s code=%s reason=%r retry_after_s=%.1f", address,
                       pb.RejectCode.Name(r.code), r.reason, r.retry_after_s)
             return _retry_after_s(r.retry_after_s)
