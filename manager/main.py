@@ -39,6 +39,7 @@ log = logging.getLogger("kvmha.manager")
 VERSION = "0.1.0"
 MAX_MESSAGE_BYTES = 8 << 20  # a full report of thousands of domains fits; a larger message is refused
 METRICS_REFRESH_S = 5.0
+CAPACITY_REFRESH_S = 60.0  # the capacity gauges (issue 16): a worst-failure plan is O(hosts^2)
 HEALTH_SERVICE = "kvmha.v1.AgentLink"
 ADMIN_CONCURRENT_RPCS = 64  # event followers included
 STOP_GRACE_S = 2.0  # calls in flight get this long once the manager stops
@@ -231,6 +232,8 @@ async def _refresh_metrics(service: ManagerService, health: health_aio.HealthSer
         core = service.core
         if core is not None and tick % int(METRICS_REFRESH_S) == 0:
             service.metrics.refresh(core.hosts.values(), core.vms, core.works.values(), len(service.links))
+        if core is not None and tick % int(CAPACITY_REFRESH_S) == 0:
+            # a plan per host: ~0.5 s of the loop at 1,000 hosts (bench/capacity_plan.py), so once a minute
             _, worst = core.worst_failure()
             service.metrics.refresh_capacity(core.headroom(), sum(1 for p in worst if p.ha and p.target is None))
         service.metrics.backlog.set(service.driver.backlog)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,43 @@ class World:
     cursor: int
 
 
+class PlanIndex(VmIndex):
+    """The live index seen through a plan's bookings: usage sums copied (O(hosts), C-level dict copies), records and
+    the host/group indexes shared and never changed; a booked VM counts on its target, and for anti-affinity it is
+    there. What placement reads (usage sums, group_hosts, on_host) is all it offers: a plan is O(hosts + its VMs),
+    not O(VMs), so admission over every host stays affordable on large clusters (bench/capacity_plan.py)."""
+
+    def __init__(self, base: VmIndex) -> None:  # no super().__init__: nothing of the base is copied but the sums
+        self._base = base
+        self.used_memory_mib = defaultdict(int, base.used_memory_mib)
+        self.used_vcpus = defaultdict(int, base.used_vcpus)
+        self.placed_count = defaultdict(int, base.placed_count)
+        self._booked: dict[VmId, VmRecord] = {}  # copies of booked VMs, Starting on their target
+
+    def book(self, vm: VmRecord, host_id: HostId) -> None:
+        """The VM starts on `host_id` (its old host is failed: what it held there no longer matters)."""
+        self.used_memory_mib[host_id] += vm.memory_mib
+        self.used_vcpus[host_id] += vm.vcpus
+        self.placed_count[host_id] += 1
+        self._booked[vm.id] = dataclasses.replace(vm, host_id=host_id, state=VmState.STARTING)
+
+    def group_hosts(self, group: str, except_vm: VmId) -> set[HostId]:
+        hosts = self._base.group_hosts(group, except_vm)
+        hosts.update(
+            vm.host_id for vm in self._booked.values()
+            if vm.anti_affinity_group == group and vm.id != except_vm and vm.host_id is not None
+        )
+        return hosts
+
+    def on_host(self, host_id: HostId) -> list[VmRecord]:
+        here = [vm for vm in self._base.on_host(host_id) if vm.id not in self._booked]
+        here.extend(vm for vm in self._booked.values() if vm.host_id == host_id)
+        return sorted(here, key=lambda vm: vm.id)
+
+    def get(self, vm_id: VmId) -> VmRecord | None:
+        return self._booked.get(vm_id) or self._base.get(vm_id)
+
+
 def world_of(ctx: Ctx, cursor: int) -> World:
     """The live core's state as a plan reads it (not copied: plans copy what they change)."""
     return World(ctx.hosts, ctx.vms, list(ctx.up.ids), frozenset(ctx.held.at(ctx.now)), ctx.config, cursor)
@@ -82,7 +120,7 @@ def detection_s(host: HostRecord, config: CoreConfig) -> float:
 def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAULT_START_S) -> list[PlannedVm]:
     """Per VM of the failed hosts, in restart order: its target, or why it has none, and when it should run."""
     lost = frozenset(failed)
-    usage = world.vms.copy()
+    usage = PlanIndex(world.vms)
     candidates = [h for h in world.up if h not in lost]
     view = PlacementView(world.hosts, usage, candidates, lost, world.held - lost, world.config)
     scheduled: list[VmRecord] = []
@@ -102,8 +140,7 @@ def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAUL
         detect = detection_s(source, world.config) if source is not None else 0.0
         eta = detect + ((order - 1) // workers + 1) * start_s
         if target is not None:
-            usage.remove(vm.id)
-            usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING))
+            usage.book(vm, target.id)
         plans.append(PlannedVm(vm.id, vm.name, source.name if source else "-", True,
                                target.name if target else None, why, order,
                                eta if target is not None and eta != float("inf") else None))
@@ -171,8 +208,8 @@ def admission(world: World, vm: VmRecord | None = None) -> Admission:
         target, _, _ = target_for(vm, view, world.cursor + 1)
         if target is None:
             return Admission(True)  # it fits nowhere now: the start waits with its own reason
-        usage = world.vms.copy()
-        usage.add(dataclasses.replace(vm, host_id=target.id, state=VmState.STARTING, ha_enabled=True))
+        usage = PlanIndex(world.vms)
+        usage.book(dataclasses.replace(vm, ha_enabled=True), target.id)
         world = dataclasses.replace(world, vms=usage)
     failed, plan = worst_failure(world, count)
     if not failed:
