@@ -54,8 +54,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             return await call
         except OperationError as error:
             await context.abort(STATUS[error.refusal], str(error))
-        except NotActive as standby:  # a change needs the manager that holds the lease
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(standby))
+        except NotActive as standby:  # a change needs the manager that holds the lease: say which one it is
+            lease = await self._port.read(lambda uow: uow.managers.lease())
+            holder = f"; the lease is held by {lease.manager_id}" if lease is not None and lease.manager_id else ""
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{standby}{holder}")
 
     # ------------------------------------------------------------------ hosts
 

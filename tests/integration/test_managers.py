@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kvmha.lab.domain import domain_xml
@@ -143,6 +144,10 @@ def test_a_holder_paused_past_its_lease_resumes_deposed(cluster: LocalCluster) -
     assert {n: after[n].update_count for n in HA_VMS} == {n: before[n].update_count for n in HA_VMS}
     view = _managers(cluster)  # m1 answers reads as a standby
     assert view.lease_holder == "m2" and [m.id for m in view.managers if m.answering] == ["m1"]
+    with pytest.raises(grpc.RpcError) as refused:  # and refuses changes, naming the holder
+        cluster.admin().SetVmHa(apb.SetVmHaRequest(vm="ha1", enabled=True), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "held by m2" in str(refused.value.details())
     assert all(h.status == "Up" for h in m2.hosts().values())
 
 
