@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from kvmha.manager.core import actions, facts
 from kvmha.manager.store import UnitOfWork
@@ -38,6 +38,18 @@ class Clock(Protocol):
     def wall(self) -> float: ...
     def to_wall(self, mono: float) -> float: ...
     def to_mono(self, wall: float) -> float: ...
+
+
+class Probe(Generic[T]):
+    """An operation that asks whether the store commits (the driver's store probe). Production runs it on a thread of
+    its own: queued behind busy worker threads it would time out and call a loaded store down (seen at 6,000 agents:
+    the driver held its decisions again and again while the database answered in milliseconds)."""
+
+    def __init__(self, operation: Callable[[UnitOfWork], T]) -> None:
+        self.operation = operation
+
+    def __call__(self, uow: UnitOfWork) -> T:
+        return self.operation(uow)
 
 
 class Persistence(Protocol):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from kvmha.manager.adapters.clock import to_wall_action
 from kvmha.manager.core import actions as a
-from kvmha.manager.env import Env
+from kvmha.manager.env import Env, Probe
 from kvmha.manager.lease import Lease, LeaseLost
 from kvmha.manager.store import UnitOfWork
 from kvmha.manager.storewatch import StoreWatch
@@ -123,7 +123,7 @@ class Recorder:
         began_at, timeout_s = self._env.clock.monotonic(), self._probe_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                renewed = await self._env.persistence.transact(probe)
+                renewed = await self._env.persistence.transact(Probe(probe))
         except TimeoutError:
             self._watch.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
             return False

@@ -26,7 +26,7 @@ from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.core import Core
 from kvmha.manager.core.model import HostId, HostStatus
 from kvmha.manager.driver import Driver, DriverSettings
-from kvmha.manager.env import Clock, Commit, Env, Submit
+from kvmha.manager.env import Clock, Commit, Env, Probe, Submit
 from kvmha.manager.fencing import FencerFactory, fence_host, query_bmc
 from kvmha.manager.hub import AgentHello, AgentHub, WelcomeTerms
 from kvmha.manager.metrics import Metrics
@@ -49,10 +49,16 @@ class ServiceSettings:
 
 
 class ThreadedPersistence:
+    """Transactions in worker threads; the store probe on a thread of its own, so that it measures the database and
+    not the queue in front of the workers (env.Probe)."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._probe_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-probe")
 
     async def transact(self, operation: Callable[[UnitOfWork], T]) -> T:
+        if isinstance(operation, Probe):
+            return await asyncio.get_running_loop().run_in_executor(self._probe_thread, self._in_uow, operation)
         return await asyncio.to_thread(self._in_uow, operation)
 
     def _in_uow(self, operation: Callable[[UnitOfWork], T]) -> T:
