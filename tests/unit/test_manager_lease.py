@@ -133,10 +133,10 @@ class Transport:
 
 
 class Manager:
-    def __init__(self, loop: VirtualLoop, store: MemoryStore, name: str) -> None:
+    def __init__(self, loop: VirtualLoop, store: MemoryStore, name: str, transport: Transport | None = None) -> None:
         clock = SimClock(loop)
         self.persistence = PausablePersistence(store, clock)
-        self.transport = Transport()
+        self.transport = transport or Transport()
         env = Env(clock, self.persistence, self.transport, SimJournal(lambda kind, at, text: None, clock))
         self.driver = Driver(env, DriverSettings(name, config_overrides=FAST))
         self.hub = AgentHub(self.driver)
