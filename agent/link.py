@@ -243,9 +243,8 @@ class AgentLink:
             return None
 
     async def _inventory_sender(self, session: _Session) -> None:
-        """Read the inventory every inventory_interval_s; send it when it changed (issue 16)."""
-        if self.settings.inventory is None:
-            return
+        """Read the inventory every inventory_interval_s; send it when it changed (issue 16). Never returns: a helper
+        that ends ends the session (_serve waits for the first task to finish)."""
         while True:
             await asyncio.sleep(self.settings.inventory_interval_s)
             inventory = await self._read_inventory()
@@ -360,8 +359,9 @@ class AgentLink:
         retry_after_s = 0.0
         reader = asyncio.ensure_future(self._reader(responses, session))
         helpers = [asyncio.ensure_future(c) for c in (
-            self._pinger(session, ping_interval_s), self._resyncer(session, resync_s),
-            self._inventory_sender(session))]
+            self._pinger(session, ping_interval_s), self._resyncer(session, resync_s))]
+        if self.settings.inventory is not None:  # an agent without an inventory source (tests, older setups) sends none
+            helpers.append(asyncio.ensure_future(self._inventory_sender(session)))
         stopper = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait([reader, *helpers, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -30,10 +31,11 @@ class Running:
     thread: threading.Thread
 
 
-def start_link(manager_addresses: tuple[str, ...], hv: FakeHypervisor) -> Running:
+def start_link(manager_addresses: tuple[str, ...], hv: FakeHypervisor,
+               inventory: Callable[[], pb.Inventory] | None = None) -> Running:
     settings = LinkSettings(managers=manager_addresses, host_uuid=new_uuid(), hostname="h", management_address="",
                             storage_paths=(), agent_version="test", boot_id=new_uuid(), reconnect_base_s=0.1,
-                            reconnect_max_s=0.5)
+                            reconnect_max_s=0.5, inventory=inventory, inventory_interval_s=0.2)
     link = AgentLink(settings, hv, CommandRunner(hv, (), 22), heartbeat=None)
     hv.subscribe(link)
     loop = asyncio.new_event_loop()
@@ -128,3 +130,33 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert backoff_s(3, 0.5, 30, rand=lambda: 1.0) == 4.0
     assert backoff_s(50, 0.5, 30, rand=lambda: 1.0) == 30.0
     assert backoff_s(50, 0.5, 30, rand=lambda: 0.0) == 15.0
+
+
+def test_inventory_goes_in_hello_and_again_only_when_it_changes(manager: FakeManager, fake: FakeHypervisor) -> None:
+    """Issue 16: the Hello carries the inventory; a change is sent once, an unchanged one never; one session."""
+    current = [pb.Inventory(networks=["bridge:br0"], free_memory_mib=4096)]
+    r = start_link((manager.address,), fake, inventory=lambda: current[0])
+    try:
+        hello = manager.wait_for(lambda m: m.kind == "hello").msg.hello
+        assert list(hello.inventory.networks) == ["bridge:br0"] and hello.inventory.free_memory_mib == 4096
+        manager.wait_for(is_full)
+        mark = manager.mark()
+        current[0] = pb.Inventory(networks=["bridge:br0", "bridge:br1"], free_memory_mib=4096)
+        sent = manager.wait_for(lambda m: m.kind == "inventory", since=mark).msg.inventory
+        assert list(sent.networks) == ["bridge:br0", "bridge:br1"]
+        later = manager.mark()
+        manager.wait_for(lambda m: m.kind == "ping", since=later)
+        time.sleep(1.0)  # five more reads of an unchanged inventory
+        assert manager.messages("inventory", since=later) == []
+        assert {m.stream for m in manager.received} == {1}, "the session was never dropped"
+    finally:
+        r.loop.call_soon_threadsafe(r.stop.set)
+        r.thread.join(timeout=10)
+
+
+def test_an_agent_without_an_inventory_source_keeps_its_session(manager: FakeManager, running: Running) -> None:
+    manager.wait_for(is_full)
+    mark = manager.mark()
+    assert len([m for m in manager.received[mark:] if m.kind == "hello"]) == 0
+    manager.wait_for(lambda m: m.kind == "ping", since=mark)
+    assert {m.stream for m in manager.received} == {1} and manager.messages("inventory") == []
