@@ -11,12 +11,14 @@ libvirt states read at the same moment.
 - the source powered off mid-migration: the VM runs again exactly once (HA restart, or the target had it);
 - the target powered off mid-migration: the migration fails and the VM goes on running on its source, untouched.
 
-A migration is slowed (virsh migrate-setspeed: 1 MiB/s where a fault must land mid-way, 8 MiB/s for maintenance so
-that the sampler sees both QEMUs of every migration).
+A migration is slowed for maintenance (virsh migrate-setspeed 8 MiB/s) so that the sampler sees both QEMUs of every
+migration; where a fault must land mid-way, the target's incoming QEMU is stopped (SIGSTOP) the moment it appears.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -63,8 +65,21 @@ def _no_duplicates(e2e: E2E, watch: Timeline) -> None:
     assert not watch.duplicates, f"a VM ran on two hosts at once: {watch.duplicates[:5]}{e2e.story()}"
 
 
-def _incoming(e2e: E2E, vm: str, target: str) -> bool:
-    return vm in e2e.lab.running_vms().get(target, {})
+def _hold_incoming(e2e: E2E, vm: str, target: str) -> None:
+    """Catch the migration mid-way: the moment the target's incoming QEMU shows in /proc, stop it (SIGSTOP), so the
+    copy cannot complete (a 32 MiB lab guest is mostly zero pages and migrates in about a second, bandwidth cap or
+    not). The host's power-off, or libvirt destroying the copy, still kills it (SIGKILL works on a stopped
+    process)."""
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        pid = e2e.lab.running_vms().get(target, {}).get(vm)
+        if pid:
+            os.kill(pid, signal.SIGSTOP)
+            vm_state = e2e.cluster.vms()[vm].state
+            assert vm_state == "Migrating", f"the migration ended before it was caught ({vm_state}){e2e.story()}"
+            return
+        time.sleep(0.01)
+    pytest.fail(f"no incoming copy of {vm} on {target}{e2e.story()}")
 
 
 def test_maintenance_empties_a_host_by_live_migration_with_no_vm_down(e2e: E2E) -> None:
@@ -107,7 +122,7 @@ def test_source_powered_off_mid_migration_runs_the_vm_again_exactly_once(e2e: E2
     c.lab.virsh(source, "migrate-setspeed", "ms-ha", SLOW_MIB_S)
     with Timeline(c.lab) as watch:
         c.admin().MigrateVm(apb.MigrateVmRequest(vm="ms-ha", to_host=target), timeout=10)
-        wait_manager(e2e, lambda: _incoming(e2e, "ms-ha", target), "the incoming copy on the target", 30)
+        _hold_incoming(e2e, "ms-ha", target)
         c.lab.power(source, "off")
         wait_manager(e2e, lambda: vm_is(e2e, "ms-ha", "Running", power="PowerOn") and "ms-ha" in qemu_pids(c),
                      "ms-ha running again", 90)
@@ -126,7 +141,7 @@ def test_target_powered_off_mid_migration_leaves_the_vm_on_its_source(e2e: E2E) 
     c.lab.virsh(source, "migrate-setspeed", "mt-ha", SLOW_MIB_S)
     with Timeline(c.lab) as watch:
         c.admin().MigrateVm(apb.MigrateVmRequest(vm="mt-ha", to_host=target), timeout=10)
-        wait_manager(e2e, lambda: _incoming(e2e, "mt-ha", target), "the incoming copy on the target", 30)
+        _hold_incoming(e2e, "mt-ha", target)
         off_at = time.time()
         c.lab.power(target, "off")
         wait_manager(e2e, lambda: any(e.kind == "vm.migration.failed" for e in e2e.events()),
