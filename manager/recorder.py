@@ -5,8 +5,11 @@ Invariants:
 - **Nothing is lost, nothing acts unrecorded.** `persist` returns only when every group of the batch is recorded or
   was refused by a store that commits (a poison fact); the driver then sends the commands of the recorded groups
   only.
-- **A poison fact is not an outage.** A failed write is followed by a probe: when the probe commits, the batch is at
-  fault and is split; when it does not, the store is down (StoreWatch says so once) and the whole batch waits.
+- **A poison fact is not an outage, and a conflict is neither.** A failed write is tried once more at once (the
+  database may have aborted it: a deadlock with another writer), then followed by a probe: when the probe commits,
+  the batch is at fault and is split (each fact's changes tried twice); when it does not, the store is down
+  (StoreWatch says so once) and the whole batch waits. The probe itself calls the store down on a timeout or on
+  two failures in a row, never on one aborted transaction.
 - **Recorded only on a confirmed lease** (kvmha.manager.lease). Every write renews this manager's lease first, in
   its own transaction; a renewal that finds another epoch raises `LeaseLost` (nothing is written, and it is not an
   outage); a commit moves the acting window on from the moment before the transaction began. The probe renews too.
@@ -67,6 +70,8 @@ class Recorder:
                 raise
             except Exception as error:
                 failure: Exception = error
+            if attempts == 1:
+                continue  # the database may have aborted it (a deadlock with another writer): once more at once
             if await self.store_commits():
                 # The store commits, this batch does not: one fact's changes at a time, so that one bad fact
                 # (a value the columns cannot hold) never blocks the others.
@@ -85,13 +90,18 @@ class Recorder:
         write (the store went down meanwhile)."""
         for position, index in enumerate(pending):
             source, group = groups[index]
-            try:
-                await self.write_renewing(group)
+            failure: Exception | None = None
+            for _ in range(2):  # twice: an aborted transaction (deadlock, serialization) is no poison
+                try:
+                    await self.write_renewing(group)
+                    failure = None
+                    break
+                except LeaseLost:
+                    raise
+                except Exception as error:
+                    failure = error
+            if failure is None:
                 continue
-            except LeaseLost:
-                raise
-            except Exception as error:
-                failure: Exception = error
             if not await self.store_commits():
                 return pending[position:]
             dropped.add(index)
@@ -121,15 +131,20 @@ class Recorder:
             return renewed
 
         began_at, timeout_s = self._env.clock.monotonic(), self._probe_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                renewed = await self._env.persistence.transact(Probe(probe))
-        except TimeoutError:
-            self._watch.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
-            return False
-        except Exception as error:
-            self._watch.failed(_text(error))
-            return False
+        for attempt in (1, 2):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    renewed = await self._env.persistence.transact(Probe(probe))
+                break
+            except TimeoutError:
+                self._watch.failed(f"no commit within {timeout_s:.0f} s", since=began_at)
+                return False
+            except Exception as error:
+                # A transaction the database chose to abort (a deadlock with another writer, a serialization
+                # failure) is a conflict, not an outage: one failure on its own says nothing; twice in a row does.
+                if attempt == 2:
+                    self._watch.failed(_text(error))
+                    return False
         self._watch.committed()
         if epoch is not None:
             if renewed:

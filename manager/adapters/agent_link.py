@@ -34,6 +34,7 @@ from kvmha.manager.adapters.translate import WireError
 from kvmha.manager.core import actions, facts
 from kvmha.manager.core.actions import Severity
 from kvmha.manager.core.model import HostId, RequestId
+from kvmha.manager.driver import StoreUnavailable
 from kvmha.manager.hub import AgentHello, NotActive, UnknownHost, WelcomeTerms
 from kvmha.manager.security.auth import peer_identity
 from kvmha.manager.security.pki import Identity
@@ -43,6 +44,7 @@ from kvmha.proto.v1 import agent_pb2_grpc
 log = logging.getLogger("kvmha.manager.link")
 
 OUTBOUND_QUEUE_LIMIT = 1000
+STORE_RETRY_S = 5.0  # a Hello refused because the database cannot commit: try again after this
 
 
 class RejectError(Exception):
@@ -266,6 +268,9 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         except UnknownHost as unknown:
             raise RejectError(pb.REJECT_UNKNOWN_HOST, unknown.reason, grpc.StatusCode.PERMISSION_DENIED,
                               retry_after_s=unknown.retry_after_s) from None
+        except StoreUnavailable as unavailable:  # nothing can be registered now: come back soon, not an error
+            raise RejectError(pb.REJECT_CODE_UNSPECIFIED, str(unavailable), grpc.StatusCode.UNAVAILABLE,
+                              retry_after_s=STORE_RETRY_S) from None
         session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
         self._registry.claim(session)
         return session
