@@ -96,6 +96,9 @@ class SqlHosts:
         row.agent_version, row.libvirt_version = agent.agent_version[:64], agent.libvirt_version[:64]
         row.qemu_version, row.boot_id = agent.qemu_version[:64], agent.boot_id[:64]
         row.manager_id, row.updated_at = manager_id, now
+        # The owner's epoch with it (NULL when the manager holds no lease: only a lease holder accepts agents).
+        row.owner_epoch = self._session.scalar(
+            select(HaLease.epoch).where(HaLease.scope == LEASE_SCOPE, HaLease.manager_id == manager_id))
         self._session.flush()
         return True
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from kvmha.manager.adapters.db import migrate
 from kvmha.manager.adapters.repository import SqlStore
@@ -155,3 +155,20 @@ class _MovableWall:
 ])
 def test_memory_store_keeps_the_same_contract(test: Callable[[Store], None]) -> None:
     test(MemoryStore(wall=_MovableWall()))
+
+
+def test_a_host_that_connects_later_is_owned_with_the_holders_epoch(store: Store) -> None:
+    if not isinstance(store, SqlStore):
+        pytest.skip("the epoch column is the SQL stores' (the memory store keeps the owner only)")
+    _setup(store, hosts=1)
+    assert _in(store, lambda uow: uow.managers.acquire_lease("m1", 60.0)) == 1
+    assert _in(store, lambda uow: uow.managers.acquire_lease("m1", 60.0)) == 2
+
+    def later(uow: UnitOfWork) -> None:
+        host_id = uow.hosts.add("uuid-late", "late", "10.0.0.9", NOW)
+        uow.hosts.record_agent(host_id, AgentInfo(), "m1", NOW)
+
+    _in(store, later)
+    with store.engine.connect() as connection:
+        epochs = {str(name): epoch for name, epoch in connection.execute(text("SELECT name, owner_epoch FROM host"))}
+    assert epochs == {"h0": 2, "late": 2}
