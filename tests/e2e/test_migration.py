@@ -17,6 +17,7 @@ migration; where a fault must land mid-way, the target's incoming QEMU is stoppe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -65,7 +66,7 @@ def _no_duplicates(e2e: E2E, watch: Timeline) -> None:
     assert not watch.duplicates, f"a VM ran on two hosts at once: {watch.duplicates[:5]}{e2e.story()}"
 
 
-def _hold_incoming(e2e: E2E, vm: str, target: str) -> None:
+def _hold_incoming(e2e: E2E, vm: str, target: str) -> int:
     """Catch the migration mid-way: the moment the target's incoming QEMU shows in /proc, stop it (SIGSTOP), so the
     copy cannot complete (a 32 MiB lab guest is mostly zero pages and migrates in about a second, bandwidth cap or
     not). The host's power-off, or libvirt destroying the copy, still kills it (SIGKILL works on a stopped
@@ -77,7 +78,7 @@ def _hold_incoming(e2e: E2E, vm: str, target: str) -> None:
             os.kill(pid, signal.SIGSTOP)
             vm_state = e2e.cluster.vms()[vm].state
             assert vm_state == "Migrating", f"the migration ended before it was caught ({vm_state}){e2e.story()}"
-            return
+            return int(pid)
         time.sleep(0.01)
     pytest.fail(f"no incoming copy of {vm} on {target}{e2e.story()}")
 
@@ -122,8 +123,12 @@ def test_source_powered_off_mid_migration_runs_the_vm_again_exactly_once(e2e: E2
     c.lab.virsh(source, "migrate-setspeed", "ms-ha", SLOW_MIB_S)
     with Timeline(c.lab) as watch:
         c.admin().MigrateVm(apb.MigrateVmRequest(vm="ms-ha", to_host=target), timeout=10)
-        _hold_incoming(e2e, "ms-ha", target)
+        held = _hold_incoming(e2e, "ms-ha", target)
         c.lab.power(source, "off")
+        # Let the target's copy go on: its migration stream is dead with the source, so it fails and libvirt
+        # destroys it, as it does without the hold (a stopped QEMU would not answer libvirt's clean-up).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(held, signal.SIGCONT)
         wait_manager(e2e, lambda: vm_is(e2e, "ms-ha", "Running", power="PowerOn") and "ms-ha" in qemu_pids(c),
                      "ms-ha running again", 90)
         hold(e2e, 10.0, lambda: None)
