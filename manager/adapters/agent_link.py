@@ -271,6 +271,10 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
         except StoreUnavailable as unavailable:  # nothing can be registered now: come back soon, not an error
             raise RejectError(pb.REJECT_CODE_UNSPECIFIED, str(unavailable), grpc.StatusCode.UNAVAILABLE,
                               retry_after_s=STORE_RETRY_S) from None
+        except Exception as error:  # a transaction the database aborted (a deadlock with the driver): try again
+            log.warning("event=registration_failed peer=%s error=%s", peer, str(error).splitlines()[0][:200])
+            raise RejectError(pb.REJECT_CODE_UNSPECIFIED, "registration failed in the database; try again",
+                              grpc.StatusCode.UNAVAILABLE, retry_after_s=STORE_RETRY_S) from None
         session = AgentSession(host_id=host_id, uuid=first.hello.host_uuid, peer=peer)
         self._registry.claim(session)
         return session
