@@ -63,6 +63,26 @@ def _vms_on(storm: Storm, host: str, count: int) -> list[str]:
     return storm.rng.sample(running, min(count, len(running)))
 
 
+def _pair_with_vm(storm: Storm) -> tuple[str, str, str] | None:
+    """Two free hosts and one VM running on the first (source, target, vm); both released when the source runs none."""
+    picked = _take(storm, 2)
+    if not picked:
+        return None
+    source, target = picked
+    vms = _vms_on(storm, source, 1)
+    if not vms:
+        storm.release(source)
+        storm.release(target)
+        return None
+    return source, target, vms[0]
+
+
+def _doomed(storm: Storm, host: str) -> None:
+    """The host will lose its power: the storm counts it dead and never picks it again."""
+    storm.dead.add(host)
+    storm.busy.discard(host)
+
+
 def _count(storm: Storm, kind: str) -> None:
     storm.injected[kind] = storm.injected.get(kind, 0) + 1
 
@@ -90,23 +110,17 @@ def _source_dies(storm: Storm) -> None:
     _count(storm, "migrate-source-dies")
     for name in vms:
         apply(storm.sim, f"migrate {name}")
-    storm.dead.add(source)
-    storm.busy.discard(source)
+    _doomed(storm, source)
     _later(storm, 0.5, 2.0, f"power {source} off")
 
 
 def _target_dies(storm: Storm) -> None:
-    picked = _take(storm, 2)
-    if not picked:
+    pair = _pair_with_vm(storm)
+    if pair is None:
         return
-    source, target = picked
-    vms = _vms_on(storm, source, 1)
-    if not vms:
-        storm.release(source)
-        storm.release(target)
-        return
+    source, target, vm = pair
     _count(storm, "migrate-target-dies")
-    apply(storm.sim, f"migrate {vms[0]} {target}")
+    apply(storm.sim, f"migrate {vm} {target}")
     storm.release(source)
     _later(storm, 0.5, 2.0, f"power {target} off")
     _later(storm, 60.0, 120.0, f"power {target} on", target)
@@ -125,37 +139,25 @@ def _maintenance_fault(storm: Storm) -> None:
 
 
 def _outside(storm: Storm) -> None:
-    picked = _take(storm, 2)
-    if not picked:
+    pair = _pair_with_vm(storm)
+    if pair is None:
         return
-    source, target = picked
-    vms = _vms_on(storm, source, 1)
-    if not vms:
-        storm.release(source)
-        storm.release(target)
-        return
+    source, target, vm = pair
     _count(storm, "outside-migration")
-    apply(storm.sim, f"virsh-migrate {vms[0]} {target}")
+    apply(storm.sim, f"virsh-migrate {vm} {target}")
     storm.release(target)
-    storm.dead.add(source)
-    storm.busy.discard(source)
+    _doomed(storm, source)
     _later(storm, 0.5, 8.0, f"power {source} off")
 
 
 def _switchover_unseen(storm: Storm) -> None:
-    picked = _take(storm, 2)
-    if not picked:
+    pair = _pair_with_vm(storm)
+    if pair is None:
         return
-    source, target = picked
-    vms = _vms_on(storm, source, 1)
-    if not vms:
-        storm.release(source)
-        storm.release(target)
-        return
+    source, target, vm = pair
     _count(storm, "switchover-unseen")
-    apply(storm.sim, f"migrate {vms[0]} {target}")
-    storm.dead.add(source)
-    storm.busy.discard(source)
+    apply(storm.sim, f"migrate {vm} {target}")
+    _doomed(storm, source)
     cut_at = storm.rng.uniform(0.4, 1.5)  # both manager links, while the memory is copied: nothing is seen
     _later(storm, cut_at, cut_at, f"link {target} off")
     _later(storm, cut_at, cut_at, f"link {source} off")
