@@ -75,8 +75,9 @@ class OperatorPort(Protocol):
     def live_hosts(self) -> LiveHosts: ...
     def plan_failure(self, fail: Sequence[str]) -> FailurePlan:
         """What-if (core/capacityplan.py) on the live core; refuses unknown or non-Up hosts."""
-    def admission(self, vm_ref: str) -> str:
-        """'' when an operator start of the VM passes admission control, else why it is refused."""
+    def admission(self, vm_ref: str, *, ha_on: bool = False) -> str:
+        """'' when an operator start of the VM (`ha_on`: switching its HA on while it runs) passes admission
+        control, else why it is refused."""
     @property
     def config_overrides(self) -> Mapping[str, str]:
         """manager.toml's [config] values: they win over the stored ones."""

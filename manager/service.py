@@ -231,12 +231,12 @@ class ManagerService:
         return FailurePlan(tuple(core.hosts[h].name for h in failed), tuple(plan), tuple(core.headroom()),
                            core.config.admission_host_failures)
 
-    def admission(self, vm_ref: str) -> str:
+    def admission(self, vm_ref: str, *, ha_on: bool = False) -> str:
         core = self.core
         if core is None:
             return ""
         vm = next((v for v in core.vms if vm_ref in (v.name, v.uuid, str(v.id))), None)
-        return "" if vm is None else core.admission(vm.id).message
+        return "" if vm is None else core.admission(vm.id, ha_on=ha_on).message
 
     @property
     def manager_id(self) -> str:

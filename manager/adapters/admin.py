@@ -181,8 +181,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._guard(context, self._vm_fact(request.ref, lambda v: facts.VmStopRequested(vm_id=v)))
 
     async def SetVmHa(self, request: pb.SetVmHaRequest, context: Context) -> pb.VmInfo:
-        return await self._guard(context, self._vm_fact(
-            request.vm, lambda v: facts.VmHaChanged(vm_id=v, enabled=request.enabled)))
+        async def set_ha() -> pb.VmInfo:
+            # issue 16: HA on for a running VM is like starting a new HA VM: it must fit the failure reserve
+            refused = self._port.admission(request.vm, ha_on=True) if request.enabled else ""
+            if refused:
+                ops.refuse(Refusal.FAILED_PRECONDITION, refused)
+            return await self._vm_fact(request.vm, lambda v: facts.VmHaChanged(vm_id=v, enabled=request.enabled))
+
+        return await self._guard(context, set_ha())
 
     async def MigrateVm(self, request: pb.MigrateVmRequest, context: Context) -> pb.VmInfo:
         async def migrate() -> pb.VmInfo:

@@ -26,7 +26,7 @@ from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, ResourceState, VmId, VmRecord, VmState
 from kvmha.manager.core.placement import free_memory_mib
 from kvmha.manager.core.targeting import PlacementView, target_for
-from kvmha.manager.core.vmindex import VmIndex
+from kvmha.manager.core.vmindex import VmIndex, occupies
 
 RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 EARLY_NOTICE_S = 1.3  # a lost link noticed by keepalive (~1 s) + a BMC query (decisions.md, "Evidence at once")
@@ -78,6 +78,10 @@ class PlanIndex(VmIndex):
         self.used_vcpus[host_id] += vm.vcpus
         self.placed_count[host_id] += 1
         self._booked[vm.id] = dataclasses.replace(vm, host_id=host_id, state=VmState.STARTING)
+
+    def as_ha(self, vm: VmRecord) -> None:
+        """The VM, where it is, counts as an HA VM (HA switched on for a VM that runs: nothing moves)."""
+        self._booked[vm.id] = dataclasses.replace(vm, ha_enabled=True)
 
     def group_hosts(self, group: str, except_vm: VmId) -> set[HostId]:
         hosts = self._base.group_hosts(group, except_vm)
@@ -197,19 +201,23 @@ def worst_failure(world: World, count: int) -> tuple[tuple[HostId, ...], list[Pl
 
 
 def admission(world: World, vm: VmRecord | None = None) -> Admission:
-    """Would every HA VM still be restarted after the worst `admission.host.failures` hosts fail, with `vm` (an HA
-    VM about to start) placed where a start would put it now? HA restarts never ask this."""
+    """Would every HA VM still be restarted after the worst `admission.host.failures` hosts fail, with `vm` counted
+    as an HA VM: one about to start placed where a start would put it now, one that runs (HA switched on) where it
+    is? HA restarts never ask this."""
     count = world.config.admission_host_failures
     enabled = [h for h in world.up if world.hosts[h].resource_state is ResourceState.ENABLED]
     if count <= 0 or len(enabled) <= count:
         return Admission(True)  # off, or too few hosts to survive N failures at all: nothing to keep in reserve
     if vm is not None:
-        view = PlacementView(world.hosts, world.vms, world.up, frozenset(), world.held, world.config)
-        target, _, _ = target_for(vm, view, world.cursor + 1)
-        if target is None:
-            return Admission(True)  # it fits nowhere now: the start waits with its own reason
         usage = PlanIndex(world.vms)
-        usage.book(dataclasses.replace(vm, ha_enabled=True), target.id)
+        if occupies(vm):
+            usage.as_ha(vm)
+        else:
+            view = PlacementView(world.hosts, world.vms, world.up, frozenset(), world.held, world.config)
+            target, _, _ = target_for(vm, view, world.cursor + 1)
+            if target is None:
+                return Admission(True)  # it fits nowhere now: the start waits with its own reason
+            usage.book(dataclasses.replace(vm, ha_enabled=True), target.id)
         world = dataclasses.replace(world, vms=usage)
     failed, plan = worst_failure(world, count)
     if not failed:

@@ -80,6 +80,7 @@ from kvmha.manager.core.routing import (
     WorkDue,
 )
 from kvmha.manager.core.scheduler import Scheduler
+from kvmha.manager.core.vmindex import occupies
 
 
 class Core:
@@ -160,10 +161,16 @@ class Core:
     def headroom(self) -> list[capacityplan.Headroom]:
         return capacityplan.headroom(capacityplan.world_of(self._ctx, self._sched.placement_cursor))
 
-    def admission(self, vm_id: VmId) -> capacityplan.Admission:
-        """Admission control for an operator start of this VM (the core refuses it the same way when it comes)."""
+    def admission(self, vm_id: VmId, *, ha_on: bool = False) -> capacityplan.Admission:
+        """Admission control for an operator start of this VM, or (`ha_on`) for switching its HA on while it runs
+        (the core refuses either the same way when the fact comes)."""
         vm = self._ctx.vms.get(vm_id)
-        if vm is None or not vm.ha_enabled or vm.state not in (VmState.STOPPED, VmState.ERROR):
+        if vm is None:
+            return capacityplan.Admission(True)
+        if ha_on:
+            if vm.ha_enabled or not occupies(vm):
+                return capacityplan.Admission(True)  # nothing changes, or nothing runs: its start is checked
+        elif not vm.ha_enabled or vm.state not in (VmState.STOPPED, VmState.ERROR):
             return capacityplan.Admission(True)
         return capacityplan.admission(capacityplan.world_of(self._ctx, self._sched.placement_cursor), vm)
 

@@ -167,16 +167,22 @@ class HostFlow:
 
     def on_inventory(self, fact: f.InventoryChanged) -> None:
         """Storage, networks or memory changed: placement reads them from the record (nothing else to decide); a
-        storage that turned unhealthy or vanished leaves an event, since VMs needing it no longer go there."""
+        storage that turned unhealthy or vanished leaves an event, since VMs needing it no longer go there, and so
+        does one the host reaches anew (mounted, healthy again): from then on VMs on it may be placed here."""
         host = self.ctx.hosts.get(fact.host_id)
         if host is None or host.id not in self.ctx.connected:
             return
         before = {s.identity for s in host.inventory.storage if s.healthy}
         host.inventory = fact.inventory
-        lost = sorted(before - {s.identity for s in fact.inventory.storage if s.healthy})
+        now = {s.identity: s.mount for s in fact.inventory.storage if s.healthy}
+        lost = sorted(before - set(now))
         if lost:
             self.ctx.event("warning", f"host:{host.id}", "host.storage.lost",
                            f"no longer reaches {', '.join(lost)}: VMs on it are not placed here")
+        found = sorted(set(now) - before)
+        if found:
+            self.ctx.event("info", f"host:{host.id}", "host.storage.found",
+                           f"now reaches {', '.join(f'{i} (at {now[i]})' for i in found)}")
 
     def on_heartbeat(self, fact: f.HeartbeatReceived) -> None:
         host = self.ctx.hosts.get(fact.host_id)

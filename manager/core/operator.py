@@ -171,6 +171,12 @@ class OperatorFlow:
         vm = self._vm(fact.vm_id, "HA change")
         if vm is None:
             return
+        if fact.enabled and not vm.ha_enabled and occupies(vm):
+            # A running VM that becomes HA is like a new HA VM: it needs its place in the failure reserve.
+            verdict = capacityplan.admission(capacityplan.world_of(self.ctx, self.work.placement_cursor), vm)
+            if not verdict.ok:
+                self.ctx.event("warning", f"vm:{vm.id}", "vm.ha.refused", f"HA not enabled: {verdict.message}")
+                return
         vm.ha_enabled = fact.enabled
         vm.update_count += 1
         if not fact.enabled:

@@ -219,7 +219,8 @@ def test_confirm_down_is_refused_for_a_host_that_is_up(cluster: LocalCluster) ->
 
 def test_capacity_plan_and_admission_control(cluster: LocalCluster, tmp_path: Path) -> None:
     """Issue 16 against real agents (which report their inventory): the planner names where an HA VM would go, and a
-    second big HA VM that would leave the first without a place after a host failure is refused with exit code 4."""
+    second big HA VM that would leave the first without a place after a host failure is refused with exit code 4,
+    at its start and when HA is switched on while it runs."""
     rooms = {h["host"]: h for h in ok(cluster, "capacity")["hosts"]}
     assert sorted(rooms) == ["h1", "h2"] and all(r["inventory_reported"] for r in rooms.values()), rooms
     for name in ("big1", "big2"):
@@ -236,6 +237,13 @@ def test_capacity_plan_and_admission_control(cluster: LocalCluster, tmp_path: Pa
         refused = kvmha(cluster, "vm", "start", "big2")
         assert refused.returncode == 4 and "admission control" in refused.stderr, refused
         assert ok(cluster, "vm", "show", "big2")["state"] == "Stopped"
+        # HA off, big2 starts (no reserve to keep for it); switching its HA on while it runs is refused the same way.
+        ok(cluster, "vm", "ha", "big2", "off")
+        ok(cluster, "vm", "start", "big2")
+        wait_for(lambda: ok(cluster, "vm", "show", "big2")["state"] == "Running", 30, "big2 Running", interval_s=0.5)
+        refused = kvmha(cluster, "vm", "ha", "big2", "on")
+        assert refused.returncode == 4 and "admission control" in refused.stderr, refused
+        assert ok(cluster, "vm", "show", "big2")["ha_enabled"] is False
         unknown = kvmha(cluster, "plan", "--fail", "nosuchhost")
         assert unknown.returncode == 3, unknown
     finally:
