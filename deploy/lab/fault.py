@@ -8,8 +8,10 @@
             running QEMU keeps its disk), which a kernel-level fault cannot take from it without killing it.
 - agent:    SIGKILL to the kvmha agent alone (by PID); everything else keeps running.
 - libvirtd: SIGKILL to libvirtd alone (by PID); its VMs keep running (QEMU does not depend on libvirtd).
-- bmc:      the host's ipmi_sim is stopped (SIGSTOP): IPMI requests time out, the host runs on. After `power`,
-            it is a host that lost power together with its BMC: nobody can confirm it is off.
+- bmc:      the host's ipmi_sim is stopped (SIGSTOP): IPMI requests time out, the host runs on. Before `power`,
+            it is a host that lost power together with its BMC: nobody can confirm it is off (the power then goes
+            as a pulled plug: the lab signals the host's power supply itself, since the hung BMC cannot). In the
+            other order the BMC may answer "off" in between, and a manager that asks at once rightly hears it.
 - agent-freeze, libvirtd-hang: SIGSTOP to the agent / libvirtd (a hung process, not a dead one); heal: SIGCONT.
 - watchdog: SIGKILL to kvmha-watchdog (labs with a watchdog per host): its device stays armed and, unless healed
             in time (and even then: a restarted daemon refuses an armed device), resets the host.
@@ -36,6 +38,7 @@ FAULTS: tuple[Fault, ...] = ("power", "network", "storage", "agent", "libvirtd",
                              "libvirtd-hang", "watchdog")
 STORAGE_CUT_SOURCE = "kvmha-storage-cut"
 HEAL_TIMEOUT_S = 60.0
+PLUG_TIMEOUT_S = 15.0
 # A missing service is reported under the name of the fault that kills it; virtlogd/virtlockd have none ("-down").
 _SERVICE_FAULTS = {AGENT: "agent", "libvirtd": "libvirtd", WATCHDOG: "watchdog"}
 _FREEZE_FAULTS = {AGENT: "agent-freeze", "libvirtd": "libvirtd-hang"}  # a stopped (SIGSTOP) service
@@ -96,7 +99,10 @@ def faults(lab: Lab, name: str) -> list[str]:
 def fail(lab: Lab, name: str, fault: Fault) -> None:
     host = lab.host(name)
     if fault == "power":
-        lab.power(name, "off")
+        if bmc_stopped(lab, name):
+            _pull_plug(lab, name)
+        else:
+            lab.power(name, "off")
     elif fault == "network":
         net.set_link(host.veth, up=False)
     elif fault == "storage":
@@ -127,6 +133,27 @@ def fail(lab: Lab, name: str, fault: Fault) -> None:
             raise LabError(f"{name}: {WATCHDOG} survived SIGKILL")
     else:
         raise LabError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
+
+
+def _pull_plug(lab: Lab, name: str) -> None:
+    """Power off without the BMC (it hangs): SIGTERM to the host's power supply (kvmha.lab.power, the BMC's child
+    and the PID-namespace root's ancestor), which kills the host and takes its interfaces down as on a BMC power-off.
+    The stopped BMC reads "off" only once it runs again."""
+    init = lab.init(name)
+    if init is None:
+        return  # already off
+    members = lab.processes(name)
+    supply = proc.info(init.ppid)
+    while supply is not None and "kvmha.lab.power" not in proc.cmdline(supply.pid):
+        supply = proc.info(supply.ppid) if supply.ppid > 1 else None
+    if supply is None:
+        raise LabError(f"{name}: no power supply process above the host's init (pid {init.pid})")
+    proc.kill(supply.pid, supply.start_ticks, signal.SIGTERM)
+    # The host's processes die first, then the supply takes the interfaces down and exits (a zombie until the
+    # stopped BMC reaps it).
+    left = proc.wait_gone([*members, supply], PLUG_TIMEOUT_S)
+    if left:
+        raise LabError(f"{name}: pulling the plug did not end the host (left: {[p.pid for p in left]})")
 
 
 def _freeze(lab: Lab, name: str, comm: str) -> None:

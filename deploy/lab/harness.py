@@ -267,6 +267,7 @@ class DuplicateWatch:
     samples: int = 0
     duplicates: list[tuple[float, str, list[str]]] = field(default_factory=list)
     overlaps: int = 0  # samples in which a VM had QEMUs on several hosts but at most one ran (a migration)
+    qemus: dict[str, dict[str, int]] = field(default_factory=dict)  # the last sample: host -> {VM: QEMU PID}
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -284,8 +285,10 @@ class DuplicateWatch:
         while not self._stop.is_set():
             at = time.time()
             by_vm: dict[str, list[str]] = {}
+            self.qemus = {}
             with contextlib.suppress(Exception):  # a host powering off mid-walk: its /proc entries vanish
-                for host, vms in self.lab.running_vms().items():
+                self.qemus = self.lab.running_vms()
+                for host, vms in self.qemus.items():
                     for vm in vms:
                         by_vm.setdefault(vm, []).append(host)
             running_by_vm = dict(by_vm)

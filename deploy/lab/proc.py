@@ -46,6 +46,17 @@ def start_ticks(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[19])
 
 
+def started_at(pid: int) -> float | None:
+    """When the process started, in wall-clock seconds (time.time()), to the clock tick: its age from
+    /proc/uptime and its start in ticks since boot (btime has whole seconds only). None when it is gone."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    now = time.time()
+    uptime_s = float((PROC / "uptime").read_text().split()[0])
+    return now - (uptime_s - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def info(pid: int) -> ProcInfo | None:
     try:
         status = _read_status(pid)

@@ -180,6 +180,13 @@ class Simulator:
 
     def close(self) -> None:
         self.loop.run_until_complete(self.driver.stop())
+        # As asyncio.run does: what is left (a stopped manager's tasks, agents' sends) is cancelled and awaited, so
+        # that no task is destroyed pending when the loop goes.
+        left = asyncio.all_tasks(self.loop)
+        for task in left:
+            task.cancel()
+        if left:
+            self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self.loop.close()
 
     # ------------------------------------------------------------ the network to the manager

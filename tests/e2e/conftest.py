@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import pytest
 
-from kvmha.lab import Lab
+from kvmha.lab import Lab, proc
 from kvmha.lab.harness import BIN, DuplicateWatch, LabCluster
 from kvmha.lab.pki import ENV_FILE
 from kvmha.lab.wait import wait_for
@@ -76,6 +76,9 @@ class Timeline(DuplicateWatch):
     then `last(vm, old) < first(vm, new)`."""
 
     seen: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # (VM, host) -> when the QEMU first sampled there started (from /proc, to the clock tick): a QEMU that lived
+    # between two samples is dated by the kernel, not by the sampler's pace.
+    born: dict[tuple[str, str], float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, at: float, by_vm: Mapping[str, list[str]],
@@ -84,7 +87,16 @@ class Timeline(DuplicateWatch):
             super().record(at, by_vm, running)
             for vm, hosts in by_vm.items():
                 for host in hosts:
+                    if (vm, host) not in self.seen:
+                        pid = self.qemus.get(host, {}).get(vm)
+                        started = proc.started_at(pid) if pid else None
+                        self.born[(vm, host)] = at if started is None else min(started, at)
                     self.seen.setdefault((vm, host), [at, at])[1] = at
+
+    def started(self, vm: str, host: str) -> float | None:
+        """When the first QEMU of the VM seen on the host started (not when the sampler first saw it)."""
+        with self._lock:
+            return self.born.get((vm, host))
 
     def first(self, vm: str, host: str) -> float | None:
         with self._lock:

@@ -108,7 +108,8 @@ def _restarted_not_before_the_bound(
 
 
 def test_host_dead_with_its_bmc_is_waited_out_then_its_vms_restart(e2e: E2E) -> None:
-    """The host loses power together with its BMC (`fail power` then `fail bmc`: nobody can confirm it is off).
+    """The host loses power together with its BMC (`fail bmc` then `fail power`: nobody can confirm it is off; in the
+    other order the manager, which asks the BMC the moment the link breaks, may rightly hear "off" in between).
     The manager cannot fence; it restarts the VMs only once the host's heartbeat has been stale and its agent
     silent for isolation.after + watchdog bound + margin (19 s) since its last ping — not before — and then does.
     (The lab's power supply takes the host's eth0 down with its power, so the neighbours no longer reach it, as with
@@ -120,8 +121,8 @@ def test_host_dead_with_its_bmc_is_waited_out_then_its_vms_restart(e2e: E2E) -> 
 
     with Timeline(c.lab) as watch:
         cut_at = time.time()
-        c.lab.fail(victim, "power")
         c.lab.fail(victim, "bmc")
+        c.lab.fail(victim, "power")
         settled_at = time.time()
         assert c.lab.faults(victim) == ["bmc", "power"]
         try:
