@@ -99,6 +99,16 @@ class HaLease(Base):
     acquired_at: Mapped[float] = mapped_column(Double, default=0.0)
 
 
+class IdHighWater(Base):
+    """The highest id ever given out, per kind ("vm", "vm.unmanaged", "work"), written when rows are deleted: a new
+    VM or work item never takes the id of a deleted one, whose events and history still name it."""
+
+    __tablename__ = "id_high_water"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    high: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class Host(Base):
     __tablename__ = "host"
 

@@ -23,6 +23,7 @@ from kvmha.manager.adapters.db_models import (
     HaLease,
     HaWork,
     Host,
+    IdHighWater,
     ManagerInstance,
     VmInstance,
 )
@@ -38,6 +39,7 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkStep,
 )
+from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
 from kvmha.manager.security.secrets import SecretBox, SecretError, is_sealed
 from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails, LeaseRow, ManagerRow
 
@@ -183,14 +185,37 @@ class SqlVms:
         self._session.flush()
 
     def max_id(self, below: int | None = None) -> int:
+        """The highest VM id ever given out (below `below`), deleted VMs included."""
         query = select(func.coalesce(func.max(VmInstance.id), 0))
         if below is not None:
             query = query.where(VmInstance.id < below)
-        return int(self._session.scalar(query) or 0)
+        kinds = [VM_KIND] if below is not None and below <= UNMANAGED_ID_BASE else [VM_KIND, VM_UNMANAGED_KIND]
+        return max(int(self._session.scalar(query) or 0), *(_high_water(self._session, k) for k in kinds))
 
     def delete(self, vm_id: VmId) -> None:
+        last_work = self._session.scalar(select(func.max(HaWork.id)).where(HaWork.instance_id == vm_id))
+        _raise_high_water(self._session, VM_KIND if vm_id < UNMANAGED_ID_BASE else VM_UNMANAGED_KIND, vm_id)
+        if last_work is not None:
+            _raise_high_water(self._session, WORK_KIND, int(last_work))
         self._session.execute(delete(HaWork).where(HaWork.instance_id == vm_id))
         self._session.execute(delete(VmInstance).where(VmInstance.id == vm_id))
+
+
+VM_KIND, VM_UNMANAGED_KIND, WORK_KIND = "vm", "vm.unmanaged", "work"
+
+
+def _high_water(session: Session, kind: str) -> int:
+    row = session.get(IdHighWater, kind)
+    return 0 if row is None else int(row.high)
+
+
+def _raise_high_water(session: Session, kind: str, used: int) -> None:
+    """Only the lease holder deletes (through its driver), so read-then-write in its transaction is enough."""
+    row = session.get(IdHighWater, kind)
+    if row is None:
+        session.add(IdHighWater(kind=kind, high=used))
+    elif row.high < used:
+        row.high = used
 
 
 class SqlWorks:
@@ -223,7 +248,9 @@ class SqlWorks:
         return [_work_record(row) for row in self._session.scalars(query.order_by(HaWork.id))]
 
     def max_id(self) -> int:
-        return int(self._session.scalar(select(func.coalesce(func.max(HaWork.id), 0))) or 0)
+        """The highest work id ever given out, work of deleted VMs included."""
+        stored = int(self._session.scalar(select(func.coalesce(func.max(HaWork.id), 0))) or 0)
+        return max(stored, _high_water(self._session, WORK_KIND))
 
     def claim_active(self, manager_id: str, now: float, live_managers: Iterable[str]) -> list[HaWorkRecord]:
         """Take over the active items that no live manager holds, and return every item this manager holds.

@@ -29,6 +29,7 @@ from kvmha.manager.core.model import (
     WorkId,
     WorkType,
 )
+from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
 from kvmha.manager.store import AgentInfo, BmcCredentials, ConfigRow, EventRow, HostDetails, LeaseRow, ManagerRow
 
 LEASE_SCOPE = "hosts"
@@ -63,6 +64,7 @@ class Tables:
     config: dict[str, ConfigRow] = field(default_factory=dict)
     managers: dict[str, _Manager] = field(default_factory=dict)
     leases: dict[str, LeaseRow] = field(default_factory=dict)  # scope -> the lease (one scope today: "hosts")
+    high_water: dict[str, int] = field(default_factory=dict)  # the SQL store's id_high_water: ids of deleted rows
     # Indexes, kept with the tables (and undone with them): a 100,000-VM world is seeded and queried in O(1).
     host_by_uuid: dict[str, HostId] = field(default_factory=dict)
     vm_by_uuid: dict[str, VmId] = field(default_factory=dict)
@@ -256,7 +258,12 @@ class MemoryVms:
         _set(self._t.vms, record.id, copy.copy(record), self._undo)
 
     def delete(self, vm_id: VmId) -> None:
-        for work_id in [w.id for w in self._t.works.values() if w.vm_id == vm_id]:
+        works = [w.id for w in self._t.works.values() if w.vm_id == vm_id]
+        kind = "vm" if vm_id < UNMANAGED_ID_BASE else "vm.unmanaged"
+        for used_kind, used in ((kind, vm_id), ("work", max(works, default=0))):
+            if used > self._t.high_water.get(used_kind, 0):
+                _set(self._t.high_water, used_kind, used, self._undo)
+        for work_id in works:
             _delete(self._t.works, work_id, self._undo)
         _delete(self._t.active_work_by_vm, vm_id, self._undo)
         vm = self._t.vms.get(vm_id)
@@ -265,7 +272,9 @@ class MemoryVms:
         _delete(self._t.vms, vm_id, self._undo)
 
     def max_id(self, below: int | None = None) -> int:
-        return max((v for v in self._t.vms if below is None or v < below), default=0)
+        kinds = ["vm"] if below is not None and below <= UNMANAGED_ID_BASE else ["vm", "vm.unmanaged"]
+        stored = max((v for v in self._t.vms if below is None or v < below), default=0)
+        return max(stored, *(self._t.high_water.get(k, 0) for k in kinds))
 
 
 class MemoryWorks:
@@ -297,7 +306,7 @@ class MemoryWorks:
         return [w for w in self.all() if not w.step.active and w.updated_at >= since]
 
     def max_id(self) -> int:
-        return max(self._t.works, default=0)
+        return max(max(self._t.works, default=0), self._t.high_water.get("work", 0))
 
     def claim_active(self, manager_id: str, now: float, live_managers: Iterable[str]) -> list[HaWorkRecord]:
         others = {m for m in live_managers if m != manager_id}

@@ -25,6 +25,7 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
+from kvmha.manager.core.powersync import UNMANAGED_ID_BASE
 from kvmha.manager.sim.memstore import MemoryStore
 from kvmha.manager.store import AgentInfo, BmcCredentials, Store
 
@@ -215,6 +216,36 @@ def test_deleting_a_vm_deletes_its_work_and_a_rollback_undoes_it(store: Store) -
         uow.commit()
     with store.unit_of_work() as uow:
         assert uow.vms.all() == [] and uow.works.all() == []
+
+
+def test_ids_of_deleted_vms_and_their_work_are_never_given_again(store: Store) -> None:
+    """Events and history name VMs and work by id: a new VM must not inherit a deleted one's past."""
+    unmanaged = VmId(UNMANAGED_ID_BASE + 5)
+    with store.unit_of_work() as uow:
+        first = uow.vms.add(_vm("vm0", None), NOW)
+        last = uow.vms.add(_vm("vm1", None), NOW)
+        uow.vms.add(dataclasses.replace(_vm("vm2", None), id=unmanaged), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        uow.works.save(_work(1, first.id, WorkStep.DONE), "m1", NOW)
+        uow.works.save(_work(2, last.id, WorkStep.DONE), "m1", NOW)
+        uow.works.save(_work(3, last.id), "m1", NOW)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        uow.vms.delete(last.id)
+        uow.vms.delete(unmanaged)
+        # not committed: nothing was deleted, so nothing is remembered either
+    with store.unit_of_work() as uow:
+        uow.vms.delete(last.id)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert uow.vms.max_id(below=UNMANAGED_ID_BASE) == last.id and uow.works.max_id() == 3
+        assert uow.vms.max_id() == unmanaged
+        uow.vms.delete(unmanaged)
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert [v.id for v in uow.vms.all()] == [first.id] and [w.id for w in uow.works.all()] == [1]
+        assert uow.vms.max_id(below=UNMANAGED_ID_BASE) == last.id and uow.vms.max_id() == unmanaged
+        assert uow.works.max_id() == 3
 
 
 def test_two_active_items_for_one_vm_are_refused(store: Store) -> None:

@@ -12,6 +12,7 @@ from tests.db.test_repository import (  # noqa: F401 - collected here, against t
     test_finished_work_of_a_window,
     test_host_and_vm_records_round_trip,
     test_hosts_take_commands_and_hand_out_details,
+    test_ids_of_deleted_vms_and_their_work_are_never_given_again,
     test_records_handed_out_are_copies,
     test_two_active_items_for_one_vm_are_refused,
     test_uncommitted_unit_of_work_leaves_nothing,
