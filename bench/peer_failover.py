@@ -23,7 +23,7 @@ Configurations (the tuning is written down in kvmha.lab.pacemaker.PROFILES and i
 - Pacemaker defaults / tuned: kvmha.lab.pacemaker.PROFILES (corosync token, stonith-action, monitor, power_wait).
 
 Usage: bench/peer_failover.py [--runs 5] [--kills 5] [--series NAME,...] [--append]
-           run the series (root; under `flock /work/coord/lab.lock`; about 12 minutes for all four)
+           run the series (root; alone on the machine, as every lab bench; about 12 minutes for all four)
        bench/peer_failover.py --report
            print kvmha's and Pacemaker's medians, defaults and tuned, from the saved results
 Writes bench/results/peer_failover.json (series are merged by name, so a comparison can be split over several locked
