@@ -99,7 +99,10 @@ def _options(
     manager: Annotated[
         str,
         typer.Option(
-            "--manager", envvar="KVMHA_MANAGER", metavar="ADDR", help="The manager's admin address (HOST[:PORT])."
+            "--manager", envvar="KVMHA_MANAGER", metavar="ADDR",
+            help="The manager's admin address (HOST[:PORT]); for several managers on one database, a comma-separated "
+                 "list: a call goes to the next one only if the previous was unreachable or a standby refusing a "
+                 "change."
         ),
     ] = DEFAULT_MANAGER,
     timeout: Annotated[

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -27,6 +27,7 @@ import grpc
 import typer
 from google.protobuf.message import Message
 
+from kvmha.proto.metadata import NOT_ACTIVE_KEY
 from kvmha.proto.v1 import admin_pb2_grpc
 
 DEFAULT_ADMIN_PORT = 50052
@@ -61,14 +62,44 @@ def fail(message: str, code: Exit) -> NoReturn:
 
 
 class Link:
-    """One channel to the manager for the life of one command."""
+    """One channel to a manager for the life of one command.
 
-    def __init__(self, address: str, timeout_s: float, channel: grpc.Channel) -> None:
-        self.address = address
+    Given several managers (they share one database; one holds the lease and acts, the others are standbys that
+    answer reads), a call goes to the first; it moves on to the next only when nothing can have been applied: the
+    manager was never reached (UNAVAILABLE, or no connection by the deadline), or it is a standby that refused a
+    change (FAILED_PRECONDITION with the NOT_ACTIVE_KEY trailer, sent before it looked at the request)."""
+
+    def __init__(self, addresses: list[str], timeout_s: float, open_channel: Callable[[str], grpc.Channel]) -> None:
+        assert addresses, "at least one manager"
+        self.addresses = addresses
         self.timeout_s = timeout_s
-        self.channel = channel
+        self._open = open_channel
+        self._at = 0
+        self.address = addresses[0]
+        self.channel = open_channel(self.address)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
         self._watched = False  # whether grpc started its connectivity poller for this channel (see close)
+        self._passed: list[str] = []  # managers tried before this one, and why they were left
+
+    def _next_manager(self, err: grpc.RpcError) -> bool:
+        """Move to the next manager if `err` proves the request was not applied and one is left."""
+        if self._at + 1 >= len(self.addresses) or not isinstance(err, grpc.Call):
+            return False
+        code = err.code()
+        standby = code is grpc.StatusCode.FAILED_PRECONDITION and any(
+            key == NOT_ACTIVE_KEY for key, _ in (err.trailing_metadata() or ()))
+        unreached = code is grpc.StatusCode.UNAVAILABLE or (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED and not self.is_connected())
+        if not (standby or unreached):
+            return False
+        self._passed.append(f"{self.address}: {'a standby' if standby else 'unreachable'}")
+        self.close()
+        self._at += 1
+        self.address = self.addresses[self._at]
+        self.channel = self._open(self.address)
+        self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+        self._watched = False
+        return True
 
     def is_connected(self) -> bool:
         """Asked only after a deadline, to tell an unreachable manager from a slow one.
@@ -86,10 +117,16 @@ class Link:
         return True
 
     def call(self, rpc: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req) -> Resp:
-        try:
-            return rpc(request, timeout=self.timeout_s)
-        except grpc.RpcError as err:
-            self.fail(err)
+        """`rpc` is a method of `self.stub` (e.g. `link.stub.StartVm`); on another manager, the same method."""
+        name = next((key for key, value in vars(self.stub).items() if value is rpc), None)
+        assert name is not None, "call() takes a method of this link's stub"
+        while True:
+            try:
+                method: grpc.UnaryUnaryMultiCallable[Req, Resp] = getattr(self.stub, name)
+                return method(request, timeout=self.timeout_s)
+            except grpc.RpcError as err:
+                if not self._next_manager(err):
+                    self.fail(err)
 
     def stream(self, rpc: grpc.UnaryStreamMultiCallable[Req, Resp], request: Req) -> Iterator[Resp]:
         """The messages of a server stream. --timeout bounds connecting only: the stream lasts until cancelled."""
@@ -141,14 +178,20 @@ class Link:
         if code is grpc.StatusCode.NOT_FOUND:
             fail(details, Exit.NOT_FOUND)
         if code in REFUSED_CODES:
-            fail(details, Exit.REFUSED)
+            standby = any(key == NOT_ACTIVE_KEY for key, _ in (err.trailing_metadata() or ())) \
+                if isinstance(err, grpc.Call) else False
+            hint = (" (give the lease holder's admin address, or several: --manager ADDR,ADDR or KVMHA_MANAGER)"
+                    if standby else "")
+            fail(f"{details}{hint}", Exit.REFUSED)
         if code is grpc.StatusCode.UNIMPLEMENTED:
             fail(f"the manager at {self.address} does not implement this request (older version?)", Exit.ERROR)
         fail(f"the manager answered {code.name}: {details}", Exit.ERROR)
 
     def unreachable(self, reason: str) -> NoReturn:
+        before = f" (before it: {'; '.join(self._passed)})" if self._passed else ""
         fail(
-            f"cannot reach the manager at {self.address}: {reason} (set the address with --manager or KVMHA_MANAGER)",
+            f"cannot reach the manager at {self.address}: {reason}{before} "
+            "(set the address with --manager or KVMHA_MANAGER)",
             Exit.UNREACHABLE,
         )
 
@@ -174,12 +217,14 @@ def connect(address: str, timeout_s: float, tls: TlsFiles | None = None) -> Link
 
     Plaintext otherwise, which a manager accepts only when it was explicitly started without TLS.
     """
-    address = with_port(address)
+    addresses = [with_port(part.strip()) for part in address.split(",") if part.strip()]
+    if not addresses:
+        fail("no manager address (--manager HOST[:PORT][,HOST[:PORT]...] or KVMHA_MANAGER)", Exit.REFUSED)
     if tls is None or tls.ca is None:
         if tls is not None and (tls.cert or tls.key):
             fail("--cert/--key need --tls-ca (KVMHA_TLS_CA): the CA that signed the manager's certificate",
                  Exit.REFUSED)
-        return Link(address, timeout_s, grpc.insecure_channel(address))
+        return Link(addresses, timeout_s, grpc.insecure_channel)
     if bool(tls.cert) != bool(tls.key):
         fail("--cert and --key go together (KVMHA_TLS_CERT, KVMHA_TLS_KEY)", Exit.REFUSED)
     files = {"CA certificate": tls.ca, "certificate": tls.cert, "key": tls.key}
@@ -191,7 +236,7 @@ def connect(address: str, timeout_s: float, tls: TlsFiles | None = None) -> Link
             fail(f"cannot read the {what} {path}: {err.strerror}", Exit.REFUSED)
     credentials = grpc.ssl_channel_credentials(root_certificates=data["CA certificate"], private_key=data["key"],
                                                certificate_chain=data["certificate"])
-    return Link(address, timeout_s, grpc.secure_channel(address, credentials))
+    return Link(addresses, timeout_s, lambda target: grpc.secure_channel(target, credentials))
 
 
 def with_port(address: str) -> str:

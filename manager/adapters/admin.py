@@ -24,6 +24,7 @@ from kvmha.manager.driver import NotActive
 from kvmha.manager.operations import LiveHosts, OperationError, OperatorPort, Refusal
 from kvmha.manager.security.auth import peer_identity
 from kvmha.manager.store import BmcCredentials, ConfigRow, EventRow, HostDetails, UnitOfWork
+from kvmha.proto.metadata import NOT_ACTIVE_KEY
 from kvmha.proto.v1 import admin_pb2 as pb
 from kvmha.proto.v1 import admin_pb2_grpc
 
@@ -56,7 +57,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(STATUS[error.refusal], str(error))
         except NotActive as standby:  # a change needs the manager that holds the lease: say which one it is
             lease = await self._port.read(lambda uow: uow.managers.lease())
-            holder = f"; the lease is held by {lease.manager_id}" if lease is not None and lease.manager_id else ""
+            holder_id = lease.manager_id if lease is not None and lease.manager_id else ""
+            holder = f"; the lease is held by {holder_id}" if holder_id else ""
+            # Refused before anything was done: the trailer lets a client send the same request elsewhere.
+            context.set_trailing_metadata(((NOT_ACTIVE_KEY, holder_id),))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{standby}{holder}")
 
     # ------------------------------------------------------------------ hosts

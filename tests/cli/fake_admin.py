@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from kvmha.proto.metadata import NOT_ACTIVE_KEY
 from kvmha.proto.v1 import admin_pb2 as pb
 from kvmha.proto.v1 import admin_pb2_grpc
 
@@ -126,6 +127,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.changed = threading.Condition()
         self.closed = False
         self.close_status: grpc.StatusCode | None = None
+        self.standby_of: str | None = None  # set: a standby manager that refuses changes, naming this lease holder
 
     # --- test controls ---
 
@@ -268,8 +270,16 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.vms.append(vm)
         return vm
 
+    def _refuse_if_standby(self, context: grpc.ServicerContext) -> None:
+        """As manager/adapters/admin.py does on a standby: FAILED_PRECONDITION, the holder in a trailer."""
+        if self.standby_of is not None:
+            context.set_trailing_metadata(((NOT_ACTIVE_KEY, self.standby_of),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this manager is a standby; the lease is held by {self.standby_of}")
+
     def StartVm(self, request: pb.Ref, context: grpc.ServicerContext) -> pb.VmInfo:
         self._record("StartVm", request)
+        self._refuse_if_standby(context)
         vm = self._find(self.vms, request.ref, "VM", context)
         vm.state, vm.host = "Starting", vm.host or "h1"
         return vm

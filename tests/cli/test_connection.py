@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kvmha.manager.cli import app
 from kvmha.manager.cli_client import with_port
+from kvmha.proto.v1 import admin_pb2 as pb
 from tests.cli.fake_admin import FakeAdmin, serve
 from tests.cli.support import as_json, kvmha, ok, refused
 from tests.cli.tls import make_pki
@@ -55,6 +56,45 @@ def test_connected_but_no_answer_exits_5(fake: FakeAdmin, manager: str) -> None:
     result = kvmha(manager, "--timeout", "2", "vm", "start", "db1")
     assert result.exit_code == 5, result.output
     assert "did not answer within 2 s" in result.stderr and "may or may not have been applied" in result.stderr
+
+
+# --- several managers ---
+
+
+def test_a_change_refused_by_a_standby_goes_to_the_next_manager(fake: FakeAdmin, manager: str) -> None:
+    standby = FakeAdmin()
+    standby.standby_of = "m1"
+    server, standby_address = serve(standby)
+    try:
+        both = f"{standby_address},{manager}"
+        assert "Host h1" in ok(kvmha(both, "host", "show", "h1"))  # a read: the standby answers it
+        assert standby.sent("GetHost") and not fake.sent("GetHost")
+        ok(kvmha(both, "vm", "start", "db1"))
+        assert standby.sent("StartVm") == [pb.Ref(ref="db1")]  # refused there, applied here
+        assert fake.sent("StartVm") == [pb.Ref(ref="db1")]
+
+        alone = kvmha(standby_address, "vm", "start", "db1")
+        assert alone.exit_code == 4, alone.output
+        assert "the lease is held by m1" in alone.stderr and "--manager ADDR,ADDR" in alone.stderr
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_unreachable_manager_is_passed_but_a_slow_one_is_not(fake: FakeAdmin, manager: str,
+                                                                 closed_port: str) -> None:
+    assert "Host h1" in ok(kvmha(f"{closed_port},{manager}", "host", "show", "h1"))
+    # Connected but no answer: the change may have been applied there, so it is not sent again elsewhere.
+    other = FakeAdmin()
+    server, other_address = serve(other)
+    try:
+        fake.delay_s = 6.0
+        slow = kvmha(f"{manager},{other_address}", "--timeout", "2", "vm", "start", "db1")
+        assert slow.exit_code == 5, slow.output
+        assert not other.requests
+    finally:
+        server.stop(grace=None)
+    refused_both = kvmha(f"{closed_port},{closed_port}", "host", "list")
+    assert refused_both.exit_code == 2 and f"before it: {closed_port}: unreachable" in refused_both.stderr
 
 
 # --- TLS ---
