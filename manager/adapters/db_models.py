@@ -186,6 +186,8 @@ class HaWork(Base):
     step: Mapped[WorkStep] = mapped_column(enum_column(WorkStep), default=WorkStep.SCHEDULED)
     host_id: Mapped[int | None] = mapped_column(ForeignKey("host.id", ondelete="SET NULL"), nullable=True)
     previous_state: Mapped[VmState] = mapped_column(enum_column(VmState))
+    # A Migration item's target host (NULL for other types; SET NULL if that host is removed).
+    target_host_id: Mapped[int | None] = mapped_column(ForeignKey("host.id", ondelete="SET NULL"), nullable=True)
     vm_update_count: Mapped[int] = mapped_column(Integer, default=0)
     taken_by: Mapped[str | None] = mapped_column(ForeignKey("mshost.id", ondelete="SET NULL"), nullable=True)
     taken_at: Mapped[float | None] = mapped_column(Double, nullable=True)

@@ -235,6 +235,7 @@ class SqlWorks:
             row = HaWork(id=record.id, instance_id=record.vm_id, created_at=record.created_at or now)
             self._session.add(row)
         row.type, row.step, row.host_id = record.type, record.step, record.host_id
+        row.target_host_id = record.target_host_id
         row.previous_state, row.vm_update_count = record.previous_state, record.vm_update_count
         row.tried, row.time_to_try_at, row.reason = record.tried, record.time_to_try_at, record.reason[:4000]
         row.updated_at = now
@@ -505,4 +506,5 @@ def _work_record(row: HaWork) -> HaWorkRecord:
         vm_update_count=row.vm_update_count, tried=row.tried, time_to_try_at=row.time_to_try_at,
         reason=row.reason, created_at=row.created_at, updated_at=row.updated_at, taken_by=row.taken_by,
         taken_at=row.taken_at,
+        target_host_id=HostId(row.target_host_id) if row.target_host_id is not None else None,
     )

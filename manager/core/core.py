@@ -240,6 +240,7 @@ class Core:
             case f.AgentDisconnected():
                 self._linkloss.on_disconnected(fact)  # first: it reads whether this link was the open one
                 hosts.on_agent_disconnected(fact)
+                self._migration.link_lost(fact.host_id)
             case f.FenceCompleted():
                 self._on_fence_completed(fact)
             case f.BmcPowerReported():

@@ -93,6 +93,7 @@ class MigrationFlow:
             vm_update_count=vm.update_count,
             reason=f"{why}: {source.name} -> {target.name}",
             created_at=ctx.now,
+            target_host_id=target.id,
         )
         ctx.works[work.id] = work
         work.step = next_step(work.step, WorkEvent.MIGRATE)
@@ -209,6 +210,26 @@ class MigrationFlow:
                 job.at_source = Side.NONE
             else:
                 job.at_target = Side.NONE
+            self._decide(vm, job)
+
+    def link_lost(self, host_id: HostId) -> None:
+        """The agent link of a migration's source broke: the MigrateVm answer travels on that link, and an agent
+        killed mid-migration never sends it (libvirt may still complete or fail the job without it). Waiting for it
+        until the command's timeout would keep the VM Migrating for minutes; the reports of both sides decide
+        instead (a late answer still counts). What the source held is unknown from now until it reports again (or
+        is proven dead): its last report predates the break."""
+        for job in self.ctx.migrations.touching(host_id):
+            vm = self.ctx.vms.get(job.vm_id)
+            if vm is None or job.source != host_id or job.work_id is None or job.outcome_unknown:
+                continue
+            job.outcome_unknown, job.at_source = True, Side.UNKNOWN
+            self.ctx.event(
+                "info",
+                f"vm:{vm.id}",
+                "vm.migration.unknown",
+                f"the agent link of {self.ctx.host_name(host_id)} broke mid-migration: the reports of both hosts "
+                "decide where it runs; not restarted meanwhile",
+            )
             self._decide(vm, job)
 
     def host_dead(self, host: HostRecord) -> None:
@@ -393,13 +414,17 @@ class MigrationFlow:
             self._finish_work(job, WorkEvent.CANCEL, reason)
 
     def restore(self, work: HaWorkRecord) -> None:
-        """A Migration item the old manager left in flight: its answer is lost, the reports decide."""
+        """A Migration item the old manager left in flight: its answer is lost, the reports of its source and of
+        its stored target decide (the source still running it proves nothing while the target may hold it)."""
         self.ctx.works[work.id] = work
         vm = self.ctx.vms.get(work.vm_id)
         if not work.step.active or vm is None or work.host_id is None or vm.state is not VmState.MIGRATING:
             return
-        job = Migration(vm.id, work.host_id, None, work.created_at, work.id, Side.UNKNOWN, Side.UNKNOWN, True)
+        target = work.target_host_id if work.target_host_id in self.ctx.hosts else None
+        job = Migration(vm.id, work.host_id, target, work.created_at, work.id, Side.UNKNOWN, Side.UNKNOWN, True)
         self.ctx.migrations.add(job)
+        if target is not None:
+            self.ctx.vms.reserve(vm, target)  # its memory and vCPUs stay booked there until it settles
 
     def restore_vm(self, vm: VmRecord) -> None:
         """A VM recorded Migrating with no item (a migration seen from outside): the reports decide."""

@@ -233,3 +233,6 @@ class HaWorkRecord:
     updated_at: float = 0.0
     taken_by: str | None = None
     taken_at: float | None = None
+    # A Migration item's target (None for other types): stored so that a manager restarted mid-migration knows
+    # where the VM was going and waits for that host's report instead of guessing from the source's.
+    target_host_id: HostId | None = None

@@ -280,6 +280,27 @@ def test_an_active_migration_item_beside_an_active_ha_item(store: Store) -> None
         ]
 
 
+def test_a_migration_item_keeps_its_target_across_a_restart(store: Store) -> None:
+    """The target of a migration in flight is stored with its item, so that the manager that claims the item
+    after a restart knows where the VM was going (core/migration.py restore)."""
+    with store.unit_of_work() as uow:
+        source = uow.hosts.add("uuid-h1", "h1", "10.251.0.11", NOW)
+        target = uow.hosts.add("uuid-h2", "h2", "10.251.0.12", NOW)
+        vm = uow.vms.add(_vm("vm1", source), NOW)
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        migration = dataclasses.replace(_work(1, vm.id, WorkStep.MIGRATING), type=WorkType.MIGRATION,
+                                        host_id=source, target_host_id=target)
+        uow.works.save(migration, "m1", NOW)
+        uow.works.save(_work(2, vm.id), "m1", NOW)  # an HA item: no target
+        uow.commit()
+    with store.unit_of_work() as uow:
+        uow.managers.register("m2", "127.0.0.1:50052", "0.1.0", NOW + 60)
+        claimed = {w.id: w for w in uow.works.claim_active("m2", NOW + 60, live_managers=["m2"])}
+        assert (claimed[WorkId(1)].host_id, claimed[WorkId(1)].target_host_id) == (source, target)
+        assert claimed[WorkId(2)].target_host_id is None
+        assert [w.target_host_id for w in uow.works.all()] == [target, None]
+
+
 def test_finished_work_of_a_window(store: Store) -> None:
     with store.unit_of_work() as uow:
         vm = uow.vms.add(_vm("vm1", None), NOW)

@@ -66,7 +66,7 @@ def _sample_rows() -> list[Base]:
                     last_host_id=1, ha_enabled=True, restart_priority=7, anti_affinity_group="db",
                     domain_xml="<domain>" + "x" * 70_000 + "</domain>", memory_mib=64, vcpus=1, update_count=3,
                     created_at=NOW, updated_at=NOW)
-    work = HaWork(id=1, instance_id=1, type=WorkType.HA, step=WorkStep.FENCING, host_id=1,
+    work = HaWork(id=1, instance_id=1, type=WorkType.HA, step=WorkStep.FENCING, host_id=1, target_host_id=1,
                   previous_state=VmState.RUNNING, vm_update_count=3, taken_by="m1", taken_at=NOW, tried=2,
                   time_to_try_at=NOW + 30, reason="host h1 Unknown: fencing", created_at=NOW, updated_at=NOW,
                   active_instance_id=HaWork.active_key(1, WorkType.HA, WorkStep.FENCING))

@@ -5,9 +5,12 @@ still hold the VM."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from kvmha.manager.core import actions as a
 from kvmha.manager.core import facts as f
 from kvmha.manager.core.model import (
+    HostCapacity,
     HostId,
     PowerState,
     StopCause,
@@ -17,7 +20,7 @@ from kvmha.manager.core.model import (
     WorkStep,
     WorkType,
 )
-from tests.unit.core.harness import Harness, messages, of_type, starts, vm
+from tests.unit.core.harness import ARMED, Harness, messages, of_type, starts, vm
 
 
 def _paused(h: Harness, n: int, vm_id: int, at: float | None = None) -> list[a.Action]:
@@ -174,3 +177,99 @@ def test_the_old_sources_pause_at_switchover_after_the_target_runs_it_is_no_new_
     # Later, a real migration back to h1 done outside kvmha is followed again.
     out = _paused(h, 1, 1, at=60.0)
     assert _state(h, 1) == (VmState.MIGRATING, 2) and any("not started by kvmha" in m for m in messages(out))
+
+
+def _restarted(h: Harness) -> Harness:
+    """A new manager (Core) on what the old one stored: its VM records and its active work items."""
+    vms = [dataclasses.replace(record) for record in h.vm_records]
+    works = [dataclasses.replace(w) for w in h.core.works.values() if w.step.active]
+    return Harness(vms=vms, works=works, now=h.now + 5.0)
+
+
+def _incoming(n: int, vm_id: int) -> f.PowerStateReported:
+    """Host n's full report listing only the VM's incoming copy (paused for migration)."""
+    domain = f.DomainReport(VmUuid(f"v{vm_id}"), f"vm{vm_id}", PowerState.POWER_ON, StopCause.NONE, migrating=True)
+    return f.PowerStateReported(HostId(n), True, True, (domain,))
+
+
+def test_the_migration_item_stores_its_target() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    _migrate(h, 1, 2)
+    work = next(w for w in h.core.works.values() if w.type is WorkType.MIGRATION)
+    assert (work.host_id, work.target_host_id) == (1, 2)
+
+
+def test_a_manager_restarted_mid_migration_waits_for_the_stored_target() -> None:
+    """The old manager died with the migration in flight: its source still runs the VM (the memory is being
+    copied), which proves nothing while the stored target holds an incoming copy. Before the target was stored the
+    new manager settled it on the source at once, and the migration's completion then looked like a new one."""
+    old = Harness(vms=[vm(1, on=1)])
+    old.connect_all()
+    _migrate(old, 1, 2)
+    h = _restarted(old)
+    out = h.connect(1, running=[1])
+    out += h.connect(3)
+    assert _state(h, 1) == (VmState.MIGRATING, 1), messages(out)
+    out += h.handle(f.AgentConnected(HostId(2), "u2", "h2", "10.0.0.2", HostCapacity(16, 16384), "b", ARMED,
+                                     "lockd"))
+    out += h.handle(_incoming(2, 1))
+    assert _state(h, 1) == (VmState.MIGRATING, 1), messages(out)
+    out += h.report(2, 1, PowerState.POWER_ON)  # switchover: the guest runs on h2
+    out += h.report(1, 1, PowerState.POWER_OFF, StopCause.MIGRATED)
+    assert _state(h, 1) == (VmState.RUNNING, 2) and starts(out) == []
+    assert not [m for m in messages(out) if "not started by kvmha" in m or "stays on" in m], messages(out)
+    work = next(w for w in h.core.works.values() if w.type is WorkType.MIGRATION)
+    assert work.step is WorkStep.DONE
+
+
+def test_a_manager_restarted_mid_migration_keeps_it_on_the_source_when_the_target_holds_no_copy() -> None:
+    old = Harness(vms=[vm(1, on=1)])
+    old.connect_all()
+    _migrate(old, 1, 2)
+    h = _restarted(old)
+    out = h.connect(1, running=[1])
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    out += h.connect(2)  # its full report lists no copy: the migration failed while no manager watched
+    assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
+    assert any("stays on h1" in m for m in messages(out)), messages(out)
+
+
+def test_a_stored_target_that_was_removed_leaves_the_reports_to_find_it() -> None:
+    old = Harness(vms=[vm(1, on=1)])
+    old.connect_all()
+    _migrate(old, 1, 2)
+    works = [dataclasses.replace(w, target_host_id=HostId(9)) for w in old.core.works.values() if w.step.active]
+    h = Harness(vms=[dataclasses.replace(r) for r in old.vm_records], works=works, now=old.now + 5.0)
+    h.connect(1)  # the source no longer holds it
+    assert _state(h, 1) == (VmState.MIGRATING, 1)
+    out = h.connect(2, running=[1])  # it runs where it went
+    assert _state(h, 1) == (VmState.RUNNING, 2) and starts(out) == []
+
+
+def test_the_source_agent_killed_mid_migration_the_reports_settle_it_without_its_answer() -> None:
+    """The agent that ran MigrateVm died (its answer will never come); libvirt failed the job meanwhile. The VM is
+    settled on its source from the reports once the agent is back, not after the command's timeout (minutes)."""
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    command = _migrate(h, 1, 2)
+    _paused(h, 2, 1, at=1.0)
+    out = h.handle(f.AgentDisconnected(HostId(1), planned=False), at=2.0)
+    assert _state(h, 1) == (VmState.MIGRATING, 1) and starts(out) == []  # h2's copy may still become the VM
+    out += h.handle(f.PowerStateReported(HostId(2), True, True, ()), at=3.0)  # libvirt destroyed the copy
+    assert _state(h, 1) == (VmState.MIGRATING, 1)  # h1's last word predates the break: it may be dying
+    out += h.connect(1, running=[1], at=4.0)  # the agent is back: h1 runs it
+    assert h.now < command.timeout_s
+    assert _state(h, 1) == (VmState.RUNNING, 1) and starts(out) == []
+
+
+def test_the_source_agent_killed_mid_migration_that_completed_the_vm_is_on_the_target() -> None:
+    h = Harness(vms=[vm(1, on=1)])
+    h.connect_all()
+    _migrate(h, 1, 2)
+    _paused(h, 2, 1, at=1.0)
+    out = h.handle(f.AgentDisconnected(HostId(1), planned=False), at=2.0)
+    out += h.report(2, 1, PowerState.POWER_ON, at=3.0)  # libvirt completed it without the agent
+    out += h.connect(1, at=4.0)  # no copy left on h1
+    out += h.tick_until(60.0, pinging=(1, 2, 3))
+    assert _state(h, 1) == (VmState.RUNNING, 2) and starts(out) == []
