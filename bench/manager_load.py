@@ -2,14 +2,18 @@
 
     .venv/bin/python bench/manager_load.py [--steps 100,1000] [--search-from 2000] [--search-step 1500]
                                            [--budget-s 330] [--window-s 30] [--search-window-s 20]
-                                           [--domains 3] [--database URL]
+                                           [--domains 3] [--database URL] [--connect-rate 100]
+                                           [--out manager_load.json]
     .venv/bin/python bench/manager_load.py --restart-at 2000
-    .venv/bin/python bench/manager_load.py --steps 10000 --search-from 0 --stall-s 10 --fail-share 0.01
+    .venv/bin/python bench/manager_load.py --steps 10000 --search-from 0 --budget-s 1800 --stall-s 10 \
+                                           --fail-share 0.01 --restart --out manager_load_10k.json
 
-The third form is the fixed 10,000-agent step with its two extra phases: a database stall (every kvmha table locked
-by another session for 10 s; hosts declared behind are counted, 0 expected) and failure injection (1 % of the agents
+The third form is the fixed 10,000-agent step with its extra phases: a database stall (every kvmha table locked
+by another session for 10 s; hosts declared behind are counted, 0 expected), failure injection (1 % of the agents
 go silent at once, their streams left open as after a power loss; detection latency = the "Up -> Investigating"
-event - the agent's last ping, p50/p99, and any other host leaving Up is a false host-down).
+event - the agent's last ping, p50/p99, and any other host leaving Up is a false host-down), and (--restart) a
+manager restart under all the agents, as in the second form, reported with the step. It needs the machine to
+itself (run it under `flock /work/coord/lab.lock` on the shared machine): about 15 minutes.
 
 The second form measures a manager restart instead of the search: N agents connected, the manager stopped (SIGTERM)
 and started again on the same database and ports; it reports how long until all N are back Up and pinging, and
@@ -27,9 +31,12 @@ agent's default resync); it answers CheckNeighbor/GetCapacity commands like a he
 
 Steps: N = 100, 1,000 (30 s windows), then a search 2,000, 3,500, 5,000, ... (20 s windows; agents are added,
 never restarted) until a step fails or the next one cannot finish within the time budget (~5.5 min, predicted from
-the last ramp's rate). Each step ramps up to N (64 Hellos in flight at a time; every Hello is a few database
-transactions in the manager's single driver, so ramps take most of the budget), waits until the manager lists all
-N hosts Up, then measures over the window:
+the last ramp's rate). Each step ramps up to N: new agents start at --connect-rate per second at most (a fleet's
+agents do not all start in the same second), at most 256 waiting for their Welcome (the manager registers the
+Hellos that arrive together in one transaction); how late the agents started behind that schedule and how late
+the load process's own event loop ran (a 100 ms tick) are reported for the ramp, and hosts that left Up during the
+ramp count as false host-downs as well. Then it waits until the manager lists all N hosts Up, and measures over the
+window:
 
 * manager CPU (% of one core, utime+stime from /proc/<pid>/stat over the window) and RSS (VmRSS at the end, VmHWM
   peak); for context the load process's own CPU, all postgres processes' CPU and the whole machine's busy share
@@ -51,8 +58,9 @@ the latency;
   work in the manager, done in a worker thread that competes with the event loop for the GIL, so the snapshots
   themselves can delay pings a little; an operator's `kvmha host list` would too);
 * false host-downs: every "host.status" event "Up -> ..." of a simulated host (all of them ping all the time),
-  counted over the ramp and the window, and the load process's own stream errors and its send lateness (how late
-  it sent pings behind their schedule: when the load process itself is starved, that shows here first).
+  counted over the ramp and the window, and the load process's own stream errors, its send lateness (how late
+  it sent pings behind their schedule: when the load process itself is starved, that shows here first) and its
+  event loop's lateness.
 
 A step fails on any false host-down, stream error, lagging host, or a latency p99 above the ping interval; the
 largest N that passed is the maximum found (when no step failed, the manager's limit lies above it: the budget
@@ -91,7 +99,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 AgentCall = grpc.aio.StreamStreamCall[pb.AgentMessage, pb.ManagerMessage]
 PING_INTERVAL_S = 2.0
 RESYNC_S = 30.0
-CONNECTS_IN_FLIGHT = 64
+CONNECTS_IN_FLIGHT = 256  # Hellos waiting for their Welcome at most (the manager registers them by group commit)
+CONNECT_RATE = 100.0  # new agents per second at most (--connect-rate): a fleet's agents do not all start at once
+LOOP_TICK_S = 0.1  # the load process measures its own event loop's lateness at this period
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "manager_load.json"
 RESTART_SETTLE_S = 20.0 + 7.0 + 8.0  # startup.grace + ping.timeout (defaults) + margin
@@ -181,7 +191,20 @@ class Load:
         self.event_cursor = 0
         self.host_names: dict[str, str] = {}
         self.ramp_rate = 50.0  # new agents per second, as measured by the last ramp
+        self.connect_rate = CONNECT_RATE
+        self.connect_late_s: list[float] = []  # how late each new agent started behind the ramp's schedule
+        self.loop_late_s: list[float] = []  # the load process's own event-loop lateness (its honesty)
+        self._ticker: asyncio.Task[None] | None = None
         self.list_hosts_s: list[float] = []  # how long the admin ListHosts calls of the windows took
+
+    async def tick(self) -> None:
+        """The load process's own lateness: a load generator starved of CPU sends late and reads late, which would
+        read as the manager's slowness; every step reports it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LOOP_TICK_S
+            await asyncio.sleep(LOOP_TICK_S)
+            self.loop_late_s.append(max(0.0, loop.time() - due))
 
     # ---- one simulated agent
 
@@ -278,9 +301,18 @@ class Load:
     # ---- steps
 
     async def ramp_to(self, count: int) -> None:
+        """Start agents up to `count` at `connect_rate` per second at most (and at most CONNECTS_IN_FLIGHT waiting
+        for their Welcome); how late each one started behind that schedule is recorded."""
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self.tick())
         gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
         starting: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        begun, first = loop.time(), len(self.agents)
         while len(self.agents) < count:
+            due = begun + (len(self.agents) - first) / self.connect_rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
             index = len(self.agents)
             domains = [pb.DomainPower(uuid=str(uuid_module.uuid4()), name=f"bench-{index:05d}-{k}", state=pb.POWER_ON,
                                       cause=pb.CAUSE_BOOTED, libvirt_state=1, libvirt_reason=1, libvirt_event=-1,
@@ -290,13 +322,14 @@ class Load:
             self.agents.append(agent)
             self.by_uuid[agent.host_uuid] = agent
 
-            async def start(agent: SimAgent) -> None:
+            async def start(agent: SimAgent, due: float) -> None:
                 async with gate:
+                    self.connect_late_s.append(max(0.0, loop.time() - due))
                     ready = asyncio.Event()
                     self.tasks.append(asyncio.create_task(self.run_agent(agent, ready)))
                     await ready.wait()
 
-            starting.append(asyncio.create_task(start(agent)))
+            starting.append(asyncio.create_task(start(agent, due)))
         await asyncio.gather(*starting)
 
     async def hosts(self) -> tuple[float, list[apb.HostInfo]]:
@@ -400,13 +433,16 @@ class Load:
         errors_before = sum(a.errors for a in self.agents)
         new_agents = count - len(self.agents)
         ramp_started = time.monotonic()
-        self.connect_s = []
+        self.connect_s, self.connect_late_s, self.loop_late_s = [], [], []
         await self.ramp_to(count)
         ramp_s = time.monotonic() - ramp_started
         if new_agents >= 100:
             self.ramp_rate = new_agents / ramp_s
         up_s = await self.wait_up(count, timeout_s=120 + count / 50)
-        connect = list(self.connect_s)
+        connect, connect_late, ramp_loop_late = list(self.connect_s), self.connect_late_s, self.loop_late_s
+        ramp_downs = await self.false_downs()  # hosts that left Up during the ramp and the wait for all Up
+
+        self.loop_late_s = []
 
         self.late_s, self.list_hosts_s = [], []
         pings_before, handled_before = await self.counters()
@@ -429,9 +465,10 @@ class Load:
         lag = lag_quantiles(lag_before, await self.lag_buckets())
         offered, handled = pings_after - pings_before, handled_after - handled_before
         memory = memory_mib(self.manager_pid)
-        downs = await self.false_downs()
+        window_downs = await self.false_downs()
+        downs = ramp_downs + window_downs
         errors = sum(a.errors for a in self.agents) - errors_before
-        late = self.late_s
+        late, loop_late = self.late_s, self.loop_late_s
         result = {
             "agents": count,
             "ramp_s": round(ramp_s, 1),
@@ -439,6 +476,13 @@ class Load:
             "all_up_after_ramp_s": round(up_s, 1),
             "connect_p50_ms": round(percentile(connect, 0.5) * 1000, 1),
             "connect_p99_ms": round(percentile(connect, 0.99) * 1000, 1),
+            "connect_rate_limit_per_s": self.connect_rate,
+            "ramp_start_late_p99_s": round(percentile(connect_late, 0.99), 2),
+            "ramp_start_late_max_s": round(max(connect_late, default=0.0), 2),
+            "ramp_load_loop_late_p99_ms": round(percentile(ramp_loop_late, 0.99) * 1000, 1),
+            "ramp_load_loop_late_max_ms": round(max(ramp_loop_late, default=0.0) * 1000, 1),
+            "ramp_false_host_downs": len(ramp_downs),
+            "ramp_false_host_down_examples": ramp_downs[:5],
             "window_s": round(elapsed, 1),
             "manager_cpu_pct": round(100 * (m1 - m0) / elapsed, 1),
             "manager_rss_mib": round(memory.get("VmRSS", 0), 1),
@@ -460,11 +504,14 @@ class Load:
             "lagging_hosts": lagging,
             "hosts_not_up": not_up,
             "false_host_downs": len(downs),
+            "window_false_host_downs": len(window_downs),
             "false_host_down_examples": downs[:5],
             "stream_errors": errors,
             "stream_error_example": next((a.last_error for a in self.agents if a.last_error), ""),
             "send_late_p99_ms": round(percentile(late, 0.99) * 1000, 1),
             "send_late_max_ms": round(max(late, default=0.0) * 1000, 1),
+            "load_loop_late_p99_ms": round(percentile(loop_late, 0.99) * 1000, 1),
+            "load_loop_late_max_ms": round(max(loop_late, default=0.0) * 1000, 1),
             "streams_metric": await self.streams_metric(),
         }
         problems = []
@@ -605,6 +652,7 @@ async def load_main(plan: dict[str, Any]) -> None:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))
     load = Load(plan["link"], plan["admin"], plan["metrics"], plan["manager_pid"], plan["domains"], plan["pki"])
+    load.connect_rate = plan["connect_rate"]
     deadline = time.monotonic() + plan["budget_s"]
     if plan["restart_at"]:
         print(json.dumps(await load.step(plan["restart_at"], plan["window_s"])), flush=True)
@@ -629,6 +677,10 @@ async def load_main(plan: dict[str, Any]) -> None:
         print(json.dumps(await stall_phase(load, plan["stall_s"], settle_s=PING_TIMEOUT_S + 8)), flush=True)
     if plan["fail_share"] and load.agents:
         print(json.dumps(await failure_phase(load, plan["fail_share"], settle_s=PING_TIMEOUT_S + 6)), flush=True)
+    if plan["restart_after"] and load.agents:
+        await asyncio.sleep(PING_TIMEOUT_S)  # the silenced agents are back (they ping again) before the restart
+        await load.false_downs()
+        print(json.dumps(await restart_phase(load, len(load.agents), plan["settle_s"])), flush=True)
     for task in load.tasks:
         task.cancel()
     await asyncio.gather(*load.tasks, return_exceptions=True)
@@ -643,7 +695,8 @@ COLUMNS = [
     ("ping_latency_p50_ms", "ping p50 ms"), ("ping_latency_p99_ms", "ping p99 ms"), ("pings_offered_per_s", "sent/s"),
     ("pings_handled_per_s", "handled/s"), ("false_host_downs", "false downs"), ("load_process_cpu_pct", "load CPU%"),
     ("postgres_cpu_pct", "pg CPU%"), ("machine_busy_pct", "machine busy%"), ("ramp_s", "ramp s"),
-    ("connect_p99_ms", "hello p99 ms"),
+    ("connect_p99_ms", "hello p99 ms"), ("ramp_false_host_downs", "ramp false downs"),
+    ("driver_lag_p99_ms", "drv lag p99 ms"), ("load_loop_late_p99_ms", "load late p99 ms"),
 ]
 
 
@@ -687,6 +740,9 @@ def plot(results: list[dict[str, Any]], phases: list[dict[str, Any]], path: Path
         if "failed_agents" in phase:
             notes.append(f"{phase['failed_agents']} silenced: detection p50 {phase['detection_p50_s']} s, "
                          f"p99 {phase['detection_p99_s']} s, {phase['false_host_downs']} false downs")
+        if "restart_agents" in phase:
+            notes.append(f"restart: stopped in {phase['manager_stop_s']:.1f} s, all back after "
+                         f"{phase['all_back_after_start_s']} s, {phase['hosts_declared_behind']} declared behind")
     figure.suptitle("kvmha-manager under simulated agents, PostgreSQL, 2 cores shared with the load\n"
                     + "; ".join(notes), fontsize=9)
     figure.tight_layout()
@@ -725,6 +781,12 @@ def main() -> int:
                              "declared behind")
     parser.add_argument("--fail-share", type=float, default=0.0,
                         help="after the steps: this share of the agents goes silent; detection latency p50/p99")
+    parser.add_argument("--connect-rate", type=float, default=CONNECT_RATE,
+                        help="new agents per second at most during a ramp")
+    parser.add_argument("--restart", action="store_true",
+                        help="after the steps and phases: restart the manager under all the agents (SIGTERM time, "
+                             "time until all are back, hosts declared behind)")
+    parser.add_argument("--out", default=RESULTS.name, help="results file name in bench/results (PNG alongside)")
     parser.add_argument("--load-process", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load_process:
@@ -762,7 +824,8 @@ def main() -> int:
                     "search_from": args.search_from, "search_step": args.search_step, "budget_s": args.budget_s,
                     "window_s": args.window_s, "search_window_s": args.search_window_s,
                     "restart_at": args.restart_at, "settle_s": RESTART_SETTLE_S, "stall_s": args.stall_s,
-                    "fail_share": args.fail_share}
+                    "fail_share": args.fail_share, "connect_rate": args.connect_rate,
+                    "restart_after": args.restart}
             print(f"manager pid {manager.process.pid} on {url.split('@')[-1]}; ping.interval {PING_INTERVAL_S} s; "
                   f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
             load = subprocess.Popen([sys.executable, __file__, "--load-process", json.dumps(plan)],
@@ -834,13 +897,13 @@ def main() -> int:
               f"hosts declared behind: {restart['hosts_declared_behind']} ({restart['investigations']} "
               f"investigations), transitions to Alert: {restart['alerts']}, "
               f"fenced/down: {restart['fenced_or_down']}")
-    out = RESULTS.with_name("manager_restart.json") if args.restart_at else RESULTS
+    out = RESULTS.with_name("manager_restart.json") if args.restart_at else RESULTS.with_name(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"ping_interval_s": PING_INTERVAL_S, "cpus": os.cpu_count(),
                                "max_agents": None if args.restart_at else maximum, "steps": results,
                                "restart": restart, "phases": extra}, indent=2))
     if not args.restart_at:
-        plot(results, extra, out.with_suffix(".png"))
+        plot(results, extra + ([restart] if restart else []), out.with_suffix(".png"))
     print(f"written: {out.relative_to(ROOT)}")
     return 0
 

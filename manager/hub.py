@@ -3,9 +3,12 @@ and its facts into the driver. The gRPC servicer (adapters/agent_link.py) transl
 gRPC statuses to and from these plain values; the simulator's agents connect through the very same code.
 
 A known host's reconnect stores what only the agent knows (versions, boot id) outside the driver's queue, so that a
-thousand agents reconnecting after a manager restart are not registered one transaction at a time behind each
-other's pings (bench/manager_load.py --restart-at); a new host is registered in the driver's order, so the core
-never hears of a host the store does not have.
+thousand agents reconnecting after a manager restart are not registered behind each other's pings
+(bench/manager_load.py --restart-at); a new host is registered in the driver's order, so the core never hears of a
+host the store does not have. Both are group commits (kvmha.manager.groupcommit): the Hellos that arrive while one
+transaction runs share the next one, so a ramp of thousands of agents costs tens of transactions, not thousands
+(one per Hello in the driver's order was the bound of the 10,000-agent ramp: bench/manager_load.py). One Hello
+refused (a removed or unknown host) refuses only itself.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from kvmha.manager.core.model import (
     WatchdogReport,
 )
 from kvmha.manager.driver import Driver
+from kvmha.manager.groupcommit import GroupCommit
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
 log = logging.getLogger("kvmha.manager.hub")
 UNKNOWN_HOST_RETRY_S = 60.0
 EVENT_BURST, EVENT_WINDOW_S = 20, 60.0
+HELLOS_PER_TRANSACTION = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,32 +83,38 @@ class AgentHub:
         self._host_ids: dict[str, HostId] = {}  # host uuid -> id, for hosts already stored
         self._event_times: list[float] = []
         self._recording: set[asyncio.Task[None]] = set()
+        self._reconnects: GroupCommit[tuple[HostId, AgentInfo], bool] = GroupCommit(
+            self._record_reconnects, HELLOS_PER_TRANSACTION)
+        self._registrations: GroupCommit[tuple[AgentHello, str], tuple[HostId, bool]] = GroupCommit(
+            self._register_new, HELLOS_PER_TRANSACTION)
         driver.on_active(lambda _epoch: self.remember_hosts())
 
     def remember_hosts(self) -> None:
         """After the driver started: the hosts it loaded are known."""
         self._host_ids = {host.uuid: host.id for host in self._driver.core.hosts.values()}
 
+    async def close(self) -> None:
+        """Hellos still waiting for their transaction are refused (GroupCommitClosed)."""
+        await self._reconnects.close()
+        await self._registrations.close()
+
+    @property
+    def registration_transactions(self) -> int:
+        """Transactions that registered Hellos so far (reconnects and new hosts)."""
+        return self._reconnects.flushes + self._registrations.flushes
+
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
         if not self._driver.started:
             raise NotActive("this manager is a standby: another manager holds the lease over the hosts",
                             NOT_ACTIVE_RETRY_S)
-        manager_id = self._driver.settings.manager_id
         known = self._host_ids.get(hello.host_uuid)
         current = self._driver.core.hosts.get(known) if known is not None else None
         if current is not None and current.status is HostStatus.REMOVED:
             raise UnknownHost(f"host {hello.host_uuid} was removed (its agent is refused from then on)")
-
-        def record(uow: UnitOfWork) -> bool:
-            assert known is not None
-            stored = uow.hosts.record_agent(known, hello.agent, manager_id, uow.now)
-            uow.commit()
-            return stored
-
-        if known is not None and await self._driver.transact(record):
+        if known is not None and await self._reconnects.submit((known, hello.agent)):
             host_id = known
         else:
-            host_id, created = await self._driver.run(lambda uow: self._register(uow, hello, peer))
+            host_id, created = await self._registrations.submit((hello, peer))
             self._host_ids[hello.host_uuid] = host_id
             if created:
                 log.info("event=host_registered host_id=%s uuid=%s name=%s", host_id, hello.host_uuid, hello.hostname)
@@ -112,6 +123,32 @@ class AgentHub:
                                          boot_id=hello.agent.boot_id, watchdog=hello.watchdog,
                                          lease_manager=hello.lease_manager, inventory=hello.inventory))
         return host_id
+
+    async def _record_reconnects(self, items: list[tuple[HostId, AgentInfo]]) -> list[bool]:
+        """Known hosts' versions and boot ids, one transaction outside the driver's order; False: no such row."""
+        manager_id = self._driver.settings.manager_id
+
+        def record(uow: UnitOfWork) -> list[bool]:
+            stored = [uow.hosts.record_agent(host_id, agent, manager_id, uow.now) for host_id, agent in items]
+            uow.commit()
+            return stored
+
+        return await self._driver.transact(record)
+
+    async def _register_new(self, items: list[tuple[AgentHello, str]]) -> list[tuple[HostId, bool] | BaseException]:
+        """New hosts (and known ones whose row was gone), one transaction in the driver's order."""
+
+        def register(uow: UnitOfWork) -> list[tuple[HostId, bool] | BaseException]:
+            outcomes: list[tuple[HostId, bool] | BaseException] = []
+            for hello, peer in items:
+                try:
+                    outcomes.append(self._register(uow, hello, peer))
+                except UnknownHost as refused:  # raised before this Hello wrote anything
+                    outcomes.append(refused)
+            uow.commit()
+            return outcomes
+
+        return await self._driver.run(register)
 
     def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:
         host_id = uow.hosts.id_of(hello.host_uuid)
@@ -125,7 +162,6 @@ class AgentHub:
             if stored is not None and stored.status is HostStatus.REMOVED:
                 raise UnknownHost(f"host {hello.host_uuid} was removed (its agent is refused from then on)")
         uow.hosts.record_agent(host_id, hello.agent, self._driver.settings.manager_id, uow.now)
-        uow.commit()
         return host_id, created
 
     def welcome(self, host_id: HostId) -> WelcomeTerms:

@@ -156,6 +156,14 @@ class Recorder:
     def write(self, uow: UnitOfWork, batch: list[a.Action], epoch: int | None = None) -> None:
         now, manager_id = uow.now, self._manager_id
         self.confirm_lease(uow, epoch)
+        # One query for the rows of each kind the batch saves, not one per saved row (a ramp's batches save
+        # hundreds of hosts and VMs each).
+        host_ids = list({action.host.id for action in batch if isinstance(action, a.SaveHost)})
+        vm_ids = list({action.vm.id for action in batch if isinstance(action, a.SaveVm)})
+        if len(host_ids) > 1:
+            uow.hosts.preload(host_ids)
+        if len(vm_ids) > 1:
+            uow.vms.preload(vm_ids)
         for action in batch:
             match action:
                 case a.SaveHost(host):

@@ -167,6 +167,7 @@ class ManagerService:
 
     async def stop(self) -> None:
         self.links.close_all("manager shutting down")
+        await self.hub.close()
         await self.driver.stop()
         self._transport.close()
 

@@ -89,6 +89,8 @@ class HostRepository(Protocol):
     def add(self, uuid: str, name: str, address: str, now: float) -> HostId: ...
     def save(self, record: HostRecord, now: float) -> None:
         """Store what the core decides about a host (status, name, address, capacity, last ping)."""
+    def preload(self, host_ids: list[HostId]) -> None:
+        """Read these hosts in one query ahead of saving them (a batch), instead of one query per save."""
     def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
         """Store what a (re)connecting agent says about itself; False when the host is not stored."""
     def set_bmc(self, host_id: HostId, credentials: BmcCredentials | None, now: float) -> None: ...
@@ -104,6 +106,10 @@ class VmRepository(Protocol):
     def add(self, record: VmRecord, now: float) -> VmRecord:
         """Insert a new VM with its own id (the manager numbers VMs)."""
     def upsert(self, record: VmRecord, now: float) -> None: ...
+    def preload(self, vm_ids: list[VmId]) -> None:
+        """Read these VMs in one query ahead of upserting them (a batch), instead of one query per upsert."""
+    def running_by_host(self, host_ids: list[HostId]) -> dict[HostId, int]:
+        """How many VMs are powered on on each of these hosts (one query for a listing page)."""
     def delete(self, vm_id: VmId) -> None:
         """The VM and its HA work."""
     def max_id(self, below: int | None = None) -> int: ...

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 
 from kvmha.manager import operations as ops
 from kvmha.manager.core import facts
-from kvmha.manager.core.model import HaWorkRecord, HostId, PowerState, VmId, VmRecord
+from kvmha.manager.core.model import HaWorkRecord, HostId, VmId, VmRecord
 from kvmha.manager.domainxml import vm_from_xml
 from kvmha.manager.driver import NotActive
 from kvmha.manager.operations import LiveHosts, OperationError, OperatorPort, Refusal
@@ -70,8 +69,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         def listing(uow: UnitOfWork) -> pb.ListHostsResponse:
             after_id, limit = _page(request.page_size, request.page_token)
-            running = _running_by_host(uow)
             page = uow.hosts.details(after_id, limit)
+            running = uow.vms.running_by_host([h.host.id for h in page])
             return pb.ListHostsResponse(hosts=[_host_info(h, live, running) for h in page],
                                         next_page_token=_next_token([h.host.id for h in page], limit))
 
@@ -82,7 +81,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _host_info(self, ref: str) -> pb.HostInfo:
         live = self._port.live_hosts()
-        return await self._port.read(lambda uow: _host_info(ops.host(uow, ref), live, _running_by_host(uow)))
+        def info(uow: UnitOfWork) -> pb.HostInfo:
+            details = ops.host(uow, ref)
+            return _host_info(details, live, uow.vms.running_by_host([details.host.id]))
+
+        return await self._port.read(info)
 
     async def SetMaintenance(self, request: pb.SetMaintenanceRequest, context: Context) -> pb.HostInfo:
         return await self._guard(context, self._host_change(*ops.maintenance(request.host, request.on)))
@@ -305,18 +308,14 @@ def _next_token(ids: list[int], limit: int | None) -> str:
     return str(ids[-1]) if limit is not None and len(ids) >= limit else ""
 
 
-def _running_by_host(uow: UnitOfWork) -> Counter[int]:
-    """VMs powered on, by host: one query for a whole listing (not one per host)."""
-    return Counter(v.host_id for v in uow.vms.all() if v.power_state is PowerState.POWER_ON and v.host_id is not None)
-
-
-def _host_info(details: HostDetails, live: LiveHosts, running: Counter[int]) -> pb.HostInfo:
+def _host_info(details: HostDetails, live: LiveHosts, running: Mapping[HostId, int]) -> pb.HostInfo:
     host = details.host
     last_ping_at = max(host.last_ping_at or 0.0, live.last_ping_at.get(host.id, 0.0))
     bmc = f"{details.bmc_address}:{details.bmc_port}" if details.bmc_address else ""
     return pb.HostInfo(id=host.id, uuid=host.uuid, name=host.name, address=host.address, status=host.status.value,
                        resource_state=host.resource_state.value, role=host.role.value, last_ping_at=last_ping_at,
-                       cpus=host.capacity.cpus, memory_mib=host.capacity.memory_mib, vms_running=running[host.id],
+                       cpus=host.capacity.cpus, memory_mib=host.capacity.memory_mib,
+                       vms_running=running.get(host.id, 0),
                        connected=host.id in live.connected, has_bmc=host.has_bmc, bmc_address=bmc,
                        manager_id=details.manager_id or "", agent_version=details.agent.agent_version,
                        watchdog_armed=host.watchdog_timeout_s is not None,

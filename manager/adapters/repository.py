@@ -33,6 +33,7 @@ from kvmha.manager.core.model import (
     HostId,
     HostRecord,
     HostUuid,
+    PowerState,
     VmId,
     VmRecord,
     VmUuid,
@@ -48,6 +49,7 @@ log = logging.getLogger("kvmha.manager.repository")
 _Row = TypeVar("_Row", Host, VmInstance)
 ACTIVE_STEPS = [step for step in WorkStep if step.active]
 LEASE_SCOPE = "hosts"  # one lease over every host (one acting manager); scopes could split them later
+PRELOAD_CHUNK = 500  # ids per IN (...) query
 
 
 class SqlHosts:
@@ -90,6 +92,11 @@ class SqlHosts:
         row.last_ping_at, row.updated_at = record.last_ping_at, now
         row.watchdog_timeout_s, row.watchdog_detail = record.watchdog_timeout_s, record.watchdog_detail[:255]
         row.lease_manager = record.lease_manager[:32]
+
+    def preload(self, host_ids: list[HostId]) -> None:
+        """Into the session's identity map: the saves that follow find their rows there without a query each."""
+        for first in range(0, len(host_ids), PRELOAD_CHUNK):
+            self._session.scalars(select(Host).where(Host.id.in_(host_ids[first:first + PRELOAD_CHUNK]))).all()
 
     def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
         row = self._session.get(Host, host_id)
@@ -147,12 +154,32 @@ class SqlHosts:
 class SqlVms:
     def __init__(self, session: Session) -> None:
         self._session = session
+        self._missing: set[int] = set()  # preloaded ids without a row (see preload)
 
     def all(self, host_id: HostId | None = None, after_id: int = 0, limit: int | None = None) -> list[VmRecord]:
         query = select(VmInstance).where(VmInstance.id > after_id).order_by(VmInstance.id).limit(limit)
         if host_id is not None:
             query = query.where(VmInstance.host_id == host_id)
         return [_vm_record(row) for row in self._session.scalars(query)]
+
+    def preload(self, vm_ids: list[VmId]) -> None:
+        """Into the session's identity map: the upserts that follow find their rows there, or know there is none
+        (a new VM), without a query each."""
+        found: set[int] = set()
+        for first in range(0, len(vm_ids), PRELOAD_CHUNK):
+            chunk = vm_ids[first:first + PRELOAD_CHUNK]
+            found.update(row.id for row in self._session.scalars(select(VmInstance).where(VmInstance.id.in_(chunk))))
+        self._missing = {vm_id for vm_id in vm_ids if vm_id not in found}
+
+    def running_by_host(self, host_ids: list[HostId]) -> dict[HostId, int]:
+        counts = dict.fromkeys(host_ids, 0)
+        query = (select(VmInstance.host_id, func.count()).where(VmInstance.host_id.in_(host_ids),
+                                                                VmInstance.power_state == PowerState.POWER_ON)
+                 .group_by(VmInstance.host_id))
+        for host_id, count in self._session.execute(query):
+            if host_id is not None:
+                counts[HostId(host_id)] = int(count)
+        return counts
 
     def get(self, vm_id: VmId) -> VmRecord | None:
         row = self._session.get(VmInstance, vm_id)
@@ -177,7 +204,11 @@ class SqlVms:
 
     def upsert(self, record: VmRecord, now: float) -> None:
         """Update, or insert with the record's own id (the core numbers the unmanaged VMs it discovers)."""
-        row = self._session.get(VmInstance, record.id)
+        if record.id in self._missing:  # preloaded and not there: a new VM (inserted once, then in the session)
+            self._missing.discard(record.id)
+            row = None
+        else:
+            row = self._session.get(VmInstance, record.id)
         if row is None:
             row = VmInstance(id=record.id, uuid=record.uuid, created_at=now)
             self._session.add(row)

@@ -60,6 +60,7 @@ from kvmha.manager.core.routing import (
     BmcQuery,
     CommandDeadline,
     FenceRequest,
+    FirstPingDue,
     InvestigationDeadline,
     LeaseQuery,
     LinkLossQuery,
@@ -288,7 +289,7 @@ class Core:
                     seconds = self._ctx.now - pending.sent_at
                     timed_out = f.CommandCompleted(request_id, False, f"timed out after {seconds:.1f} s")
                     self._route_answer(request_id, pending, timed_out)
-            case InvestigationDeadline() | Reinvestigate() | PlannedWaitOver() | RejoinDeadline():
+            case InvestigationDeadline() | Reinvestigate() | PlannedWaitOver() | RejoinDeadline() | FirstPingDue():
                 self._hosts.on_timer(key)
             case LinkLossRecheck(host_id):
                 self._linkloss.recheck(host_id)

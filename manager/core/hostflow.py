@@ -4,6 +4,12 @@ A silent host goes Up → Investigating; its HA VMs get work items at once (they
 comes from `investigation.decide`: Down (proven dead) and Fenced (power off confirmed) release the work items;
 Alert (alive but unreachable, or fencing impossible/forbidden) keeps them waiting and re-investigates later.
 
+A host whose agent has just connected is judged by its first ping's window, not by the ping map: it enters the
+map with its first ping, and until then it is behind only once max(startup.grace, ping.timeout) has passed since its
+connection's arrival (stamped as its Welcome leaves). During a slow ramp of thousands of agents a Welcome, a first
+report and a first ping can each wait in a busy manager; a host is not behind for what the manager did not read
+yet. The window only ever delays a verdict, never hastens one.
+
 The self-fence guarantee is a fact about the host at its agent's last contact (Hello/Ping: was its watchdog
 armed, with which bound), never an assumption: a host whose watchdog was not armed and that cannot be fenced is
 never declared dead by its silence; it stays Alert with one event that tells the operator why and what to do
@@ -47,6 +53,7 @@ from kvmha.manager.core.pingmap import PingMap
 from kvmha.manager.core.routing import (
     BmcQuery,
     FenceRequest,
+    FirstPingDue,
     HostTimer,
     InvestigationDeadline,
     LeaseQuery,
@@ -87,6 +94,7 @@ class HostFlow:
         self.power = power
         self.pingmap = PingMap()
         self.awaiting_rejoin: set[HostId] = set()  # restored as Up, agent not back yet since the manager started
+        self.awaiting_first_ping: set[HostId] = set()  # agent connected, not pinged yet: not in the ping map
         self.investigations: dict[HostId, Investigation] = {}
         self.fence_failures: dict[HostId, int] = {}
         self.flaps = FlapLog()  # failures for flap detection (core/flap.py)
@@ -151,10 +159,20 @@ class HostFlow:
         host.inventory = fact.inventory
         selffence.note_watchdog(self.ctx, host, fact.watchdog)
         self.awaiting_rejoin.discard(host.id)
-        self._heard(host)
         self.ctx.connected.add(host.id)
         self._forget_silence(host.id)
+        self._await_first_ping(host)
         self.transition(host, HostEvent.AGENT_CONNECTED, f"agent connected, boot {fact.boot_id}")
+
+    def _await_first_ping(self, host: HostRecord) -> None:
+        """Out of the ping map until its first ping; behind only when its first-ping window ends (module header)."""
+        at = self.ctx.received_at
+        if host.last_ping_at is None or at > host.last_ping_at:
+            host.last_ping_at = at  # heard: its silence (as reported) counts from here
+        self.pingmap.remove(host.id)
+        self.awaiting_first_ping.add(host.id)
+        config = self.ctx.config
+        self.ctx.timers.schedule(FirstPingDue(host.id), at + max(config.startup_grace_s, config.ping_timeout_s))
 
     def _forget_silence(self, host_id: HostId) -> None:
         self.investigations.pop(host_id, None)
@@ -162,7 +180,8 @@ class HostFlow:
         self.confirmed_by.pop(host_id, None)
         self.told_operator.discard(host_id)
         self.told_held.pop(host_id, None)
-        for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline):
+        self.awaiting_first_ping.discard(host_id)
+        for timer in (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline, FirstPingDue):
             self.ctx.timers.cancel(timer(host_id))
 
     def on_inventory(self, fact: f.InventoryChanged) -> None:
@@ -208,6 +227,9 @@ class HostFlow:
         if host.last_ping_at is None or at > host.last_ping_at:
             host.last_ping_at = at
         self.pingmap.ping(host.id, at)
+        if host.id in self.awaiting_first_ping:
+            self.awaiting_first_ping.discard(host.id)
+            self.ctx.timers.cancel(FirstPingDue(host.id))
 
     def on_store_recovered(self, fact: f.StoreRecovered) -> None:
         """The store is back after an outage in which nothing could be decided: every host gets a fresh silence
@@ -218,6 +240,10 @@ class HostFlow:
             due = self.ctx.timers.due_at(RejoinDeadline(host_id))
             if due is not None and due < now + config.ping_timeout_s:
                 self.ctx.timers.schedule(RejoinDeadline(host_id), now + config.ping_timeout_s)
+        for host_id in self.awaiting_first_ping:
+            due = self.ctx.timers.due_at(FirstPingDue(host_id))
+            if due is not None and due < now + config.ping_timeout_s:
+                self.ctx.timers.schedule(FirstPingDue(host_id), now + config.ping_timeout_s)
         self.ctx.event("warning", "manager", "store.recovered",
                        f"the database could not commit for {fact.down_s:.1f} s; decisions waited for it; every host "
                        f"gets a fresh silence window of {config.ping_timeout_s:.0f} s")
@@ -233,6 +259,8 @@ class HostFlow:
             self.ctx.event("info", f"host:{host.id}", "agent.link", "agent link lost; investigated if it stays silent")
             return
         self.pingmap.remove(host.id)
+        self.awaiting_first_ping.discard(host.id)
+        self.ctx.timers.cancel(FirstPingDue(host.id))
         if host.status in (S.UP, S.CONNECTING):
             self.transition(host, HostEvent.GOODBYE, "agent said goodbye (planned)")
             if self.wants_ha(host):
@@ -302,7 +330,12 @@ class HostFlow:
                 if host_id in self.awaiting_rejoin and host.status in (S.UP, S.CONNECTING):
                     self.awaiting_rejoin.discard(host_id)
                     # Restored as Up, and its agent has not come back within the startup grace: behind.
-                    self._behind(host, self.ctx.now - (host.last_ping_at or self.ctx.now))
+                    self._behind(host, self._silent_s(host))
+            case FirstPingDue(host_id):
+                if host_id in self.awaiting_first_ping and host.status in (S.UP, S.CONNECTING):
+                    self.awaiting_first_ping.discard(host_id)
+                    # Connected, and no ping arrived within its first-ping window: behind.
+                    self._behind(host, self._silent_s(host))
             case PlannedWaitOver():
                 if host.status is S.DISCONNECTED and self.wants_ha(host):
                     wait_s = self.ctx.config.planned_disconnect_wait_s

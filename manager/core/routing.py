@@ -53,6 +53,13 @@ class RejoinDeadline:
 
 
 @dataclass(frozen=True, slots=True)
+class FirstPingDue:
+    """A host whose agent connected has not pinged yet: judged when its first-ping window ends (core/hostflow.py)."""
+
+    host_id: HostId
+
+
+@dataclass(frozen=True, slots=True)
 class LinkLossRecheck:
     """Ask the BMC of a host whose link broke again: its first answer said on (core/linkloss.py)."""
 
@@ -87,11 +94,12 @@ class MaintenanceDue:
     host_id: HostId
 
 
-HostTimer = InvestigationDeadline | Reinvestigate | PlannedWaitOver | RejoinDeadline
+HostTimer = InvestigationDeadline | Reinvestigate | PlannedWaitOver | RejoinDeadline | FirstPingDue
 TimerKey = (
     CommandDeadline | HostTimer | LinkLossRecheck | WorkDue | StartConfirmDeadline | AbsenceGraceOver | MaintenanceDue
 )
-HOST_TIMERS: tuple[type[HostTimer], ...] = (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline)
+HOST_TIMERS: tuple[type[HostTimer], ...] = (InvestigationDeadline, Reinvestigate, PlannedWaitOver, RejoinDeadline,
+                                            FirstPingDue)
 
 # ---------------------------------------------------------------- owners of commands in flight
 

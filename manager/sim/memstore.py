@@ -23,6 +23,7 @@ from kvmha.manager.core.model import (
     HostId,
     HostRecord,
     HostUuid,
+    PowerState,
     VmId,
     VmRecord,
     VmUuid,
@@ -156,6 +157,9 @@ class MemoryHosts:
     def __init__(self, tables: Tables, undo: list[Callable[[], None]]) -> None:
         self._t, self._undo = tables, undo
 
+    def preload(self, host_ids: list[HostId]) -> None:
+        pass  # in memory: nothing to read ahead
+
     def _put(self, host_id: HostId, row: _Host) -> None:
         _set(self._t.hosts, host_id, row, self._undo)
 
@@ -226,6 +230,16 @@ class MemoryVms:
         vms = self._t.vms
         found = [v for v in sorted(vms) if v > after_id and (host_id is None or vms[v].host_id == host_id)]
         return [copy.copy(vms[v]) for v in found[:limit]]
+
+    def preload(self, vm_ids: list[VmId]) -> None:
+        pass  # in memory: nothing to read ahead
+
+    def running_by_host(self, host_ids: list[HostId]) -> dict[HostId, int]:
+        wanted, counts = set(host_ids), dict.fromkeys(host_ids, 0)
+        for vm in self._t.vms.values():
+            if vm.host_id in wanted and vm.power_state is PowerState.POWER_ON:
+                counts[vm.host_id] += 1
+        return counts
 
     def get(self, vm_id: VmId) -> VmRecord | None:
         vm = self._t.vms.get(vm_id)

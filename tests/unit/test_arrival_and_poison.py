@@ -71,6 +71,7 @@ def test_the_store_coming_back_gives_every_host_a_fresh_silence_window() -> None
     core = Core(CoreConfig.from_mapping({"ping.timeout": "7"}), now=0.0)
     core.handle(facts.AgentConnected(HostId(1), str(uuid.uuid4()), "h1", "10.0.0.1", HostCapacity(8, 8192), "b"), 0.0)
     core.handle(facts.PowerStateReported(HostId(1), full=True, hypervisor_connected=True), 0.0)
+    core.handle(_ping(1), 0.0)
     out = core.handle(facts.StoreRecovered(down_s=30.0), 30.0)
     assert any(getattr(action, "kind", "") == "store.recovered" for action in out)
     core.tick(36.0)
@@ -78,6 +79,40 @@ def test_the_store_coming_back_gives_every_host_a_fresh_silence_window() -> None
     out = core.tick(37.5)
     assert core.host_status(HostId(1)) is not HostStatus.UP  # and it does run out
     assert any("missed pings for 37.5 s" in getattr(action, "message", "") for action in out)  # its own silence
+
+
+def test_a_host_that_connected_is_judged_by_its_first_ping_window_until_it_pings() -> None:
+    """Connected at 0 (its Welcome's arrival stamp), no ping yet: not behind after ping.timeout, only when its
+    first-ping window, max(startup.grace, ping.timeout), ends; once it pinged, the ping map judges it. A store
+    outage in between gives the window a fresh ping.timeout at least, as for every host."""
+    config = CoreConfig.from_mapping({"ping.timeout": "7", "startup.grace": "20"})
+    hello = facts.AgentConnected(HostId(1), str(uuid.uuid4()), "h1", "10.0.0.1", HostCapacity(8, 8192), "b")
+    core = Core(config, now=0.0)
+    core.handle(hello, 3.0, received_at=0.0)  # the driver got to it late: the window counts from its arrival
+    core.handle(facts.PowerStateReported(HostId(1), full=True, hypervisor_connected=True), 3.0)
+    core.tick(19.9)
+    assert core.host_status(HostId(1)) is HostStatus.UP
+    out = core.tick(20.0)
+    assert core.host_status(HostId(1)) is not HostStatus.UP  # behind (no neighbour, no BMC: Alert at once)
+    assert any("missed pings for 20.0 s" in getattr(action, "message", "") for action in out)
+
+    core = Core(config, now=0.0)
+    core.handle(hello, 0.0)
+    core.handle(facts.PowerStateReported(HostId(1), full=True, hypervisor_connected=True), 0.0)
+    core.handle(_ping(1), 12.0)  # a late first ping: inside the window, so nothing was judged; now the ping map
+    core.tick(18.9)
+    assert core.host_status(HostId(1)) is HostStatus.UP
+    core.tick(19.0)
+    assert core.host_status(HostId(1)) is not HostStatus.UP  # 7 s after that ping, not at 20 s
+
+    core = Core(config, now=0.0)
+    core.handle(hello, 0.0)
+    core.handle(facts.PowerStateReported(HostId(1), full=True, hypervisor_connected=True), 0.0)
+    core.handle(facts.StoreRecovered(down_s=18.0), 18.0)
+    core.tick(24.9)
+    assert core.host_status(HostId(1)) is HostStatus.UP  # its window moved to 18 + 7
+    core.tick(25.0)
+    assert core.host_status(HostId(1)) is not HostStatus.UP  # behind (no neighbour, no BMC: Alert at once)
 
 
 def test_the_ping_map_stays_ordered_when_a_stamp_is_older_than_its_newest_entry() -> None:

@@ -101,7 +101,10 @@ class Harness:
         self.log.extend(out)
         return out
 
-    def connect(self, n: int, running: Iterable[int] = (), at: float | None = None) -> list[a.Action]:
+    def connect(self, n: int, running: Iterable[int] = (), at: float | None = None,
+                ping: bool = True) -> list[a.Action]:
+        """The agent's Hello, its first full report and (`ping`) its first ping, as a real agent sends them: a host
+        that connected but never pinged is judged by its first-ping window instead (core/hostflow.py)."""
         out = self.handle(
             f.AgentConnected(
                 HostId(n),
@@ -116,7 +119,10 @@ class Harness:
             at,
         )
         domains = tuple(f.DomainReport(VmUuid(f"v{v}"), f"vm{v}", PowerState.POWER_ON) for v in running)
-        return out + self.handle(f.PowerStateReported(HostId(n), True, True, domains), at)
+        out += self.handle(f.PowerStateReported(HostId(n), True, True, domains), at)
+        if ping:
+            out += self.handle(f.HeartbeatReceived(HostId(n), 0, True, True, self.watchdog), at)
+        return out
 
     def connect_all(self, hosts: int = 3) -> None:
         for n in range(1, hosts + 1):
