@@ -85,7 +85,8 @@ def test_a_power_off_not_confirmed_within_the_deadline_is_a_failure(bmc_factory:
 
     assert result.outcome is FenceOutcome.FAILED
     assert "power-off sent but not confirmed off" in result.detail
-    assert result.elapsed_s < 1.5 + 1.0
+    # Gave up at its deadline, not at the SIGKILL 5 s later that would have let it confirm (slack for a loaded CI).
+    assert result.elapsed_s < 1.5 + 2.5
 
 
 def test_a_dead_bmc_fails_within_the_timeout_and_its_power_is_unknown(bmc_factory: BmcFactory) -> None:
@@ -100,10 +101,10 @@ def test_a_dead_bmc_fails_within_the_timeout_and_its_power_is_unknown(bmc_factor
 
     assert result.outcome is FenceOutcome.FAILED
     assert "did not answer" in result.detail
-    assert took_s < 2.0 + 1.0  # pyghmi alone would block about 5 s (new session) or 28 s (old one)
+    assert took_s < 2.0 + 2.0  # pyghmi alone would block about 5 s (new session) or 28 s (old one)
     started = time.monotonic()
     assert fencer.power_status(1.5) is PowerStatus.UNKNOWN
-    assert time.monotonic() - started < 1.5 + 1.0
+    assert time.monotonic() - started < 1.5 + 2.5
 
 
 def test_the_fencer_reconnects_after_the_bmc_restarts(bmc_factory: BmcFactory) -> None:
