@@ -7,7 +7,8 @@ in /run/kvmha-migbench) with `kvmha-manager` in front, product defaults for ever
 1. Migration runs on the same lab, the VMs going back and forth between h1 and h2: "kvmha" — AdminService.MigrateVm
    of a 32 MiB VM, timed from the call until the manager records vm.migrated (its record on the target); "virsh" —
    the same kind of VM (not registered: the manager sees it Unmanaged) migrated by a bare `virsh migrate --live
-   --p2p --persistent --undefinesource --unsafe` on its source, timed around the command.
+   --p2p --persistent --undefinesource --unsafe --tls` on its source (libvirt's TLS with the lab's host
+   certificates, as the agents migrate), timed around the command.
 2. Guest-visible pause of each: `virsh domjobinfo --completed` "Total downtime" (QEMU's own measure of the time the
    guest's vCPUs were stopped at switchover), read on the target.
 3. Emptying: N VMs placed on h3 (the others disabled meanwhile), then `host maintenance h3 on`, timed until the
@@ -34,6 +35,7 @@ from types import FrameType
 from typing import Any
 
 from kvmha.lab.harness import DuplicateWatch, LabCluster
+from kvmha.lab.host import migration_uri
 from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 
@@ -72,9 +74,11 @@ def kvmha_migration(cluster: LabCluster, name: str, target: str) -> dict[str, fl
 
 def virsh_migration(cluster: LabCluster, name: str, source: str, target: str) -> dict[str, float]:
     address = next(h.address for h in cluster.lab.hosts if h.name == target)
+    uri = migration_uri(next(h for h in cluster.lab.hosts if h.name == source), address)
     began = time.monotonic()
+    # The same transport as the agents': libvirt's TLS between the libvirtds, QEMU's TLS for the stream.
     cluster.lab.exec(source, ["virsh", "-q", "-c", "qemu:///system", "migrate", "--live", "--p2p", "--persistent",
-                              "--undefinesource", "--unsafe", name, f"qemu+tcp://{address}/system"])
+                              "--undefinesource", "--unsafe", "--tls", name, uri])
     took_s = time.monotonic() - began
     return {"took_s": took_s, "downtime_ms": downtime_ms(cluster, name, target, source)}
 

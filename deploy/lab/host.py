@@ -4,6 +4,7 @@ Layout under <state-dir>/hosts/<name>/:
   etc-libvirt/   mounted over /etc/libvirt      (qemu.conf, qemu-lockd.conf written here, domain definitions)
   lib-libvirt/   mounted over /var/lib/libvirt  (survives power cycles, like a real host's disk)
   log/           mounted over /var/log/libvirt  (virtlogd/virtlockd/libvirtd/agent logs, QEMU logs in qemu/)
+  libvirt-pki/   the host's certificate, key and the lab's CA under libvirt's and QEMU's names (migration over TLS)
   bmc/           the ipmi_sim working dir (lan.conf, emulator file, ipmi_sim.log)
   boot.json      what the init (kvmha.lab.boot) mounts and starts; boot.log its own log
   agent.toml     the kvmha agent's configuration (only when the lab has a manager)
@@ -25,6 +26,7 @@ from kvmha.lab import agent_config, watchdog
 from kvmha.lab.boot import BootConfig, Service
 from kvmha.lab.pki import LabPki
 from kvmha.lab.state import HostSpec, LabSpec
+from kvmha.manager.security import pki
 
 RUN_LIBVIRT = "/run/libvirt"
 PRIVATE_MOUNTS = {  # host folder name -> where it is mounted inside the host
@@ -53,6 +55,10 @@ lock_manager = "lockd"
 # on, and is reached at, the host's own bridge address (libvirt would otherwise hand out the machine's name).
 migration_address = "{address}"
 migration_host = "{address}"
+# VIR_MIGRATE_TLS: QEMU encrypts the migration stream with the host's certificate from the lab's PKI (both ends
+# verify the other against the lab's CA; the source checks the target's address is in its certificate).
+migrate_tls_x509_cert_dir = "{pki_dir}"
+migrate_tls_x509_verify = 1
 """
 
 # Leases are indirect files in one folder of the shared storage (named by the SHA-256 of the disk path), held
@@ -64,18 +70,61 @@ require_lease_for_disks = 1
 file_lockspace_dir = "{leases_dir}"
 """
 
-# Live migration is peer to peer: the source's libvirtd connects to the target's over TCP on the lab's private
-# bridge, without authentication (kvmha's PKI is not in the lab yet: qemu+tls with its certificates is the
-# production setting, docs/operations.md). Every host needs its own host_uuid: the hosts share one machine's
-# SMBIOS/machine-id, and libvirt refuses to migrate a domain "to the same host".
-LIBVIRTD_CONF = """# Written by kvmha-lab for lab host {host}: the unix socket, and TCP on the lab bridge (migrations).
-listen_tls = 0
-listen_tcp = 1
+# Live migration is peer to peer: the source's libvirtd connects to the target's with libvirt's own TLS
+# (qemu+tls, port 16514) on the lab's private bridge, with the hosts' certificates from the lab's PKI (the same
+# kvmha.manager.security.pki that signs the agents' certificates; a host certificate carries the host's bridge
+# address, which is what the migration URI names, and serves as both TLS server and client). The lab hosts share
+# /etc/pki with the machine, so each host's libvirtd is pointed at its own copies (key_file/cert_file/ca_file) and
+# the client side of a migration at them through the URI's pkipath. Only host certificates are let in
+# (tls_allowed_dn_list): an operator's or the manager's certificate from the same CA opens no libvirtd. Every host
+# needs its own host_uuid: the hosts share one machine's SMBIOS/machine-id, and libvirt refuses to migrate a domain
+# "to the same host".
+LIBVIRTD_CONF = """# Written by kvmha-lab for lab host {host}: the unix socket, and TLS on the lab bridge (migrations).
+listen_tls = 1
+listen_tcp = 0
 listen_addr = "{address}"
-auth_tcp = "none"
+key_file = "{pki_dir}/serverkey.pem"
+cert_file = "{pki_dir}/servercert.pem"
+ca_file = "{pki_dir}/cacert.pem"
+tls_allowed_dn_list = ["*OU=host*"]
 host_uuid = "{host_uuid}"
 """
-MIGRATION_URI = "qemu+tcp://{address}/system"
+LIBVIRT_PKI_DIR_NAME = "libvirt-pki"
+# The names libvirt (libvirtd.conf above, a client's pkipath) and QEMU (migrate_tls_x509_cert_dir) look for, and
+# which of the host's PKI files each one is.
+LIBVIRT_PKI_FILES = {
+    "cacert.pem": "ca", "servercert.pem": "cert", "serverkey.pem": "key", "clientcert.pem": "cert",
+    "clientkey.pem": "key",
+    "ca-cert.pem": "ca", "server-cert.pem": "cert", "server-key.pem": "key", "client-cert.pem": "cert",
+    "client-key.pem": "key",
+}
+MIGRATION_URI = "qemu+tls://{{address}}/system?pkipath={pki_dir}"  # {address}: filled in by the agent
+
+
+def libvirt_pki_dir(host: HostSpec) -> Path:
+    return Path(host.dir) / LIBVIRT_PKI_DIR_NAME
+
+
+def migration_uri(host: HostSpec, address: str | None = None) -> str:
+    """The URI this host's libvirtd migrates to a peer with (its own client certificate through pkipath);
+    with `address`, the URI to that peer, else the agent's template with {address} in it."""
+    template = MIGRATION_URI.format(pki_dir=libvirt_pki_dir(host))
+    return template if address is None else template.format(address=address)
+
+
+def write_libvirt_pki(lab: LabSpec, host: HostSpec) -> Path:
+    """Copy the host's certificate, key and the lab's CA under the names libvirt and QEMU expect (0600 keys)."""
+    files = LabPki(Path(lab.state_dir) / "pki").host(host.name, host.host_uuid, host.address)
+    directory = libvirt_pki_dir(host)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    sources = {"ca": files.ca, "cert": files.cert, "key": files.key}
+    for name, kind in LIBVIRT_PKI_FILES.items():
+        data = sources[kind].read_bytes()
+        if kind == "key":
+            pki.write_private(directory / name, data)
+        else:
+            (directory / name).write_bytes(data)
+    return directory
 
 
 def agent_executable() -> Path:
@@ -100,9 +149,10 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
     }
     # Mutual TLS with a certificate binding this host's uuid, from the lab's CA (the manager's harness uses it too).
     tls = LabPki(Path(lab.state_dir) / "pki").host(host.name, host.host_uuid, host.address).agent_overrides()
+    migration = {"uri": migration_uri(host), "tls": True, "unsafe": True}
     return agent_config.agent_toml(agent, {**tls, **overrides}, isolation={"policy": "destroy-vms", "after_s": 30.0},
                                    watchdog=watchdog.agent_section(lab, host),
-                                   migration={"uri": MIGRATION_URI, "tls": False, "unsafe": True},
+                                   migration=migration,
                                    comment=f"Written by kvmha-lab for lab host {host.name}.")
 
 
@@ -148,10 +198,11 @@ def prepare(lab: LabSpec, host: HostSpec, agent_overrides: Mapping[str, object])
     for conf in Path("/etc/libvirt").glob("*.conf"):
         shutil.copyfile(conf, etc / conf.name)
     leases_dir = Path(lab.shared_dir) / LEASES_DIR_NAME
-    (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name, address=host.address))
+    pki_dir = write_libvirt_pki(lab, host)
+    (etc / "qemu.conf").write_text(QEMU_CONF.format(host=host.name, address=host.address, pki_dir=pki_dir))
     (etc / "qemu-lockd.conf").write_text(QEMU_LOCKD_CONF.format(host=host.name, leases_dir=leases_dir))
     (etc / "libvirtd.conf").write_text(
-        LIBVIRTD_CONF.format(host=host.name, address=host.address, host_uuid=host.host_uuid)
+        LIBVIRTD_CONF.format(host=host.name, address=host.address, host_uuid=host.host_uuid, pki_dir=pki_dir)
     )
     watchdog.prepare(lab, host)
     if lab.manager:

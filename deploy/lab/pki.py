@@ -80,7 +80,8 @@ class LabPki:
         files = self.files("host", name)
         with self._locked():
             self._ca()
-            if not files.cert.exists() or pki.identity_of(files.cert.read_bytes()).host_uuid != host_uuid.lower():
+            if (not files.cert.exists() or pki.identity_of(files.cert.read_bytes()).host_uuid != host_uuid.lower()
+                    or (address and address not in _sans(files.cert))):
                 pki.issue(self.directory, "host", name, host_uuid=host_uuid, addresses=[address] if address else [])
         return files
 
