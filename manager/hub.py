@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kvmha.manager.core import facts
 from kvmha.manager.core.actions import Severity
@@ -29,11 +31,13 @@ from kvmha.manager.core.model import (
     HostStatus,
     WatchdogReport,
 )
-from kvmha.manager.driver import Driver
+from kvmha.manager.driver import Driver, ManagerStopped, StoreUnavailable
+from kvmha.manager.driver import NotActive as DriverNotActive
 from kvmha.manager.groupcommit import GroupCommit
 from kvmha.manager.store import AgentInfo, UnitOfWork
 
 log = logging.getLogger("kvmha.manager.hub")
+T = TypeVar("T")
 UNKNOWN_HOST_RETRY_S = 60.0
 EVENT_BURST, EVENT_WINDOW_S = 20, 60.0
 HELLOS_PER_TRANSACTION = 500
@@ -74,6 +78,19 @@ class UnknownHost(Exception):
 
 class NotActive(UnknownHost):
     """This manager is a standby (another one holds the lease over the hosts): the agent tries its next manager."""
+
+
+async def _once_more(transaction: Callable[[], Awaitable[T]]) -> T:
+    """A registration the database aborted (a deadlock with another writer, a serialization failure) is tried once
+    more at once, as the driver's batches are: it fails hundreds of Hellos at a time. Not when the store is down,
+    the manager is a standby or stopping: those answer for themselves."""
+    try:
+        return await transaction()
+    except (StoreUnavailable, DriverNotActive, ManagerStopped):
+        raise
+    except Exception as error:
+        log.warning("event=registration_retried error=%s", str(error).splitlines()[0][:200] if str(error) else error)
+        return await transaction()
 
 
 class AgentHub:
@@ -129,11 +146,16 @@ class AgentHub:
         manager_id = self._driver.settings.manager_id
 
         def record(uow: UnitOfWork) -> list[bool]:
-            stored = [uow.hosts.record_agent(host_id, agent, manager_id, uow.now) for host_id, agent in items]
+            # Rows in id order, as a batch's flush updates them: two writers never wait on each other in a cycle.
+            order = sorted(range(len(items)), key=lambda index: items[index][0])
+            stored = [False] * len(items)
+            for index in order:
+                host_id, agent = items[index]
+                stored[index] = uow.hosts.record_agent(host_id, agent, manager_id, uow.now)
             uow.commit()
             return stored
 
-        return await self._driver.transact(record)
+        return await _once_more(lambda: self._driver.transact(record))
 
     async def _register_new(self, items: list[tuple[AgentHello, str]]) -> list[tuple[HostId, bool] | BaseException]:
         """New hosts (and known ones whose row was gone), one transaction in the driver's order."""
@@ -148,7 +170,7 @@ class AgentHub:
             uow.commit()
             return outcomes
 
-        return await self._driver.run(register)
+        return await _once_more(lambda: self._driver.run(register))
 
     def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:
         host_id = uow.hosts.id_of(hello.host_uuid)

@@ -125,8 +125,10 @@ class Recorder:
         manager_id, epoch, lease_s = self._manager_id, self._lease.epoch, self._lease.terms.lease_s
 
         def probe(uow: UnitOfWork) -> bool:
-            uow.managers.heartbeat(manager_id, uow.now)
+            # The lease row before the manager's row, as every renewal in the driver's transactions takes them:
+            # the other order deadlocked with a registration's renewal on PostgreSQL (bench/manager_load.py).
             renewed = epoch is None or uow.managers.renew_lease(manager_id, epoch, lease_s)
+            uow.managers.heartbeat(manager_id, uow.now)
             uow.commit()
             return renewed
 
