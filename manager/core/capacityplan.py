@@ -10,7 +10,8 @@ Invariants:
 - Pure: nothing here changes the core's state (the index is a copy; host records are read, never written).
 - One implementation: placement is `target_for`/`choose_host`; order is the scheduler's heap order.
 - The estimate is an estimate: detection + verdict from the configuration, then restarts in waves of `ha.workers`,
-  each `start_s` (a measured start time when the caller has one).
+  each wave before a VM's the cluster's measured start time, its own start the one measured on its target
+  (core/starttimes.py; 1.1 s until starts were measured).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, ResourceState, VmId, VmRecord, VmState
 from kvmha.manager.core.placement import free_memory_mib
-from kvmha.manager.core.targeting import PlacementView, target_for
+from kvmha.manager.core.starttimes import StartEstimate
+from kvmha.manager.core.targeting import PlacementView, fits_on_more_than, target_for
 from kvmha.manager.core.vmindex import VmIndex, occupies
 
 RESTARTABLE = frozenset({VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING})
 EARLY_NOTICE_S = 1.3  # a lost link noticed by keepalive (~1 s) + a BMC query (decisions.md, "Evidence at once")
-DEFAULT_START_S = 1.1  # a VM start confirmed by its target's power report (bench/failover.py, lab)
 MAX_FAILURE_SETS = 5000  # admission tries at most this many host sets (N >= 2 on large clusters: the first ones)
 
 
@@ -57,6 +58,7 @@ class World:
     held: frozenset[HostId]
     config: CoreConfig
     cursor: int
+    starts: StartEstimate = dataclasses.field(default_factory=StartEstimate)
 
 
 class PlanIndex(VmIndex):
@@ -100,9 +102,10 @@ class PlanIndex(VmIndex):
         return self._booked.get(vm_id) or self._base.get(vm_id)
 
 
-def world_of(ctx: Ctx, cursor: int) -> World:
+def world_of(ctx: Ctx, cursor: int, starts: StartEstimate | None = None) -> World:
     """The live core's state as a plan reads it (not copied: plans copy what they change)."""
-    return World(ctx.hosts, ctx.vms, list(ctx.up.ids), frozenset(ctx.held.at(ctx.now)), ctx.config, cursor)
+    return World(ctx.hosts, ctx.vms, list(ctx.up.ids), frozenset(ctx.held.at(ctx.now)), ctx.config, cursor,
+                 starts or StartEstimate())
 
 
 def restart_order(vms: Iterable[VmRecord]) -> list[VmRecord]:
@@ -121,7 +124,7 @@ def detection_s(host: HostRecord, config: CoreConfig) -> float:
     return float("inf")  # waits for an operator's confirm-down
 
 
-def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAULT_START_S) -> list[PlannedVm]:
+def plan_failure(world: World, failed: Sequence[HostId]) -> list[PlannedVm]:
     """Per VM of the failed hosts, in restart order: its target, or why it has none, and when it should run."""
     lost = frozenset(failed)
     usage = PlanIndex(world.vms)
@@ -142,7 +145,7 @@ def plan_failure(world: World, failed: Sequence[HostId], start_s: float = DEFAUL
         source = world.hosts[vm.host_id] if vm.host_id is not None else None
         target, why, _ = target_for(vm, view, cursor)
         detect = detection_s(source, world.config) if source is not None else 0.0
-        eta = detect + ((order - 1) // workers + 1) * start_s
+        eta = detect + (order - 1) // workers * world.starts.cluster_s + world.starts.on(target.id if target else None)
         if target is not None:
             usage.book(vm, target.id)
         plans.append(PlannedVm(vm.id, vm.name, source.name if source else "-", True,
@@ -188,16 +191,38 @@ def failure_sets(world: World, count: int) -> Iterable[tuple[HostId, ...]]:
     return itertools.islice(itertools.combinations(enabled, min(count, len(enabled))), MAX_FAILURE_SETS)
 
 
+def surely_restarted(world: World, failed: Sequence[HostId]) -> bool:
+    """True when every HA VM of `failed` is sure to be placed, without planning: the k-th of them in restart order
+    (from 0) fits on more than k of the other hosts now. Each restart planned before it books room on one host and,
+    for anti-affinity, rules out at most that same host, so at least one host still fits it, and placement returns a
+    host whenever one fits (held-out hosts included, as a fallback). Sufficient, not necessary: when it says False the
+    plan is made. It scans a few hosts per VM where a plan compares `placement.candidates` of them, so admission over
+    a roomy cluster costs a fraction of a plan per host (bench/capacity_plan.py)."""
+    lost = frozenset(failed)
+    view = PlacementView(world.hosts, world.vms, world.up, lost, frozenset(), world.config)
+    order = restart_order(vm for host_id in failed for vm in world.vms.on_host(host_id)
+                          if vm.ha_enabled and vm.state in RESTARTABLE)
+    return all(fits_on_more_than(vm, view, before) for before, vm in enumerate(order))
+
+
 def worst_failure(world: World, count: int) -> tuple[tuple[HostId, ...], list[PlannedVm]]:
-    """The set of `count` hosts whose loss strands the most HA VMs, and the plan for it."""
-    worst: tuple[tuple[HostId, ...], list[PlannedVm]] = ((), [])
-    worst_stranded = -1
+    """The set of `count` hosts whose loss strands the most HA VMs (the first such set), and the plan for it; when
+    none strands any, the first set. A set whose HA VMs are surely restarted (`surely_restarted`) strands none and is
+    not planned: the answer is the one planning every set gives."""
+    worst: tuple[tuple[HostId, ...], list[PlannedVm]] | None = None
+    worst_stranded = 0
+    first: tuple[HostId, ...] | None = None
     for failed in failure_sets(world, count):
+        first = failed if first is None else first
+        if surely_restarted(world, failed):
+            continue
         plan = plan_failure(world, failed)
         stranded = sum(1 for p in plan if p.ha and p.target is None)
         if stranded > worst_stranded:
             worst, worst_stranded = (failed, plan), stranded
-    return worst
+    if worst is not None:
+        return worst
+    return ((), []) if first is None else (first, plan_failure(world, first))
 
 
 def admission(world: World, vm: VmRecord | None = None) -> Admission:

@@ -157,10 +157,13 @@ class Core:
 
     def plan_failure(self, failed: Sequence[HostId]) -> list[capacityplan.PlannedVm]:
         """What-if: what the core would do if `failed` hosts lost power now (core/capacityplan.py). Changes nothing."""
-        return capacityplan.plan_failure(capacityplan.world_of(self._ctx, self._sched.placement_cursor), failed)
+        return capacityplan.plan_failure(self._world(), failed)
+
+    def _world(self) -> capacityplan.World:
+        return capacityplan.world_of(self._ctx, self._sched.placement_cursor, self._sched.start_times.estimate())
 
     def headroom(self) -> list[capacityplan.Headroom]:
-        return capacityplan.headroom(capacityplan.world_of(self._ctx, self._sched.placement_cursor))
+        return capacityplan.headroom(self._world())
 
     def admission(self, vm_id: VmId, *, ha_on: bool = False) -> capacityplan.Admission:
         """Admission control for an operator start of this VM, or (`ha_on`) for switching its HA on while it runs
@@ -177,8 +180,7 @@ class Core:
 
     def worst_failure(self) -> tuple[tuple[HostId, ...], list[capacityplan.PlannedVm]]:
         """The admission.host.failures hosts whose loss strands the most HA VMs, and the plan for it."""
-        world = capacityplan.world_of(self._ctx, self._sched.placement_cursor)
-        return capacityplan.worst_failure(world, max(1, self._ctx.config.admission_host_failures))
+        return capacityplan.worst_failure(self._world(), max(1, self._ctx.config.admission_host_failures))
 
     @property
     def config(self) -> CoreConfig:

@@ -16,7 +16,7 @@ rules. A host whose agent reports no inventory (an older agent) is not tested fo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvmha.manager.core.model import HostId, HostRecord, ResourceState, VmRecord
@@ -171,6 +171,29 @@ def choose_host(
     if fitting:
         return min(fitting, key=lambda host: _score(host, usage)), ""
     return None, f"no host fits {req.vm.memory_mib} MiB / {req.vm.vcpus} vCPUs ({refusals(misfits)})"
+
+
+def count_fitting(
+    req: PlacementRequest,
+    candidates: Iterable[HostId],
+    hosts: Mapping[HostId, HostRecord],
+    usage: VmIndex,
+    *,
+    limit: int,
+    cpu_ratio: float,
+    reserve_mib: int = 0,
+) -> int:
+    """How many of `candidates` fit `req.vm` by the same tests as `choose_host`, counting up to `limit`."""
+    needs = needs_of(req.vm.domain_xml)
+    reference = reference_host(req.vm, hosts)
+    wanted = wanted_storage(needs, reference, hosts)
+    found = 0
+    for host_id in candidates:
+        if found >= limit:
+            break
+        if _misfit(hosts[host_id], req, usage, cpu_ratio, reserve_mib, needs, wanted, reference) is None:
+            found += 1
+    return found
 
 
 def refusals(misfits: Mapping[str, list[str]]) -> str:

@@ -36,6 +36,7 @@ from kvmha.manager.core.model import (
     WorkType,
 )
 from kvmha.manager.core.routing import StartAttempt, StartConfirmDeadline, WorkDue
+from kvmha.manager.core.starttimes import StartTimes
 from kvmha.manager.core.targeting import Targeting
 from kvmha.manager.core.vmindex import KEEP, Keep
 from kvmha.manager.core.vmstate import VmEvent
@@ -67,6 +68,7 @@ class Scheduler:
         self._batching = False  # while a host's items are released together, so priorities order them
         self.targets = Targeting(ctx)
         self._attempts: dict[WorkId, RequestId] = {}  # the StartVm in flight of each item in progress
+        self.start_times = StartTimes()  # StartVm sent -> shown on, for the planner's estimate
 
     # ------------------------------------------------------------ restore
 
@@ -345,6 +347,8 @@ class Scheduler:
         self.ctx.save_vm(vm)
         if own_death(work.reason):
             self.restarts.setdefault(vm.id, []).append(self.ctx.now)
+        if work.taken_at is not None and self.ctx.now - work.taken_at <= self.ctx.config.start_confirm_timeout_s:
+            self.start_times.observe(host_id, self.ctx.now - work.taken_at)
         took_s = self.ctx.now - work.created_at
         where = self.ctx.host_name(host_id)
         self.finish(work, WorkEvent.CONFIRMED, f"{vm.name} runs on {where} ({took_s:.1f} s after scheduling)")

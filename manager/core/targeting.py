@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.context import Ctx
 from kvmha.manager.core.model import HostId, HostRecord, HostStatus, VmRecord
-from kvmha.manager.core.placement import PlacementRequest, choose_host
+from kvmha.manager.core.placement import PlacementRequest, choose_host, count_fitting
 from kvmha.manager.core.vmindex import VmIndex, occupies
 
 
@@ -44,16 +44,34 @@ def target_for(vm: VmRecord, view: PlacementView, cursor: int) -> tuple[HostReco
     return fallback, why, fallback is not None
 
 
-def _choose(
-    vm: VmRecord, view: PlacementView, exclude: frozenset[HostId], cursor: int
-) -> tuple[HostRecord | None, str]:
+def _request(vm: VmRecord, view: PlacementView, exclude: frozenset[HostId]) -> PlacementRequest:
     group = vm.anti_affinity_group
-    request = PlacementRequest(
+    return PlacementRequest(
         vm,
         exclude,
         frozenset(view.usage.group_hosts(group, vm.id) if group else ()),
         vm.host_id if occupies(vm) else None,
     )
+
+
+def fits_on_more_than(vm: VmRecord, view: PlacementView, count: int) -> bool:
+    """Whether more than `count` hosts of the view could take the VM now, held-out ones included (`target_for`
+    falls back to them): what the planner's shortcut (core/capacityplan.py) asks instead of placing."""
+    return count_fitting(
+        _request(vm, view, view.exclude),
+        view.candidates,
+        view.hosts,
+        view.usage,
+        limit=count + 1,
+        cpu_ratio=view.config.cpu_overcommit_ratio,
+        reserve_mib=view.config.host_memory_reserve_mib,
+    ) > count
+
+
+def _choose(
+    vm: VmRecord, view: PlacementView, exclude: frozenset[HostId], cursor: int
+) -> tuple[HostRecord | None, str]:
+    request = _request(vm, view, exclude)
     return choose_host(
         request,
         view.candidates,

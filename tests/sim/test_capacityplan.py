@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmha.manager.core import capacityplan
 from kvmha.manager.core.config import CoreConfig
 from kvmha.manager.core.model import HostId, VmId, VmState, VmUuid
 from kvmha.manager.sim.script import apply
@@ -80,6 +81,32 @@ def test_admission_agrees_with_the_worst_plan(cluster: tuple[list[SimHost], list
         for host_id in sorted(h.id for h in hosts):
             other = sim.core.plan_failure([host_id])
             assert sum(p.target is None and p.ha for p in other) <= sum(p.target is None and p.ha for p in plan)
+    finally:
+        sim.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.integers(1, 2))
+def test_the_admission_shortcut_never_hides_a_stranded_vm(
+    cluster: tuple[list[SimHost], list[SimVm], int, int], count: int
+) -> None:
+    """`surely_restarted` lets admission skip planning a failure set: wherever it says so, the plan strands nothing,
+    and the worst failure (what admission control and `kvmha capacity` read) is the one planning every set gives."""
+    hosts, vms, _, compare = cluster
+    sim = Simulator(hosts, vms, seed=1, config=CoreConfig(placement_candidates=compare, admission_host_failures=count))
+    try:
+        sim.run_until(5.0)
+        world = capacityplan.world_of(sim.core._ctx, sim.core._sched.placement_cursor)  # the test reads the core
+        planned: list[tuple[tuple[HostId, ...], int]] = []
+        for failed in capacityplan.failure_sets(world, count):
+            stranded = sum(p.ha and p.target is None for p in capacityplan.plan_failure(world, failed))
+            if capacityplan.surely_restarted(world, failed):
+                assert stranded == 0, failed
+            planned.append((failed, stranded))
+        most = max((n for _, n in planned), default=0)
+        expected = next((f for f, n in planned if n == most), ())
+        failed, plan = capacityplan.worst_failure(world, count)
+        assert failed == expected and plan == (capacityplan.plan_failure(world, failed) if failed else [])
     finally:
         sim.close()
 
