@@ -58,7 +58,7 @@ class CoreConfig:
     lease_probe_timeout_s: float = 5.0
     cpu_overcommit_ratio: float = 4.0
     placement_candidates: int = 32
-    host_memory_reserve_mib: int = 0
+    host_memory_reserve_mib: int = 1024
     admission_host_failures: int = 1
     migration_timeout_s: float = 300.0
     maintenance_migrations: int = 2
