@@ -5,10 +5,12 @@ the order the scheduler would take their restarts (higher `restart_priority` fir
 through `targeting.target_for` — the very function HA restarts use — continuing the live rotating cursor, and books
 each placed VM on its target in the copy, as a Starting VM holds its resources in the live core. `admission` asks,
 for every set of N Up hosts, whether every HA VM of that set would find a place; N = `admission.host.failures`.
+A set whose HA VMs are sure to be placed (`surely_restarted`: a few host tests per VM) is not planned; the others are.
 
 Invariants:
 - Pure: nothing here changes the core's state (the index is a copy; host records are read, never written).
-- One implementation: placement is `target_for`/`choose_host`; order is the scheduler's heap order.
+- One implementation: placement is `target_for`/`choose_host`; order is the scheduler's heap order; the shortcut
+  tests hosts with placement's own tests (`count_fitting`) and never changes an answer, only skips a plan.
 - The estimate is an estimate: detection + verdict from the configuration, then restarts in waves of `ha.workers`,
   each wave before a VM's the cluster's measured start time, its own start the one measured on its target
   (core/starttimes.py; 1.1 s until starts were measured).
