@@ -69,6 +69,8 @@ if [ "$role" = agent ]; then
   fi
 fi
 echo "certificates (mutual TLS, docs/security.md): put them in $root/etc/kvmha/pki (kvmha pki ...)"
+[ "$role" = agent ] && echo "live migration ([migration] in agent.toml, default qemu+tls): the same host certificate" \
+  "for libvirtd and QEMU in /etc/pki, and libvirtd-tls.socket (docs/operations.md, Migration transport)"
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ] && [ -z "$root" ]; then
   run systemctl daemon-reload
   if [ "$role" = agent ]; then
