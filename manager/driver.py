@@ -497,7 +497,7 @@ class Driver:
     async def _probe_store(self) -> None:
         while not self._stopping:  # (a cancel that meets a finished transaction can be swallowed: say it twice)
             await asyncio.sleep(self.settings.store_probe_interval_s)
-            await self._recorder.store_commits()
+            await self._recorder.store_commits(renew=self.busy_since is None)
 
     async def _retrying(self, operation: Operation[T]) -> tuple[T, int]:
         """The operation's result and the attempts it took; waits for the store however long it is down."""

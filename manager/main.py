@@ -52,6 +52,7 @@ STOP_DEADLINE_S = 4.5  # SIGTERM to exit, at most (issue 14: <= 5 s under 10,000
 # false alarm costs a reconnect and one BMC query that reads "on" (none seen in bench/failover.py at load 6).
 AGENT_KEEPALIVE = [("grpc.keepalive_time_ms", 500), ("grpc.keepalive_timeout_ms", 500),
                    ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+SWITCH_INTERVAL_S = 0.001  # the GIL hand-over period (sys.setswitchinterval; Python's default 0.005)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     # The state this manager writes (the SQLite file, the secrets key) is for its user alone, also when it runs
     # outside systemd (whose unit says UMask=0077 too).
     os.umask(0o077)
+    # The event loop thread reads thousands of streams and rarely lets go of the GIL; a database worker thread that
+    # released it for a round trip waits up to the switch interval to get it back, at every round trip (a batch's
+    # transaction of a few thousand statements took tens of seconds at 7,000 agents with the default 5 ms).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         asyncio.run(serve(settings, on_stopping=_stop_deadline))
     except KeyboardInterrupt:

@@ -43,7 +43,7 @@ class Recorder:
         self._lease, self._lease_lost = lease, lease_lost  # lease_lost(epoch): the probe found it taken over
 
     async def write_renewing(self, batch: list[a.Action]) -> None:
-        """Record `batch` in one transaction that renews the lease first (LeaseLost when it has moved on)."""
+        """Record `batch` in one transaction that renews the lease (LeaseLost when it has moved on)."""
         epoch, asked_at = self._lease.epoch, self._env.clock.monotonic()
         await self._env.persistence.transact(functools.partial(self.write, batch=batch, epoch=epoch))
         if epoch is not None:
@@ -118,13 +118,20 @@ class Recorder:
         except Exception as failure:  # the log line above says it anyway
             log.error("event=fact_drop_unrecorded error=%s", _text(failure))
 
-    async def store_commits(self) -> bool:
-        """Probe the store: True when a transaction commits within the probe timeout. It renews the lease while
-        this manager holds one (an idle holder keeps its acting window); a renewal that finds another epoch is
-        reported through `lease_lost`."""
+    async def store_commits(self, renew: bool = True) -> bool:
+        """Probe the store: True when a transaction commits within the probe timeout. With `renew` it renews the
+        lease while this manager holds one (an idle holder keeps its acting window); a renewal that finds another
+        epoch is reported through `lease_lost`. Without (the driver is in the middle of its own transaction, which
+        renews the lease and holds its row until it commits) it only reads: waiting for that row would measure the
+        driver's transaction, not the database (at 7,000 agents a batch's transaction took tens of seconds and the
+        probe called a healthy database down 15 times in 5 minutes)."""
         manager_id, epoch, lease_s = self._manager_id, self._lease.epoch, self._lease.terms.lease_s
 
-        def probe(uow: UnitOfWork) -> bool:
+        def probe(uow: UnitOfWork) -> bool | None:
+            if not renew:
+                uow.managers.live(uow.now, 60.0)  # a read of a kvmha table: blocked as writes are by a locked table
+                uow.commit()
+                return None
             # The lease row before the manager's row, as every renewal in the driver's transactions takes them:
             # the other order deadlocked with a registration's renewal on PostgreSQL (bench/manager_load.py).
             renewed = epoch is None or uow.managers.renew_lease(manager_id, epoch, lease_s)
@@ -148,7 +155,7 @@ class Recorder:
                     self._watch.failed(_text(error))
                     return False
         self._watch.committed()
-        if epoch is not None:
+        if epoch is not None and renewed is not None:
             if renewed:
                 self._lease.renewed(epoch, began_at)
             else:
@@ -157,7 +164,6 @@ class Recorder:
 
     def write(self, uow: UnitOfWork, batch: list[a.Action], epoch: int | None = None) -> None:
         now, manager_id = uow.now, self._manager_id
-        self.confirm_lease(uow, epoch)
         # One query for the rows of each kind the batch saves, not one per saved row (a ramp's batches save
         # hundreds of hosts and VMs each).
         host_ids = list({action.host.id for action in batch if isinstance(action, a.SaveHost)})
@@ -166,6 +172,7 @@ class Recorder:
             uow.hosts.preload(host_ids)
         if len(vm_ids) > 1:
             uow.vms.preload(vm_ids)
+        events: list[tuple[float, str, str, str, str]] = []
         for action in batch:
             match action:
                 case a.SaveHost(host):
@@ -177,7 +184,11 @@ class Recorder:
                 case a.DeleteVmRecord(vm_id):
                     uow.vms.delete(vm_id)
                 case a.RecordEvent():
-                    uow.events.add(action.at, action.severity, action.subject, action.kind, action.message)
+                    events.append((action.at, action.severity, action.subject, action.kind, action.message))
+        uow.events.add_many(events)  # in their order, after the rows they tell about (no foreign key either way)
+        # The lease last, just before the commit: the transaction holds the lease row (which the store probe and
+        # the registrations renew too) only for its last statement, however long the batch took to write.
+        self.confirm_lease(uow, epoch)
         uow.commit()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
-from sqlalchemy import Engine, delete, func, or_, select, text, true, update
+from sqlalchemy import Engine, delete, func, insert, or_, select, text, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvmha.manager.adapters.db_models import (
@@ -204,11 +204,15 @@ class SqlVms:
 
     def upsert(self, record: VmRecord, now: float) -> None:
         """Update, or insert with the record's own id (the core numbers the unmanaged VMs it discovers)."""
-        if record.id in self._missing:  # preloaded and not there: a new VM (inserted once, then in the session)
+        if record.id in self._missing:
+            # Preloaded and not there: a new VM, inserted with the batch's other new VMs in one statement when
+            # the session flushes (before any query, and at the commit), instead of a round trip each.
             self._missing.discard(record.id)
-            row = None
-        else:
-            row = self._session.get(VmInstance, record.id)
+            new = VmInstance(id=record.id, uuid=record.uuid, created_at=now)
+            _copy_vm(record, new, now)
+            self._session.add(new)
+            return
+        row = self._session.get(VmInstance, record.id)
         if row is None:
             row = VmInstance(id=record.id, uuid=record.uuid, created_at=now)
             self._session.add(row)
@@ -314,6 +318,12 @@ class SqlEvents:
         self._session.add(row)
         self._session.flush()
         return row.id
+
+    def add_many(self, events: list[tuple[float, str, str, str, str]]) -> None:
+        if events:  # one multi-row INSERT (a ramp's batch records hundreds), not a flush and a round trip each
+            self._session.execute(insert(Event), [
+                {"at": at, "severity": severity[:16], "subject": subject[:64], "kind": kind[:64], "message": message}
+                for at, severity, subject, kind, message in events])
 
     def all(self, after_id: int = 0, limit: int = 200, subject: str = "") -> list[EventRow]:
         query = select(Event).where(Event.id > after_id)

@@ -344,6 +344,10 @@ class MemoryEvents:
         self._undo.append(lambda: events.__delitem__(-1))
         return row.id
 
+    def add_many(self, events: list[tuple[float, str, str, str, str]]) -> None:
+        for event in events:
+            self.add(*event)
+
     def all(self, after_id: int = 0, limit: int = 200, subject: str = "") -> list[EventRow]:
         rows = [e for e in self._t.events[after_id:] if not subject or e.subject == subject]
         return rows[:limit]

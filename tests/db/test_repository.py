@@ -330,3 +330,26 @@ def test_listings_page_by_id(store: Store, kind: str) -> None:
         assert [v.name for v in uow.vms.all(None, 0, 3)] == ["vm0", "vm1", "vm2"]
         assert [v.name for v in uow.vms.all(None, 3, 3)] == ["vm3", "vm4"]  # vm ids are n + 1
         assert [v.name for v in uow.vms.all(ids[0], 1, None)] == ["vm2", "vm4"]
+
+
+@pytest.mark.parametrize("kind", ["sql", "memory"])
+def test_batch_writes_preload_count_and_record_in_order(store: Store, kind: str) -> None:
+    """What a ramp's batches use: events recorded many at once keep their order after single ones; preloaded VMs
+    (present or new) upsert as without the preload; running VMs counted per host for a listing page."""
+    target: Store = store if kind == "sql" else MemoryStore(wall=lambda: NOW)
+    with target.unit_of_work() as uow:
+        hosts = [uow.hosts.add(f"uuid-b{n}", f"b{n}", "10.0.0.1", NOW) for n in range(3)]
+        uow.vms.upsert(_vm("vm1", hosts[0]), NOW)
+        uow.commit()
+    with target.unit_of_work() as uow:
+        uow.vms.preload([VmId(2), VmId(3), VmId(4)])  # vm1 (id 2) is stored, vm2 and vm3 are new
+        for name, host in (("vm1", hosts[1]), ("vm2", hosts[1]), ("vm3", hosts[0])):
+            uow.vms.upsert(_vm(name, host), NOW)
+        uow.hosts.preload(hosts)
+        first = uow.events.add(NOW, "info", "host:1", "one", "single")
+        uow.events.add_many([(NOW, "info", f"host:{n}", "many", f"event {n}") for n in range(3)])
+        uow.commit()
+    with target.unit_of_work() as uow:
+        assert uow.vms.running_by_host(hosts) == {hosts[0]: 1, hosts[1]: 2, hosts[2]: 0}
+        assert [v.host_id for v in uow.vms.all()] == [hosts[1], hosts[1], hosts[0]]
+        assert [e.message for e in uow.events.all(after_id=first - 1)] == ["single", "event 0", "event 1", "event 2"]
