@@ -39,10 +39,13 @@ from kvmha.proto.v1 import agent_pb2_grpc as pb_grpc
 log = logging.getLogger("kvmha.agent.link")
 
 _GRPC_OPTIONS = [
-    # HTTP/2 keepalive finds a black-holed manager within ~10 s (the stream otherwise looks fine for minutes);
-    # safe with a default server because the agent sends data (pings) far more often than it sends these.
+    # HTTP/2 keepalive finds a black-holed or stopped manager within ~10 s (the stream otherwise looks fine for
+    # minutes); safe with a default server because the agent sends data (pings) far more often than it sends these.
+    # grpc.http2.ping_timeout_ms is what ends the transport when the ping goes unanswered: with keepalive_timeout_ms
+    # alone (grpcio 1.85) an agent stayed for minutes on a manager that was SIGSTOPped or cut off (lab, issue 15).
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.ping_timeout_ms", 5000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
