@@ -1,6 +1,9 @@
 """`kvmha-lab`: several real libvirt/KVM hosts on one machine, with power through IPMI and fault injection.
 
     kvmha-lab up --hosts 3 [--manager default|ADDR[:PORT]]   build it (a keeper process owns it until `down`)
+                 [--managers N]                             N managers, a network namespace each, on the lab's
+                                                            own PostgreSQL (the keeper runs them)
+    kvmha-lab manager m1 cut|restore|pause|resume|kill      a fault of one manager (cut: both its cables)
                  [--watchdog SECONDS]                       a hardware watchdog per host, armed by the agents
     kvmha-lab status [--json]                               hosts, addresses, BMC ports, power, faults, PIDs, VMs
     kvmha-lab fail h2 --network                             --power --network --storage --agent --libvirtd --bmc
@@ -18,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from kvmha.lab import pacemaker
+from kvmha.lab import pacemaker, proc
 from kvmha.lab.bmc import BmcError
 from kvmha.lab.fault import FAULTS, Fault
 from kvmha.lab.guest import DISK_FORMATS
@@ -82,6 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "bmc_subnet": args.bmc_subnet,
         "stack": args.stack,
         "stack_profile": args.profile,
+        "managers": args.managers,
     }
     if (state_dir / STATE_FILE).exists():
         print(f"a lab is already up in {state_dir} (kvmha-lab down first)", file=sys.stderr)
@@ -133,6 +138,27 @@ def _print_status(status: dict[str, Any]) -> None:
         faults = ",".join(host["faults"]) or "-"
         print(f"  {host['name']:<4} {host['address']:<15} bmc {host['bmc']['address']}:{host['bmc']['port']:<4} "
               f"power {host['power']:<4} faults {faults:<16} vms {vms:<12} {pids}")
+    if status.get("managers"):
+        print(f"  database {status['database']}")
+    for manager in status.get("managers", []):
+        state = "cut" if manager["cut"] else "paused" if manager["paused"] else "running" if manager["pid"] else "down"
+        print(f"  {manager['name']:<4} {manager['address']:<15} netns {manager['netns']}  bmc net "
+              f"{manager['bmc_address']}  pid {manager['pid'] or '-'}  {state}")
+
+
+def cmd_manager(args: argparse.Namespace) -> int:
+    lab = Lab.attach(_state_dir(args))
+    lab.spec.manager_slot(args.name)  # an unknown name fails here, with the list
+    if args.action in ("cut", "restore"):
+        lab.cut_manager(args.name, args.action == "cut")
+    else:
+        ref = lab.spec.companions.get(f"manager-{args.name}")
+        if ref is None or not proc.alive(ref.pid, ref.start_ticks):
+            raise LabError(f"manager {args.name} is not running")
+        sig = {"pause": signal.SIGSTOP, "resume": signal.SIGCONT, "kill": signal.SIGKILL}[args.action]
+        proc.kill(ref.pid, ref.start_ticks, sig)
+    print(f"manager {args.name}: {args.action}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -229,7 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--watchdog", type=int, metavar="SECONDS", default=0,
                     help="a hardware watchdog per host with this timeout, driven by kvmha-watchdog and armed by the "
                          "agents (needs --manager); when it expires, the host is reset (docs/watchdog.md)")
+    up.add_argument("--managers", type=int, default=0, metavar="N",
+                    help="run N managers, each in its own network namespace on the lab bridge and the BMC network, "
+                         "on a PostgreSQL server the lab starts itself (issue 15; docs/managers.md)")
     up.set_defaults(func=cmd_up)
+
+    manager = sub.add_parser("manager", help="a fault of one of the lab's managers (labs with --managers)")
+    manager.add_argument("name", help="m1, m2, ...")
+    manager.add_argument("action", choices=["cut", "restore", "pause", "resume", "kill"],
+                         help="cut/restore both its cables; pause/resume (SIGSTOP/SIGCONT); kill (SIGKILL)")
+    manager.set_defaults(func=cmd_manager)
 
     sub.add_parser("down", help="tear the lab down").set_defaults(func=cmd_down)
     status = sub.add_parser("status", help="hosts, power, faults, PIDs")

@@ -6,7 +6,9 @@
   end-to-end tests (tests/e2e) and bench/failover.py. The manager listens for agents on the lab bridge's address
   and for the CLI on 127.0.0.1, both with mutual TLS (certificates from the lab's CA in <state dir>/pki; the CLI's
   settings in <state dir>/cli.env, read with KVMHA_ENV_FILE); its database is SQLite in the lab's state dir unless
-  a URL is given.
+  a URL is given. With `managers=N` (issue 15) it runs N managers instead, m1..mN, each in its lab slot's network
+  namespace (agents and admin calls reach it at the slot's address) on the lab's own PostgreSQL; admin calls go to
+  the lease holder (`follow_holder()`).
 - `kvmha.lab.local.LocalCluster(ManagerHarness)`: the same manager with agents as plain processes on 127.0.0.1
   (libvirt's test driver, simulated BMCs), for the integration tests and bench/manager_load.py.
 - `DuplicateWatch`: samples every lab host's QEMUs and remembers any VM seen on two hosts at once.
@@ -37,7 +39,7 @@ from kvmha.lab.bmc import find_free_port
 from kvmha.lab.dashboard import LabDashboard
 from kvmha.lab.lab import Lab
 from kvmha.lab.pki import ENV_FILE, LabPki
-from kvmha.lab.state import DEFAULT_STATE_DIR, PidRef
+from kvmha.lab.state import DEFAULT_STATE_DIR, ManagerSlot, PidRef
 from kvmha.lab.wait import wait_for
 from kvmha.manager.security.roles import Role
 from kvmha.proto.v1 import admin_pb2 as apb
@@ -115,8 +117,11 @@ class ManagerHarness:
 
     def __init__(self, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
                  manager_id: str, agent_listen: str, admin_port: int | None = None, metrics_listen: str = "",
-                 allow_insecure_plaintext: bool = False, pki_dir: Path | None = None) -> None:
+                 allow_insecure_plaintext: bool = False, pki_dir: Path | None = None, netns: str = "",
+                 admin_host: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.netns = netns  # "" = the caller's network namespace; else the manager runs in this one
+        self.admin_host = admin_host
         self.database = database
         self.core_config = dict(core_config or {})
         self.manager_id = manager_id
@@ -135,7 +140,7 @@ class ManagerHarness:
 
     @property
     def admin_address(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
+        return f"{self.admin_host}:{self.admin_port}"
 
     @property
     def manager_alive(self) -> bool:
@@ -161,7 +166,9 @@ class ManagerHarness:
         config = self.workdir / "manager.toml"
         config.write_text(self.manager_toml())
         argv = [str(BIN / "kvmha-manager"), "--config", str(config)]
-        self.manager = ChildProcess("manager", argv, self.workdir / "manager.log").start()
+        if self.netns:  # `ip netns exec` execs the manager itself: the PID is the manager's
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        self.manager = ChildProcess(self.manager_id, argv, self.workdir / "manager.log").start()
         self._manager_started(self.manager)
         wait_for(lambda: self.admin().ListHosts(apb.ListHostsRequest(), timeout=2) is not None,
                  ADMIN_READY_TIMEOUT_S, "the manager's admin port")
@@ -359,11 +366,24 @@ class LabCluster(ManagerHarness):
 
     def __init__(self, lab: Lab, workdir: Path, database: str, core_config: Mapping[str, str] | None = None, *,
                  admin_port: int | None = None) -> None:
-        super().__init__(workdir, database, core_config, manager_id="lab-manager",
-                         agent_listen=f"{lab.spec.bridge_address}:{MANAGER_AGENT_PORT}", admin_port=admin_port,
-                         pki_dir=Path(lab.spec.state_dir) / "pki")
+        pki_dir = Path(lab.spec.state_dir) / "pki"
+        slots = lab.spec.managers
+        if slots:  # several managers: this object is m1, in its slot's namespace; the others are `peers`
+            first = slots[0]
+            super().__init__(workdir / first.name, database, core_config, manager_id=first.name,
+                             agent_listen=f"{first.address}:{MANAGER_AGENT_PORT}", admin_port=DEFAULT_ADMIN_PORT,
+                             pki_dir=pki_dir, netns=first.netns, admin_host=first.address)
+            self.secrets_key = workdir / "secrets.key"
+        else:
+            super().__init__(workdir, database, core_config, manager_id="lab-manager",
+                             agent_listen=f"{lab.spec.bridge_address}:{MANAGER_AGENT_PORT}", admin_port=admin_port,
+                             pki_dir=pki_dir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.lab = lab
         self.dashboard: LabDashboard | None = None
+        self.peers: list[LabManager] = [LabManager(lab, slot, workdir, database, self.core_config, self.secrets_key)
+                                        for slot in slots[1:]]
+        self.acting: ManagerHarness = self  # where admin calls go (the lease holder, see follow_holder)
 
     @classmethod
     def start(
@@ -381,20 +401,31 @@ class LabCluster(ManagerHarness):
         as_keeper: bool = False,
         watchdog_device_timeout_s: int = 0,  # > 0: a hardware watchdog per host (kvmha.lab.watchdog)
         dashboard_port: int | None = 0,  # the lab's manager serves its dashboard: 0 = on a free port, None = off
+        managers: int = 0,
+        bmc_subnet: str | None = None,
     ) -> LabCluster:
-        """Bring up a lab of `hosts` hosts and the manager, wait until every host is Up, register the BMCs."""
+        """Bring up a lab of `hosts` hosts and the manager, wait until every host is Up, register the BMCs.
+
+        managers > 0: that many managers (m1..mN), each in its own network namespace, on the lab's own PostgreSQL
+        (`database` must then be None); m1 starts first and takes the lease, the others are standbys."""
+        if managers and database:
+            raise HarnessError("several lab managers share the lab's own PostgreSQL: no database URL with them")
         lab = Lab.up(hosts, state_dir=state_dir, prefix=prefix, subnet=subnet, manager="default",
                      agent_settings=agent_settings, cache_dir=cache_dir, as_keeper=as_keeper,
-                     watchdog_device_timeout_s=watchdog_device_timeout_s)
+                     watchdog_device_timeout_s=watchdog_device_timeout_s, managers=managers, bmc_subnet=bmc_subnet)
         workdir = Path(lab.spec.state_dir) / "manager"
         workdir.mkdir(exist_ok=True)
-        cluster = cls(lab, workdir, database or f"sqlite:///{workdir / 'manager.sqlite'}", core_config,
-                      admin_port=admin_port)
-        if dashboard_port is not None:
+        cluster = cls(lab, workdir, lab.spec.database_url or database or f"sqlite:///{workdir / 'manager.sqlite'}",
+                      core_config, admin_port=admin_port)
+        if dashboard_port is not None and not managers:
             cluster.dashboard = LabDashboard.make(workdir / "dashboard", dashboard_port or find_free_port())
             cluster.dashboard_toml = cluster.dashboard.toml()
         try:
             cluster.start_manager()
+            for peer in cluster.peers:
+                peer.start_manager()
+            if managers:
+                cluster.follow_holder()
             cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE, cluster.admin_address)
             cluster.wait_hosts_up()
             cluster.register_bmcs()
@@ -404,17 +435,79 @@ class LabCluster(ManagerHarness):
         return cluster
 
     def _manager_started(self, manager: ChildProcess) -> None:
-        started = proc.info(manager.pid)
-        if started is not None:  # `down` from any process ends it too, even if this one is gone by then
-            self.lab.spec.companions["manager"] = PidRef(started.pid, started.start_ticks)
-            self.lab.spec.save()
+        record_companion(self.lab, "manager" if not self.peers and not self.lab.spec.managers
+                         else f"manager-{self.manager_id}", manager)
 
     def stop(self) -> None:
-        """Stop the manager and tear the lab down (namespaces, bridge, mounts, processes)."""
+        """Stop the managers and tear the lab down (namespaces, bridge, mounts, processes, the lab's database)."""
         try:
+            for peer in self.peers:
+                peer.stop_manager()
             self.stop_manager()
         finally:
             self.lab.down()
+
+    # ------------------------------------------------------------------ several managers (issue 15)
+
+    @property
+    def all_managers(self) -> list[ManagerHarness]:
+        """m1 (this object) and its peers, in slot order; [self] for a lab with one manager."""
+        return [self, *self.peers]
+
+    def manager_named(self, name: str) -> ManagerHarness:
+        for manager in self.all_managers:
+            if manager.manager_id == name:
+                return manager
+        raise KeyError(f"no manager {name!r} (managers: {[m.manager_id for m in self.all_managers]})")
+
+    def admin(self) -> admin_pb2_grpc.AdminServiceStub:
+        """The acting manager's admin API (the lease holder once `follow_holder()` found it; m1 before)."""
+        if self.acting is not self:
+            return self.acting.admin()
+        return super().admin()
+
+    def reachable_managers(self) -> list[ManagerHarness]:
+        """Managers whose process runs (not stopped by SIGSTOP) and whose namespace is not cut off."""
+        found = []
+        for manager in self.all_managers:
+            if not manager.manager_alive or proc.stopped(manager.manager.pid if manager.manager else 0):
+                continue
+            if self.lab.spec.managers and self.lab.manager_cut(manager.manager_id):
+                continue
+            found.append(manager)
+        return found
+
+    def lease_view(self) -> apb.ListManagersResponse | None:
+        """`kvmha manager list` as the first reachable manager answers it (any manager answers reads)."""
+        for manager in self.reachable_managers():
+            with contextlib.suppress(grpc.RpcError):
+                reply: apb.ListManagersResponse = manager.admin().ListManagers(apb.ListManagersRequest(), timeout=3)
+                return reply
+        return None
+
+    def follow_holder(self, timeout_s: float = 60.0, *, not_: str = "") -> ManagerHarness:
+        """Wait until a reachable manager (other than `not_`) holds the lease and answers, then send admin calls
+        there; returns it."""
+        def holder() -> ManagerHarness | None:
+            view = self.lease_view()
+            if view is None or not view.lease_holder or view.lease_holder == not_:
+                return None
+            found = next((m for m in self.reachable_managers() if m.manager_id == view.lease_holder), None)
+            return found
+
+        self.acting = wait_for(holder, timeout_s, "a reachable lease holder" + (f" other than {not_}" if not_ else ""),
+                               interval_s=0.25)
+        return self.acting
+
+    def manager_logs(self, lines: int = 15) -> str:
+        """Every manager's log tail, and each agent's last link events (which manager it talks to), for failures."""
+        parts = [f"--- {m.manager_id} log tail\n{m.manager_log_tail(lines)}" for m in self.all_managers]
+        for host in self.lab.hosts:
+            agent_log = ChildProcess(host.name, [], Path(host.dir) / "log" / "kvmha-agent.log").log().splitlines()
+            link = [line for line in agent_log if "event=manager_" in line or "event=reconnect" in line
+                    or "event=link" in line]
+            parts.append(f"--- {host.name} agent link events\n" + "\n".join(link[-lines:]))
+        return "\n".join(parts)
 
     def __enter__(self) -> Self:
         return self
@@ -465,3 +558,29 @@ class LabCluster(ManagerHarness):
 
         return wait_for(check, timeout_s, f"VMs {names} running" + (f" elsewhere than {not_on}" if not_on else ""),
                         interval_s=0.25)
+
+
+def record_companion(lab: Lab, key: str, manager: ChildProcess) -> None:
+    """Record a manager process in the lab's state: `down` from any process ends it too (by PID), even if the
+    process that started it is gone by then."""
+    started = proc.info(manager.pid)
+    if started is not None:
+        lab.spec.companions[key] = PidRef(started.pid, started.start_ticks)
+        lab.spec.save()
+
+
+class LabManager(ManagerHarness):
+    """Another manager of a lab with several (m2, m3...): in its slot's namespace, on the same database, PKI and
+    secrets key as m1."""
+
+    def __init__(self, lab: Lab, slot: ManagerSlot, workdir: Path, database: str, core_config: Mapping[str, str],
+                 secrets_key: Path) -> None:
+        super().__init__(workdir / slot.name, database, core_config, manager_id=slot.name,
+                         agent_listen=f"{slot.address}:{MANAGER_AGENT_PORT}", admin_port=DEFAULT_ADMIN_PORT,
+                         pki_dir=Path(lab.spec.state_dir) / "pki", netns=slot.netns, admin_host=slot.address)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.secrets_key = secrets_key
+        self.lab = lab
+
+    def _manager_started(self, manager: ChildProcess) -> None:
+        record_companion(self.lab, f"manager-{self.manager_id}", manager)

@@ -140,7 +140,7 @@ def agent_toml(lab: LabSpec, host: HostSpec, overrides: Mapping[str, object]) ->
         "host_uuid": host.host_uuid,
         "hostname": host.name,
         "management_address": host.address,
-        "managers": [lab.manager],
+        "managers": lab.agent_managers or [lab.manager],  # every manager of the lab, in slot order
         "libvirt_uri": "qemu:///system",
         "storage_paths": [lab.shared_dir],
         "heartbeat_interval_s": 1.0,

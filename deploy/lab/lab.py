@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from kvmha.lab import bmcnet, fault, net, pacemaker, proc, report, vm
+from kvmha.lab import bmcnet, fault, labdb, net, pacemaker, proc, report, vm
 from kvmha.lab import host as hostfs
 from kvmha.lab.bmc import BmcConfig, BmcSimulator
 from kvmha.lab.fault import Fault
@@ -34,6 +34,7 @@ from kvmha.lab.state import (
     HostSpec,
     LabError,
     LabSpec,
+    ManagerSlot,
     PidRef,
 )
 
@@ -85,6 +86,7 @@ class Lab:
         bmc_subnet: str | None = None,
         stack: str = "kvmha",
         stack_profile: str = "defaults",
+        managers: int = 0,
     ) -> Lab:
         """Build a lab of `hosts` hosts and wait until every host's libvirtd answers. On failure, undo it all.
 
@@ -116,6 +118,15 @@ class Lab:
                 raise LabError(f"pacemaker profile {stack_profile!r}: one of {', '.join(pacemaker.PROFILES)}")
         elif stack != "kvmha":
             raise LabError(f"unknown stack {stack!r} (kvmha or {pacemaker.STACK})")
+        if not 0 <= managers <= min(net.MANAGER_SLOTS, bmcnet.CLIENT_SLOTS):
+            raise LabError(f"between 0 and {net.MANAGER_SLOTS} managers")
+        if managers and stack != "kvmha":
+            raise LabError("several managers run only with the kvmha stack")
+        if managers and manager not in (None, "", "default"):
+            raise LabError("with --managers the agents report to the lab's managers: no --manager address")
+        slot_addresses = [net.manager_address(subnet, k) for k in range(1, managers + 1)]
+        if managers:
+            manager = slot_addresses[0]
         bmc_plan = bmcnet.BmcNet(bmc_subnet or bmcnet.subnet_for(subnet), prefix)
         bmc_plan.check_room(hosts)
         for bridge in (f"{prefix}-br0", bmc_plan.bridge):
@@ -138,6 +149,13 @@ class Lab:
             bmc_subnet=bmc_plan.subnet,
             stack=stack,
             stack_profile=stack_profile if stack == pacemaker.STACK else "",
+            managers=[
+                ManagerSlot(name=f"m{k}", index=k, netns=f"{prefix}-m{k}", veth=f"{prefix}-m{k}",
+                            address=slot_addresses[k - 1], bmc_veth=bmc_plan.client_veth(k),
+                            bmc_address=bmc_plan.client_address(k))
+                for k in range(1, managers + 1)
+            ],
+            agent_managers=[f"{address}:{MANAGER_PORT}" for address in slot_addresses],
         )
         if as_keeper:
             me = proc.info(os.getpid())
@@ -171,6 +189,11 @@ class Lab:
         bmc_plan = self.bmc_net
         assert bmc_plan is not None
         bmcnet.create_bridge(bmc_plan)
+        for slot in spec.managers:
+            net.create_host_net(spec.bridge, slot.netns, slot.veth, slot.address, spec.subnet)
+            bmcnet.plug_client(bmc_plan, slot.netns, slot.index)
+        if spec.managers:
+            labdb.start(spec)
         for index in range(1, count + 1):
             name = f"h{index}"
             host = HostSpec(
@@ -245,6 +268,7 @@ class Lab:
             proc.wait_gone([proc.ProcInfo(keeper.pid, 0, "", keeper.start_ticks, 0)], 60.0)
         for ref in self.spec.companions.values():
             self._end(ref)  # e.g. the manager in front of the lab: before the hosts, so it sees no mass failure
+        labdb.stop(self.spec)  # after the managers that use it
         for ref in self.spec.bmcs.values():
             proc.kill(ref.pid, ref.start_ticks, signal.SIGCONT)  # a BMC stopped by the "bmc" fault must hear SIGTERM
         for host in self.spec.hosts:
@@ -257,6 +281,8 @@ class Lab:
         self.spec.bmcs.clear()
         for host in self.spec.hosts:
             net.delete_host_net(host.netns, host.veth)
+        for slot in self.spec.managers:
+            net.delete_host_net(slot.netns, slot.veth)
         net.delete_bridge(self.spec.bridge)
         if self.bmc_net is not None:  # after the BMCs: their namespaces go with it
             bmcnet.delete(self.bmc_net, [(host.name, host.index) for host in self.spec.hosts])
@@ -294,6 +320,23 @@ class Lab:
         if proc.wait_gone(target, 3.0):
             proc.kill(ref.pid, ref.start_ticks, signal.SIGKILL)
             proc.wait_gone(target, 3.0)
+
+    # ----- managers (labs made with managers=N) -------------------------------------------------------------
+
+    @property
+    def managers(self) -> list[ManagerSlot]:
+        return list(self.spec.managers)
+
+    def cut_manager(self, name: str, cut: bool = True) -> None:
+        """Cut (or restore) both cables of a manager's namespace, the lab bridge and the BMC network: it reaches no
+        agent, no database and no BMC, and nobody reaches it; the process runs on."""
+        slot = self.spec.manager_slot(name)
+        for veth in (slot.veth, slot.bmc_veth):
+            net.set_link(veth, not cut)
+
+    def manager_cut(self, name: str) -> bool:
+        slot = self.spec.manager_slot(name)
+        return not (net.link_is_up(slot.veth) and net.link_is_up(slot.bmc_veth))
 
     # ----- looking at hosts -----------------------------------------------------------------------------------
 

@@ -33,6 +33,21 @@ def bridge_address(subnet: str) -> str:
     return str(net.network_address + 1)
 
 
+MANAGER_SLOTS = 8
+
+
+def manager_address(subnet: str, index: int) -> str:
+    """Manager N (own namespace, issue 15) is at network + 1 + N (10.251.0.2 for m1 in 10.251.0.0/24): between the
+    bridge (+1) and the hosts (+11...)."""
+    if not 1 <= index <= MANAGER_SLOTS:
+        raise LabNetError(f"manager {index}: 1..{MANAGER_SLOTS}")
+    net = ipaddress.ip_network(subnet)
+    address = net.network_address + 1 + index
+    if address not in net or address == net.broadcast_address:
+        raise LabNetError(f"manager {index} does not fit in {subnet}")
+    return str(address)
+
+
 def host_address(subnet: str, index: int) -> str:
     """Host N is at network + 10 + N (10.251.0.11 for h1 in 10.251.0.0/24)."""
     net = ipaddress.ip_network(subnet)

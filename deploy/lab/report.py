@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kvmha.lab import fault, vm, watchdog
+from kvmha.lab import fault, proc, vm, watchdog
 
 if TYPE_CHECKING:
     from kvmha.lab.lab import Lab
@@ -50,4 +50,14 @@ def status(lab: Lab) -> dict[str, Any]:
         "stack": spec.stack + (f" ({spec.stack_profile})" if spec.stack_profile else ""),
         "bmc_user": spec.bmc_user,
         "hosts": [host_status(lab, host.name) for host in spec.hosts],
+        "database": spec.database_url,
+        "managers": [manager_status(lab, slot.name) for slot in spec.managers],
     }
+
+
+def manager_status(lab: Lab, name: str) -> dict[str, Any]:
+    slot = lab.spec.manager_slot(name)
+    ref = lab.spec.companions.get(f"manager-{name}")
+    pid = ref.pid if ref is not None and proc.alive(ref.pid, ref.start_ticks) else None
+    return {"name": name, "address": slot.address, "netns": slot.netns, "bmc_address": slot.bmc_address,
+            "pid": pid, "paused": bool(pid and proc.stopped(pid)), "cut": lab.manager_cut(name)}

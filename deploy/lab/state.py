@@ -40,6 +40,20 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class ManagerSlot:
+    """A manager's place in a lab made with `--managers N` (issue 15): its own network namespace, on the lab bridge
+    (where agents reach it and it reaches the lab's database) and on the BMC network (where it reaches the BMCs)."""
+
+    name: str  # m1, m2, ...
+    index: int
+    netns: str  # <prefix>-m1
+    veth: str  # bridge side of its lab cable, in the root namespace (cut to isolate the manager)
+    address: str  # its address on the lab bridge: agents connect here, admin calls too
+    bmc_veth: str  # bridge side of its BMC-network cable
+    bmc_address: str  # its address on the BMC network
+
+
+@dataclass(frozen=True)
 class PidRef:
     pid: int
     start_ticks: int
@@ -72,6 +86,20 @@ class LabSpec:
     bmc_subnet: str = ""  # the lab's BMC network (kvmha.lab.bmcnet); "" = BMCs on 127.0.0.1 (older labs)
     stack: str = "kvmha"  # what runs on the hosts: "kvmha" (libvirt + agent) or "pacemaker" (kvmha.lab.pacemaker)
     stack_profile: str = ""  # the pacemaker stack's configuration: "defaults" or "tuned" (pacemaker.PROFILES)
+    # Several managers (issue 15): one namespace each; the agents list them all ("ADDR:PORT" in `agent_managers`).
+    managers: list[ManagerSlot] = field(default_factory=list)
+    agent_managers: list[str] = field(default_factory=list)
+    # The lab's own PostgreSQL (kvmha.lab.labdb), on the bridge address; "" = none. Ended by `down` after the
+    # companions (the managers using it), by the postmaster's PID; its folder removed with it.
+    database_url: str = ""
+    database_dir: str = ""
+    database: PidRef | None = None
+
+    def manager_slot(self, name: str) -> ManagerSlot:
+        for slot in self.managers:
+            if slot.name == name:
+                return slot
+        raise KeyError(f"no manager {name!r} in this lab (managers: {', '.join(m.name for m in self.managers) or '-'})")
 
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:
@@ -97,4 +125,6 @@ class LabSpec:
         raw["bmcs"] = {name: PidRef(**ref) for name, ref in raw["bmcs"].items()}
         raw["keeper"] = PidRef(**raw["keeper"]) if raw.get("keeper") else None
         raw["companions"] = {name: PidRef(**ref) for name, ref in raw.get("companions", {}).items()}
+        raw["managers"] = [ManagerSlot(**m) for m in raw.get("managers", [])]
+        raw["database"] = PidRef(**raw["database"]) if raw.get("database") else None
         return LabSpec(**raw)

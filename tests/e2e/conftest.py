@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -173,8 +174,8 @@ class E2E:
             + legend
             + ")\n"
             + "\n".join(lines)
-            + "\n--- manager log tail\n"
-            + self.cluster.manager_log_tail(15)
+            + ("\n" + self.cluster.manager_logs(15) if self.cluster.peers
+               else "\n--- manager log tail\n" + self.cluster.manager_log_tail(15))
         )
 
     def host_id(self, name: str) -> int:
@@ -281,10 +282,30 @@ def kvmha_cli(cluster: LabCluster, *args: str) -> subprocess.CompletedProcess[st
 # ---------------------------------------------------------------------------------------------- life cycle
 
 
+def restore_managers(cluster: LabCluster) -> None:
+    """A lab with several managers: every cable restored, every paused manager resumed, every dead one started
+    again (as a standby), every host powered on; admin calls then go to whoever holds the lease."""
+    for slot in cluster.lab.managers:
+        if cluster.lab.manager_cut(slot.name):
+            cluster.lab.cut_manager(slot.name, False)
+    for manager in cluster.all_managers:
+        if manager.manager is not None and manager.manager_alive and proc.stopped(manager.manager.pid):
+            os.kill(manager.manager.pid, signal.SIGCONT)
+        if not manager.manager_alive:
+            manager.close_admin()
+            manager.start_manager()
+    for host in cluster.lab.hosts:
+        if cluster.lab.power_state(host.name) == "off":
+            cluster.lab.power(host.name, "on")
+    cluster.follow_holder()
+
+
 def reset(cluster: LabCluster) -> None:
     """Bring a shared lab back to the start: manager running, every fault healed, every host powered on, Enabled and
     Up, no VM registered and no QEMU anywhere."""
-    if not cluster.manager_alive:
+    if cluster.lab.managers:
+        restore_managers(cluster)
+    elif not cluster.manager_alive:
         cluster.start_manager()
     for host in cluster.lab.hosts:
         if cluster.lab.faults(host.name):
@@ -324,6 +345,7 @@ class SharedCluster:
     agent_settings: dict[str, object]
     hosts: int = 3
     cluster: LabCluster | None = None
+    managers: int = 0  # > 0: that many managers, own namespaces, on the lab's PostgreSQL (test_managers.py)
 
     def get(self) -> LabCluster:
         if self.cluster is None:
@@ -336,6 +358,7 @@ class SharedCluster:
                 core_config=self.core_config,
                 agent_settings=self.agent_settings,
                 cache_dir=caps_cache(self.factory),
+                managers=self.managers,
             )
         return self.cluster
 
@@ -356,9 +379,10 @@ class SharedCluster:
 
 @contextlib.contextmanager
 def shared_cluster(
-    factory: pytest.TempPathFactory, core_config: Mapping[str, str], agent_settings: Mapping[str, object]
+    factory: pytest.TempPathFactory, core_config: Mapping[str, str], agent_settings: Mapping[str, object],
+    managers: int = 0,
 ) -> Iterator[SharedCluster]:
-    shared = SharedCluster(factory, dict(core_config), dict(agent_settings))
+    shared = SharedCluster(factory, dict(core_config), dict(agent_settings), managers=managers)
     try:
         yield shared
     finally:

@@ -2,7 +2,8 @@
 directory on a free 127.0.0.1 port, stopped and started again at will — never the machine's own services.
 
 - `PrivatePostgres`: `initdb` + `pg_ctl` of /usr/lib/postgresql/<newest>/bin, run as the `postgres` user (PostgreSQL
-  refuses root), trust authentication, its socket in its own directory.
+  refuses root), trust authentication, its socket in its own directory. The lab's own server (`kvmha-lab up
+  --managers N`, kvmha.lab.labdb) is one of these too, in a directory and on an address the lab chooses.
 - `PrivateMariaDb`: `mariadb-install-db` + `mariadbd --skip-grant-tables` (no accounts to set up: the server listens
   on 127.0.0.1 only, for the test that started it), as the `mysql` user.
 - `SqliteLock`: another process holding an exclusive lock on a SQLite database file (the third kind's "outage").
@@ -66,13 +67,20 @@ def _wait_pid_gone(pid: int, timeout_s: float) -> bool:
 class _Server:
     user = ""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None, listen: str = "127.0.0.1", port: int | None = None) -> None:
+        """directory: where the server's files go (made here; the service user must be able to reach it); by
+        default a new folder in /tmp. listen: the one address it listens on; port: by default a free one."""
         try:
             pwd.getpwnam(self.user)
         except KeyError:
             raise ServerUnavailable(f"no {self.user} user") from None
-        self.port = find_free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix=f"kvmha-{type(self).__name__.lower()}-", dir="/tmp"))
+        self.listen = listen
+        self.port = port or find_free_port()
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"kvmha-{type(self).__name__.lower()}-", dir="/tmp"))
+        else:
+            self.dir = directory
+            self.dir.mkdir(parents=True)
         os.chmod(self.dir, 0o755)
         self.log = self.dir / "server.log"
 
@@ -116,24 +124,30 @@ class _Server:
 class PrivatePostgres(_Server):
     user = "postgres"
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None, listen: str = "127.0.0.1", port: int | None = None) -> None:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         if not found:
             raise ServerUnavailable("no /usr/lib/postgresql/*/bin/pg_ctl")
         self.bin = Path(found[-1]).parent
-        super().__init__()
+        super().__init__(directory, listen, port)
         self.data = self.dir / "data"
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres@{self.listen}:{self.port}/postgres"
 
     def init(self) -> None:
         _chown(self.dir, self.user)
         _as(self.user, [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], self.log)
 
+    def allow(self, network: str) -> None:
+        """Let clients from `network` (CIDR) in with trust authentication; initdb's file admits only loopback. Takes
+        effect at the next start."""
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {network} trust\n")
+
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} "
+        options = (f"-p {self.port} -c listen_addresses={self.listen} -c unix_socket_directories={self.dir} "
                    "-c fsync=off")
         _as(self.user, [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                         str(self.dir / "postgres.log"), "-w", "-t", "60", "start"], self.log, timeout_s=70)
