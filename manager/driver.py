@@ -194,6 +194,8 @@ class Driver:
         self._task = loop.create_task(self._run(), name=f"driver-{s.manager_id}")
         if s.store_probe_interval_s > 0:
             self._probe = loop.create_task(self._probe_store(), name=f"store-probe-{s.manager_id}")
+            # A loop that ended (a core bug) must not leave the probe renewing the lease: the standbys take over.
+            self._task.add_done_callback(lambda _: self._probe.cancel() if self._probe is not None else None)
 
     def _activate(self, loaded: _Loaded, asked_at: float) -> None:
         epoch, config, hosts, vms, works, next_work_id = loaded

@@ -333,6 +333,8 @@ def test_a_core_bug_ends_the_driver_loudly(monkeypatch: pytest.MonkeyPatch) -> N
         rig.driver.submit(facts.HeartbeatReceived(rig.host_id, 1, True, True))
         with pytest.raises(RuntimeError, match="impossible"):
             await asyncio.wait_for(rig.driver.task, 5.0)
+        await asyncio.sleep(0)  # the loop's end cancels the store probe: it renews no lease for a dead loop
+        assert rig.driver._probe is not None and rig.driver._probe.cancelled()
 
     try:
         loop.run_until_complete(body())
@@ -355,6 +357,7 @@ def test_one_transaction_records_every_fact_that_arrived_together() -> None:
         await asyncio.sleep(0.1)
         assert rig.store.commits == before + 1
         assert len(rig.read(lambda uow: uow.vms.all())) == 5
+        await rig.driver.stop()
         return rig
 
     try:
