@@ -77,7 +77,9 @@ def test_pings_are_not_delayed_by_slow_hypervisor_calls(manager: FakeManager, ru
     pings = [r for r in manager.received[mark:] if r.kind == "ping"]
     gaps_s = [b.at - a.at for a, b in itertools.pairwise(pings)]
     assert len(pings) >= 6
-    assert max(gaps_s) < 0.3, gaps_s  # interval 0.2 s
+    # Interval 0.2 s; a ping that waited behind one hypervisor call would leave a gap of 1.5 s or more. The bound
+    # leaves room for a loaded CI machine's scheduling, not for a blocked ping.
+    assert max(gaps_s) < 1.0, gaps_s
 
 
 def test_hypervisor_loss_is_reported_then_healed_with_a_full_report(manager: FakeManager, running: Running) -> None:
