@@ -426,7 +426,9 @@ class LabCluster(ManagerHarness):
                 peer.start_manager()
             if managers:
                 cluster.follow_holder()
-            cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE, cluster.admin_address)
+            # Every manager, for the CLI to find the holder among them (KVMHA_MANAGER=a,b,c).
+            cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE,
+                                      ",".join(m.admin_address for m in cluster.all_managers))
             cluster.wait_hosts_up()
             cluster.register_bmcs()
         except BaseException:
