@@ -56,6 +56,7 @@ class SqlHosts:
     def __init__(self, session: Session, secrets: SecretBox | None = None) -> None:
         self._session = session
         self._secrets = secrets  # BMC passwords sealed at rest (security/secrets.py); None: stored as given
+        self._preloaded: list[Host] = []  # strong references: see preload
 
     def all(self) -> list[HostRecord]:
         return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
@@ -94,9 +95,11 @@ class SqlHosts:
         row.lease_manager = record.lease_manager[:32]
 
     def preload(self, host_ids: list[HostId]) -> None:
-        """Into the session's identity map: the saves that follow find their rows there without a query each."""
+        """Into the session's identity map: the saves that follow find their rows there without a query each. The
+        rows are kept here: the identity map holds unchanged rows weakly, and would drop them at once."""
         for first in range(0, len(host_ids), PRELOAD_CHUNK):
-            self._session.scalars(select(Host).where(Host.id.in_(host_ids[first:first + PRELOAD_CHUNK]))).all()
+            chunk = host_ids[first:first + PRELOAD_CHUNK]
+            self._preloaded += self._session.scalars(select(Host).where(Host.id.in_(chunk))).all()
 
     def record_agent(self, host_id: HostId, agent: AgentInfo, manager_id: str, now: float) -> bool:
         row = self._session.get(Host, host_id)
@@ -155,6 +158,7 @@ class SqlVms:
     def __init__(self, session: Session) -> None:
         self._session = session
         self._missing: set[int] = set()  # preloaded ids without a row (see preload)
+        self._preloaded: list[VmInstance] = []  # strong references: the identity map holds unchanged rows weakly
 
     def all(self, host_id: HostId | None = None, after_id: int = 0, limit: int | None = None) -> list[VmRecord]:
         query = select(VmInstance).where(VmInstance.id > after_id).order_by(VmInstance.id).limit(limit)
@@ -165,10 +169,10 @@ class SqlVms:
     def preload(self, vm_ids: list[VmId]) -> None:
         """Into the session's identity map: the upserts that follow find their rows there, or know there is none
         (a new VM), without a query each."""
-        found: set[int] = set()
         for first in range(0, len(vm_ids), PRELOAD_CHUNK):
             chunk = vm_ids[first:first + PRELOAD_CHUNK]
-            found.update(row.id for row in self._session.scalars(select(VmInstance).where(VmInstance.id.in_(chunk))))
+            self._preloaded += self._session.scalars(select(VmInstance).where(VmInstance.id.in_(chunk))).all()
+        found = {row.id for row in self._preloaded}
         self._missing = {vm_id for vm_id in vm_ids if vm_id not in found}
 
     def running_by_host(self, host_ids: list[HostId]) -> dict[HostId, int]:

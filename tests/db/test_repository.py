@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from kvmha.manager.adapters.db import migrate
 from kvmha.manager.adapters.repository import SqlStore
@@ -353,3 +353,38 @@ def test_batch_writes_preload_count_and_record_in_order(store: Store, kind: str)
         assert uow.vms.running_by_host(hosts) == {hosts[0]: 1, hosts[1]: 2, hosts[2]: 0}
         assert [v.host_id for v in uow.vms.all()] == [hosts[1], hosts[1], hosts[0]]
         assert [e.message for e in uow.events.all(after_id=first - 1)] == ["single", "event 0", "event 1", "event 2"]
+
+
+def test_preloaded_rows_are_saved_without_a_query_each(engine: Engine, store: Store) -> None:
+    """A batch's saves after one preload query per kind: no SELECT per saved host or VM (the identity map holds
+    unchanged rows weakly: without the repository keeping them, each save read its row again)."""
+    with store.unit_of_work() as uow:
+        hosts = [uow.hosts.add(f"uuid-p{n}", f"p{n}", "10.0.0.1", NOW) for n in range(4)]
+        uow.vms.upsert(_vm("vm1", hosts[0]), NOW)
+        uow.commit()
+    selects: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    with store.unit_of_work() as uow:
+        records = [uow.hosts.get(host_id) for host_id in hosts]
+        vm = uow.vms.get(VmId(2))
+        assert vm is not None
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            uow.hosts.preload(hosts)
+            uow.vms.preload([VmId(2), VmId(3)])
+            for record in records:
+                assert record is not None
+                uow.hosts.save(dataclasses.replace(record, name=record.name + "x"), NOW)
+            uow.vms.upsert(vm, NOW)
+            uow.vms.upsert(_vm("vm2", hosts[1]), NOW)  # new (id 3)
+            uow.commit()
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+    assert len(selects) == 2, selects  # the two preloads
+    with store.unit_of_work() as uow:
+        assert [h.name for h in uow.hosts.all()] == ["p0x", "p1x", "p2x", "p3x"]
+        assert [v.name for v in uow.vms.all()] == ["vm1", "vm2"]
