@@ -33,6 +33,7 @@ from kvmha.lab.bmc import BmcError
 from kvmha.lab.fault import FAULTS, Fault
 from kvmha.lab.guest import DISK_FORMATS
 from kvmha.lab.lab import DEFAULT_PREFIX, DEFAULT_SUBNET, Lab
+from kvmha.lab.pki import ENV_FILE
 from kvmha.lab.state import DEFAULT_STATE_DIR, STATE_FILE, LabError, LabSpec
 
 UP_TIMEOUT_S = 300.0
@@ -105,9 +106,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"the lab did not come up; {log_path}:\n{log_path.read_text(errors='replace')[-3000:]}")
             return 1
         try:
-            if LabSpec.load(state_dir).ready:
+            # With managers the keeper writes cli.env last, once they run and the hosts' BMCs are registered.
+            if LabSpec.load(state_dir).ready and (not args.managers or (state_dir / ENV_FILE).exists()):
                 _print_status(Lab.attach(state_dir).status())
                 print(f"\nkeeper pid {keeper.pid}, log {log_path}; tear down with: kvmha-lab down")
+                if args.managers:
+                    print(f"the CLI: KVMHA_ENV_FILE={state_dir / ENV_FILE} kvmha manager list")
                 return 0
         except (FileNotFoundError, ValueError):
             pass  # not written yet, or caught mid-write

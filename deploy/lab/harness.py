@@ -426,11 +426,12 @@ class LabCluster(ManagerHarness):
                 peer.start_manager()
             if managers:
                 cluster.follow_holder()
-            # Every manager, for the CLI to find the holder among them (KVMHA_MANAGER=a,b,c).
-            cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE,
-                                      ",".join(m.admin_address for m in cluster.all_managers))
             cluster.wait_hosts_up()
             cluster.register_bmcs()
+            # Every manager, for the CLI to find the holder among them (KVMHA_MANAGER=a,b,c); written last, so
+            # that `kvmha-lab up --managers N` returns once it exists (everything before is done).
+            cluster.pki.write_cli_env(Path(lab.spec.state_dir) / ENV_FILE,
+                                      ",".join(m.admin_address for m in cluster.all_managers))
         except BaseException:
             cluster.stop()
             raise
