@@ -4,6 +4,7 @@ run in `make test-fast` (the lab itself: tests/e2e/test_managers.py)."""
 
 from __future__ import annotations
 
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -65,8 +66,13 @@ def test_the_database_folder_is_one_the_postgres_user_can_reach(tmp_path: Path) 
         assert labdb._reachable_by_others(outside.parent)
     finally:
         outside.parent.rmdir()
-    tmp_path.chmod(0o755)
-    assert labdb._server_dir(spec) == tmp_path / "postgres" or not labdb._reachable_by_others(tmp_path)
+    reachable = Path(tempfile.mkdtemp(prefix="kvmha-test-state-", dir="/tmp"))
+    try:
+        reachable.chmod(0o755)
+        spec.state_dir = str(reachable)
+        assert labdb._server_dir(spec) == reachable / "postgres"  # in the state dir itself, nothing made
+    finally:
+        reachable.rmdir()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
