@@ -12,6 +12,7 @@
     kvmha-lab power h1 off                                  chassis power through the host's BMC (IPMI lanplus)
     kvmha-lab vm-create vm1 --host h1                       define + start a small VM with virsh on h1
     kvmha-lab vm-kill vm1 | guest-shutdown vm1              a QEMU crash | a power-off asked by the guest
+    kvmha-lab guest-busy vm1                                the guest dirties 512 KiB of memory until destroyed
     kvmha-lab exec h1 -- virsh list --all                   any command inside h1's namespaces
     kvmha-lab down                                          remove everything, leave the machine as it was
 """
@@ -224,6 +225,12 @@ def cmd_guest_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest_busy(args: argparse.Namespace) -> int:
+    host = Lab.attach(_state_dir(args)).guest_busy(args.name)
+    print(f"{args.name}: the guest rewrites 512 KiB of memory continuously on {host}")
+    return 0
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -300,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     vm_create.set_defaults(func=cmd_vm_create)
 
     for name, func, text in (("vm-kill", cmd_vm_kill, "SIGKILL the VM's QEMU"),
-                             ("guest-shutdown", cmd_guest_shutdown, "ask the guest to power off (ACPI)")):  # fmt: skip
+                             ("guest-shutdown", cmd_guest_shutdown, "ask the guest to power off (ACPI)"),
+                             ("guest-busy", cmd_guest_busy,
+                              "put the guest under load: it rewrites 512 KiB of memory until destroyed")):  # fmt: skip
         vm_parser = sub.add_parser(name, help=text)
         vm_parser.add_argument("name")
         vm_parser.set_defaults(func=func)

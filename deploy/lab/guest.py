@@ -13,7 +13,11 @@ The lab needs VMs whose *guest* can ask for a power-off, so that libvirt records
     mov dx, 0x3F8       ; COM1 receive buffer
     in  al, dx
     cmp al, 'S'
-    jne poll
+    je  shutdown
+    cmp al, 'D'
+    je  dirty
+    jmp poll
+  shutdown:
     mov dx, 0x604       ; PIIX4 PM1a control block, as SeaBIOS sets it up on QEMU's pc machine
     mov ax, 0x2000      ; SLP_EN with SLP_TYP 0 = S5: QEMU reports a guest shutdown
     out dx, ax
@@ -21,8 +25,24 @@ The lab needs VMs whose *guest* can ask for a power-off, so that libvirt records
   halt:
     hlt
     jmp halt
+  dirty:                ; a busy guest: rewrite 512 KiB (0x10000-0x8FFFF, clear of the IVT, BIOS data, this code
+    cli                 ; and the EBDA) over and over, as fast as the vCPU goes, until the VM is destroyed
+    cld
+  pass:
+    mov ax, 0x1000
+  segment:
+    mov es, ax
+    xor di, di
+    mov cx, 0x8000      ; 32,768 words: one 64 KiB segment
+    rep stosw
+    add ax, 0x1000
+    cmp ax, 0x9000
+    jb  segment
+    jmp pass
 
-So `kvmha-lab guest-shutdown VM` writes "S" to the VM's serial port and the guest powers off through ACPI.
+So `kvmha-lab guest-shutdown VM` writes "S" to the VM's serial port and the guest powers off through ACPI, and
+`kvmha-lab guest-busy VM` writes "D": from then on the guest dirties 512 KiB of memory continuously (a live
+migration must copy those pages again and again: a guest under load) and burns its vCPU.
 
 Disk format. The lab's hosts share one kernel, so QEMU's own image locking (OFD locks on the image file) would
 refuse a second start of a disk before virtlockd is even asked (libvirt acquires leases when the CPUs start,
@@ -40,6 +60,7 @@ import uuid
 from pathlib import Path
 
 SHUTDOWN_CHAR = b"S"
+BUSY_CHAR = b"D"
 SECTOR_SIZE_BYTES = 512
 RAW_IMAGE_SIZE_BYTES = 1024 * 1024
 
@@ -50,17 +71,31 @@ _CODE = bytes(
         0xBA, 0xFD, 0x03,  # 2: mov dx, 0x3FD
         0xEC,  # 5: in al, dx
         0xA8, 0x01,  # 6: test al, 1
-        0x74, 0xF7,  # 8: jz poll (10 - 9 = 1)
+        0x74, 0xF7,  # 8: jz poll (1 - 10)
         0xBA, 0xF8, 0x03,  # 10: mov dx, 0x3F8
         0xEC,  # 13: in al, dx
         0x3C, SHUTDOWN_CHAR[0],  # 14: cmp al, 'S'
-        0x75, 0xEF,  # 16: jne poll (18 - 17 = 1)
-        0xBA, 0x04, 0x06,  # 18: mov dx, 0x604
-        0xB8, 0x00, 0x20,  # 21: mov ax, 0x2000
-        0xEF,  # 24: out dx, ax
-        0xFA,  # 25: cli
-        0xF4,  # 26: halt: hlt
-        0xEB, 0xFD,  # 27: jmp halt (29 - 3 = 26)
+        0x74, 0x06,  # 16: je shutdown (24 - 18)
+        0x3C, BUSY_CHAR[0],  # 18: cmp al, 'D'
+        0x74, 0x0D,  # 20: je dirty (35 - 22)
+        0xEB, 0xE9,  # 22: jmp poll (1 - 24)
+        0xBA, 0x04, 0x06,  # 24: shutdown: mov dx, 0x604
+        0xB8, 0x00, 0x20,  # 27: mov ax, 0x2000
+        0xEF,  # 30: out dx, ax
+        0xFA,  # 31: cli
+        0xF4,  # 32: halt: hlt
+        0xEB, 0xFD,  # 33: jmp halt (32 - 35)
+        0xFA,  # 35: dirty: cli
+        0xFC,  # 36: cld
+        0xB8, 0x00, 0x10,  # 37: pass: mov ax, 0x1000
+        0x8E, 0xC0,  # 40: segment: mov es, ax
+        0x31, 0xFF,  # 42: xor di, di
+        0xB9, 0x00, 0x80,  # 44: mov cx, 0x8000
+        0xF3, 0xAB,  # 47: rep stosw
+        0x05, 0x00, 0x10,  # 49: add ax, 0x1000
+        0x3D, 0x00, 0x90,  # 52: cmp ax, 0x9000
+        0x72, 0xEF,  # 55: jb segment (40 - 57)
+        0xEB, 0xEA,  # 57: jmp pass (37 - 59)
     ]
 )  # fmt: skip
 

@@ -495,6 +495,9 @@ class Lab:
     def guest_shutdown(self, name: str) -> str:
         return vm.guest_shutdown(self, name)
 
+    def guest_busy(self, name: str) -> str:
+        return vm.guest_busy(self, name)
+
     def domstate(self, host: str, name: str) -> tuple[str, str]:
         return vm.domstate(self, host, name)
 

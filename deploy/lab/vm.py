@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from kvmha.lab import proc
 from kvmha.lab.domain import BootDisk, domain_xml
-from kvmha.lab.guest import DISK_FORMATS, SHUTDOWN_CHAR, make_disk, vm_uuid
+from kvmha.lab.guest import BUSY_CHAR, DISK_FORMATS, SHUTDOWN_CHAR, make_disk, vm_uuid
 from kvmha.lab.host import DISKS_DIR_NAME
 from kvmha.lab.state import QEMU_COMM, LabError
 
@@ -155,6 +155,51 @@ def guest_shutdown(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
     finally:
         os.close(fd)
     return host
+
+
+# A guest that took a quarter of a core over BUSY_SAMPLE_S is in its dirty loop: idle, the lab's guest sleeps in hlt
+# (about 1 % of a core), and a busy one gets a core less what a loaded 2-core machine takes from it.
+BUSY_CPU_SHARE = 0.25
+BUSY_SAMPLE_S = 0.5
+
+
+def guest_busy(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
+    """Put the guest under load: send 'D' to its COM1 until its QEMU burns a vCPU (the guest's loop rewriting 512 KiB
+    of memory, kvmha.lab.guest); returns the host it runs on. It stays busy until the VM is destroyed."""
+    host, qemu = where(lab, name)
+    pty = lab.virsh(host, "ttyconsole", name).strip()
+    if not pty.startswith("/dev/pts/"):
+        raise LabError(f"{name}: no pty serial console ({pty!r})")
+    init = lab.init(host)
+    assert init is not None
+    fd = os.open(f"/proc/{init.pid}/root{pty}", os.O_WRONLY | os.O_NOCTTY)  # held open: see guest_shutdown
+    try:
+        deadline = time.monotonic() + timeout_s
+        while cpu_share(qemu.pid, BUSY_SAMPLE_S) < BUSY_CPU_SHARE:
+            if time.monotonic() > deadline or not proc.alive(qemu.pid, qemu.start_ticks):
+                raise LabError(f"{name}: the guest did not get busy within {timeout_s:.0f} s")
+            os.write(fd, BUSY_CHAR)
+    finally:
+        os.close(fd)
+    return host
+
+
+def cpu_share(pid: int, window_s: float) -> float:
+    """Cores the process used over the next `window_s` (user + system time from /proc/PID/stat; a KVM guest's own
+    time counts as the vCPU thread's user time). 0.0 when it is gone."""
+    def used_s() -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    before, started = used_s(), time.monotonic()
+    time.sleep(window_s)
+    after = used_s()
+    if before is None or after is None:
+        return 0.0
+    return (after - before) / (time.monotonic() - started)
 
 
 def domstate(lab: Lab, host: str, name: str) -> tuple[str, str]:

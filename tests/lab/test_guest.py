@@ -25,16 +25,39 @@ def _rel8_target(code: bytes, at: int) -> int:
     return at + 2 + offset
 
 
+# Length of each instruction the boot sector uses, by its first byte (rep stosw: F3 AB).
+_LENGTHS = {0xFB: 1, 0xF4: 1, 0xEC: 1, 0xEF: 1, 0xFA: 1, 0xFC: 1, 0xA8: 2, 0x74: 2, 0x3C: 2, 0xEB: 2, 0x72: 2,
+            0x31: 2, 0x8E: 2, 0xF3: 2, 0xBA: 3, 0xB8: 3, 0xB9: 3, 0x05: 3, 0x3D: 3}
+_JUMPS = {0x74, 0xEB, 0x72}
+
+
+def _instructions(code: bytes) -> list[int]:
+    """The offsets where the code's instructions start, walked from the first byte."""
+    starts, at = [], 0
+    while at < len(code):
+        starts.append(at)
+        at += _LENGTHS[code[at]]
+    assert at == len(code), "the walk ends on the code's last byte"
+    return starts
+
+
 def test_boot_sector_jumps_land_on_instructions() -> None:
-    code = guest.boot_sector()
+    code = guest._CODE
+    starts = _instructions(code)
+    jumps = {at: _rel8_target(code, at) for at in starts if code[at] in _JUMPS}
+    assert all(target in starts for target in jumps.values()), jumps
     poll = code.index(0xF4)  # the first hlt
-    assert code[_rel8_target(code, code.index(0x74))] == 0xF4 and _rel8_target(code, code.index(0x74)) == poll
-    assert _rel8_target(code, code.index(0x75)) == poll
-    jmp = code.index(0xEB)
-    assert code[_rel8_target(code, jmp)] == 0xF4  # halt loop
-    # The ACPI power-off: mov dx, 0x604; mov ax, 0x2000; out dx, ax.
-    assert bytes([0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF]) in code
-    assert bytes([0x3C]) + guest.SHUTDOWN_CHAR in code
+    acpi = code.index(bytes([0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF]))  # mov dx, 0x604; mov ax, 0x2000; out
+    dirty = code.index(bytes([0xFA, 0xFC]))  # cli; cld
+    shutdown_test = code.index(bytes([0x3C]) + guest.SHUTDOWN_CHAR)
+    busy_test = code.index(bytes([0x3C]) + guest.BUSY_CHAR)
+    assert jumps[shutdown_test + 2] == acpi and jumps[busy_test + 2] == dirty
+    assert jumps[code.index(0x74)] == poll and jumps[busy_test + 4] == poll  # no data, or another character
+    halt = jumps[acpi + 9]
+    assert code[halt] == 0xF4 and halt == acpi + 8  # the halt loop after the power-off
+    segment = code.index(bytes([0x8E, 0xC0]))  # mov es, ax
+    assert jumps[code.index(0x72)] == segment and jumps[len(code) - 2] == dirty + 2  # next segment; next pass
+    assert bytes([0xB8, 0x00, 0x10]) in code and bytes([0x3D, 0x00, 0x90]) in code  # 0x10000 up to 0x8FFFF
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img (qemu-utils)")
