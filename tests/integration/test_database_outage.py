@@ -5,6 +5,9 @@ a temporary directory, a free port; never the machine's services) and kills and 
 another process. Meanwhile a swarm of simulated agents (kvmha.lab.testing.swarm) keeps pinging, and h1 — a real
 kvmha-agent whose power is an IPMI BMC simulator — loses its power two seconds into the outage.
 
+With a standby manager on the same PostgreSQL (issue 15), the outage that hits both moves nothing: the holder
+renews the same lease (epoch 1) and keeps every host.
+
 What must hold (issue 14, item 2): while the store cannot commit the manager decides nothing (no host leaves Up, h1
 is not judged during the outage) and its health says NOT_SERVING after the set time; when the store is back it says
 so (a store.recovered event), gives every host a fresh silence window, and only then finds h1 gone: its BMC says
@@ -26,6 +29,7 @@ from kvmha.lab.testing.dbserver import PrivateMariaDb, PrivatePostgres, ServerUn
 from kvmha.lab.testing.local import LocalCluster
 from kvmha.lab.testing.swarm import Swarm
 from kvmha.lab.wait import wait_for
+from kvmha.proto.v1 import admin_pb2 as apb
 
 AGENTS = 300
 OUTAGE_S = 16.0  # longer than the driver's not_serving_after_s (10 s)
@@ -84,13 +88,19 @@ def _health(cluster: LocalCluster) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-@pytest.mark.parametrize("kind", ["postgresql", "mariadb", "sqlite"])
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb", "sqlite", "postgresql+standby"])
 def test_an_outage_decides_nothing_and_a_host_lost_meanwhile_is_found_after(kind: str, tmp_path: Path) -> None:
+    """With "+standby" a second manager waits on the same database (issue 15): the outage hits both, and when it ends
+    the holder renews the same lease and keeps every host — nobody takes over, no agent moves."""
+    kind, _, standby = kind.partition("+")
     outage = Outage(kind, tmp_path)
     with outage.database() as url:
         cluster = LocalCluster(tmp_path, url, core_config=dict(CONFIG))
         try:
+            m2 = cluster.add_manager("m2") if standby else None
             cluster.start_manager()
+            if m2 is not None:
+                m2.start_manager()
             cluster.start_powered_agent("h1")
             cluster.start_agent("h2")
             with Swarm(f"127.0.0.1:{cluster.agent_port}", AGENTS, ping_interval_s=2.0, pki=cluster.pki) as swarm:
@@ -99,6 +109,14 @@ def test_an_outage_decides_nothing_and_a_host_lost_meanwhile_is_found_after(kind
                 cluster.register_bmcs()
                 time.sleep(3.0)  # a few pings of every host after the last registration
                 _outage_then_recovery(cluster, outage, swarm)
+                if m2 is not None:
+                    view = cluster.admin().ListManagers(apb.ListManagersRequest(), timeout=5)
+                    assert (view.lease_holder, view.lease_epoch) == ("m1", 1), view
+                    owners = {h.manager_id for name, h in cluster.hosts().items() if name != "h1"}
+                    assert owners == {"m1"}, owners
+                    standby_log = m2.manager_log_tail(2000)
+                    assert "event=manager_standby" in standby_log and "event=manager_started" not in standby_log
+                    assert "event=lease_lost" not in cluster.manager_log_tail(2000)
         except TimeoutError:
             pytest.fail(f"{cluster.story()}\n{cluster.logs()}")
         finally:
