@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from kvmha.lab import proc, watchdog
-from kvmha.lab.wait import wait_for
+from kvmha.lab.state import LabError
+from kvmha.lab.wait import TRANSIENT_ERRORS, wait_for
 
 from .conftest import E2E, SharedCluster, Timeline, e2e_test, hold, place, wait_manager
 from .test_self_fence import AGENTS, CONFIG, DEVICE_S, SLACK_S, TIMEOUT_S, WatchdogCluster, _armed, _no_duplicates
@@ -202,7 +203,8 @@ def _heal_until_up(e2e: E2E, host: str) -> None:
             c.lab.heal(host)
         return c.hosts()[host].status == "Up"
 
-    wait_for(up, 120, f"{host} healed and Up", 2.0)
+    # A heal that the fence undoes under it ends in LabError ("still faulty after heal: ['power']"): heal again.
+    wait_for(up, 120, f"{host} healed and Up", 2.0, tolerate=(LabError, *TRANSIENT_ERRORS))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
