@@ -13,8 +13,8 @@ by another session for 10 s; hosts declared behind are counted, 0 expected), fai
 go silent at once, their streams left open as after a power loss; detection latency = the "Up -> Investigating"
 event - the agent's last ping, p50/p99, and any other host leaving Up is a false host-down), and (--restart) a
 manager restart under all the agents, as in the second form, reported with the step. It needs the machine to
-itself (no lab, bench or test suite running beside it): at least 10 minutes (a 100 s ramp, the wait for all Up, the window and the phases); no run has completed here
-yet (bench/results/manager_load_10k_interrupted.json).
+itself (no lab, bench or test suite beside it) for at least 10 minutes (a 100 s ramp, the wait for all Up, the
+window and the phases); no run has completed here yet (bench/results/manager_load_10k_interrupted.json).
 
 The second form measures a manager restart instead of the search: N agents connected, the manager stopped (SIGTERM)
 and started again on the same database and ports; it reports how long until all N are back Up and pinging, and
