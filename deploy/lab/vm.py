@@ -6,10 +6,12 @@ name, UUID and disk) — which is what a failover does, and what virtlockd must 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,28 +134,35 @@ def kill(lab: Lab, name: str) -> str:
     return host
 
 
-def guest_shutdown(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
-    """Ask the guest itself to power off: send 'S' to its COM1 (a pty) and wait until its QEMU has ended;
-    returns the host it ran on."""
+@contextlib.contextmanager
+def _serial(lab: Lab, name: str) -> Iterator[tuple[str, proc.ProcInfo, int]]:
+    """(host, QEMU, fd): the VM's COM1 (a pty) open for writing, through the host's root, so the path is the one QEMU
+    gave to that host's libvirtd. Held open while the caller writes: QEMU reads a pty only once it has seen the other
+    side opened (it checks about once a second), and a write followed at once by close() is lost; callers repeat
+    their character for the same reason."""
     host, qemu = where(lab, name)
     pty = lab.virsh(host, "ttyconsole", name).strip()
     if not pty.startswith("/dev/pts/"):
         raise LabError(f"{name}: no pty serial console ({pty!r})")
     init = lab.init(host)
     assert init is not None
-    # Opened through the host's root, so the path is the one QEMU gave to that host's libvirtd. The pty is held
-    # open until QEMU is gone: QEMU reads a pty only once it has seen the other side opened (it checks about once
-    # a second), and a write followed at once by close() is lost. The character is repeated for the same reason.
     fd = os.open(f"/proc/{init.pid}/root{pty}", os.O_WRONLY | os.O_NOCTTY)
     try:
+        yield host, qemu, fd
+    finally:
+        os.close(fd)
+
+
+def guest_shutdown(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
+    """Ask the guest itself to power off: send 'S' to its COM1 and wait until its QEMU has ended; returns the host it
+    ran on."""
+    with _serial(lab, name) as (host, qemu, fd):
         deadline = time.monotonic() + timeout_s
         while proc.alive(qemu.pid, qemu.start_ticks):
             if time.monotonic() > deadline:
                 raise LabError(f"{name}: the guest did not power off within {timeout_s:.0f} s")
             os.write(fd, SHUTDOWN_CHAR)
             proc.wait_gone([qemu], 0.5)
-    finally:
-        os.close(fd)
     return host
 
 
@@ -166,21 +175,12 @@ BUSY_SAMPLE_S = 0.5
 def guest_busy(lab: Lab, name: str, timeout_s: float = 15.0) -> str:
     """Put the guest under load: send 'D' to its COM1 until its QEMU burns a vCPU (the guest's loop rewriting 512 KiB
     of memory, kvmha.lab.guest); returns the host it runs on. It stays busy until the VM is destroyed."""
-    host, qemu = where(lab, name)
-    pty = lab.virsh(host, "ttyconsole", name).strip()
-    if not pty.startswith("/dev/pts/"):
-        raise LabError(f"{name}: no pty serial console ({pty!r})")
-    init = lab.init(host)
-    assert init is not None
-    fd = os.open(f"/proc/{init.pid}/root{pty}", os.O_WRONLY | os.O_NOCTTY)  # held open: see guest_shutdown
-    try:
+    with _serial(lab, name) as (host, qemu, fd):
         deadline = time.monotonic() + timeout_s
         while cpu_share(qemu.pid, BUSY_SAMPLE_S) < BUSY_CPU_SHARE:
             if time.monotonic() > deadline or not proc.alive(qemu.pid, qemu.start_ticks):
                 raise LabError(f"{name}: the guest did not get busy within {timeout_s:.0f} s")
             os.write(fd, BUSY_CHAR)
-    finally:
-        os.close(fd)
     return host
 
 
