@@ -62,9 +62,9 @@ from kvmha.manager.core.model import HaWorkRecord, HostRecord, VmRecord
 from kvmha.manager.env import Commit, Env
 from kvmha.manager.hearing import Hearing
 from kvmha.manager.inbox import Inbox
-from kvmha.manager.lease import Lease, LeaseLost, LeaseTerms
+from kvmha.manager.lease import ExpiredLease, Lease, LeaseLost, LeaseTerms, may_take
 from kvmha.manager.recorder import DB_RETRY_FIRST_S, DB_RETRY_MAX_S, Recorder
-from kvmha.manager.store import ConfigRow, LeaseRow, UnitOfWork
+from kvmha.manager.store import ConfigRow, UnitOfWork
 from kvmha.manager.storewatch import StoreWatch
 
 log = logging.getLogger("kvmha.manager.driver")
@@ -167,7 +167,7 @@ class Driver:
         self.busy_since: float | None = None  # when the batch being handled began; None while waiting
         self._stopping = False
         self._on_active: list[Callable[[int], None]] = []  # told the epoch each time this manager takes the lease
-        self._expired_seen: tuple[int, float] | None = None  # another's lease found expired at the last look
+        self._expired_seen: ExpiredLease | None = None  # another's lease found expired at the last look
 
     # ------------------------------------------------------------------ life cycle
 
@@ -223,7 +223,8 @@ class Driver:
         (restart.max.per.window counts across managers); work ids continue above the highest ever stored, so a
         finished item is never overwritten. None (nothing loaded) while another manager holds the lease."""
         s, now = self.settings, uow.now
-        if not self._may_take(uow.managers.lease()):
+        may, self._expired_seen = may_take(uow.managers.lease(), s.manager_id, self._expired_seen)
+        if not may:
             uow.commit()
             return None
         epoch = uow.managers.acquire_lease(s.manager_id, s.lease.lease_s)
@@ -238,19 +239,6 @@ class Driver:
         next_work_id = uow.works.max_id() + 1
         uow.commit()
         return epoch, config, hosts, vms, works, next_work_id
-
-    def _may_take(self, lease: LeaseRow | None) -> bool:
-        """Another manager's expired lease is taken only when the previous look (one poll earlier) already found
-        this same lease expired. A database stall that hit every manager lets every lease expire in database time;
-        when the database answers, the holder's renewal is queued with the standbys' attempts, and without this
-        second look whichever ran first took the hosts over and moved every agent (issue 15: a stall that hits
-        everyone moves nobody). A dead holder's hosts are taken one poll later. A free lease, none yet, or this
-        manager's own (a restart) is taken at once; the store's acquisition stays the atomic check."""
-        if lease is None or lease.manager_id in (None, self.settings.manager_id):
-            return True
-        expired = (lease.epoch, lease.expires_at) if lease.expires_at <= lease.database_now else None
-        seen_before, self._expired_seen = self._expired_seen, expired
-        return expired is not None and expired == seen_before
 
     async def stop(self) -> None:
         self._stopping = True

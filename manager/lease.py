@@ -33,6 +33,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from kvmha.manager.store import LeaseRow
+
 
 class Standing(enum.StrEnum):
     STANDBY = "standby"  # no lease: serve reads, refuse agents, try to acquire every poll_s
@@ -126,3 +128,21 @@ class Lease:
         if after is None:
             raise AssertionError(f"lease: {event} cannot happen while {standing}")
         return after
+
+
+ExpiredLease = tuple[int, float]  # (epoch, expires_at in database time) of another manager's lease seen expired
+
+
+def may_take(lease: LeaseRow | None, me: str, seen_before: ExpiredLease | None) -> tuple[bool, ExpiredLease | None]:
+    """Whether a standby may try to take the lease now, and what to remember for its next look.
+
+    Another manager's expired lease is taken only when the previous look (one poll earlier) already found this same
+    lease expired. A database stall that hit every manager lets every lease expire in database time; when the
+    database answers, the holder's renewal is queued with the standbys' attempts, and without this second look
+    whichever ran first took the hosts over and moved every agent (issue 15: a stall that hits everyone moves
+    nobody). A dead holder's hosts are taken one poll later. A free lease, none yet, or this manager's own (a
+    restart) is taken at once; the store's acquisition stays the atomic check."""
+    if lease is None or lease.manager_id in (None, me):
+        return True, seen_before
+    expired = (lease.epoch, lease.expires_at) if lease.expires_at <= lease.database_now else None
+    return expired is not None and expired == seen_before, expired
