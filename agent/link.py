@@ -203,7 +203,7 @@ class AgentLink:
             for s in self._heartbeat.status()]
         msg = pb.AgentMessage(ping=pb.Ping(
             sequence=self._ping_sequence, hypervisor_connected=self._hv.is_connected(), storage=storage,
-            domains_running=sum(self._running.values())))
+            domains_running=sum(self._running.values()), sent_mono_s=time.monotonic()))
         if self._hooks.ping is not None:
             self._hooks.ping(msg.ping)
         return msg

@@ -259,7 +259,8 @@ class Load:
                     async with lock:
                         agent.sent.append(time.time())
                         await call.write(pb.AgentMessage(ping=pb.Ping(sequence=sequence, hypervisor_connected=True,
-                                                                      domains_running=len(agent.domains))))
+                                                                      domains_running=len(agent.domains),
+                                                                      sent_mono_s=time.monotonic())))
                     self.pings_sent += 1
                     next_ping += PING_INTERVAL_S * random.uniform(0.95, 1.05)
                     if loop.time() >= next_resync:
@@ -813,6 +814,7 @@ def main() -> int:
         raise SystemExit(f"terminated by signal {signum}")  # unwinds the ExitStack: load process, manager, database
 
     signal.signal(signal.SIGTERM, terminated)
+    signal.signal(signal.SIGINT, terminated)  # also when started in the background, which ignores SIGINT
     # As its docstring says: no environment needed. A database of its own on the machine's PostgreSQL, dropped after.
     os.environ.setdefault("KVMHA_TEST_POSTGRES_URL", DEFAULT_SERVER)
 

@@ -24,7 +24,8 @@ Invariants:
   reconnecting at once would otherwise queue their pings behind each other's writes until they look silent).
 - **Received before judged.** The core's deadlines run (`Core.tick(t)`) only after every fact received before `t`
   has been handled: a ping that waited in the inbox while the store was slow still counts. And `t` is `now` minus
-  the event loop's own lag (kvmha.manager.hearing): a ping still unread inside gRPC is not silence either.
+  how late the manager reads (kvmha.manager.hearing: the event loop's own lag, and the pings' transit lag from the
+  agents' build times): a ping still unread inside gRPC is not silence either.
 - **One acting manager, on a confirmed lease** (kvmha.manager.lease). Several managers may share the database; the
   one holding the lease over the hosts acts, the others wait as standbys (no core, agents refused, admin reads
   served) and try to take it every `poll_s`. Every batch renews the lease in the transaction that records it

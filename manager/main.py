@@ -243,6 +243,9 @@ async def _refresh_metrics(service: ManagerService, health: health_aio.HealthSer
             service.metrics.refresh_capacity(core.headroom(), sum(1 for p in worst if p.ha and p.target is None))
         service.metrics.backlog.set(service.driver.backlog)
         service.metrics.coalesced.set(service.driver.coalesced)
+        hearing = service.driver.hearing
+        service.metrics.hearing_lag.labels("loop").set(hearing.loop_lag_s(service.driver.env.clock.monotonic()))
+        service.metrics.hearing_lag.labels("transit").set(hearing.transit_lag_s)
         tick += 1
         await asyncio.sleep(1.0)
 

@@ -44,6 +44,9 @@ class Metrics:
         self.backlog = Gauge("kvmha_driver_backlog", "Facts and operations waiting for the driver", registry=r)
         self.coalesced = Gauge("kvmha_pings_coalesced", "Pings replaced by a newer one of the same host while "
                                "they waited for the driver (total)", registry=r)
+        self.hearing_lag = Gauge("kvmha_hearing_lag_seconds", "How late the manager reads its agents' messages, by "
+                                 "what measures it (loop: the event loop's lateness; transit: the pings' own build "
+                                 "times); silence verdicts wait the larger", ["source"], registry=r)
         self.detection_latency = Histogram(
             "kvmha_detection_latency_seconds", "Last ping of a host to its being declared behind",
             buckets=LATENCY_BUCKETS_S, registry=r)

@@ -193,6 +193,12 @@ class ManagerService:
     def record_event(self, severity: actions.Severity, kind: str, message: str) -> None:
         self.hub.record_event(severity, kind, message)
 
+    def ping_read(self, stream: int, sent_mono_s: float, arrival_s: float) -> None:
+        self.driver.hearing.ping_read(stream, sent_mono_s, arrival_s)
+
+    def stream_ended(self, stream: int) -> None:
+        self.driver.hearing.forget(stream)
+
     # ------------------------------------------------------------------ OperatorPort
 
     async def run(self, operation: Operation[T], then: Callable[[T], Sequence[facts.Fact]] | None = None) -> T:

@@ -64,6 +64,9 @@ class LinkHub(Protocol):
     def submit(self, fact: facts.Fact, received_at: float | None = None) -> None: ...
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
         """An event about a stream (a refused identity, a malformed message), outside the core's facts."""
+    def ping_read(self, stream: int, sent_mono_s: float, arrival_s: float) -> None:
+        """A ping built at `sent_mono_s` on its agent's clock was read at `arrival_s` (kvmha.manager.hearing)."""
+    def stream_ended(self, stream: int) -> None: ...
 
 
 @dataclass
@@ -307,8 +310,12 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
                     return True
                 wirecheck.check(message, "AgentMessage")
                 fact = self._fact(message, session)
-                if fact is not None:  # stamped with its arrival: the core counts silence from here
-                    self._hub.submit(fact, session.last_heard_at)
+                if fact is None:
+                    continue
+                # Stamped with its arrival: the core counts silence from here. How late it was read counts too.
+                self._hub.submit(fact, session.last_heard_at)
+                if isinstance(fact, facts.HeartbeatReceived) and message.ping.sent_mono_s > 0:
+                    self._hub.ping_read(id(session), message.ping.sent_mono_s, session.last_heard_at)
             return False
         except (WireError, StreamError) as error:
             status = error.status if isinstance(error, StreamError) else grpc.StatusCode.INVALID_ARGUMENT
@@ -321,6 +328,7 @@ class AgentLinkServicer(agent_pb2_grpc.AgentLinkServicer):
             return False
         finally:
             session.close("the agent's stream ended")
+            self._hub.stream_ended(id(session))
 
     def _fact(self, message: pb.AgentMessage, session: AgentSession) -> facts.Fact | None:
         kind = message.WhichOneof("msg")

@@ -559,10 +559,16 @@ class Ping(_message.Message):
     STORAGE_FIELD_NUMBER: _builtins.int
     DOMAINS_RUNNING_FIELD_NUMBER: _builtins.int
     WATCHDOG_FIELD_NUMBER: _builtins.int
+    SENT_MONO_S_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     hypervisor_connected: _builtins.bool
     """False while the agent has no working libvirt connection: power states are then unknown, not "all off"."""
     domains_running: _builtins.int
+    sent_mono_s: _builtins.float
+    """The agent's monotonic clock (s) when it built this ping; 0 = not reported. Only differences between pings of
+    one stream are used: how much later than the first ones the manager reads them is how far behind its reading
+    is, and a ping still waiting to be read is no silence.
+    """
     @_builtins.property
     def storage(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageHeartbeatStatus]: ...
     @_builtins.property
@@ -577,10 +583,11 @@ class Ping(_message.Message):
         storage: _abc.Iterable[Global___StorageHeartbeatStatus] | None = ...,
         domains_running: _builtins.int = ...,
         watchdog: Global___WatchdogStatus | None = ...,
+        sent_mono_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["watchdog", b"watchdog"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains_running", b"domains_running", "hypervisor_connected", b"hypervisor_connected", "sequence", b"sequence", "storage", b"storage", "watchdog", b"watchdog"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains_running", b"domains_running", "hypervisor_connected", b"hypervisor_connected", "sent_mono_s", b"sent_mono_s", "sequence", b"sequence", "storage", b"storage", "watchdog", b"watchdog"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -411,8 +411,11 @@ def _domain(name: str, state: pb.PowerState.ValueType = pb.POWER_ON, uuid: str =
      "AgentMessage.result.neighbor.heartbeat_age_s: nan is not a finite number"),
     (pb.AgentMessage(ping=pb.Ping(sequence=3, domains_running=2**32 - 1)), grpc.StatusCode.INVALID_ARGUMENT,
      "AgentMessage.ping.domains_running: 4294967295 is more than 2147483647"),
+    # A build time that is no time would make every comparison with it false (the hearing's transit lag).
+    (pb.AgentMessage(ping=pb.Ping(sequence=3, sent_mono_s=math.inf)), grpc.StatusCode.INVALID_ARGUMENT,
+     "AgentMessage.ping.sent_mono_s: inf is not a finite number"),
 ], ids=["domain-uuid", "power-state", "too-many-domains", "empty", "nul-domain-name", "nan-evidence",
-        "uint32-ping"])
+        "uint32-ping", "infinite-ping-time"])
 def test_a_malformed_message_after_welcome_ends_the_stream(
     world: World, message: pb.AgentMessage, code: grpc.StatusCode, words: str
 ) -> None:

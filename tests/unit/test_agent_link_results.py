@@ -23,6 +23,12 @@ class NullHub:
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
         raise AssertionError("not used")
 
+    def ping_read(self, stream: int, sent_mono_s: float, arrival_s: float) -> None:
+        raise AssertionError("not used")
+
+    def stream_ended(self, stream: int) -> None:
+        raise AssertionError("not used")
+
 
 def _result(request_id: str) -> pb.AgentMessage:
     return pb.AgentMessage(result=pb.CommandResult(request_id=request_id, ok=True,

@@ -4,6 +4,7 @@ message that makes translation fail, a malformed message after Welcome."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -21,6 +22,8 @@ class Hub:
     def __init__(self) -> None:
         self.facts: list[facts.Fact] = []
         self.events: list[str] = []
+        self.pings_read: list[tuple[int, float, float]] = []
+        self.ended: list[int] = []
 
     async def register_agent(self, hello: AgentHello, peer: str) -> HostId:
         return HostId(1)
@@ -28,11 +31,17 @@ class Hub:
     def welcome(self, host_id: HostId) -> WelcomeTerms:
         return WelcomeTerms(host_id, 1.0, 3.0, "m1", 30.0)
 
-    def submit(self, fact: facts.Fact) -> None:
+    def submit(self, fact: facts.Fact, received_at: float | None = None) -> None:
         self.facts.append(fact)
 
     def record_event(self, severity: Severity, kind: str, message: str) -> None:
         self.events.append(f"{kind}: {message}")
+
+    def ping_read(self, stream: int, sent_mono_s: float, arrival_s: float) -> None:
+        self.pings_read.append((stream, sent_mono_s, arrival_s))
+
+    def stream_ended(self, stream: int) -> None:
+        self.ended.append(stream)
 
 
 class Context:
@@ -97,3 +106,26 @@ def test_a_malformed_message_after_welcome_ends_the_stream_and_releases_it() -> 
     assert len(registry) == 0 and len(disconnected(hub)) == 1
     assert context.aborted is not None and "99 is not a known ErrorCode" in context.aborted[1]
     assert len(hub.events) == 1 and hub.events[0].startswith("wire.invalid: ") and "10.0.0.9" in hub.events[0]
+
+
+def test_a_ping_that_says_when_it_was_built_tells_the_hearing_when_it_was_read() -> None:
+    """The agent's build time and the arrival stamp of the fact go to the hearing (the transit lag), under the
+    stream's own key, which is forgotten when the stream ends; a ping without a build time (an older agent) only
+    becomes a fact."""
+
+    async def run() -> Hub:
+        hub, registry = Hub(), LinkRegistry(lambda: 4.0)
+        pings = [pb.AgentMessage(ping=pb.Ping(sequence=2, sent_mono_s=1000.5)),
+                 pb.AgentMessage(ping=pb.Ping(sequence=3))]
+        stream = AgentLinkServicer(hub, registry).Connect(messages(hello(), *pings), Context())  # type: ignore[arg-type]
+        async for _reply in stream:
+            pass
+        return hub
+
+    before = time.monotonic()
+    hub = asyncio.run(run())
+    assert len([f for f in hub.facts if isinstance(f, facts.HeartbeatReceived)]) == 2
+    assert len(hub.pings_read) == 1
+    stream, sent_s, arrival_s = hub.pings_read[0]
+    assert sent_s == 1000.5 and before <= arrival_s <= time.monotonic()
+    assert hub.ended == [stream]

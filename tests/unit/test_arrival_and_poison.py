@@ -267,3 +267,39 @@ def test_a_blocked_event_loop_is_the_managers_deafness_not_the_hosts_silence(tmp
             await rig.service.stop()
 
     asyncio.run(body())
+
+
+def test_pings_read_late_before_the_loop_are_the_managers_deafness_not_the_hosts_silence(tmp_path: Path) -> None:
+    """The loop runs on time but reads every stream 2.5 s late (the pings wait in gRPC's C core or in the kernel:
+    the loop's own lag does not see them). The streams' pings say when they were built, so the hearing's transit
+    lag shows the 2.5 s, and the host whose pings come 2.5 s late is not judged behind at its ping timeout (2 s)."""
+
+    async def body() -> None:
+        rig = await _production(tmp_path)
+        try:
+            loop, hearing, others = asyncio.get_running_loop(), rig.driver.hearing, (101, 102, 103)
+            for _ in range(4):  # on time: every stream's baseline
+                now = loop.time()
+                rig.driver.submit(_ping(rig.host_id), now)
+                for stream in (1, *others):
+                    hearing.ping_read(stream, now, now)
+                await asyncio.sleep(0.25)
+            deaf_at = loop.time()
+            lags: list[float] = []
+            while loop.time() < deaf_at + 4.0:  # from now on each ping is read 2.5 s after it was built
+                now = loop.time()
+                for stream in others:
+                    hearing.ping_read(stream, now - 2.5, now)
+                if now >= deaf_at + 2.5:  # the host's first late ping, built at deaf_at, is read now
+                    rig.driver.submit(_ping(rig.host_id), now)
+                    hearing.ping_read(1, now - 2.5, now)
+                lags.append(hearing.transit_lag_s)
+                await asyncio.sleep(0.25)
+            assert rig.driver.core.host_status(rig.host_id) is HostStatus.UP
+            changes = [e.message for e in rig.read(lambda uow: uow.events.all(subject=f"host:{rig.host_id}"))]
+            assert not [m for m in changes if "Investigating" in m], changes
+            assert max(lags) >= 2.4  # it was the transit lag that held the verdict (the loop ran on time)
+        finally:
+            await rig.service.stop()
+
+    asyncio.run(body())
