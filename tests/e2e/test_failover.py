@@ -345,7 +345,9 @@ def test_manager_killed_mid_recovery_completes_it_after_restart(e2e: E2E) -> Non
     assert fenced and fenced[0].at > killed_at, f"fenced before the kill or not at all{e2e.story()}"
     starts = e2e.starts_of(names, cut_at)
     assert len(starts) == len(names), e2e.story()
-    assert all(s.id > fenced[0].id and s.at >= fenced[0].at for s in starts), e2e.story()
+    # Fenced before any start elsewhere, by id: a start decided on the fence's result shares its batch, whose
+    # events need not carry one instant (seen: a start 0.1 ms "before" its fence).
+    assert all(s.id > fenced[0].id for s in starts), e2e.story()
     assert c.lab.power_state(victim) == "off"
     wait_manager(
         e2e,
