@@ -59,9 +59,11 @@ the latency;
   work in the manager, done in a worker thread that competes with the event loop for the GIL, so the snapshots
   themselves can delay pings a little; an operator's `kvmha host list` would too);
 * false host-downs: every "host.status" event "Up -> ..." of a simulated host (all of them ping all the time),
-  counted over the ramp and the window, and the load process's own stream errors, its send lateness (how late
-  it sent pings behind their schedule: when the load process itself is starved, that shows here first) and its
-  event loop's lateness.
+  counted over the ramp and the window, unless that host's simulated agent itself had sent no ping for
+  ping.timeout before the event: then the load process, starved, really fell silent for it and the manager was
+  right; those are reported apart ("load-silenced") and fail the step as the load process's limit, not the
+  manager's. And the load process's own stream errors, its send lateness (how late it sent pings behind their
+  schedule: when the load process itself is starved, that shows here first) and its event loop's lateness.
 
 A step fails on any false host-down, stream error, lagging host, or a latency p99 above the ping interval; the
 largest N that passed is the maximum found (when no step failed, the manager's limit lies above it: the budget
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -166,7 +169,7 @@ class SimAgent:
     host_uuid: str
     name: str
     domains: list[pb.DomainPower]
-    sent: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # wall-clock send times of pings
+    sent: deque[float] = field(default_factory=lambda: deque(maxlen=128))  # wall-clock send times of pings
     connected: bool = False
     silent: bool = False  # failure injection: the host "loses power" (its stream stays open, it says nothing)
     errors: int = 0
@@ -191,6 +194,8 @@ class Load:
         self.connect_s: list[float] = []
         self.event_cursor = 0
         self.host_names: dict[str, str] = {}
+        self.agent_of: dict[str, SimAgent] = {}  # event subject (host:ID) -> its simulated agent
+        self.load_silenced: list[str] = []  # hosts rightly found silent: their simulated agent sent nothing
         self.ramp_rate = 50.0  # new agents per second, as measured by the last ramp
         self.connect_rate = CONNECT_RATE
         self.connect_late_s: list[float] = []  # how late each new agent started behind the ramp's schedule
@@ -392,6 +397,7 @@ class Load:
             if agent is None or not agent.sent:
                 continue
             self.host_names[f"host:{host.id}"] = host.name
+            self.agent_of[f"host:{host.id}"] = agent
             sent = list(agent.sent)
             matched = [s for s in sent if s <= host.last_ping_at]
             if matched:
@@ -429,17 +435,30 @@ class Load:
         return await asyncio.to_thread(fetch)
 
     async def false_downs(self) -> list[str]:
-        """'Up -> ...' status events of simulated hosts since the last call."""
-        found: list[str] = []
+        """'Up -> ...' status events of simulated hosts since the last call, but for hosts whose simulated agent
+        itself sent no ping for ping.timeout before the event: the load process, starved, really fell silent for
+        them, and the manager was right (those go to `self.load_silenced`, reported apart)."""
+        events: list[apb.EventInfo] = []
         while True:
             reply = await self.admin.ListEvents(apb.ListEventsRequest(after_id=self.event_cursor, limit=10_000),
                                                 timeout=60)
             for event in reply.events:
                 self.event_cursor = max(self.event_cursor, event.id)
                 if event.kind == "host.status" and event.message.startswith("Up ->"):
-                    found.append(f"{self.host_names.get(event.subject, event.subject)}: {event.message}")
+                    events.append(event)
             if len(reply.events) < 10_000:
-                return found
+                break
+        if any(event.subject not in self.agent_of for event in events):
+            await self.hosts()  # learns the subjects of hosts added since
+        found: list[str] = []
+        for event in events:
+            text = f"{self.host_names.get(event.subject, event.subject)}: {event.message}"
+            agent = self.agent_of.get(event.subject)
+            if agent is not None and silent_before(agent, event.at):
+                self.load_silenced.append(text)
+            else:
+                found.append(text)
+        return found
 
     async def step(self, count: int, window_s: float) -> dict[str, Any]:
         errors_before = sum(a.errors for a in self.agents)
@@ -452,6 +471,7 @@ class Load:
             self.ramp_rate = new_agents / ramp_s
         up_s = await self.wait_up(count, timeout_s=120 + count / 50)
         connect, connect_late, ramp_loop_late = list(self.connect_s), self.connect_late_s, self.loop_late_s
+        self.load_silenced = []
         ramp_downs = await self.false_downs()  # hosts that left Up during the ramp and the wait for all Up
 
         self.loop_late_s = []
@@ -519,6 +539,8 @@ class Load:
             "false_host_downs": len(downs),
             "window_false_host_downs": len(window_downs),
             "false_host_down_examples": downs[:5],
+            "load_silenced_hosts": len(self.load_silenced),
+            "load_silenced_examples": self.load_silenced[:3],
             "stream_errors": errors,
             "stream_error_example": next((a.last_error for a in self.agents if a.last_error), ""),
             "send_late_p99_ms": round(percentile(late, 0.99) * 1000, 1),
@@ -530,6 +552,10 @@ class Load:
         problems = []
         if downs:
             problems.append(f"{len(downs)} false host-downs")
+        if self.load_silenced:
+            problems.append(f"the load process, starved, sent no ping for ping.timeout for {len(self.load_silenced)} "
+                            "hosts (found silent, rightly: the step measures the load process's limit, not the "
+                            "manager's)")
         if errors:
             problems.append(f"{errors} stream errors")
         if lagging or not_up:
@@ -559,10 +585,18 @@ def lag_quantiles(before: dict[float, float], after: dict[float, float]) -> tupl
     return tuple(round(v * 1000, 1) for v in (quantile(0.5), quantile(0.99), largest))  # type: ignore[return-value]
 
 
+def silent_before(agent: SimAgent, at: float) -> bool:
+    """Had the simulated agent sent no ping for ping.timeout before `at` (epoch seconds)? Then its host was silent
+    for real. An agent that never pinged yet counts as not silent (the manager's first-ping window is longer)."""
+    index = bisect.bisect_right(agent.sent, at)
+    return index > 0 and at - agent.sent[index - 1] >= PING_TIMEOUT_S - 0.05
+
+
 async def failure_phase(load: Load, share: float, settle_s: float) -> dict[str, Any]:
     """A share of the agents goes silent at once (power loss: the stream stays open, nothing more comes); detection
     latency = the 'Up -> Investigating' event's time - the agent's last ping sent. Other hosts must stay Up."""
     await load.false_downs()  # move the cursor past what happened before
+    silenced_before = len(load.load_silenced)
     _, hosts = await load.hosts()
     subjects = {f"host:{h.id}": h.uuid for h in hosts if h.uuid in load.by_uuid}
     victims = random.sample([a for a in load.agents if a.connected], max(1, int(share * len(load.agents))))
@@ -583,6 +617,8 @@ async def failure_phase(load: Load, share: float, settle_s: float) -> dict[str, 
             if uuid in silenced:
                 agent = load.by_uuid[uuid]
                 detection.append(event.at - max(agent.sent, default=event.at))
+            elif silent_before(load.by_uuid[uuid], event.at):
+                load.load_silenced.append(event.message)
             else:
                 others.append(event.message)
         if len(reply.events) < 10_000:
@@ -593,7 +629,8 @@ async def failure_phase(load: Load, share: float, settle_s: float) -> dict[str, 
             "detection_p50_s": round(percentile(detection, 0.5), 2),
             "detection_p99_s": round(percentile(detection, 0.99), 2),
             "detection_max_s": round(max(detection, default=float("nan")), 2),
-            "false_host_downs": len(others), "false_host_down_examples": others[:3]}
+            "false_host_downs": len(others), "false_host_down_examples": others[:3],
+            "load_silenced_hosts": len(load.load_silenced) - silenced_before}
 
 
 async def stall_phase(load: Load, stall_s: float, settle_s: float) -> dict[str, Any]:

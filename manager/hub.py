@@ -148,6 +148,8 @@ class AgentHub:
         def record(uow: UnitOfWork) -> list[bool]:
             # Rows in id order, as a batch's flush updates them: two writers never wait on each other in a cycle.
             order = sorted(range(len(items)), key=lambda index: items[index][0])
+            if len(items) > 1:
+                uow.hosts.preload(sorted({host_id for host_id, _ in items}))  # one query, not one per Hello
             stored = [False] * len(items)
             for index in order:
                 host_id, agent = items[index]
@@ -161,10 +163,16 @@ class AgentHub:
         """New hosts (and known ones whose row was gone), one transaction in the driver's order."""
 
         def register(uow: UnitOfWork) -> list[tuple[HostId, bool] | BaseException]:
+            # The group's stored hosts in two queries, not two per Hello.
+            stored = uow.hosts.ids_of([hello.host_uuid for hello, _ in items])
+            if len(stored) > 1:
+                uow.hosts.preload(sorted(set(stored.values())))
             outcomes: list[tuple[HostId, bool] | BaseException] = []
             for hello, peer in items:
                 try:
-                    outcomes.append(self._register(uow, hello, peer))
+                    host_id, created = self._register(uow, hello, peer, stored.get(hello.host_uuid))
+                    stored[hello.host_uuid] = host_id  # a second Hello of a new host in this group finds it
+                    outcomes.append((host_id, created))
                 except UnknownHost as refused:  # raised before this Hello wrote anything
                     outcomes.append(refused)
             uow.commit()
@@ -172,8 +180,10 @@ class AgentHub:
 
         return await _once_more(lambda: self._driver.run(register))
 
-    def _register(self, uow: UnitOfWork, hello: AgentHello, peer: str) -> tuple[HostId, bool]:
-        host_id = uow.hosts.id_of(hello.host_uuid)
+    def _register(
+        self, uow: UnitOfWork, hello: AgentHello, peer: str, host_id: HostId | None
+    ) -> tuple[HostId, bool]:
+        """`host_id`: the stored host of this uuid, if any (read for the whole group)."""
         created = host_id is None
         if host_id is None:
             if not self._auto_register:

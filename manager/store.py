@@ -86,6 +86,8 @@ class HostRepository(Protocol):
     def find(self, ref: str) -> HostDetails | None:
         """A host by id, uuid or name."""
     def id_of(self, uuid: str) -> HostId | None: ...
+    def ids_of(self, uuids: list[str]) -> dict[str, HostId]:
+        """The stored hosts among these uuids, in one query (a registration's group of Hellos)."""
     def add(self, uuid: str, name: str, address: str, now: float) -> HostId: ...
     def save(self, record: HostRecord, now: float) -> None:
         """Store what the core decides about a host (status, name, address, capacity, last ping)."""

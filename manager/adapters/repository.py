@@ -57,6 +57,7 @@ class SqlHosts:
         self._session = session
         self._secrets = secrets  # BMC passwords sealed at rest (security/secrets.py); None: stored as given
         self._preloaded: list[Host] = []  # strong references: see preload
+        self._owner_epochs: dict[str, int | None] = {}  # manager id -> its lease epoch, read once (record_agent)
 
     def all(self) -> list[HostRecord]:
         return [_host_record(row) for row in self._session.scalars(select(Host).order_by(Host.id))]
@@ -77,10 +78,18 @@ class SqlHosts:
         found = self._session.scalar(select(Host.id).where(Host.uuid == uuid))
         return HostId(found) if found is not None else None
 
+    def ids_of(self, uuids: list[str]) -> dict[str, HostId]:
+        found: dict[str, HostId] = {}
+        for first in range(0, len(uuids), PRELOAD_CHUNK):
+            query = select(Host.uuid, Host.id).where(Host.uuid.in_(uuids[first:first + PRELOAD_CHUNK]))
+            found.update((uuid, HostId(host_id)) for uuid, host_id in self._session.execute(query))
+        return found
+
     def add(self, uuid: str, name: str, address: str, now: float) -> HostId:
         row = Host(uuid=uuid, name=name, address=address, created_at=now, updated_at=now)
         self._session.add(row)
         self._session.flush()
+        self._preloaded.append(row)  # the registration records its agent next: found without a query
         return HostId(row.id)
 
     def save(self, record: HostRecord, now: float) -> None:
@@ -108,10 +117,12 @@ class SqlHosts:
         row.agent_version, row.libvirt_version = agent.agent_version[:64], agent.libvirt_version[:64]
         row.qemu_version, row.boot_id = agent.qemu_version[:64], agent.boot_id[:64]
         row.manager_id, row.updated_at = manager_id, now
-        # The owner's epoch with it (NULL when the manager holds no lease: only a lease holder accepts agents).
-        row.owner_epoch = self._session.scalar(
-            select(HaLease.epoch).where(HaLease.scope == LEASE_SCOPE, HaLease.manager_id == manager_id))
-        self._session.flush()
+        # The owner's epoch with it (NULL when the manager holds no lease: only a lease holder accepts agents), read
+        # once per transaction: a registration records hundreds of agents. Written with the transaction's flush.
+        if manager_id not in self._owner_epochs:
+            self._owner_epochs[manager_id] = self._session.scalar(
+                select(HaLease.epoch).where(HaLease.scope == LEASE_SCOPE, HaLease.manager_id == manager_id))
+        row.owner_epoch = self._owner_epochs[manager_id]
         return True
 
     def set_bmc(self, host_id: HostId, credentials: BmcCredentials | None, now: float) -> None:

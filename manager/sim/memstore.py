@@ -180,6 +180,9 @@ class MemoryHosts:
     def id_of(self, uuid: str) -> HostId | None:
         return self._t.host_by_uuid.get(uuid)
 
+    def ids_of(self, uuids: list[str]) -> dict[str, HostId]:
+        return {uuid: self._t.host_by_uuid[uuid] for uuid in uuids if uuid in self._t.host_by_uuid}
+
     def add(self, uuid: str, name: str, address: str, now: float) -> HostId:
         if self.id_of(uuid) is not None:
             raise StoreError(f"duplicate host uuid {uuid}")

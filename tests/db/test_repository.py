@@ -186,6 +186,16 @@ def test_hosts_take_commands_and_hand_out_details(store: Store) -> None:
             uow.hosts.save(dataclasses.replace(details.host, id=HostId(999)), NOW)
 
 
+def test_a_groups_stored_hosts_are_found_by_uuid_at_once(store: Store) -> None:
+    """ids_of: the stored hosts among a group's uuids (a registration's Hellos), the others absent."""
+    with store.unit_of_work() as uow:
+        hosts = {f"uuid-i{n}": uow.hosts.add(f"uuid-i{n}", f"i{n}", "10.0.0.1", NOW) for n in range(3)}
+        uow.commit()
+    with store.unit_of_work() as uow:
+        assert uow.hosts.ids_of([*reversed(hosts), "uuid-nope"]) == hosts
+        assert uow.hosts.ids_of([]) == {}
+
+
 def test_records_handed_out_are_copies(store: Store) -> None:
     with store.unit_of_work() as uow:
         uow.vms.add(_vm("vm1", None), NOW)
@@ -388,3 +398,33 @@ def test_preloaded_rows_are_saved_without_a_query_each(engine: Engine, store: St
     with store.unit_of_work() as uow:
         assert [h.name for h in uow.hosts.all()] == ["p0x", "p1x", "p2x", "p3x"]
         assert [v.name for v in uow.vms.all()] == ["vm1", "vm2"]
+
+
+def test_a_group_of_agents_is_recorded_with_three_selects_whatever_its_size(engine: Engine, store: Store) -> None:
+    """A registration's group: its stored hosts by uuid (one query), their rows (one preload), and the lease epoch
+    once for the group; not a row and the lease per agent (the bound of a 10,000-agent ramp or restart)."""
+    with store.unit_of_work() as uow:
+        uow.managers.register("m1", "127.0.0.1:50051", "0.1.0", NOW)
+        hosts = [uow.hosts.add(f"uuid-g{n}", f"g{n}", "10.0.0.1", NOW) for n in range(6)]
+        uow.commit()
+    selects: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with store.unit_of_work() as uow:
+            found = uow.hosts.ids_of([f"uuid-g{n}" for n in range(6)])
+            uow.hosts.preload(sorted(found.values()))
+            for n, host_id in enumerate(sorted(found.values())):
+                assert uow.hosts.record_agent(host_id, AgentInfo("0.2.0", "9.0", "8.0", f"boot-{n}"), "m1", NOW)
+            uow.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(selects) == 3, selects
+    with store.unit_of_work() as uow:
+        assert [d.agent.boot_id for d in uow.hosts.details()] == [f"boot-{n}" for n in range(6)]
+        assert {d.manager_id for d in uow.hosts.details()} == {"m1"}
+    assert sorted(found.values()) == hosts

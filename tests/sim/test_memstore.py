@@ -7,6 +7,7 @@ import pytest
 from kvmha.manager.sim.memstore import MemoryStore, StoreError
 from kvmha.manager.store import Store
 from tests.db.test_repository import (  # noqa: F401 - collected here, against the fixture below
+    test_a_groups_stored_hosts_are_found_by_uuid_at_once,
     test_deleting_a_vm_deletes_its_work_and_a_rollback_undoes_it,
     test_events_and_config,
     test_finished_work_of_a_window,
