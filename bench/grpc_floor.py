@@ -8,7 +8,8 @@ alone costs per message on each side, with mutual TLS (as in production) and in 
 For each mode and agent count: one server process (grpc.aio, the kvmha.v1.AgentLink service with a handler that
 answers Hello with a Welcome and then counts messages) and one client process (N grpc.aio streams, each on its own
 TCP connection as in bench/manager_load.py, a Ping every 2 s with a random phase, the same Ping a real agent
-sends). Once all N streams are open, the CPU of both processes (utime+stime from /proc over the window) and the
+sends; a stream that fails is opened again, and counted). Once all N streams are open (or after 2 minutes: the
+streams open then are reported), the CPU of both processes (utime+stime from /proc over the window) and the
 messages the server read give the cost per message on each side. bench/manager_load.py measures the manager with
 the same load: the difference between the two is the manager's own work; this floor is what no change to the
 manager's own code can remove. Prints a table, writes bench/results/grpc_floor.json and .png.
@@ -92,7 +93,21 @@ async def serve(port_file: Path, mode: str, pki_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- clients
 
 
-async def agent(target: str, credentials: grpc.ChannelCredentials | None, name: str, opened: list[int]) -> None:
+async def agent(target: str, credentials: grpc.ChannelCredentials | None, name: str, opened: list[int],
+                failures: list[str]) -> None:
+    """One simulated agent; a stream that fails is opened again after 1-2 s (and counted)."""
+    counted = False
+    while True:
+        try:
+            await _stream(target, credentials, name, opened, counted)
+        except Exception as error:
+            failures.append(f"{type(error).__name__}: {str(error)[:200]}")
+        counted = True
+        await asyncio.sleep(1.0 + random.random())
+
+
+async def _stream(target: str, credentials: grpc.ChannelCredentials | None, name: str, opened: list[int],
+                  counted: bool) -> None:
     options = [("grpc.use_local_subchannel_pool", 1)]
     channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials is not None
                else grpc.aio.insecure_channel(target, options=options))
@@ -100,7 +115,8 @@ async def agent(target: str, credentials: grpc.ChannelCredentials | None, name: 
         call = pb_grpc.AgentLinkStub(channel).Connect(None)
         await call.write(pb.AgentMessage(hello=pb.Hello(host_uuid=name, hostname=name)))
         await call.read()
-        opened[0] += 1
+        if not counted:
+            opened[0] += 1
         loop = asyncio.get_running_loop()
         next_ping, sequence = loop.time() + random.uniform(0, PING_INTERVAL_S), 0
         while True:
@@ -119,14 +135,15 @@ async def clients(count: int, target: str, mode: str, pki_dir: Path) -> None:
         pki = LabPki(pki_dir)
         credentials = [pki.host(f"floor-{i}", f"00000000-0000-4000-8000-{i:012d}").channel_credentials()
                        for i in range(count)]
-    opened = [0]
+    opened, failures = [0], list[str]()
     tasks = []
     for index in range(count):
-        tasks.append(asyncio.create_task(agent(target, credentials[index], f"floor-{index}", opened)))
+        tasks.append(asyncio.create_task(agent(target, credentials[index], f"floor-{index}", opened, failures)))
         await asyncio.sleep(1.0 / CONNECT_RATE)
-    while opened[0] < count:
+    deadline = time.monotonic() + 120
+    while opened[0] < count and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    print("ready", flush=True)
+    print(json.dumps({"opened": opened[0], "failures": len(failures), "example": failures[:1]}), flush=True)
     await asyncio.gather(*tasks)
 
 
@@ -146,8 +163,10 @@ def step(mode: str, count: int, window_s: float, tmp: Path) -> dict[str, Any]:
         load = subprocess.Popen([*me, "--clients", str(count), "--target", f"127.0.0.1:{port_file.read_text()}",
                                  "--mode", mode, "--pki", str(tmp / "pki")], stdout=subprocess.PIPE, text=True)
         assert load.stdout is not None
-        if load.stdout.readline().strip() != "ready":
+        line = load.stdout.readline()
+        if not line:
             raise RuntimeError(f"{mode} {count}: the load process ended before its streams were open")
+        ready = json.loads(line)  # streams open within 2 min of the ramp, and failed streams so far (retried)
         time.sleep(PING_INTERVAL_S * 2)  # every stream past its first ping
         counted = port_file.parent / "messages"
         messages0, server0, load0, at0 = int(counted.read_text()), cpu_s(server.pid), cpu_s(load.pid), time.monotonic()
@@ -163,7 +182,8 @@ def step(mode: str, count: int, window_s: float, tmp: Path) -> dict[str, Any]:
                     process.kill()
                     process.wait(5)
     elapsed_s, messages = at1 - at0, max(1, messages1 - messages0)
-    return {"mode": mode, "agents": count, "window_s": round(elapsed_s, 1),
+    return {"mode": mode, "agents": count, "streams_opened": ready["opened"], "stream_failures": ready["failures"],
+            "stream_failure_example": ready["example"], "window_s": round(elapsed_s, 1),
             "messages_per_s": round(messages / elapsed_s, 1),
             "server_cpu_pct": round(100 * (server1 - server0) / elapsed_s, 1),
             "client_cpu_pct": round(100 * (load1 - load0) / elapsed_s, 1),
@@ -202,14 +222,15 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit[1], limit[1]))  # one fd per stream on each side
     results: list[dict[str, Any]] = []
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'mode':>10} {'agents':>7} {'msg/s':>8} {'server %':>9} {'client %':>9} {'server µs/msg':>14} "
+    print(f"{'mode':>10} {'agents':>7} {'open':>6} {'msg/s':>8} {'server %':>9} {'client %':>9} {'server µs/msg':>14} "
           f"{'client µs/msg':>14}")
     with tempfile.TemporaryDirectory(prefix="kvmha-grpc-floor-") as tmp_name:
         for mode in [m for m in args.modes.split(",") if m]:
             for count in [int(n) for n in args.agents.split(",") if n]:
                 result = step(mode, count, args.window_s, Path(tmp_name))
                 results.append(result)
-                print(f"{mode:>10} {count:>7} {result['messages_per_s']:>8} {result['server_cpu_pct']:>9} "
+                print(f"{mode:>10} {count:>7} {result['streams_opened']:>6} {result['messages_per_s']:>8} "
+                      f"{result['server_cpu_pct']:>9} "
                       f"{result['client_cpu_pct']:>9} {result['server_us_per_message']:>14} "
                       f"{result['client_us_per_message']:>14}", flush=True)
     out = RESULTS / Path(args.out).name

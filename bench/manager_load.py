@@ -695,6 +695,7 @@ async def restart_phase(load: Load, count: int, settle_s: float) -> dict[str, An
         "alerts": sum("-> Alert" in m for _, m in changes),
         "fenced_or_down": sum(("-> Fenc" in m) or ("-> Down" in m) for _, m in changes),
         "stream_errors": sum(a.errors for a in load.agents) - errors_before,
+        "stream_error_example": next((a.last_error for a in load.agents if a.last_error), ""),
     }
 
 

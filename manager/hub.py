@@ -128,6 +128,8 @@ class AgentHub:
         current = self._driver.core.hosts.get(known) if known is not None else None
         if current is not None and current.status is HostStatus.REMOVED:
             raise UnknownHost(f"host {hello.host_uuid} was removed (its agent is refused from then on)")
+        if known is not None:  # alive from this arrival on, however long its registration waits (a restart's storm)
+            self.submit(facts.AgentHeard(known))
         if known is not None and await self._reconnects.submit((known, hello.agent)):
             host_id = known
         else:

@@ -238,6 +238,8 @@ class Core:
                 self._migration.on_progress(fact)
             case f.AgentConnected():
                 hosts.on_agent_connected(fact)
+            case f.AgentHeard():
+                hosts.on_agent_heard(fact)
             case f.InventoryChanged():
                 hosts.on_inventory(fact)
             case f.AgentDisconnected():

@@ -48,6 +48,15 @@ class AgentConnected:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentHeard:
+    """A known host's agent said Hello; its registration is under way (AgentConnected follows once it is stored).
+    Under a reconnect storm (a restarted manager, thousands of agents) registering can take longer than a ping
+    timeout: the agent spoke, so its host is alive from this arrival on, whatever the store takes."""
+
+    host_id: HostId
+
+
+@dataclass(frozen=True, slots=True)
 class InventoryChanged:
     """An agent's storage, networks, free memory or reserve changed since it last said (or its Hello)."""
 
@@ -273,6 +282,7 @@ class ConfigChanged:
 
 Fact = (
     AgentConnected
+    | AgentHeard
     | HeartbeatReceived
     | InventoryChanged
     | AgentDisconnected

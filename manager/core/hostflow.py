@@ -164,6 +164,25 @@ class HostFlow:
         self._await_first_ping(host)
         self.transition(host, HostEvent.AGENT_CONNECTED, f"agent connected, boot {fact.boot_id}")
 
+    def on_agent_heard(self, fact: f.AgentHeard) -> None:
+        """A known host's agent said Hello (stored as AgentConnected later): alive at this arrival. A host awaiting
+        its rejoin after a manager restart gets its first-ping window from here; one whose link broke (still in
+        the ping map) counts its silence from here, as from a ping. Only ever a later verdict, never an earlier
+        one, and only for a host whose agent demonstrably spoke."""
+        host = self.ctx.hosts.get(fact.host_id)
+        if host is None or host.id in self.ctx.connected or host.status not in (S.UP, S.CONNECTING):
+            return
+        at, config = self.ctx.received_at, self.ctx.config
+        if host.id in self.awaiting_rejoin:
+            due, window = self.ctx.timers.due_at(RejoinDeadline(host.id)), at + max(config.startup_grace_s,
+                                                                                    config.ping_timeout_s)
+            if due is not None and due < window:
+                self.ctx.timers.schedule(RejoinDeadline(host.id), window)
+        elif host.id in self.pingmap:
+            if host.last_ping_at is None or at > host.last_ping_at:
+                host.last_ping_at = at
+            self.pingmap.ping(host.id, at)
+
     def _await_first_ping(self, host: HostRecord) -> None:
         """Out of the ping map until its first ping; behind only when its first-ping window ends (module header)."""
         at = self.ctx.received_at

@@ -14,6 +14,7 @@ issue 13 item 4's driver half).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -113,6 +114,43 @@ def test_a_host_that_connected_is_judged_by_its_first_ping_window_until_it_pings
     assert core.host_status(HostId(1)) is HostStatus.UP  # its window moved to 18 + 7
     core.tick(25.0)
     assert core.host_status(HostId(1)) is not HostStatus.UP  # behind (no neighbour, no BMC: Alert at once)
+
+
+def test_a_hello_whose_registration_waits_counts_as_the_host_heard() -> None:
+    """A known host's Hello (AgentHeard, before its registration is stored) is proof of life: a host whose link
+    broke counts its silence from the Hello, as from a ping; a host restored by a restarted manager gets its
+    first-ping window from the Hello. A Hello never makes a verdict earlier, and a host that stays silent after it
+    is behind when that window ends."""
+    config = CoreConfig.from_mapping({"ping.timeout": "7", "startup.grace": "20"})
+    hello = facts.AgentConnected(HostId(1), str(uuid.uuid4()), "h1", "10.0.0.1", HostCapacity(8, 8192), "b")
+    core = Core(config, now=0.0)
+    core.handle(hello, 0.0)
+    core.handle(facts.PowerStateReported(HostId(1), full=True, hypervisor_connected=True), 0.0)
+    core.handle(_ping(1), 10.0)
+    core.handle(facts.AgentDisconnected(HostId(1), planned=False), 11.0)
+    core.handle(facts.AgentHeard(HostId(1)), 15.0)  # its agent is back; the store has not registered it yet
+    core.tick(21.9)
+    assert core.host_status(HostId(1)) is HostStatus.UP  # 7 s after the ping would have been 17
+    core.tick(22.0)
+    assert core.host_status(HostId(1)) is not HostStatus.UP  # 7 s after the Hello, and nothing since
+
+    record = dataclasses.replace(core.hosts[HostId(1)], status=HostStatus.UP, last_ping_at=5.0)
+    restarted = Core(config, now=100.0, hosts=[dataclasses.replace(record)])  # a restarted manager: h1 restored Up
+    restarted.handle(facts.AgentHeard(HostId(1)), 115.0)  # its Hello at 115; registration slow
+    restarted.tick(134.9)
+    assert restarted.host_status(HostId(1)) is HostStatus.UP  # its rejoin window (120) moved to 115 + 20
+    restarted.handle(hello, 134.9)
+    restarted.tick(140.0)
+    assert restarted.host_status(HostId(1)) is not HostStatus.INVESTIGATING
+    early = Core(config, now=100.0, hosts=[dataclasses.replace(record)])
+    early.handle(facts.AgentHeard(HostId(1)), 100.5)  # a Hello right away: the window stays at 120, never earlier
+    early.tick(119.9)
+    assert early.host_status(HostId(1)) is HostStatus.UP
+    early.handle(facts.AgentHeard(HostId(1)), 119.9)
+    early.tick(139.8)
+    assert early.host_status(HostId(1)) is HostStatus.UP
+    early.tick(139.9)
+    assert early.host_status(HostId(1)) is not HostStatus.UP  # 20 s after its last Hello, never registered
 
 
 def test_the_ping_map_stays_ordered_when_a_stamp_is_older_than_its_newest_entry() -> None:
